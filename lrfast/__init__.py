@@ -1,0 +1,39 @@
+"""lrfast: fast, exact optimizer updates and learning-rate schedules for CPU training.
+
+Optimizers (torch.optim's names, defaults and formulas, over NumPy arrays, updated in place):
+``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``. In-place functions: ``lrfast.functional``;
+their pure-NumPy twins: ``lrfast.reference``. Threads: ``set_num_threads``, ``get_num_threads``,
+``threads``. Build facts: ``show_config``.
+"""
+from ._version import __version__
+
+try:
+    from . import _openmp, _optim  # noqa: F401  (compiled kernels)
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    raise ImportError(
+        "lrfast's compiled kernels could not be imported "
+        f"({exc}). If you are in a source checkout, build them first with "
+        "`pip install .` (or `pip install -e .`, or `python setup.py build_ext --inplace`); "
+        "a C compiler is needed for that. Otherwise reinstall the wheel: `pip install --force-reinstall lrfast`."
+    ) from exc
+
+from . import functional, reference  # noqa: E402
+from ._config import show_config  # noqa: E402
+from ._threads import get_num_threads, set_num_threads, threads  # noqa: E402
+from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "Optimizer",
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adam",
+    "AdamW",
+    "functional",
+    "reference",
+    "set_num_threads",
+    "get_num_threads",
+    "threads",
+    "show_config",
+]

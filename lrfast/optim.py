@@ -1,0 +1,493 @@
+"""Optimizer classes: torch.optim's names, defaults and formulas over NumPy arrays.
+
+Every optimizer updates all of its tensors with one native call per dtype (one parallel region),
+in place and without allocating. Addresses of params and state are gathered once, at
+construction; each step only checks the gradients and reads their addresses.
+
+Step counting: ``step_count`` is the number of updates completed. A learning-rate schedule is
+called with it before the update (the first update uses ``lr(0)``), and bias corrections use
+``t = step_count + 1``, as torch does.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _hyperparams, _optim
+from ._tables import Bank, group_by_dtype
+from ._threads import get_num_threads
+from ._validation import (
+    as_named,
+    check_array,
+    check_betas,
+    check_disjoint,
+    label,
+    lr_value,
+)
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+
+class Optimizer:
+    """Base class: params, state buffers, address tables, step, state_dict.
+
+    Subclasses name their kernel, their state buffers (in the kernel's row order), and say which
+    buffers their hyper-parameters need and what those buffers start at.
+    """
+
+    _kernel = None
+    _state_rows: tuple = ()
+
+    def __init__(self, params, hyper):
+        keys, arrays, is_dict = as_named(params, "params")
+        if not arrays:
+            raise ValueError("optimizer got an empty parameter list")
+        labels = [label("params", k) for k in keys]
+        for a, what in zip(arrays, labels):
+            check_array(a, what, writeable=True)
+        check_disjoint(arrays, labels)
+        self._hyper = hyper
+        self._keys = keys
+        self._params = arrays
+        self._labels = [label("grads", k) for k in keys]
+        self._is_dict = is_dict
+        self._step_count = 0
+        self._last_lr = None
+        self._allocate()
+
+    # -- what subclasses provide ------------------------------------------------------------
+
+    @classmethod
+    def _validate(cls, hyper: dict) -> dict:
+        """Check a full hyper-parameter dict; return the validated copy."""
+        raise NotImplementedError
+
+    def _active_state(self, hyper) -> tuple:
+        """The state buffers these hyper-parameters use."""
+        return self._state_rows
+
+    def _initial_value(self, name, hyper) -> float:
+        return 0.0
+
+    def _kernel_kwargs(self, lr, step) -> dict:
+        raise NotImplementedError
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def _allocate(self):
+        """Allocate state (one contiguous buffer per dtype and state name) and address tables."""
+        active = self._active_state(self._hyper)
+        self._views = [dict() for _ in self._params]
+        written = list(self._params)
+        layouts = []
+        for dtype, indices in group_by_dtype(self._params).items():
+            params = [self._params[i] for i in indices]
+            rows = [params, None]
+            for name in self._state_rows:
+                if name not in active:
+                    rows.append(None)
+                    continue
+                flat = np.full(sum(p.size for p in params),
+                               self._initial_value(name, self._hyper), dtype=dtype)
+                written.append(flat)
+                views, at = [], 0
+                for i, p in zip(indices, params):
+                    views.append(flat[at:at + p.size].reshape(p.shape))
+                    self._views[i][name] = views[-1]
+                    at += p.size
+                rows.append(views)
+            layouts.append((dtype, indices, rows))
+        # Every bank's gradients are checked against all memory the step writes.
+        self._banks = [Bank(dtype, indices, rows, written) for dtype, indices, rows in layouts]
+        self._single_bank = len(self._banks) == 1
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Updates completed so far."""
+        return self._step_count
+
+    @property
+    def last_lr(self):
+        """The learning rate used by the last step (None before the first)."""
+        return self._last_lr
+
+    @property
+    def lr(self):
+        """The learning rate: a float or a schedule ``step -> float``."""
+        return self._hyper["lr"]
+
+    @lr.setter
+    def lr(self, value):
+        self._hyper = self._validate({**self._hyper, "lr": value})
+
+    @property
+    def hyperparams(self) -> dict:
+        """A copy of the validated hyper-parameters."""
+        return dict(self._hyper)
+
+    @property
+    def params(self):
+        """The arrays being optimized, as given (list or dict)."""
+        if self._is_dict:
+            return dict(zip(self._keys, self._params))
+        return list(self._params)
+
+    def _grad_list(self, grads):
+        n = len(self._params)
+        if self._is_dict:
+            if not isinstance(grads, Mapping):
+                raise TypeError(
+                    "params were given as a dict, so grads must be a dict with the same keys, "
+                    f"got {type(grads).__name__}"
+                )
+            if len(grads) != n or any(k not in grads for k in self._keys):
+                known = set(self._keys)
+                missing = [k for k in self._keys if k not in grads]
+                extra = [k for k in grads if k not in known]
+                raise ValueError(f"grads do not match params: missing {missing}, unexpected {extra}")
+            return [grads[k] for k in self._keys]
+        if not isinstance(grads, (list, tuple)):
+            if isinstance(grads, Mapping):
+                raise TypeError("params were given as a list, so grads must be a list or tuple")
+            grads = as_named(grads, "grads")[1]
+        if len(grads) != n:
+            raise ValueError(f"expected {n} grads (one per parameter), got {len(grads)}")
+        return grads
+
+    def step(self, grads) -> None:
+        """Apply one update with ``grads`` (same kind, order, shapes and dtypes as the params).
+
+        Everything is checked before anything is written: a step that raises changes nothing.
+        """
+        grads = self._grad_list(grads)
+        lr = lr_value(self._hyper["lr"], self._step_count)
+        for bank in self._banks:
+            bank.gather(grads, self._params, self._labels, self._single_bank)
+        kwargs = self._kernel_kwargs(lr, self._step_count + 1)
+        nthreads = get_num_threads()
+        kernel = type(self)._kernel
+        for bank in self._banks:
+            kernel(bank.table, bank.offsets, bank.is64, nthreads, **kwargs)
+        self._step_count += 1
+        self._last_lr = lr
+
+    def state_dict(self) -> dict:
+        """A copy of everything needed to resume: step count, hyper-parameters, state buffers.
+
+        The learning rate is saved as a float, or as None when it is a schedule (a schedule is
+        a pure function of ``step_count`` and is not saved).
+        """
+        hyper = dict(self._hyper)
+        if callable(hyper["lr"]):
+            hyper["lr"] = None
+        return {
+            "optimizer": type(self).__name__,
+            "step_count": self._step_count,
+            "hyperparams": hyper,
+            "state": {
+                k: {name: view.copy() for name, view in views.items()}
+                for k, views in zip(self._keys, self._views)
+            },
+        }
+
+    def load_state_dict(self, state_dict) -> None:
+        """Restore a ``state_dict()``; everything is checked before anything changes.
+
+        The saved learning rate replaces the current one only when both are numbers: a schedule
+        given to this optimizer is kept, and resumes at the loaded ``step_count``.
+        """
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("optimizer", "step_count", "hyperparams", "state"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict is missing {key!r}")
+        if state_dict["optimizer"] != name:
+            raise ValueError(f"state_dict was saved by {state_dict['optimizer']!r}, not {name!r}")
+        steps = state_dict["step_count"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"state_dict['step_count'] must be an int >= 0, got {steps!r}")
+        saved = state_dict["hyperparams"]
+        if not isinstance(saved, Mapping) or set(saved) != set(self._hyper):
+            raise ValueError(
+                f"state_dict['hyperparams'] must have the keys {sorted(self._hyper)}, "
+                f"got {sorted(saved) if isinstance(saved, Mapping) else saved!r}"
+            )
+        hyper = dict(saved)
+        if hyper["lr"] is None or callable(self._hyper["lr"]):
+            hyper["lr"] = self._hyper["lr"]
+        hyper = self._validate(hyper)
+        state = state_dict["state"]
+        if not isinstance(state, Mapping) or set(state) != set(self._keys):
+            raise ValueError(
+                f"state_dict['state'] must have one entry per parameter {self._keys}, "
+                f"got {list(state) if isinstance(state, Mapping) else state!r}"
+            )
+        active = self._active_state(hyper)
+        for key, p in zip(self._keys, self._params):
+            entry = state[key]
+            if not isinstance(entry, Mapping) or set(entry) != set(active):
+                raise ValueError(
+                    f"state_dict['state'][{key!r}] must hold {sorted(active)}, "
+                    f"got {sorted(entry) if isinstance(entry, Mapping) else entry!r}"
+                )
+            for buf_name in active:
+                arr = entry[buf_name]
+                what = f"state_dict['state'][{key!r}][{buf_name!r}]"
+                if not isinstance(arr, np.ndarray):
+                    raise TypeError(f"{what} must be a numpy.ndarray, got {type(arr).__name__}")
+                if arr.shape != p.shape:
+                    raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape {p.shape}")
+                if arr.dtype != p.dtype:
+                    raise TypeError(f"{what} has dtype {arr.dtype}, but the parameter has dtype {p.dtype}")
+        # Everything checked: commit.
+        if active != self._active_state(self._hyper):
+            self._hyper = hyper
+            self._allocate()
+        self._hyper = hyper
+        for key, views in zip(self._keys, self._views):
+            for buf_name, view in views.items():
+                np.copyto(view, state[key][buf_name])
+        self._step_count = int(steps)
+
+    def __repr__(self):
+        hp = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
+        return f"{type(self).__name__}({len(self._params)} tensors, {hp})"
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent with optional momentum, Nesterov momentum and weight decay.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32/float64 arrays, updated in place
+    lr : float or callable, default 1e-3
+    momentum : float, default 0
+    dampening : float, default 0
+    weight_decay : float, default 0 (L2 penalty added to the gradient)
+    nesterov : bool, default False
+    maximize : bool, default False
+
+    Notes
+    -----
+    With :math:`g_t` the gradient (negated when maximizing) and :math:`\lambda` the weight decay:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \\
+        b_t &= \begin{cases} g_t & t = 1 \\ \mu\,b_{t-1} + (1-\tau)\,g_t & t > 1 \end{cases} \\
+        g_t &\leftarrow g_t + \mu\,b_t \ \text{(Nesterov)} \quad\text{or}\quad g_t \leftarrow b_t \\
+        \theta_t &= \theta_{t-1} - \eta\,g_t
+
+    As torch.optim.SGD (Sutskever et al., 2013, for the momentum form). The buffer starts as the
+    first gradient, without dampening.
+    """
+
+    _kernel = staticmethod(_optim.sgd_step)
+    _state_rows = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False):
+        hyper = self._validate(dict(lr=lr, momentum=momentum, dampening=dampening,
+                                    weight_decay=weight_decay, nesterov=nesterov,
+                                    maximize=maximize))
+        super().__init__(params, hyper)
+
+    @classmethod
+    def _validate(cls, h):
+        return _hyperparams.sgd(**h)
+
+    def _active_state(self, hyper):
+        return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
+
+    def _kernel_kwargs(self, lr, step):
+        h = self._hyper
+        return dict(lr=lr, momentum=h["momentum"], dampening=h["dampening"],
+                    weight_decay=h["weight_decay"], nesterov=h["nesterov"],
+                    maximize=h["maximize"], first_step=step == 1)
+
+
+class Adagrad(Optimizer):
+    r"""Adagrad: per-element step sizes from the sum of squared gradients.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32/float64 arrays, updated in place
+    lr : float or callable, default 1e-2
+    lr_decay : float, default 0
+    weight_decay : float, default 0
+    initial_accumulator_value : float, default 0
+    eps : float, default 1e-10
+    eps_inside_sqrt : bool, default False
+        False: :math:`\sqrt{s_t} + \epsilon` as torch; True: :math:`\sqrt{s_t + \epsilon}` as the
+        seed articles' AdaGrad and optax.
+    maximize : bool, default False
+
+    Notes
+    -----
+    .. math::
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \\
+        \tilde\eta_t &= \eta / (1 + (t-1)\,\delta) \\
+        s_t &= s_{t-1} + g_t^2 \\
+        \theta_t &= \theta_{t-1} - \tilde\eta_t\, g_t / (\sqrt{s_t} + \epsilon)
+
+    Duchi, Hazan and Singer, 2011; formulas as torch.optim.Adagrad.
+    """
+
+    _kernel = staticmethod(_optim.adagrad_step)
+    _state_rows = ("sum",)
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, eps_inside_sqrt=False,
+                 maximize=False):
+        hyper = self._validate(dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                    initial_accumulator_value=initial_accumulator_value,
+                                    eps=eps, eps_inside_sqrt=eps_inside_sqrt, maximize=maximize))
+        super().__init__(params, hyper)
+
+    @classmethod
+    def _validate(cls, h):
+        return _hyperparams.adagrad(**h)
+
+    def _initial_value(self, name, hyper):
+        return hyper["initial_accumulator_value"]
+
+    def _kernel_kwargs(self, lr, step):
+        h = self._hyper
+        return dict(lr=lr, lr_decay=h["lr_decay"], weight_decay=h["weight_decay"], eps=h["eps"],
+                    eps_inside_sqrt=h["eps_inside_sqrt"], maximize=h["maximize"], step=step)
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop, optionally centered and with momentum.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32/float64 arrays, updated in place
+    lr : float or callable, default 1e-2
+    alpha : float, default 0.99 (smoothing constant, in [0, 1])
+    eps : float, default 1e-8 (added outside the square root, as torch)
+    weight_decay : float, default 0
+    momentum : float, default 0
+    centered : bool, default False
+    maximize : bool, default False
+
+    Notes
+    -----
+    .. math::
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \\
+        v_t &= \alpha\, v_{t-1} + (1-\alpha)\, g_t^2 \\
+        \bar g_t &= \operatorname{lerp}(\bar g_{t-1}, g_t, 1-\alpha) \ \text{(centered)} \\
+        d_t &= \sqrt{v_t - \bar g_t^2} + \epsilon \ \text{(centered)} \quad\text{else}\quad
+               \sqrt{v_t} + \epsilon \\
+        b_t &= \mu\, b_{t-1} + g_t / d_t,\ \theta_t = \theta_{t-1} - \eta\, b_t \ (\mu > 0)
+               \quad\text{else}\quad \theta_t = \theta_{t-1} - \eta\, g_t / d_t
+
+    Hinton's lecture 6e (2012); centered form from Graves (2013); formulas as torch.optim.RMSprop.
+    """
+
+    _kernel = staticmethod(_optim.rmsprop_step)
+    _state_rows = ("square_avg", "momentum_buffer", "grad_avg")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, *, maximize=False):
+        hyper = self._validate(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                    momentum=momentum, centered=centered, maximize=maximize))
+        super().__init__(params, hyper)
+
+    @classmethod
+    def _validate(cls, h):
+        return _hyperparams.rmsprop(**h)
+
+    def _active_state(self, hyper):
+        names = ["square_avg"]
+        if hyper["momentum"] > 0:
+            names.append("momentum_buffer")
+        if hyper["centered"]:
+            names.append("grad_avg")
+        return tuple(names)
+
+    def _kernel_kwargs(self, lr, step):
+        h = self._hyper
+        return dict(lr=lr, alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"],
+                    momentum=h["momentum"], centered=h["centered"], maximize=h["maximize"])
+
+
+class Adam(Optimizer):
+    r"""Adam, with optional AMSGrad and L2 weight decay.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32/float64 arrays, updated in place
+    lr : float or callable, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8 (added to the bias-corrected square root, as torch)
+    weight_decay : float, default 0 (added to the gradient; see AdamW for decoupled decay)
+    amsgrad : bool, default False
+    maximize : bool, default False
+
+    Notes
+    -----
+    With :math:`t` = ``step_count + 1``:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
+        v_t &= \beta_2\, v_{t-1} + (1-\beta_2)\, g_t^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \ \text{(AMSGrad, else } \hat v_t = v_t) \\
+        \theta_t &= \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,
+                    \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1-\beta_2^t} + \epsilon}
+
+    Kingma and Ba, 2015; AMSGrad from Reddi, Kale and Kumar, 2018; formulas as torch.optim.Adam.
+    """
+
+    _kernel = staticmethod(_optim.adam_step)
+    _state_rows = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False):
+        b1, b2 = check_betas(betas)
+        hyper = self._validate(dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
+                                    amsgrad=amsgrad, maximize=maximize))
+        super().__init__(params, hyper)
+
+    @classmethod
+    def _validate(cls, h):
+        b1, b2 = check_betas(h["betas"])
+        out = _hyperparams.adam(h["lr"], b1, b2, h["eps"], h["weight_decay"], h["amsgrad"],
+                                h["maximize"])
+        return dict(lr=out["lr"], betas=(out["beta1"], out["beta2"]), eps=out["eps"],
+                    weight_decay=out["weight_decay"], amsgrad=out["amsgrad"],
+                    maximize=out["maximize"])
+
+    def _active_state(self, hyper):
+        if hyper["amsgrad"]:
+            return self._state_rows
+        return self._state_rows[:2]
+
+    def _kernel_kwargs(self, lr, step):
+        h = self._hyper
+        return dict(lr=lr, beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
+                    weight_decay=h["weight_decay"], decoupled=self._decoupled,
+                    amsgrad=h["amsgrad"], maximize=h["maximize"], step=step)
+
+
+class AdamW(Adam):
+    r"""Adam with decoupled weight decay.
+
+    The same as :class:`Adam` except that weight decay shrinks the parameter directly,
+    :math:`\theta \leftarrow \theta\,(1 - \eta\lambda)`, before the Adam update, instead of being
+    added to the gradient. Default ``weight_decay=1e-2``. Loshchilov and Hutter, 2019; formulas
+    as torch.optim.AdamW.
+    """
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)
