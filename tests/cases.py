@@ -1,0 +1,146 @@
+"""The tables the tests are driven by: optimizer configurations, and how to step each one with
+lrfast.reference and with torch.optim on the same data."""
+from __future__ import annotations
+
+import numpy as np
+
+import lrfast
+from lrfast import reference
+
+OPTIMIZERS = {
+    "SGD": lrfast.SGD,
+    "Adagrad": lrfast.Adagrad,
+    "RMSprop": lrfast.RMSprop,
+    "Adam": lrfast.Adam,
+    "AdamW": lrfast.AdamW,
+}
+
+# (optimizer, hyper-parameters, has a torch.optim equivalent). Every option appears at least once;
+# the lerp weights 1-beta1 = 0.7 and 1-alpha = 0.55 take torch.lerp's second branch.
+CONFIGS = [
+    ("SGD", dict(lr=0.1), True),
+    ("SGD", dict(lr=0.05, momentum=0.9), True),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01), True),
+    ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01, maximize=True), True),
+    ("Adagrad", dict(lr=0.1), True),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1,
+                     eps=1e-6), True),
+    ("Adagrad", dict(lr=0.1, eps_inside_sqrt=True, maximize=True), False),
+    ("RMSprop", dict(lr=0.01), True),
+    ("RMSprop", dict(lr=0.01, alpha=0.9, centered=True), True),
+    ("RMSprop", dict(lr=0.01, momentum=0.9, weight_decay=0.01), True),
+    ("RMSprop", dict(lr=0.01, alpha=0.45, momentum=0.5, centered=True, maximize=True), True),
+    ("Adam", dict(lr=0.01), True),
+    ("Adam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True), True),
+    ("Adam", dict(lr=0.01, betas=(0.3, 0.9), eps=1e-6, maximize=True), True),
+    ("AdamW", dict(lr=0.01), True),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True), True),
+]
+
+
+def config_id(case):
+    name, hyper, _ = case
+    return name + "-" + "-".join(f"{k}={v}" for k, v in hyper.items())
+
+
+def make_params(shapes, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def make_grads(shapes, dtype, rng):
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+class ReferenceRun:
+    """Steps lrfast.reference in lockstep with an optimizer class, holding its own state.
+
+    The state starts as torch documents it (zeros; Adagrad's sum at initial_accumulator_value)
+    and is named as torch names it, so it can be compared buffer by buffer.
+    """
+
+    def __init__(self, name, hyper, params):
+        self.name = name
+        self.h = {
+            "lr": 1e-3, "weight_decay": 0.0, "maximize": False,
+            **({"weight_decay": 1e-2} if name == "AdamW" else {}),
+            **hyper,
+        }
+        self.params = [p.copy() for p in params]
+        self.t = 0
+        h = self.h
+
+        def zeros():
+            return [np.zeros_like(p) for p in self.params]
+
+        if name == "SGD":
+            self.state = {"momentum_buffer": zeros()} if h.get("momentum", 0) else {}
+        elif name == "Adagrad":
+            init = h.get("initial_accumulator_value", 0.0)
+            self.state = {"sum": [np.full_like(p, init) for p in self.params]}
+        elif name == "RMSprop":
+            self.state = {"square_avg": zeros()}
+            if h.get("momentum", 0) > 0:
+                self.state["momentum_buffer"] = zeros()
+            if h.get("centered", False):
+                self.state["grad_avg"] = zeros()
+        else:
+            self.state = {"exp_avg": zeros(), "exp_avg_sq": zeros()}
+            if h.get("amsgrad", False):
+                self.state["max_exp_avg_sq"] = zeros()
+
+    def step(self, grads):
+        self.t += 1
+        h, s, p = self.h, self.state, self.params
+        common = dict(lr=h["lr"], weight_decay=h["weight_decay"], maximize=h["maximize"])
+        if self.name == "SGD":
+            reference.sgd_(p, grads, s.get("momentum_buffer"), step=self.t,
+                           momentum=h.get("momentum", 0.0), dampening=h.get("dampening", 0.0),
+                           nesterov=h.get("nesterov", False), **common)
+        elif self.name == "Adagrad":
+            reference.adagrad_(p, grads, s["sum"], step=self.t, lr_decay=h.get("lr_decay", 0.0),
+                               eps=h.get("eps", 1e-10),
+                               eps_inside_sqrt=h.get("eps_inside_sqrt", False), **common)
+        elif self.name == "RMSprop":
+            reference.rmsprop_(p, grads, s["square_avg"], s.get("momentum_buffer"),
+                               s.get("grad_avg"), alpha=h.get("alpha", 0.99),
+                               eps=h.get("eps", 1e-8), momentum=h.get("momentum", 0.0),
+                               centered=h.get("centered", False), **common)
+        else:
+            b1, b2 = h.get("betas", (0.9, 0.999))
+            reference.adam_(p, grads, s["exp_avg"], s["exp_avg_sq"], step=self.t, beta1=b1,
+                            beta2=b2, eps=h.get("eps", 1e-8), decoupled=self.name == "AdamW",
+                            amsgrad=h.get("amsgrad", False),
+                            max_exp_avg_sq=s.get("max_exp_avg_sq"), **common)
+
+
+def tolerances(dtype):
+    if np.dtype(dtype) == np.float64:
+        return dict(rtol=1e-12, atol=1e-14)
+    return dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_state_close(opt, ref_params, ref_state, dtype, what="reference"):
+    """Params and every state buffer of ``opt`` against the reference's."""
+    tol = tolerances(dtype)
+    sd = opt.state_dict()["state"]
+    for k, (p, rp) in enumerate(zip(opt.params, ref_params)):
+        np.testing.assert_allclose(p, rp, err_msg=f"param {k} vs {what}", **tol)
+        assert set(sd[k]) == set(ref_state), (sorted(sd[k]), sorted(ref_state))
+        for name, bufs in ref_state.items():
+            np.testing.assert_allclose(sd[k][name], bufs[k], err_msg=f"{name}[{k}] vs {what}",
+                                       **tol)
+
+
+def snapshot(opt):
+    """Bytes of every param and state buffer, and the counters: to show nothing changed."""
+    sd = opt.state_dict()
+    params = opt.params
+    if isinstance(params, dict):
+        params = list(params.values())
+    return (
+        [p.tobytes() for p in params],
+        {k: {n: a.tobytes() for n, a in v.items()} for k, v in sd["state"].items()},
+        opt.step_count,
+        opt.last_lr,
+    )

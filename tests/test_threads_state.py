@@ -1,0 +1,141 @@
+"""Thread control, determinism across thread counts, and exact resume through state_dict."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lrfast
+from cases import CONFIGS, OPTIMIZERS, config_id, make_grads, make_params, snapshot
+
+SHAPES = [(5,), (300_001,), (17,), (100_000,), (0,)]
+
+
+def run(name, hyper, dtype, steps, nthreads):
+    params = make_params(SHAPES, dtype)
+    opt = OPTIMIZERS[name](params, **hyper)
+    rng = np.random.default_rng(11)
+    with lrfast.threads(nthreads):
+        for _ in range(steps):
+            opt.step(make_grads(SHAPES, dtype, rng))
+    return snapshot(opt)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONFIGS, ids=config_id)
+def test_bitwise_identical_for_1_2_3_threads(case, dtype):
+    name, hyper, _ = case
+    one = run(name, hyper, dtype, 5, 1)
+    assert run(name, hyper, dtype, 5, 2) == one
+    assert run(name, hyper, dtype, 5, 3) == one
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONFIGS, ids=config_id)
+def test_state_dict_round_trip_mid_run_is_exact(case, dtype):
+    """Stop after 20 of 40 steps, rebuild from state_dict in a new optimizer, finish: the
+    trajectory is bitwise the one of an uninterrupted run."""
+    name, hyper, _ = case
+    rng = np.random.default_rng(12)
+    grads = [make_grads(SHAPES, dtype, rng) for _ in range(40)]
+
+    straight = OPTIMIZERS[name](make_params(SHAPES, dtype), **hyper)
+    for g in grads:
+        straight.step(g)
+
+    first = OPTIMIZERS[name](make_params(SHAPES, dtype), **hyper)
+    for g in grads[:20]:
+        first.step(g)
+    saved = first.state_dict()
+    resumed_params = [p.copy() for p in first.params]
+    second = OPTIMIZERS[name](resumed_params, **hyper)
+    second.load_state_dict(saved)
+    assert second.step_count == 20
+    for g in grads[20:]:
+        second.step(g)
+    assert snapshot(second)[:3] == snapshot(straight)[:3]
+
+
+def test_state_dict_is_a_copy_and_load_switches_buffers():
+    params = make_params([(4,)], np.float64)
+    opt = lrfast.Adam(params, lr=0.1)
+    opt.step([np.ones(4)])
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"][:] = 123.0
+    assert not np.any(opt.state_dict()["state"][0]["exp_avg"] == 123.0)
+    # A state saved with amsgrad=True brings its extra buffer along.
+    other = lrfast.Adam(make_params([(4,)], np.float64), lr=0.1, amsgrad=True)
+    other.step([np.ones(4)])
+    opt.load_state_dict(other.state_dict())
+    assert opt.hyperparams["amsgrad"] is True
+    assert set(opt.state_dict()["state"][0]) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    opt.step([np.ones(4)])
+    assert opt.step_count == 2
+
+
+def test_schedule_survives_load():
+    """A schedule passed to the optimizer is kept on load and resumes at the loaded step."""
+    def schedule(t):
+        return 1.0 / (t + 1)
+
+    a = lrfast.SGD(make_params([(3,)], np.float64), lr=schedule)
+    for _ in range(3):
+        a.step([np.ones(3)])
+    b = lrfast.SGD(make_params([(3,)], np.float64), lr=schedule)
+    b.load_state_dict(a.state_dict())
+    b.step([np.ones(3)])
+    assert b.last_lr == 0.25 and b.lr is schedule
+
+
+def test_set_get_and_context_manager():
+    default = lrfast.get_num_threads()
+    assert default >= 1
+    with lrfast.threads(1):
+        assert lrfast.get_num_threads() == 1
+        with lrfast.threads(3):
+            assert lrfast.get_num_threads() == 3
+        assert lrfast.get_num_threads() == 1
+    assert lrfast.get_num_threads() == default
+    try:
+        lrfast.set_num_threads(2)
+        assert lrfast.get_num_threads() == 2
+    finally:
+        lrfast.set_num_threads(None)
+    assert lrfast.get_num_threads() == default
+    with pytest.raises(ValueError, match="at least 1"):
+        lrfast.set_num_threads(0)
+    with pytest.raises(TypeError, match="must be an int or None"):
+        lrfast.threads(1.5)
+
+
+def test_omp_num_threads_is_honoured():
+    code = "import lrfast; print(lrfast.get_num_threads())"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "1"
+    env["OMP_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "3"
+
+
+def test_threadpoolctl_sees_and_limits_openmp():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not lrfast._openmp.openmp_enabled():
+        pytest.skip("built without OpenMP")
+    info = threadpoolctl.threadpool_info()
+    assert any(i["user_api"] == "openmp" for i in info), info
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert lrfast.get_num_threads() == 1
+    with threadpoolctl.threadpool_limits(limits=2, user_api="openmp"):
+        assert lrfast.get_num_threads() == 2
+
+
+def test_show_config(capsys):
+    lrfast.show_config()
+    out = capsys.readouterr().out
+    for key in ("lrfast", "compiler", "openmp", "simd", "num_threads"):
+        assert key in out
+    assert lrfast.__version__ in out
