@@ -9,6 +9,7 @@ LRFAST_NATIVE=1           add -march=native (a build for this machine only; neve
 LRFAST_ANNOTATE=1         write Cython's HTML annotation next to each .pyx
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,14 @@ MODULES = {
     "lrfast._openmp": "src/_openmp.pyx",
     "lrfast._optim": "src/_optim.pyx",
 }
+# The same kernels compiled for AVX2 on x86-64, picked at import when the CPU has it
+# (lrfast/_dispatch.py); the portable build above stays the baseline every x86-64 can run.
+AVX2_MODULE = ("lrfast._optim_avx2", "src/_optim_avx2.pyx")
+
+
+def is_x86_64():
+    machine = platform.machine().lower()
+    return machine in ("x86_64", "amd64", "x64")
 
 OPENMP_PROBE = textwrap.dedent(
     """
@@ -96,7 +105,8 @@ def optimisation_flags(compiler):
     """
     if compiler.compiler_type == "msvc":
         return ["/O2"]
-    flags = ["-O3", "-fno-math-errno", "-fno-semantic-interposition"]
+    # -ffp-contract=off: no fused multiply-adds, so every build rounds exactly as the reference.
+    flags = ["-O3", "-fno-math-errno", "-fno-semantic-interposition", "-ffp-contract=off"]
     if _flag("LRFAST_NATIVE"):
         flags.append("-march=native")
     if _flag("LRFAST_VEC_REPORT"):
@@ -119,9 +129,11 @@ class BuildExt(build_ext):
         else:
             cflags, lflags = omp
         opt = optimisation_flags(self.compiler)
-        build_flags = " ".join(opt + cflags)
+        isa = ["/arch:AVX2"] if self.compiler.compiler_type == "msvc" else ["-mavx2"]
         for ext in self.extensions:
-            ext.extra_compile_args = opt + cflags + list(ext.extra_compile_args)
+            flags = opt + cflags + (isa if ext.name == AVX2_MODULE[0] else [])
+            build_flags = " ".join(flags)
+            ext.extra_compile_args = flags + list(ext.extra_compile_args)
             ext.extra_link_args = lflags + list(ext.extra_link_args)
             ext.define_macros = list(ext.define_macros) + [
                 ("LRFAST_BUILD_FLAGS", '"%s"' % build_flags.replace('"', "")),
@@ -141,6 +153,9 @@ def extensions():
         "embedsignature": True,
         "cpow": True,
     }
+    modules = dict(MODULES)
+    if is_x86_64() and not _flag("LRFAST_NATIVE"):
+        modules[AVX2_MODULE[0]] = AVX2_MODULE[1]
     exts = [
         Extension(
             name,
@@ -151,7 +166,7 @@ def extensions():
                 ("LRFAST_DEBUG", "1" if debug else "0"),
             ],
         )
-        for name, src in MODULES.items()
+        for name, src in modules.items()
     ]
     return cythonize(
         exts,

@@ -8,7 +8,7 @@ their pure-NumPy twins: ``lrfast.reference``. Threads: ``set_num_threads``, ``ge
 from ._version import __version__
 
 try:
-    from . import _openmp, _optim  # noqa: F401  (compiled kernels)
+    from . import _dispatch, _openmp, _optim  # noqa: F401  (compiled kernels)
 except ImportError as exc:  # pragma: no cover - exercised only without a build
     raise ImportError(
         "lrfast's compiled kernels could not be imported "

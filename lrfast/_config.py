@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from . import _openmp, _optim
+from . import _dispatch, _openmp
 from ._threads import get_num_threads
 from ._version import __version__
 
@@ -22,14 +22,17 @@ def config() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "compiler": info["compiler"],
-        "compile_flags": info["flags"],
+        "compile_flags": info["flags"] + ("  (+ -mavx2 for the avx2 build)" if "avx2" in _dispatch.BUILDS else ""),
         "simd": info["simd"],
         "openmp": info["openmp"],
         "debug_checks": info["debug_checks"],
         "num_threads": get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(),
-        "min_elements_per_thread": _optim.min_elements_per_thread,
+        "kernel_build": _dispatch.name,
+        "kernel_builds_available": _dispatch.available(),
+        "min_elements_per_thread": ", ".join(
+            f"{k} {v}" for k, v in _dispatch.kernels.get_min_elements_per_thread().items()),
     }
 
 

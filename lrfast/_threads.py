@@ -3,7 +3,8 @@
 By default lrfast follows the OpenMP runtime's own default, ``omp_get_max_threads()``, which
 honours ``OMP_NUM_THREADS`` and is what ``threadpoolctl.threadpool_limits(user_api="openmp")``
 changes. ``set_num_threads`` overrides it for lrfast alone; ``threads`` does so for a block.
-Small steps run on one thread whatever the setting (see ``lrfast._optim.min_elements_per_thread``).
+Small steps run on fewer threads whatever the setting: each update has a measured minimum of
+elements per thread (``lrfast.show_config()`` lists them).
 """
 from __future__ import annotations
 

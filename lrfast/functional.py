@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _hyperparams, _optim
+from . import _dispatch, _hyperparams
 from ._tables import Bank, group_by_dtype
 from ._threads import get_num_threads
 from ._validation import check_array, check_bool, check_disjoint, check_same_layout, check_step
@@ -84,6 +84,7 @@ def _run(kernel, named, kwargs):
         bank = Bank(dtype, indices, bank_rows, written)
         bank.gather(grads, params, grad_labels, len(indices) == len(params))
         banks.append(bank)
+    kernel = getattr(_dispatch.kernels, kernel)
     nthreads = get_num_threads()
     for bank in banks:
         kernel(bank.table, bank.offsets, bank.is64, nthreads, **kwargs)
@@ -104,7 +105,7 @@ def sgd_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening
         raise ValueError("momentum != 0 needs a momentum_buffer")
     named = [("param", param), ("grad", grad),
              ("momentum_buffer", momentum_buffer if h["momentum"] != 0 else None)]
-    _run(_optim.sgd_step, named, dict(
+    _run("sgd_step", named, dict(
         lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
         weight_decay=h["weight_decay"], nesterov=h["nesterov"], maximize=h["maximize"],
         first_step=step == 1))
@@ -117,7 +118,7 @@ def adagrad_(param, grad, state_sum, *, step, lr, lr_decay=0.0, weight_decay=0.0
     step = check_step(step)
     if callable(h["lr"]):
         raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
-    _run(_optim.adagrad_step, [("param", param), ("grad", grad), ("state_sum", state_sum)], dict(
+    _run("adagrad_step", [("param", param), ("grad", grad), ("state_sum", state_sum)], dict(
         lr=h["lr"], lr_decay=h["lr_decay"], weight_decay=h["weight_decay"], eps=h["eps"],
         eps_inside_sqrt=h["eps_inside_sqrt"], maximize=h["maximize"], step=step))
 
@@ -138,7 +139,7 @@ def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, lr
     named = [("param", param), ("grad", grad), ("square_avg", square_avg),
              ("momentum_buffer", momentum_buffer if h["momentum"] > 0 else None),
              ("grad_avg", grad_avg if h["centered"] else None)]
-    _run(_optim.rmsprop_step, named, dict(
+    _run("rmsprop_step", named, dict(
         lr=h["lr"], alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"],
         momentum=h["momentum"], centered=h["centered"], maximize=h["maximize"]))
 
@@ -158,7 +159,7 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
         raise ValueError("amsgrad=True needs a max_exp_avg_sq buffer")
     named = [("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
              ("max_exp_avg_sq", max_exp_avg_sq if h["amsgrad"] else None)]
-    _run(_optim.adam_step, named, dict(
+    _run("adam_step", named, dict(
         lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"],
         weight_decay=h["weight_decay"], decoupled=check_bool(decoupled, "decoupled"), amsgrad=h["amsgrad"],
         maximize=h["maximize"], step=step))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _hyperparams, _optim
+from . import _dispatch, _hyperparams
 from ._tables import Bank, group_by_dtype
 from ._threads import get_num_threads
 from ._validation import (
@@ -33,7 +33,8 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 class Optimizer:
     """Base class: params, state buffers, address tables, step, state_dict.
 
-    Subclasses name their kernel, their state buffers (in the kernel's row order), and say which
+    Subclasses name their kernel (a function of the kernel build chosen by lrfast._dispatch),
+    their state buffers (in the kernel's row order), and say which
     buffers their hyper-parameters need and what those buffers start at.
     """
 
@@ -169,7 +170,7 @@ class Optimizer:
             bank.gather(grads, self._params, self._labels, self._single_bank)
         kwargs = self._kernel_kwargs(lr, self._step_count + 1)
         nthreads = get_num_threads()
-        kernel = type(self)._kernel
+        kernel = getattr(_dispatch.kernels, self._kernel)
         for bank in self._banks:
             kernel(bank.table, bank.offsets, bank.is64, nthreads, **kwargs)
         self._step_count += 1
@@ -286,7 +287,7 @@ class SGD(Optimizer):
     first gradient, without dampening.
     """
 
-    _kernel = staticmethod(_optim.sgd_step)
+    _kernel = "sgd_step"
     _state_rows = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
@@ -337,7 +338,7 @@ class Adagrad(Optimizer):
     Duchi, Hazan and Singer, 2011; formulas as torch.optim.Adagrad.
     """
 
-    _kernel = staticmethod(_optim.adagrad_step)
+    _kernel = "adagrad_step"
     _state_rows = ("sum",)
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
@@ -389,7 +390,7 @@ class RMSprop(Optimizer):
     Hinton's lecture 6e (2012); centered form from Graves (2013); formulas as torch.optim.RMSprop.
     """
 
-    _kernel = staticmethod(_optim.rmsprop_step)
+    _kernel = "rmsprop_step"
     _state_rows = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
@@ -444,7 +445,7 @@ class Adam(Optimizer):
     Kingma and Ba, 2015; AMSGrad from Reddi, Kale and Kumar, 2018; formulas as torch.optim.Adam.
     """
 
-    _kernel = staticmethod(_optim.adam_step)
+    _kernel = "adam_step"
     _state_rows = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _decoupled = False
 

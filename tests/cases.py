@@ -2,6 +2,11 @@
 lrfast.reference and with torch.optim on the same data."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 
 import lrfast
@@ -144,3 +149,18 @@ def snapshot(opt):
         opt.step_count,
         opt.last_lr,
     )
+
+
+def run_python(code, **env):
+    """Run ``code`` in a fresh interpreter that imports the same lrfast as this process.
+
+    It runs from an empty folder, so a source checkout in the working directory cannot shadow
+    the installed package.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lrfast.__file__)))
+    full_env = dict(os.environ, **env)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [root] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-c", code], env=full_env, cwd=cwd,
+                              capture_output=True, text=True, timeout=120)

@@ -1,13 +1,9 @@
 """Thread control, determinism across thread counts, and exact resume through state_dict."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import lrfast
-from cases import CONFIGS, OPTIMIZERS, config_id, make_grads, make_params, snapshot
+from cases import CONFIGS, OPTIMIZERS, config_id, make_grads, make_params, run_python, snapshot
 
 SHAPES = [(5,), (300_001,), (17,), (100_000,), (0,)]
 
@@ -111,14 +107,8 @@ def test_set_get_and_context_manager():
 
 def test_omp_num_threads_is_honoured():
     code = "import lrfast; print(lrfast.get_num_threads())"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "1"
-    env["OMP_NUM_THREADS"] = "3"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "3"
+    assert run_python(code, OMP_NUM_THREADS="1").stdout.strip() == "1"
+    assert run_python(code, OMP_NUM_THREADS="3").stdout.strip() == "3"
 
 
 def test_threadpoolctl_sees_and_limits_openmp():
@@ -139,3 +129,27 @@ def test_show_config(capsys):
     for key in ("lrfast", "compiler", "openmp", "simd", "num_threads"):
         assert key in out
     assert lrfast.__version__ in out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONFIGS, ids=config_id)
+def test_kernel_builds_bitwise_identical(case, dtype):
+    """The portable and the AVX2 builds of the kernels give the same bits (no FMA in either)."""
+    from lrfast import _dispatch
+
+    if "avx2" not in _dispatch.available():
+        pytest.skip("no AVX2 build or CPU here")
+    name, hyper, _ = case
+    results = {}
+    for build in ("baseline", "avx2"):
+        with _dispatch.using(build):
+            results[build] = run(name, hyper, dtype, 5, 2)
+    assert results["baseline"] == results["avx2"]
+
+
+def test_dispatch_env_override():
+    code = "from lrfast import _dispatch; print(_dispatch.name)"
+    out = run_python(code, LRFAST_DISPATCH="baseline")
+    assert out.stdout.strip() == "baseline", out.stderr
+    out = run_python(code, LRFAST_DISPATCH="sse9")
+    assert out.returncode != 0 and "LRFAST_DISPATCH must be auto, baseline or avx2" in out.stderr

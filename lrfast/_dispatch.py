@@ -1,0 +1,62 @@
+"""Which build of the optimizer kernels runs: chosen once, at import.
+
+lrfast ships the kernels twice on x86-64: a portable build (``_optim``, the SSE2 baseline every
+x86-64 CPU has) and an AVX2 build (``_optim_avx2``). Both come from the same source without
+fused multiply-adds, so they give bitwise the same results; the AVX2 one is about twice as fast
+where the arithmetic, not memory, is the limit. The environment variable ``LRFAST_DISPATCH``
+(``auto`` by default, or ``baseline``, or ``avx2``) overrides the choice.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from . import _optim
+
+try:
+    from . import _optim_avx2
+except ImportError:  # not built (non-x86 machine, or a native build)
+    _optim_avx2 = None
+
+BUILDS = {"baseline": _optim}
+if _optim_avx2 is not None:
+    BUILDS["avx2"] = _optim_avx2
+
+
+def available():
+    """Names of the kernel builds this CPU can run."""
+    names = ["baseline"]
+    if _optim_avx2 is not None and _optim.cpu_has_avx2():
+        names.append("avx2")
+    return names
+
+
+def _choose():
+    wanted = os.environ.get("LRFAST_DISPATCH", "auto").strip().lower() or "auto"
+    usable = available()
+    if wanted == "auto":
+        return usable[-1]
+    if wanted not in ("baseline", "avx2"):
+        raise ImportError(f"LRFAST_DISPATCH must be auto, baseline or avx2, got {wanted!r}")
+    if wanted not in usable:
+        raise ImportError(f"LRFAST_DISPATCH={wanted} but this CPU or build cannot run it "
+                          f"(available: {', '.join(usable)})")
+    return wanted
+
+
+name = _choose()
+kernels = BUILDS[name]
+
+
+@contextmanager
+def using(build):
+    """Run a block with another kernel build (for tests and benchmarks)."""
+    global name, kernels
+    if build not in available():
+        raise ValueError(f"kernel build {build!r} is not available here: {available()}")
+    saved = name, kernels
+    name, kernels = build, BUILDS[build]
+    try:
+        yield kernels
+    finally:
+        name, kernels = saved

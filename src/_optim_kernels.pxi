@@ -1,0 +1,499 @@
+# Optimizer kernels: one native call updates every tensor of a step in one parallel region.
+#
+# This file is included by two extension modules compiled with different flags: _optim.pyx
+# (the portable baseline, SSE2 on x86-64) and _optim_avx2.pyx (-mavx2, chosen at import on CPUs
+# that have it; see lrfast/_dispatch.py). Both are built without FMA contraction, so the two give
+# bitwise the same results.
+#
+# Layout shared by all optimizers
+# --------------------------------
+# A step works on N tensors, each with several buffers (param, grad, state...). The Python layer
+# gathers, once per optimizer, a table of base addresses: ``table[b, k]`` is the address of
+# buffer ``b`` of tensor ``k`` (row 0 param, row 1 grad, then the state buffers), and the prefix
+# sums ``offsets[k]`` of the tensor sizes. The concatenation of all tensors is one index space
+# [0, total) that is cut into one contiguous span per thread: small tensors are batched into one
+# thread's span, large ones are split across threads, and there is a single parallel region per
+# step. Every update is element-wise, so results do not depend on the number of threads.
+#
+# Arithmetic follows torch.optim's single-tensor formulas operation by operation (the order of
+# multiplications, where eps goes, lerp for running averages, bias corrections in double) and is
+# carried out in the tensor's own precision, so float32 results match torch to rounding.
+#
+# Validation happens in Python (and in ``gather_grads`` in _optim.pyx, with the GIL held) before any
+# kernel runs: the kernels trust their inputs.
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport pow, sqrt, sqrtf
+from libc.stdint cimport intptr_t
+
+from _openmp_helpers cimport omp_get_max_threads
+
+cdef enum:
+    # Thread spans start on multiples of this many elements, so threads do not share cache lines
+    # of a tensor that they split.
+    SPAN_ALIGN = 64
+    MAX_BUFFERS = 8
+
+# Below this many elements per thread a parallel region costs more than it saves. The cheaper
+# the update per element, the more elements it takes to pay for waking a second thread. Measured
+# with bench/thresholds.py on a 2-core x86-64 (float32; float64 has twice the bytes per element,
+# so the same counts are on the safe side): 2 threads win from ~8k elements for Adam, ~16k for
+# Adagrad and RMSprop, ~64k for plain SGD.
+cdef enum:
+    MIN_PER_THREAD_SGD = 32768
+    MIN_PER_THREAD_ADAGRAD = 8192
+    MIN_PER_THREAD_RMSPROP = 8192
+    MIN_PER_THREAD_ADAM = 4096
+
+# 0: each optimizer's measured default; > 0: one threshold for all (for measurements).
+cdef Py_ssize_t _override_per_thread = 0
+
+
+def get_min_elements_per_thread():
+    """{optimizer: elements per thread below which a step runs on fewer threads}."""
+    if _override_per_thread > 0:
+        return {k: _override_per_thread for k in ("sgd", "adagrad", "rmsprop", "adam")}
+    return {"sgd": MIN_PER_THREAD_SGD, "adagrad": MIN_PER_THREAD_ADAGRAD,
+            "rmsprop": MIN_PER_THREAD_RMSPROP, "adam": MIN_PER_THREAD_ADAM}
+
+
+def set_min_elements_per_thread(overrides):
+    """Use one threshold for every optimizer (an int >= 1), or the defaults again (None).
+
+    For measurements only: results do not depend on the number of threads.
+    """
+    global _override_per_thread
+    if overrides is None:
+        _override_per_thread = 0
+        return
+    if isinstance(overrides, dict):
+        raise TypeError("pass one int for all optimizers, or None")
+    if overrides < 1:
+        raise ValueError("the threshold must be at least 1 element")
+    _override_per_thread = overrides
+
+ctypedef void (*segment_fn)(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil
+
+
+# --------------------------------------------------------------------------------------------
+# Work partition
+# --------------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _split(Py_ssize_t total, int part, int nparts) noexcept nogil:
+    """Start of span ``part`` of ``nparts`` over [0, total), aligned to SPAN_ALIGN."""
+    if part >= nparts:
+        return total
+    cdef Py_ssize_t at = <Py_ssize_t>((<double>total * part) / nparts)
+    return at - at % SPAN_ALIGN
+
+
+cdef void _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                    const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
+                    Py_ssize_t begin, Py_ssize_t end, const void* args) noexcept nogil:
+    """Apply ``fn`` to the elements [begin, end) of the concatenated tensors."""
+    cdef char* ptrs[MAX_BUFFERS]
+    cdef Py_ssize_t lo_k = 0, hi_k = ntensors, mid, k, a, b, j
+    if begin >= end:
+        return
+    # The last tensor that starts at or before ``begin``.
+    while hi_k - lo_k > 1:
+        mid = (lo_k + hi_k) // 2
+        if offsets[mid] <= begin:
+            lo_k = mid
+        else:
+            hi_k = mid
+    k = lo_k
+    while k < ntensors and offsets[k] < end:
+        a = begin if begin > offsets[k] else offsets[k]
+        b = end if end < offsets[k + 1] else offsets[k + 1]
+        if b > a:
+            for j in range(nbuf):
+                ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize
+            fn(ptrs, b - a, args)
+        k += 1
+
+
+cdef int _team_size(Py_ssize_t total, int nthreads, Py_ssize_t min_per_thread) noexcept nogil:
+    """Threads worth starting for ``total`` elements: serial below the work threshold."""
+    cdef Py_ssize_t useful
+    if _override_per_thread > 0:
+        min_per_thread = _override_per_thread
+    useful = total // min_per_thread
+    if useful < 1:
+        useful = 1
+    if nthreads < 1:
+        nthreads = omp_get_max_threads()
+    return <int>(useful if useful < nthreads else nthreads)
+
+
+cdef void _run(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf, const Py_ssize_t* offsets,
+               Py_ssize_t ntensors, Py_ssize_t itemsize, int nthreads, Py_ssize_t min_per_thread,
+               const void* args) noexcept nogil:
+    cdef Py_ssize_t total = offsets[ntensors]
+    cdef int team = _team_size(total, nthreads, min_per_thread), tid
+    if team == 1:
+        _run_span(fn, table, nbuf, offsets, ntensors, itemsize, 0, total, args)
+        return
+    for tid in prange(team, num_threads=team, schedule='static'):
+        _run_span(fn, table, nbuf, offsets, ntensors, itemsize,
+                  _split(total, tid, team), _split(total, tid + 1, team), args)
+
+
+cdef int _launch(segment_fn fn, intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64,
+                 int nthreads, Py_ssize_t min_per_thread, const void* args) except -1:
+    cdef Py_ssize_t ntensors = table.shape[1]
+    if table.shape[0] > MAX_BUFFERS:
+        raise ValueError("too many buffers per tensor")
+    if offsets.shape[0] != ntensors + 1:
+        raise ValueError("offsets must have one entry more than the table has columns")
+    if ntensors == 0:
+        return 0
+    with nogil:
+        _run(fn, &table[0, 0], table.shape[0], &offsets[0], ntensors,
+             8 if is64 else 4, nthreads, min_per_thread, args)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Element helpers
+# --------------------------------------------------------------------------------------------
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline floating _lerp(floating start, floating end, floating w, floating one_minus_w,
+                           bint small_w) noexcept nogil:
+    """torch.lerp: start + w*(end-start) for |w| < 0.5, else end - (end-start)*(1-w)."""
+    if small_w:
+        return start + w * (end - start)
+    return end - (end - start) * one_minus_w
+
+
+# --------------------------------------------------------------------------------------------
+# SGD
+# --------------------------------------------------------------------------------------------
+
+cdef struct SGDArgs:
+    bint is64
+    double neg_lr
+    double weight_decay
+    double momentum
+    double one_minus_dampening
+    bint nesterov
+    bint maximize
+    bint first_step
+
+
+cdef inline void _sgd_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,
+                           const SGDArgs* a) noexcept nogil:
+    cdef floating sign = -1 if a.maximize else 1
+    cdef floating wd = <floating>a.weight_decay, mom = <floating>a.momentum
+    cdef floating omd = <floating>a.one_minus_dampening, neg_lr = <floating>a.neg_lr
+    cdef bint has_wd = a.weight_decay != 0, has_mom = a.momentum != 0
+    cdef bint first = a.first_step, nesterov = a.nesterov
+    cdef floating gi, bi
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        if has_wd:
+            gi = gi + wd * p[i]
+        if has_mom:
+            if first:
+                bi = gi
+            else:
+                bi = buf[i] * mom + omd * gi
+            buf[i] = bi
+            if nesterov:
+                gi = gi + mom * bi
+            else:
+                gi = bi
+        p[i] = p[i] + neg_lr * gi
+
+
+cdef void _sgd_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+    cdef const SGDArgs* a = <const SGDArgs*>args
+    if a.is64:
+        _sgd_loop(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a)
+    else:
+        _sgd_loop(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a)
+
+
+def sgd_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
+             double lr, double momentum, double dampening, double weight_decay, bint nesterov,
+             bint maximize, bint first_step):
+    """SGD over the tensors of ``table`` (rows: param, grad, momentum_buffer)."""
+    cdef SGDArgs a
+    a.is64 = is64
+    a.neg_lr = -lr
+    a.weight_decay = weight_decay
+    a.momentum = momentum
+    a.one_minus_dampening = 1.0 - dampening
+    a.nesterov = nesterov
+    a.maximize = maximize
+    a.first_step = first_step
+    _launch(_sgd_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_SGD, &a)
+
+
+# --------------------------------------------------------------------------------------------
+# Adagrad
+# --------------------------------------------------------------------------------------------
+
+cdef struct AdagradArgs:
+    bint is64
+    double neg_clr
+    double weight_decay
+    double eps
+    bint eps_inside_sqrt
+    bint maximize
+
+
+cdef inline void _adagrad_loop(floating* p, const floating* g, floating* acc, Py_ssize_t n,
+                               const AdagradArgs* a) noexcept nogil:
+    cdef floating sign = -1 if a.maximize else 1
+    cdef floating wd = <floating>a.weight_decay, eps = <floating>a.eps
+    cdef floating neg_clr = <floating>a.neg_clr
+    cdef bint has_wd = a.weight_decay != 0, inside = a.eps_inside_sqrt
+    cdef floating gi, si, std
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        if has_wd:
+            gi = gi + wd * p[i]
+        si = acc[i] + gi * gi
+        acc[i] = si
+        if inside:
+            std = _sqrt(si + eps)
+        else:
+            std = _sqrt(si) + eps
+        p[i] = p[i] + (neg_clr * gi) / std
+
+
+cdef void _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+    cdef const AdagradArgs* a = <const AdagradArgs*>args
+    if a.is64:
+        _adagrad_loop(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a)
+    else:
+        _adagrad_loop(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a)
+
+
+def adagrad_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
+                 double lr, double lr_decay, double weight_decay, double eps,
+                 bint eps_inside_sqrt, bint maximize, long step):
+    """Adagrad over the tensors of ``table`` (rows: param, grad, sum); ``step`` counts from 1."""
+    cdef AdagradArgs a
+    a.is64 = is64
+    a.neg_clr = -(lr / (1.0 + (step - 1) * lr_decay))
+    a.weight_decay = weight_decay
+    a.eps = eps
+    a.eps_inside_sqrt = eps_inside_sqrt
+    a.maximize = maximize
+    _launch(_adagrad_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAGRAD, &a)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSprop
+# --------------------------------------------------------------------------------------------
+
+cdef struct RMSpropArgs:
+    bint is64
+    double neg_lr
+    double alpha
+    double eps
+    double weight_decay
+    double momentum
+    bint centered
+    bint maximize
+
+
+cdef inline void _rmsprop_loop(floating* p, const floating* g, floating* sq, floating* buf,
+                               floating* gavg, Py_ssize_t n, const RMSpropArgs* a,
+                               bint centered, bint has_mom) noexcept nogil:
+    # ``centered`` and ``has_mom`` are passed as constants so that each of the four variants is
+    # compiled as its own loop: gcc does not unswitch this many invariant branches by itself and
+    # would leave the loop scalar.
+    cdef floating sign = -1 if a.maximize else 1
+    cdef floating wd = <floating>a.weight_decay, eps = <floating>a.eps
+    cdef floating alpha = <floating>a.alpha, neg_lr = <floating>a.neg_lr
+    cdef floating mom = <floating>a.momentum
+    # torch uses (1 - alpha) both as addcmul's value and as lerp's weight.
+    cdef floating w = <floating>(1.0 - a.alpha)
+    cdef floating omw = 1 - w
+    cdef bint small_w = w < 0.5
+    cdef bint has_wd = a.weight_decay != 0
+    cdef floating gi, si, ai, avg
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        if has_wd:
+            gi = gi + wd * p[i]
+        si = sq[i] * alpha + (w * gi) * gi
+        sq[i] = si
+        if centered:
+            ai = _lerp(gavg[i], gi, w, omw, small_w)
+            gavg[i] = ai
+            avg = _sqrt(si + (-ai) * ai) + eps
+        else:
+            avg = _sqrt(si) + eps
+        if has_mom:
+            ai = buf[i] * mom + gi / avg
+            buf[i] = ai
+            p[i] = p[i] + neg_lr * ai
+        else:
+            p[i] = p[i] + (neg_lr * gi) / avg
+
+
+cdef void _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+    cdef const RMSpropArgs* a = <const RMSpropArgs*>args
+    if a.is64:
+        _rmsprop_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                       <double*>ptrs[3], <double*>ptrs[4], n, a)
+    else:
+        _rmsprop_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                       <float*>ptrs[3], <float*>ptrs[4], n, a)
+
+
+cdef inline void _rmsprop_typed(floating* p, const floating* g, floating* sq, floating* buf,
+                                floating* gavg, Py_ssize_t n, const RMSpropArgs* a) noexcept nogil:
+    cdef bint has_mom = a.momentum > 0
+    if a.centered:
+        if has_mom:
+            _rmsprop_loop(p, g, sq, buf, gavg, n, a, True, True)
+        else:
+            _rmsprop_loop(p, g, sq, buf, gavg, n, a, True, False)
+    elif has_mom:
+        _rmsprop_loop(p, g, sq, buf, gavg, n, a, False, True)
+    else:
+        _rmsprop_loop(p, g, sq, buf, gavg, n, a, False, False)
+
+
+def rmsprop_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
+                 double lr, double alpha, double eps, double weight_decay, double momentum,
+                 bint centered, bint maximize):
+    """RMSprop over ``table`` (rows: param, grad, square_avg, momentum_buffer, grad_avg)."""
+    cdef RMSpropArgs a
+    a.is64 = is64
+    a.neg_lr = -lr
+    a.alpha = alpha
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.momentum = momentum
+    a.centered = centered
+    a.maximize = maximize
+    _launch(_rmsprop_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_RMSPROP, &a)
+
+
+# --------------------------------------------------------------------------------------------
+# Adam / AdamW
+# --------------------------------------------------------------------------------------------
+
+cdef struct AdamArgs:
+    bint is64
+    double beta1
+    double beta2
+    double eps
+    double weight_decay
+    double param_scale
+    double neg_step_size
+    double bc2_sqrt
+    bint decoupled
+    bint amsgrad
+    bint maximize
+
+
+cdef inline void _adam_loop(floating* p, const floating* g, floating* m, floating* v,
+                            floating* vmax, Py_ssize_t n, const AdamArgs* a,
+                            bint small_w, bint coupled, bint amsgrad) noexcept nogil:
+    # ``small_w``, ``coupled`` and ``amsgrad`` arrive as constants (see _adam_typed), so each
+    # variant is compiled as its own branch-free loop that gcc vectorises.
+    cdef floating sign = -1 if a.maximize else 1
+    cdef floating wd = <floating>a.weight_decay
+    # Decoupled decay multiplies the param by 1 - lr*wd; otherwise by 1, which is exact.
+    cdef floating scale = <floating>a.param_scale if a.decoupled else 1
+    cdef floating w = <floating>(1.0 - a.beta1)
+    cdef floating omw = 1 - w
+    cdef floating beta2 = <floating>a.beta2, omb2 = <floating>(1.0 - a.beta2)
+    cdef floating eps = <floating>a.eps, bc2s = <floating>a.bc2_sqrt
+    cdef floating neg_ss = <floating>a.neg_step_size
+    cdef floating gi, pi, mi, vi, vm
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        pi = p[i] * scale
+        if coupled:
+            gi = gi + wd * pi
+        mi = _lerp(m[i], gi, w, omw, small_w)
+        m[i] = mi
+        vi = v[i] * beta2 + (omb2 * gi) * gi
+        v[i] = vi
+        if amsgrad:
+            vm = vmax[i]
+            if vm > vi:
+                vi = vm
+            vmax[i] = vi
+        p[i] = pi + (neg_ss * mi) / (_sqrt(vi) / bc2s + eps)
+
+
+cdef inline void _adam_typed(floating* p, const floating* g, floating* m, floating* v,
+                             floating* vmax, Py_ssize_t n, const AdamArgs* a) noexcept nogil:
+    cdef bint small_w = <floating>(1.0 - a.beta1) < 0.5
+    cdef bint coupled = a.weight_decay != 0 and not a.decoupled
+    if small_w:
+        if coupled:
+            if a.amsgrad:
+                _adam_loop(p, g, m, v, vmax, n, a, True, True, True)
+            else:
+                _adam_loop(p, g, m, v, vmax, n, a, True, True, False)
+        elif a.amsgrad:
+            _adam_loop(p, g, m, v, vmax, n, a, True, False, True)
+        else:
+            _adam_loop(p, g, m, v, vmax, n, a, True, False, False)
+    elif coupled:
+        if a.amsgrad:
+            _adam_loop(p, g, m, v, vmax, n, a, False, True, True)
+        else:
+            _adam_loop(p, g, m, v, vmax, n, a, False, True, False)
+    elif a.amsgrad:
+        _adam_loop(p, g, m, v, vmax, n, a, False, False, True)
+    else:
+        _adam_loop(p, g, m, v, vmax, n, a, False, False, False)
+
+
+cdef void _adam_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+    cdef const AdamArgs* a = <const AdamArgs*>args
+    if a.is64:
+        _adam_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                    <double*>ptrs[3], <double*>ptrs[4], n, a)
+    else:
+        _adam_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                    <float*>ptrs[3], <float*>ptrs[4], n, a)
+
+
+def adam_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
+              double lr, double beta1, double beta2, double eps, double weight_decay,
+              bint decoupled, bint amsgrad, bint maximize, long step):
+    """Adam/AdamW over ``table`` (rows: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq).
+
+    ``step`` is the 1-based number of this update, used for the bias corrections.
+    """
+    cdef AdamArgs a
+    cdef double bc1 = 1.0 - pow(beta1, <double>step)
+    cdef double bc2 = 1.0 - pow(beta2, <double>step)
+    a.is64 = is64
+    a.beta1 = beta1
+    a.beta2 = beta2
+    a.eps = eps
+    a.weight_decay = weight_decay
+    a.param_scale = 1.0 - lr * weight_decay
+    a.neg_step_size = -(lr / bc1)
+    a.bc2_sqrt = sqrt(bc2)
+    a.decoupled = decoupled
+    a.amsgrad = amsgrad
+    a.maximize = maximize
+    _launch(_adam_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAM, &a)
+
+
