@@ -4,7 +4,7 @@ Environment switches (all optional):
 
 LRFAST_FAIL_NO_OPENMP=1   fail the build if the compiler cannot build and run an OpenMP program
                           (by default the kernels are then built serial, with a warning)
-LRFAST_DEBUG_CYTHON=1     compile with Cython's bounds, wraparound and initialisation checks on
+LRFAST_DEBUG_CYTHON=1     compile with Cython's bounds, wraparound, initialisation and None checks on
 LRFAST_NATIVE=1           add -march=native (a build for this machine only; never for wheels)
 LRFAST_ANNOTATE=1         write Cython's HTML annotation next to each .pyx
 """
@@ -148,7 +148,8 @@ def extensions():
         "boundscheck": debug,
         "wraparound": debug,
         "initializedcheck": debug,
-        "cdivision": not debug,
+        # IEEE division stays IEEE in both builds: x/0 is inf or nan, as in torch and NumPy.
+        "cdivision": True,
         "nonecheck": debug,
         "embedsignature": True,
         "cpow": True,
