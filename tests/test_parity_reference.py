@@ -152,3 +152,14 @@ def test_hand_computed_sgd_momentum():
     opt.step([np.array([1.0])])
     opt.step([np.array([2.0])])
     np.testing.assert_allclose(p, [-0.39], rtol=1e-15)
+
+
+def test_hand_computed_first_rmsprop_and_adagrad_steps():
+    """RMSprop, alpha=0.99: v = 0.01 g^2, so p -= lr g / (0.1 |g|) = 10 lr sign(g).
+    Adagrad with eps inside the sqrt: s = 0 + 9 = 9, p -= 0.5 * 3 / sqrt(9 + 7) = 0.375."""
+    p = np.array([1.0, -1.0])
+    lrfast.RMSprop([p], lr=0.01, eps=0.0).step([np.array([4.0, -0.25])])
+    np.testing.assert_allclose(p, [0.9, -0.9], rtol=1e-14)
+    q = np.array([2.0])
+    lrfast.Adagrad([q], lr=0.5, eps=7.0, eps_inside_sqrt=True).step([np.array([3.0])])
+    np.testing.assert_allclose(q, [1.625], rtol=1e-15)
