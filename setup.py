@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODULES = {
     "lrfast._openmp": "src/_openmp.pyx",
     "lrfast._optim": "src/_optim.pyx",
+    "lrfast._schedules": "src/_schedules.pyx",
 }
 # The same kernels compiled for AVX2 on x86-64, picked at import when the CPU has it
 # (lrfast/_dispatch.py); the portable build above stays the baseline every x86-64 can run.

@@ -3,7 +3,8 @@
 Optimizers (torch.optim's names, defaults and formulas, over NumPy arrays, updated in place):
 ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``. In-place functions: ``lrfast.functional``;
 their pure-NumPy twins: ``lrfast.reference``. Threads: ``set_num_threads``, ``get_num_threads``,
-``threads``. Build facts: ``show_config``.
+``threads``. Learning-rate schedules: ``lrfast.schedules`` (closed form, scalar and vector
+paths) and ``ReduceLROnPlateau``. Build facts: ``show_config``.
 """
 from ._version import __version__
 
@@ -17,10 +18,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
         "a C compiler is needed for that. Otherwise reinstall the wheel: `pip install --force-reinstall lrfast`."
     ) from exc
 
-from . import functional, reference  # noqa: E402
+from . import functional, reference, schedules  # noqa: E402
 from ._config import show_config  # noqa: E402
 from ._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
+from .schedules import ReduceLROnPlateau  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -32,6 +34,8 @@ __all__ = [
     "AdamW",
     "functional",
     "reference",
+    "schedules",
+    "ReduceLROnPlateau",
     "set_num_threads",
     "get_num_threads",
     "threads",

@@ -7,6 +7,9 @@ meeting a float32 array is rounded to float32, as NumPy 2 does). The test suite 
 :mod:`lrfast.functional` and the optimizer classes to these functions.
 
 ``step`` is the 1-based number of the update being made (the first update is ``step=1``).
+
+The second half mirrors :mod:`lrfast.schedules`: one NumPy function per schedule type, and
+``schedule_values(spec, steps)`` evaluating any ``Schedule.to_dict()`` description.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import math
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "schedule_values"]
 
 
 def _tensors(*arrays):
@@ -145,3 +148,261 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
             v = vmax
         denom = np.sqrt(v) / bias_correction2_sqrt + eps
         p += (-step_size * m) / denom
+
+
+# ==========================================================================================
+# Schedules
+# ==========================================================================================
+#
+# One function per schedule type of lrfast.schedules, over an integer array of steps, in
+# float64, written from the formulas (not from the compiled code), plus ``schedule_values``,
+# which evaluates a ``Schedule.to_dict()`` description with them.
+
+def _t(steps):
+    return np.asarray(steps, dtype=np.int64)
+
+
+def constant(steps, *, value):
+    r""":math:`\eta_t = v`."""
+    return np.full(_t(steps).shape, float(value))
+
+
+def exponential_decay(steps, *, init_value, decay_rate, transition_steps=1, staircase=False,
+                      transition_begin=0, end_value=None):
+    r""":math:`\eta_t = \eta_0 r^{p}`, :math:`p = (t - t_b)/T` (floored if staircase), 0 before
+    :math:`t_b`; bounded by ``end_value`` (below when decaying, above when growing)."""
+    s = np.maximum(_t(steps) - transition_begin, 0)
+    p = (s // transition_steps).astype(np.float64) if staircase else s / transition_steps
+    v = init_value * np.power(float(decay_rate), p)
+    if end_value is not None:
+        v = np.maximum(v, end_value) if decay_rate < 1 else np.minimum(v, end_value)
+    return v
+
+
+def natural_exp_decay(steps, *, init_value, decay_rate):
+    r""":math:`\eta_t = \eta_0 e^{-k t}`."""
+    return init_value * np.exp(-decay_rate * _t(steps).astype(np.float64))
+
+
+def inverse_time_decay(steps, *, init_value, decay_rate, decay_steps=1, staircase=False):
+    r""":math:`\eta_t = \eta_0 / (1 + k\, t/T)` (:math:`\lfloor t/T \rfloor` if staircase)."""
+    t = _t(steps)
+    p = (t // decay_steps).astype(np.float64) if staircase else t / decay_steps
+    return init_value / (1 + decay_rate * p)
+
+
+def polynomial_decay(steps, *, init_value, end_value, decay_steps, power=1.0,
+                     transition_begin=0, cycle=False):
+    r""":math:`\eta_t = (\eta_0 - \eta_e)(1 - s/T)^p + \eta_e`, :math:`s = \min(t - t_b, T)`;
+    with ``cycle`` T becomes :math:`T \lceil s/T \rceil` and s is not clipped."""
+    s = np.maximum(_t(steps) - transition_begin, 0)
+    if cycle:
+        T = decay_steps * np.maximum(1, -(-s // decay_steps))
+    else:
+        T = np.full(s.shape, decay_steps)
+        s = np.minimum(s, decay_steps)
+    return (init_value - end_value) * np.power(1 - s / T, power) + end_value
+
+
+def cosine_decay(steps, *, init_value, decay_steps, end_value=0.0, exponent=1.0,
+                 periodic=False):
+    r""":math:`\eta_t = \eta_e + (\eta_0 - \eta_e)\left(\frac{1 + \cos(\pi s/T)}{2}\right)^k`,
+    :math:`s = \min(t, T)` (or :math:`s = t \bmod 2T` when periodic: the same cosine)."""
+    t = _t(steps)
+    s = t % (2 * decay_steps) if periodic else np.minimum(t, decay_steps)
+    c = (1 + np.cos(np.pi * s / decay_steps)) / 2
+    return end_value + (init_value - end_value) * c ** exponent
+
+
+def cosine_restarts(steps, *, init_value, first_period, period_mult=1.0, min_value=0.0,
+                    peak_decay=1.0):
+    r"""SGDR: in restart :math:`k` (period :math:`T_0 m^k`, starting at
+    :math:`T_0 (m^k - 1)/(m - 1)`), cosine from :math:`\eta_0 d^k` to :math:`\eta_{min}`."""
+    out = []
+    for t in _t(steps).ravel().tolist():
+        k, start, length = 0, 0, first_period
+        if period_mult == 1.0:
+            k = t // first_period
+            start = k * first_period
+        else:
+            while start + length <= t:       # walk the periods (readable, not fast)
+                start += length
+                length = first_period * period_mult ** (k + 1)
+                k += 1
+        frac = (t - start) / length
+        out.append(min_value + (init_value * peak_decay ** k - min_value)
+                   * (1 + math.cos(math.pi * frac)) / 2)
+    return np.array(out).reshape(_t(steps).shape)
+
+
+def one_cycle(steps, *, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
+              div_factor=25.0, final_div_factor=1e4, three_phase=False):
+    r"""torch OneCycleLR's phases; steps past ``total_steps - 1`` hold the last value."""
+    initial = max_lr / div_factor
+    minimum = initial / final_div_factor
+    if three_phase:
+        phases = [(pct_start * total_steps - 1, initial, max_lr),
+                  (2 * pct_start * total_steps - 2, max_lr, initial),
+                  (total_steps - 1, initial, minimum)]
+    else:
+        phases = [(pct_start * total_steps - 1, initial, max_lr), (total_steps - 1, max_lr, minimum)]
+
+    def anneal(a, b, pct):
+        if anneal_strategy == "cos":
+            return b + (a - b) / 2 * (1 + math.cos(math.pi * pct))
+        return (b - a) * pct + a
+
+    out = []
+    for t in np.minimum(_t(steps), total_steps - 1).ravel().tolist():
+        start = 0.0
+        for i, (end, a, b) in enumerate(phases):
+            if t <= end or i == len(phases) - 1:
+                out.append(anneal(a, b, (t - start) / (end - start)))
+                break
+            start = end
+    return np.array(out).reshape(_t(steps).shape)
+
+
+def cyclic(steps, *, base_lr, max_lr, step_size_up=2000, step_size_down=None,
+           mode="triangular", gamma=1.0):
+    r"""torch CyclicLR: a triangle between ``base_lr`` and ``max_lr``, its height halved per
+    cycle (triangular2) or times :math:`\gamma^t` (exp_range)."""
+    down = step_size_up if step_size_down is None else step_size_down
+    total = step_size_up + down
+    ratio = step_size_up / total
+    t = _t(steps)
+    cycle = np.floor(1 + t / total)
+    x = 1 + t / total - cycle
+    factor = np.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
+    height = (max_lr - base_lr) * factor
+    if mode == "triangular2":
+        height = height * (1 / 2.0 ** (cycle - 1))
+    elif mode == "exp_range":
+        height = height * np.power(gamma, t.astype(np.float64))
+    return base_lr + height
+
+
+def piecewise_constant(steps, *, boundaries, values, boundary="ge"):
+    r""":math:`\eta_t = v_j`, j = number of boundaries :math:`b \le t` (``'gt'``: :math:`b < t`)."""
+    side = "right" if boundary == "ge" else "left"
+    return np.asarray(values, dtype=np.float64)[np.searchsorted(boundaries, _t(steps), side)]
+
+
+def piecewise_interpolate(steps, *, boundaries, values, interpolation="linear"):
+    r"""Through :math:`(b_j, v_j)`: linear, or :math:`v_{j+1} + (v_j - v_{j+1})(1+\cos\pi f)/2`."""
+    t = _t(steps).astype(np.float64)
+    b = np.asarray(boundaries, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if interpolation == "linear":
+        return np.interp(t, b, v)
+    j = np.clip(np.searchsorted(b, t, "right") - 1, 0, max(len(b) - 2, 0))
+    if len(b) == 1:
+        return np.full(t.shape, v[0])
+    f = np.clip((t - b[j]) / (b[j + 1] - b[j]), 0.0, 1.0)
+    return v[j + 1] + (v[j] - v[j + 1]) * (1 + np.cos(np.pi * f)) / 2
+
+
+def inverse_sqrt(steps, *, init_value, timescale=1):
+    r""":math:`\eta_t = \eta_0 / \sqrt{\max(t, T)/T}`."""
+    return init_value / np.sqrt(np.maximum(_t(steps), timescale) / timescale)
+
+
+def sqrt_decay(steps, *, init_value, end_value, decay_steps):
+    r""":math:`\eta_t = \eta_e + (\eta_0 - \eta_e)(1 - \sqrt{\min(t, T)/T})`."""
+    s = np.minimum(_t(steps), decay_steps)
+    return end_value + (init_value - end_value) * (1 - np.sqrt(s / decay_steps))
+
+
+def join(steps, *, schedules, boundaries, local=True):
+    r"""Piece j from boundary :math:`b_{j-1}` on, at step :math:`t - b_{j-1}` when local."""
+    t = _t(steps)
+    flags = [local] * len(schedules) if isinstance(local, bool) else local
+    piece = np.searchsorted(boundaries, t, "right")
+    out = np.empty(t.shape)
+    for j, spec in enumerate(schedules):
+        sel = piece == j
+        start = boundaries[j - 1] if j > 0 and flags[j] else 0
+        out[sel] = schedule_values(spec, t[sel] - start)
+    return out
+
+
+def warmup(steps, *, schedule, warmup_steps, start_value=0.0, overlap=False):
+    r"""Linear from ``start_value`` to the schedule's value at 0 (prefix) or at the warmup's end
+    (overlap) over ``warmup_steps``; then the schedule at :math:`t - W` (prefix) or t."""
+    t = _t(steps)
+    target = schedule_values(schedule, np.array([warmup_steps if overlap else 0]))[0]
+    ramp = start_value + (target - start_value) * (np.minimum(t, warmup_steps) / warmup_steps)
+    after = schedule_values(schedule, np.maximum(t - (0 if overlap else warmup_steps), 0))
+    return np.where(t < warmup_steps, ramp, after)
+
+
+def warmup_cosine(steps, *, init_value, peak_value, warmup_steps, decay_steps, end_value=0.0,
+                  exponent=1.0, decay_includes_warmup=True):
+    r"""Linear ``init -> peak`` over W steps, then cosine ``peak -> end`` over the decay span."""
+    t = _t(steps)
+    span = decay_steps - warmup_steps if decay_includes_warmup else decay_steps
+    cos = cosine_decay(np.maximum(t - warmup_steps, 0), init_value=peak_value,
+                       decay_steps=span, end_value=end_value, exponent=exponent)
+    if warmup_steps == 0:
+        return cos
+    ramp = init_value + (peak_value - init_value) * (t / warmup_steps)
+    return np.where(t < warmup_steps, ramp, cos)
+
+
+def wsd(steps, *, peak_value, warmup_steps, stable_steps, decay_steps, init_value=0.0,
+        end_value=0.0, decay_shape="linear"):
+    r"""Warmup (linear) :math:`\to` stable at the peak :math:`\to` decay to ``end_value``."""
+    t = _t(steps)
+    s = np.maximum(t - warmup_steps - stable_steps, 0)
+    if decay_shape == "linear":
+        tail = polynomial_decay(s, init_value=peak_value, end_value=end_value,
+                                decay_steps=decay_steps)
+    elif decay_shape == "cosine":
+        tail = cosine_decay(s, init_value=peak_value, decay_steps=decay_steps,
+                            end_value=end_value)
+    else:
+        tail = sqrt_decay(s, init_value=peak_value, end_value=end_value, decay_steps=decay_steps)
+    out = np.where(t < warmup_steps + stable_steps, peak_value, tail)
+    if warmup_steps:
+        ramp = init_value + (peak_value - init_value) * (t / warmup_steps)
+        out = np.where(t < warmup_steps, ramp, out)
+    return out
+
+
+def product(steps, *, a, b):
+    r""":math:`a(t)\, b(t)`."""
+    return schedule_values(a, steps) * schedule_values(b, steps)
+
+
+def clamp(steps, *, schedule, min_value=0.0, max_value=None):
+    r""":math:`\min(\max(s(t), lo), hi)`."""
+    v = np.maximum(schedule_values(schedule, steps), min_value)
+    return v if max_value is None else np.minimum(v, max_value)
+
+
+def with_plateau(steps, *, schedule, plateau, scale):
+    r""":math:`s(t) \cdot f`, floored at ``min_lr`` while f < 1, capped at ``max_lr`` while f > 1."""
+    v = schedule_values(schedule, steps) * scale
+    if scale < 1:
+        v = np.maximum(v, plateau["min_lr"])
+    elif scale > 1 and plateau["max_lr"] is not None:
+        v = np.minimum(v, plateau["max_lr"])
+    return v
+
+
+_SCHEDULES = {
+    "constant": constant, "exponential_decay": exponential_decay,
+    "natural_exp_decay": natural_exp_decay, "inverse_time_decay": inverse_time_decay,
+    "polynomial_decay": polynomial_decay, "cosine_decay": cosine_decay,
+    "cosine_restarts": cosine_restarts, "one_cycle": one_cycle, "cyclic": cyclic,
+    "piecewise_constant": piecewise_constant, "piecewise_interpolate": piecewise_interpolate,
+    "inverse_sqrt": inverse_sqrt, "sqrt_decay": sqrt_decay, "join": join, "warmup": warmup,
+    "warmup_cosine": warmup_cosine, "wsd": wsd, "product": product, "clamp": clamp,
+    "with_plateau": with_plateau,
+}
+
+
+def schedule_values(spec, steps):
+    """Evaluate a schedule description (``Schedule.to_dict()``) at ``steps`` with NumPy."""
+    params = {k: v for k, v in spec.items() if k != "type"}
+    return _SCHEDULES[spec["type"]](_t(steps), **params)

@@ -1,0 +1,1042 @@
+"""Learning-rate schedules: pure, closed-form functions of the step count.
+
+Every schedule is an object ``s`` with two call paths:
+
+- ``s(t)`` with an int returns a float (a native scalar path);
+- ``s(steps)`` with an integer NumPy array returns a float64 array of the same shape, computed
+  by an OpenMP kernel.
+
+``t`` counts the updates already done: the first update uses ``s(0)`` (as optax, torch and
+keras do). Steps must be >= 0; steps up to 2**62 give finite, correct values.
+
+Parameters are checked once, at construction (a bad one raises ValueError naming it). However a
+schedule is composed (``join``, ``warmup``, ``*``, ``clamp``, a plateau factor), it is compiled
+into one flat program evaluated in C: no Python recursion per step. Every schedule has a
+readable ``repr`` and ``to_dict()`` / ``from_dict()`` (JSON-able, exact round trip), and each has
+a pure-NumPy twin in :mod:`lrfast.reference` (``reference.schedule_values(spec, steps)``).
+
+Boundary conventions are stated per schedule; ``docs/schedules.md`` has the table against
+torch.optim.lr_scheduler, optax, keras and timm.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _schedules
+from ._schedules import NativeSchedule, PlateauCell
+
+__all__ = [
+    "Schedule", "constant", "step_decay", "multistep", "exponential_decay", "natural_exp_decay",
+    "inverse_time_decay", "polynomial_decay", "linear", "linear_factor", "cosine_decay",
+    "cosine_restarts", "warmup", "warmup_cosine", "wsd", "one_cycle", "cosine_onecycle",
+    "linear_onecycle", "cyclic", "piecewise_constant", "piecewise_interpolate", "inverse_sqrt",
+    "join", "clamp", "scale", "ReduceLROnPlateau", "from_dict",
+]
+
+_NIP = _schedules.N_INT_PARAMS
+_NFP = _schedules.N_FLOAT_PARAMS
+_MAX_STEP = 2**62
+
+
+# ------------------------------------------------------------------------------------------
+# Parameter checks (once, at construction)
+# ------------------------------------------------------------------------------------------
+
+def _value(name, v, *, low=None, high=None, low_open=False, allow_inf=False):
+    """A real number (not bool) within the bounds; ValueError names the parameter."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v}")
+    return v
+
+
+def _count(name, v, *, low=1):
+    """An int step count >= low (and <= 2**62)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    if v > _MAX_STEP:
+        raise ValueError(f"{name} must be <= 2**62, got {v}")
+    return v
+
+
+def _flag(name, v):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _choice(name, v, options):
+    if v not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
+    return v
+
+
+def _increasing(name, values, *, low=0):
+    """Strictly increasing ints >= low."""
+    values = [_count(f"{name}[{i}]", b, low=low) for i, b in enumerate(values)]
+    for i in range(1, len(values)):
+        if values[i] <= values[i - 1]:
+            raise ValueError(f"{name} must be strictly increasing, got {values}")
+    return values
+
+
+def _schedule(name, s):
+    if not isinstance(s, Schedule):
+        raise TypeError(f"{name} must be an lrfast schedule, got {type(s).__name__}")
+    return s
+
+
+# ------------------------------------------------------------------------------------------
+# Program builder
+# ------------------------------------------------------------------------------------------
+
+class _Builder:
+    """Collects nodes of a flat program; children are emitted before their parents."""
+
+    def __init__(self):
+        self.kind, self.ip, self.fp, self.ibuf, self.fbuf, self.keep = [], [], [], [], [], []
+
+    def node(self, kind, ip=(), fp=()):
+        ip, fp = list(ip), list(fp)
+        self.kind.append(_schedules.KINDS[kind])
+        self.ip.append(ip + [0] * (_NIP - len(ip)))
+        self.fp.append(fp + [0.0] * (_NFP - len(fp)))
+        return len(self.kind) - 1
+
+    def ints(self, values):
+        at = len(self.ibuf)
+        self.ibuf.extend(int(v) for v in values)
+        return at
+
+    def floats(self, values):
+        at = len(self.fbuf)
+        self.fbuf.extend(float(v) for v in values)
+        return at
+
+    def install(self, target, root):
+        target._load_program(
+            np.array(self.kind, dtype=np.intc), np.array(self.ip, dtype=np.int64),
+            np.array(self.fp, dtype=np.float64), np.array(self.ibuf, dtype=np.int64),
+            np.array(self.fbuf, dtype=np.float64), root, self.keep)
+
+
+_REGISTRY: dict = {}
+
+
+class Schedule(NativeSchedule):
+    """Base of all schedules. Subclasses validate their parameters, store them in ``_params``
+    (in signature order) and emit their nodes in ``_emit``."""
+
+    kind = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.kind:
+            _REGISTRY[cls.kind] = cls
+
+    def _compile(self):
+        b = _Builder()
+        root = self._emit(b)
+        b.install(self, root)
+
+    def _emit(self, b):  # pragma: no cover - every concrete schedule overrides it
+        raise NotImplementedError
+
+    # -- description --------------------------------------------------------------------------
+
+    def to_dict(self):
+        """A JSON-able description; ``from_dict(s.to_dict())`` rebuilds the same schedule."""
+        out = {"type": self.kind}
+        for k, v in self._params.items():
+            out[k] = _to_json(v)
+        return out
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
+        return f"{self.kind}({args})"
+
+    def __eq__(self, other):
+        return isinstance(other, Schedule) and self.to_dict() == other.to_dict()
+
+    def __hash__(self):
+        return hash(repr(self))
+
+    # -- composition --------------------------------------------------------------------------
+
+    def __mul__(self, other):
+        if isinstance(other, ReduceLROnPlateau):
+            return _WithPlateau(self, other)
+        if isinstance(other, Schedule):
+            return _Product(self, other)
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):
+            return scale(self, other)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+
+def _to_json(v):
+    if isinstance(v, Schedule):
+        return v.to_dict()
+    if isinstance(v, ReduceLROnPlateau):
+        return v.config()
+    if isinstance(v, (list, tuple)):
+        return [_to_json(x) for x in v]
+    return v
+
+
+def from_dict(spec):
+    """Rebuild a schedule from ``Schedule.to_dict()`` output (or the same JSON)."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"a schedule spec is a dict with a 'type', got {spec!r}")
+    kind = spec["type"]
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown schedule type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[kind]
+    params = {k: v for k, v in spec.items() if k != "type"}
+    return cls._from_params(params)
+
+
+def _from_json(v):
+    if isinstance(v, dict) and "type" in v:
+        return from_dict(v)
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
+    return v
+
+
+class _Simple(Schedule):
+    """A schedule whose parameters are plain values (rebuilt with ``cls(**params)``)."""
+
+    @classmethod
+    def _from_params(cls, params):
+        return cls(**{k: _from_json(v) for k, v in params.items()})
+
+
+# ------------------------------------------------------------------------------------------
+# Closed-form schedules
+# ------------------------------------------------------------------------------------------
+
+class _Constant(_Simple):
+    kind = "constant"
+
+    def __init__(self, value):
+        self._params = {"value": _value("value", value, low=0)}
+        self._compile()
+
+    def _emit(self, b):
+        return b.node("const", fp=[self._params["value"]])
+
+
+def constant(value):
+    """``value`` at every step."""
+    return _Constant(value)
+
+
+class _Exponential(_Simple):
+    kind = "exponential_decay"
+
+    def __init__(self, init_value, decay_rate, transition_steps=1, staircase=False,
+                 transition_begin=0, end_value=None):
+        p = {
+            "init_value": _value("init_value", init_value, low=0),
+            "decay_rate": _value("decay_rate", decay_rate, low=0, low_open=True),
+            "transition_steps": _count("transition_steps", transition_steps),
+            "staircase": _flag("staircase", staircase),
+            "transition_begin": _count("transition_begin", transition_begin, low=0),
+            "end_value": None if end_value is None else _value("end_value", end_value, low=0),
+        }
+        self._params = p
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        end = p["end_value"]
+        return b.node("exponential",
+                      ip=[p["transition_steps"], p["transition_begin"], p["staircase"],
+                          end is not None],
+                      fp=[p["init_value"], p["decay_rate"], 0.0 if end is None else end])
+
+
+def exponential_decay(init_value, decay_rate, transition_steps=1, staircase=False,
+                      transition_begin=0, end_value=None):
+    r"""``init * rate^((t - begin) / T)`` (optax ``exponential_decay``; keras ``ExponentialDecay``).
+
+    ``staircase`` floors the exponent; before ``transition_begin`` the value is ``init``;
+    ``end_value`` bounds the result (a floor when decaying, a ceiling when ``rate > 1``).
+    torch ``ExponentialLR(gamma)`` is ``exponential_decay(lr, gamma)``.
+    """
+    return _Exponential(init_value, decay_rate, transition_steps, staircase, transition_begin,
+                        end_value)
+
+
+def step_decay(init_value, gamma, step_size):
+    """``init * gamma^floor(t / step_size)`` (torch ``StepLR``; the seeds' step decay with t
+    counted from 0)."""
+    return _Exponential(init_value, gamma, step_size, staircase=True)
+
+
+class _NaturalExp(_Simple):
+    kind = "natural_exp_decay"
+
+    def __init__(self, init_value, decay_rate):
+        self._params = {"init_value": _value("init_value", init_value, low=0),
+                        "decay_rate": _value("decay_rate", decay_rate, low=0)}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("natural_exp", fp=[p["init_value"], p["decay_rate"]])
+
+
+def natural_exp_decay(init_value, decay_rate):
+    """``init * exp(-k t)``: the seeds' continuous exponential decay."""
+    return _NaturalExp(init_value, decay_rate)
+
+
+class _InverseTime(_Simple):
+    kind = "inverse_time_decay"
+
+    def __init__(self, init_value, decay_rate, decay_steps=1, staircase=False):
+        self._params = {"init_value": _value("init_value", init_value, low=0),
+                        "decay_rate": _value("decay_rate", decay_rate, low=0),
+                        "decay_steps": _count("decay_steps", decay_steps),
+                        "staircase": _flag("staircase", staircase)}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("inverse_time", ip=[p["decay_steps"], 0, p["staircase"]],
+                      fp=[p["init_value"], p["decay_rate"]])
+
+
+def inverse_time_decay(init_value, decay_rate, decay_steps=1, staircase=False):
+    """``init / (1 + k t / T)``, ``staircase`` floors ``t / T`` (keras ``InverseTimeDecay``)."""
+    return _InverseTime(init_value, decay_rate, decay_steps, staircase)
+
+
+class _Polynomial(_Simple):
+    kind = "polynomial_decay"
+
+    def __init__(self, init_value, end_value, decay_steps, power=1.0, transition_begin=0,
+                 cycle=False):
+        self._params = {"init_value": _value("init_value", init_value, low=0),
+                        "end_value": _value("end_value", end_value, low=0),
+                        "decay_steps": _count("decay_steps", decay_steps),
+                        "power": _value("power", power, low=0, low_open=True),
+                        "transition_begin": _count("transition_begin", transition_begin, low=0),
+                        "cycle": _flag("cycle", cycle)}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("polynomial", ip=[p["decay_steps"], p["transition_begin"], p["cycle"]],
+                      fp=[p["init_value"], p["end_value"], p["power"]])
+
+
+def polynomial_decay(init_value, end_value, decay_steps, power=1.0, transition_begin=0,
+                     cycle=False):
+    """``(init - end) (1 - s/T)^power + end`` with ``s = clip(t - begin, 0, T)``: optax
+    ``polynomial_schedule``, torch ``PolynomialLR`` (end 0). ``cycle=True`` is keras'
+    ``PolynomialDecay(cycle=True)``: T becomes the next multiple of T at or above t."""
+    return _Polynomial(init_value, end_value, decay_steps, power, transition_begin, cycle)
+
+
+def linear(init_value, end_value, transition_steps, transition_begin=0):
+    """From ``init_value`` to ``end_value`` in ``transition_steps``, then flat (optax
+    ``linear_schedule``)."""
+    return _Polynomial(init_value, end_value, transition_steps, 1.0, transition_begin)
+
+
+def linear_factor(base_lr, start_factor=1.0 / 3, end_factor=1.0, total_iters=5):
+    """torch ``LinearLR``: ``base_lr`` times a factor going linearly from ``start_factor`` to
+    ``end_factor`` over ``total_iters`` steps."""
+    _value("start_factor", start_factor, low=0, low_open=True, high=1.0)
+    _value("end_factor", end_factor, low=0, high=1.0)
+    return _Polynomial(base_lr * start_factor, base_lr * end_factor, total_iters, 1.0)
+
+
+class _Cosine(_Simple):
+    kind = "cosine_decay"
+
+    def __init__(self, init_value, decay_steps, end_value=0.0, exponent=1.0, periodic=False):
+        self._params = {"init_value": _value("init_value", init_value, low=0),
+                        "decay_steps": _count("decay_steps", decay_steps),
+                        "end_value": _value("end_value", end_value, low=0),
+                        "exponent": _value("exponent", exponent, low=0, low_open=True),
+                        "periodic": _flag("periodic", periodic)}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("cosine", ip=[p["decay_steps"], 0, p["periodic"]],
+                      fp=[p["init_value"], p["end_value"], p["exponent"]])
+
+
+def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0, end_value=None,
+                 periodic=False):
+    r"""``end + (init - end) ((1 + cos(pi t / T)) / 2)^exponent``, flat at ``end`` after T.
+
+    ``end = alpha * init`` unless ``end_value`` is given (optax ``cosine_decay_schedule``, keras
+    ``CosineDecay``). ``periodic=True`` continues the cosine past T instead of clamping, as
+    torch ``CosineAnnealingLR(T_max=T, eta_min=end)`` does.
+    """
+    alpha = _value("alpha", alpha, low=0, high=1.0)
+    end = alpha * _value("init_value", init_value, low=0) if end_value is None else end_value
+    return _Cosine(init_value, decay_steps, end, exponent, periodic)
+
+
+class _CosineRestarts(_Simple):
+    kind = "cosine_restarts"
+
+    def __init__(self, init_value, first_period, period_mult=1.0, min_value=0.0, peak_decay=1.0):
+        self._params = {"init_value": _value("init_value", init_value, low=0),
+                        "first_period": _count("first_period", first_period),
+                        "period_mult": _value("period_mult", period_mult, low=1.0),
+                        "min_value": _value("min_value", min_value, low=0),
+                        "peak_decay": _value("peak_decay", peak_decay, low=0, high=1.0)}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("cosine_restarts", ip=[p["first_period"]],
+                      fp=[p["init_value"], p["min_value"], p["period_mult"], p["peak_decay"]])
+
+
+def cosine_restarts(init_value, first_period, period_mult=1.0, min_value=0.0, peak_decay=1.0):
+    """SGDR (Loshchilov and Hutter, 2017): cosine from the peak to ``min_value`` over periods of
+    ``first_period * period_mult^k`` steps, the peak multiplied by ``peak_decay^k`` at restart k.
+
+    torch ``CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`` (peak_decay 1), keras
+    ``CosineDecayRestarts(first_decay_steps, t_mul, m_mul, alpha)`` (min_value = alpha * init),
+    timm ``CosineLRScheduler(cycle_mul, cycle_decay)``.
+    """
+    return _CosineRestarts(init_value, first_period, period_mult, min_value, peak_decay)
+
+
+class _OneCycle(_Simple):
+    kind = "one_cycle"
+
+    def __init__(self, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
+                 div_factor=25.0, final_div_factor=1e4, three_phase=False):
+        p = {"max_lr": _value("max_lr", max_lr, low=0),
+             "total_steps": _count("total_steps", total_steps, low=2),
+             "pct_start": _value("pct_start", pct_start, low=0, low_open=True, high=1.0),
+             "anneal_strategy": _choice("anneal_strategy", anneal_strategy, ("cos", "linear")),
+             "div_factor": _value("div_factor", div_factor, low=0, low_open=True),
+             "final_div_factor": _value("final_div_factor", final_div_factor, low=0,
+                                        low_open=True),
+             "three_phase": _flag("three_phase", three_phase)}
+        end1 = float(p["pct_start"] * p["total_steps"]) - 1
+        end2 = float(2 * p["pct_start"] * p["total_steps"]) - 2
+        if end1 <= 0:
+            raise ValueError(f"pct_start * total_steps must be > 1 so that the first phase has a "
+                             f"step, got {p['pct_start']} * {p['total_steps']}")
+        last = p["total_steps"] - 1
+        if (end2 if p["three_phase"] else end1) >= last or (p["three_phase"] and end2 <= end1):
+            raise ValueError("pct_start is too large for total_steps: the last phase has no step")
+        self._params = p
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        initial = p["max_lr"] / p["div_factor"]
+        minimum = initial / p["final_div_factor"]
+        end1 = float(p["pct_start"] * p["total_steps"]) - 1
+        end2 = float(2 * p["pct_start"] * p["total_steps"]) - 2
+        return b.node("one_cycle",
+                      ip=[p["total_steps"], p["three_phase"], p["anneal_strategy"] == "cos"],
+                      fp=[initial, p["max_lr"], minimum, end1, end2])
+
+
+def one_cycle(max_lr, total_steps, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
+              final_div_factor=1e4, three_phase=False):
+    """torch ``OneCycleLR`` (Smith and Topin, 2018), same parameters and phase boundaries; steps
+    from ``total_steps - 1`` on keep the final value (torch raises past ``total_steps``)."""
+    return _OneCycle(max_lr, total_steps, pct_start, anneal_strategy, div_factor,
+                     final_div_factor, three_phase)
+
+
+class _Cyclic(_Simple):
+    kind = "cyclic"
+
+    def __init__(self, base_lr, max_lr, step_size_up=2000, step_size_down=None,
+                 mode="triangular", gamma=1.0):
+        self._params = {
+            "base_lr": _value("base_lr", base_lr, low=0),
+            "max_lr": _value("max_lr", max_lr, low=0),
+            "step_size_up": _count("step_size_up", step_size_up),
+            "step_size_down": None if step_size_down is None else _count("step_size_down",
+                                                                         step_size_down),
+            "mode": _choice("mode", mode, ("triangular", "triangular2", "exp_range")),
+            "gamma": _value("gamma", gamma, low=0, low_open=True, high=1.0),
+        }
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        down = p["step_size_up"] if p["step_size_down"] is None else p["step_size_down"]
+        mode = ("triangular", "triangular2", "exp_range").index(p["mode"])
+        return b.node("cyclic", ip=[p["step_size_up"], down, mode],
+                      fp=[p["base_lr"], p["max_lr"], p["gamma"]])
+
+
+def cyclic(base_lr, max_lr, step_size_up=2000, step_size_down=None, mode="triangular",
+           gamma=1.0):
+    """torch ``CyclicLR`` (Smith, 2017): triangular, triangular2 (amplitude halved each cycle)
+    or exp_range (amplitude times ``gamma^t``)."""
+    return _Cyclic(base_lr, max_lr, step_size_up, step_size_down, mode, gamma)
+
+
+class _PiecewiseConstant(_Simple):
+    kind = "piecewise_constant"
+
+    def __init__(self, boundaries, values, boundary="ge"):
+        boundaries = _increasing("boundaries", list(boundaries))
+        values = [_value(f"values[{i}]", v, low=0) for i, v in enumerate(values)]
+        if len(values) != len(boundaries) + 1:
+            raise ValueError(f"values must have one more entry than boundaries: got "
+                             f"{len(values)} values for {len(boundaries)} boundaries")
+        self._params = {"boundaries": boundaries, "values": values,
+                        "boundary": _choice("boundary", boundary, ("ge", "gt"))}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("piecewise_constant",
+                      ip=[b.ints(p["boundaries"]), b.floats(p["values"]), len(p["boundaries"]),
+                          p["boundary"] == "gt"])
+
+
+def piecewise_constant(boundaries, values, boundary="ge"):
+    """``values[j]`` once ``j`` boundaries are passed. ``boundary='ge'`` switches at
+    ``t >= b`` (torch, optax); ``'gt'`` at ``t > b`` (keras ``PiecewiseConstantDecay``)."""
+    return _PiecewiseConstant(boundaries, values, boundary)
+
+
+def multistep(init_value, milestones, gamma=0.1):
+    """torch ``MultiStepLR``: multiplied by ``gamma`` at each milestone (switch at t >= m)."""
+    milestones = _increasing("milestones", list(milestones))
+    gamma = _value("gamma", gamma, low=0)
+    values = [_value("init_value", init_value, low=0)]
+    for _ in milestones:
+        values.append(values[-1] * gamma)
+    return _PiecewiseConstant(milestones, values)
+
+
+class _PiecewiseInterpolate(_Simple):
+    kind = "piecewise_interpolate"
+
+    def __init__(self, boundaries, values, interpolation="linear"):
+        boundaries = _increasing("boundaries", list(boundaries))
+        values = [_value(f"values[{i}]", v, low=0) for i, v in enumerate(values)]
+        if len(values) != len(boundaries) or not values:
+            raise ValueError(f"values and boundaries must have the same, non-zero length: got "
+                             f"{len(values)} and {len(boundaries)}")
+        self._params = {"boundaries": boundaries, "values": values,
+                        "interpolation": _choice("interpolation", interpolation,
+                                                 ("linear", "cosine"))}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("piecewise_interp",
+                      ip=[b.ints(p["boundaries"]), b.floats(p["values"]), len(p["boundaries"]),
+                          p["interpolation"] == "cosine"])
+
+
+def piecewise_interpolate(boundaries, values, interpolation="linear"):
+    """Through the points ``(boundaries[j], values[j])``, linearly or along a half cosine; flat
+    before the first and after the last point."""
+    return _PiecewiseInterpolate(boundaries, values, interpolation)
+
+
+def _onecycle_points(transition_steps, peak_value, pct_start, div_factor, final_div_factor):
+    transition_steps = _count("transition_steps", transition_steps, low=2)
+    peak = _value("peak_value", peak_value, low=0)
+    pct = _value("pct_start", pct_start, low=0, low_open=True, high=1.0)
+    div = _value("div_factor", div_factor, low=0, low_open=True)
+    final = _value("final_div_factor", final_div_factor, low=0, low_open=True)
+    mid = int(pct * transition_steps)
+    if not 0 < mid < transition_steps:
+        raise ValueError("pct_start * transition_steps must fall strictly inside the schedule")
+    init = peak / div
+    return [0, mid, transition_steps], [init, init * div, init * div / (div * final)]
+
+
+def cosine_onecycle(transition_steps, peak_value, pct_start=0.3, div_factor=25.0,
+                    final_div_factor=1e4):
+    """optax ``cosine_onecycle_schedule``: up from ``peak/div`` to ``peak`` by step
+    ``int(pct_start * T)``, then down to ``peak/(div*final_div)`` by step T, along half cosines."""
+    b, v = _onecycle_points(transition_steps, peak_value, pct_start, div_factor,
+                            final_div_factor)
+    return _PiecewiseInterpolate(b, v, "cosine")
+
+
+def linear_onecycle(transition_steps, peak_value, pct_start=0.3, div_factor=25.0,
+                    final_div_factor=1e4):
+    """optax ``linear_onecycle_schedule``: as ``cosine_onecycle`` with straight lines."""
+    b, v = _onecycle_points(transition_steps, peak_value, pct_start, div_factor,
+                            final_div_factor)
+    return _PiecewiseInterpolate(b, v, "linear")
+
+
+class _InverseSqrt(_Simple):
+    kind = "inverse_sqrt"
+
+    def __init__(self, init_value, timescale=1):
+        self._params = {"init_value": _value("init_value", init_value, low=0),
+                        "timescale": _count("timescale", timescale)}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("inverse_sqrt", ip=[p["timescale"]], fp=[p["init_value"]])
+
+
+def inverse_sqrt(init_value, timescale=1):
+    """``init / sqrt(max(t, T) / T)``: flat until T, then proportional to 1/sqrt(t) (the
+    Transformer's decay; put ``warmup`` in front for the fairseq form)."""
+    return _InverseSqrt(init_value, timescale)
+
+
+class _SqrtDecay(_Simple):
+    kind = "sqrt_decay"
+
+    def __init__(self, init_value, end_value, decay_steps):
+        self._params = {"init_value": _value("init_value", init_value, low=0),
+                        "end_value": _value("end_value", end_value, low=0),
+                        "decay_steps": _count("decay_steps", decay_steps)}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        return b.node("sqrt_decay", ip=[p["decay_steps"]], fp=[p["init_value"], p["end_value"]])
+
+
+# ------------------------------------------------------------------------------------------
+# Composition
+# ------------------------------------------------------------------------------------------
+
+class _Join(Schedule):
+    kind = "join"
+
+    def __init__(self, schedules, boundaries, local=True):
+        schedules = [_schedule(f"schedules[{i}]", s) for i, s in enumerate(schedules)]
+        if not schedules:
+            raise ValueError("schedules must not be empty")
+        boundaries = _increasing("boundaries", list(boundaries), low=1)
+        if len(boundaries) != len(schedules) - 1:
+            raise ValueError(f"boundaries must have one entry fewer than schedules: got "
+                             f"{len(boundaries)} for {len(schedules)} schedules")
+        if isinstance(local, (bool, np.bool_)):
+            local = [bool(local)] * len(schedules)
+        local = [_flag(f"local[{i}]", f) for i, f in enumerate(local)]
+        if len(local) != len(schedules):
+            raise ValueError("local must be a bool or one bool per schedule")
+        self._params = {"schedules": schedules, "boundaries": boundaries, "local": local}
+        self._compile()
+
+    @classmethod
+    def _from_params(cls, params):
+        return cls([_from_json(s) for s in params["schedules"]], params["boundaries"],
+                   params.get("local", True))
+
+    def _emit(self, b):
+        p = self._params
+        kids = [s._emit(b) for s in p["schedules"]]
+        at = b.ints(kids + p["boundaries"] + [int(f) for f in p["local"]])
+        return b.node("join", ip=[at, len(kids)])
+
+
+def join(schedules, boundaries, local=True):
+    """``schedules[j]`` from ``boundaries[j-1]`` on. With ``local=True`` (optax
+    ``join_schedules``) each piece sees the steps since its boundary; with ``False`` the global
+    step. ``local`` may also be a list, one flag per piece."""
+    return _Join(schedules, boundaries, local)
+
+
+class _Product(Schedule):
+    kind = "product"
+
+    def __init__(self, a, b):
+        self._params = {"a": _schedule("a", a), "b": _schedule("b", b)}
+        self._compile()
+
+    @classmethod
+    def _from_params(cls, params):
+        return cls(_from_json(params["a"]), _from_json(params["b"]))
+
+    def _emit(self, b):
+        ia = self._params["a"]._emit(b)
+        ib = self._params["b"]._emit(b)
+        return b.node("product", ip=[ia, ib])
+
+
+def scale(schedule, factor):
+    """``factor * schedule(t)``."""
+    return _Product(_schedule("schedule", schedule), constant(_value("factor", factor, low=0)))
+
+
+class _Clamp(Schedule):
+    kind = "clamp"
+
+    def __init__(self, schedule, min_value=0.0, max_value=None):
+        lo = _value("min_value", min_value, low=0)
+        hi = None if max_value is None else _value("max_value", max_value, low=0)
+        if hi is not None and hi < lo:
+            raise ValueError(f"max_value must be >= min_value, got {hi} < {lo}")
+        self._params = {"schedule": _schedule("schedule", schedule), "min_value": lo,
+                        "max_value": hi}
+        self._compile()
+
+    @classmethod
+    def _from_params(cls, params):
+        return cls(_from_json(params["schedule"]), params["min_value"], params["max_value"])
+
+    def _emit(self, b):
+        p = self._params
+        child = p["schedule"]._emit(b)
+        hi = math.inf if p["max_value"] is None else p["max_value"]
+        return b.node("clamp", ip=[child], fp=[p["min_value"], hi])
+
+
+def clamp(schedule, min_value=0.0, max_value=None):
+    """``schedule(t)`` limited to ``[min_value, max_value]`` (``max_value=None``: no ceiling)."""
+    return _Clamp(schedule, min_value, max_value)
+
+
+class _Warmup(Schedule):
+    kind = "warmup"
+
+    def __init__(self, schedule, warmup_steps, start_value=0.0, overlap=False):
+        self._params = {"schedule": _schedule("schedule", schedule),
+                        "warmup_steps": _count("warmup_steps", warmup_steps),
+                        "start_value": _value("start_value", start_value, low=0),
+                        "overlap": _flag("overlap", overlap)}
+        self._compile()
+
+    @classmethod
+    def _from_params(cls, params):
+        return cls(_from_json(params["schedule"]), params["warmup_steps"],
+                   params.get("start_value", 0.0), params.get("overlap", False))
+
+    def _emit(self, b):
+        p = self._params
+        inner, w = p["schedule"], p["warmup_steps"]
+        target = inner(w) if p["overlap"] else inner(0)
+        ramp = _Polynomial(p["start_value"], target, w)._emit(b)
+        kid = inner._emit(b)
+        at = b.ints([ramp, kid, w, 1, 0 if p["overlap"] else 1])
+        return b.node("join", ip=[at, 2])
+
+
+def warmup(schedule, warmup_steps, start_value=0.0, overlap=False):
+    """A linear ramp from ``start_value`` (which may be non-zero) over ``warmup_steps`` steps.
+
+    ``overlap=False``: the ramp is a prefix; it ends at ``schedule(0)`` and the schedule then
+    runs from its own step 0 (``schedule(t - warmup_steps)``). ``overlap=True``: the ramp
+    replaces the schedule's first steps; it ends at ``schedule(warmup_steps)`` and the schedule
+    keeps the global step (timm's default, ``warmup_prefix=False``).
+    """
+    return _Warmup(schedule, warmup_steps, start_value, overlap)
+
+
+class _WarmupCosine(_Simple):
+    kind = "warmup_cosine"
+
+    def __init__(self, init_value, peak_value, warmup_steps, decay_steps, end_value=0.0,
+                 exponent=1.0, decay_includes_warmup=True):
+        p = {"init_value": _value("init_value", init_value, low=0),
+             "peak_value": _value("peak_value", peak_value, low=0),
+             "warmup_steps": _count("warmup_steps", warmup_steps, low=0),
+             "decay_steps": _count("decay_steps", decay_steps),
+             "end_value": _value("end_value", end_value, low=0),
+             "exponent": _value("exponent", exponent, low=0, low_open=True),
+             "decay_includes_warmup": _flag("decay_includes_warmup", decay_includes_warmup)}
+        if p["decay_includes_warmup"] and p["decay_steps"] <= p["warmup_steps"]:
+            raise ValueError(f"warmup_steps ({p['warmup_steps']}) must be shorter than "
+                             f"decay_steps ({p['decay_steps']}), which include the warmup")
+        self._params = p
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        w = p["warmup_steps"]
+        span = p["decay_steps"] - w if p["decay_includes_warmup"] else p["decay_steps"]
+        cos = _Cosine(p["peak_value"], span, p["end_value"], p["exponent"])
+        if w == 0:
+            return cos._emit(b)
+        ramp = _Polynomial(p["init_value"], p["peak_value"], w)._emit(b)
+        kid = cos._emit(b)
+        return b.node("join", ip=[b.ints([ramp, kid, w, 1, 1]), 2])
+
+
+def warmup_cosine(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0,
+                  exponent=1.0, decay_includes_warmup=True):
+    """Linear warmup from ``init_value`` to ``peak_value``, then cosine to ``end_value``.
+
+    ``decay_includes_warmup=True`` counts ``decay_steps`` from step 0, warmup included (optax
+    ``warmup_cosine_decay_schedule``); ``False`` counts them after the warmup (keras
+    ``CosineDecay(warmup_steps=...)``).
+    """
+    return _WarmupCosine(init_value, peak_value, warmup_steps, decay_steps, end_value, exponent,
+                         decay_includes_warmup)
+
+
+class _WSD(_Simple):
+    kind = "wsd"
+
+    def __init__(self, peak_value, warmup_steps, stable_steps, decay_steps, init_value=0.0,
+                 end_value=0.0, decay_shape="linear"):
+        self._params = {"peak_value": _value("peak_value", peak_value, low=0),
+                        "warmup_steps": _count("warmup_steps", warmup_steps, low=0),
+                        "stable_steps": _count("stable_steps", stable_steps, low=0),
+                        "decay_steps": _count("decay_steps", decay_steps),
+                        "init_value": _value("init_value", init_value, low=0),
+                        "end_value": _value("end_value", end_value, low=0),
+                        "decay_shape": _choice("decay_shape", decay_shape,
+                                               ("linear", "cosine", "sqrt"))}
+        self._compile()
+
+    def _emit(self, b):
+        p = self._params
+        peak, end, n = p["peak_value"], p["end_value"], p["decay_steps"]
+        decay = {"linear": lambda: _Polynomial(peak, end, n),
+                 "cosine": lambda: _Cosine(peak, n, end),
+                 "sqrt": lambda: _SqrtDecay(peak, end, n)}[p["decay_shape"]]()
+        pieces, bounds, at = [], [], 0
+        if p["warmup_steps"]:
+            pieces.append(_Polynomial(p["init_value"], peak, p["warmup_steps"]))
+            at += p["warmup_steps"]
+            bounds.append(at)
+        if p["stable_steps"]:
+            pieces.append(_Constant(peak))
+            at += p["stable_steps"]
+            bounds.append(at)
+        pieces.append(decay)
+        if len(pieces) == 1:
+            return decay._emit(b)
+        kids = [s._emit(b) for s in pieces]
+        return b.node("join", ip=[b.ints(kids + bounds + [1] * len(kids)), len(kids)])
+
+
+def wsd(peak_value, warmup_steps, stable_steps, decay_steps, init_value=0.0, end_value=0.0,
+        decay_shape="linear"):
+    """Warmup-stable-decay: linear warmup to ``peak_value``, ``stable_steps`` at the peak, then
+    a ``decay_shape`` decay ('linear', 'cosine', or 'sqrt' = 1 - sqrt) to ``end_value``."""
+    return _WSD(peak_value, warmup_steps, stable_steps, decay_steps, init_value, end_value,
+                decay_shape)
+
+
+# ------------------------------------------------------------------------------------------
+# Plateau control
+# ------------------------------------------------------------------------------------------
+
+class ReduceLROnPlateau:
+    """A multiplicative factor driven by a metric; composes with any schedule.
+
+    ``schedule * plateau`` (or ``plateau.wrap(schedule)``) is a schedule whose value is
+    ``schedule(t) * factor``, floored at ``min_lr`` while the factor is below 1 and capped at
+    ``max_lr`` while it is above 1. Call ``plateau.step(metric)`` once per evaluation.
+
+    Defaults follow torch's ``ReduceLROnPlateau``: the factor is multiplied by ``factor`` on the
+    (patience+1)-th evaluation in a row without improvement (``counting='keras'``: on the
+    patience-th), then ``cooldown`` evaluations are ignored. An improvement beats the best so
+    far by ``threshold``: relative (``best * (1 -/+ threshold)`` for positive metrics; lrfast
+    scales by ``|best|`` so negative metrics work too) or absolute. A NaN metric is never an
+    improvement. ``increase_factor`` (the seed articles' performance scheduling, no peer has
+    it): after ``increase_patience`` improvements in a row the factor is multiplied by it,
+    never letting the rate exceed ``max_lr``. A reduction smaller than ``eps`` (on the factor)
+    is skipped.
+    """
+
+    _CONFIG = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr",
+               "eps", "counting", "increase_factor", "increase_patience", "max_lr")
+
+    def __init__(self, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, counting="torch",
+                 increase_factor=None, increase_patience=5, max_lr=None):
+        self.mode = _choice("mode", mode, ("min", "max"))
+        self.factor = _value("factor", factor, low=0, low_open=True)
+        if self.factor >= 1.0:
+            raise ValueError(f"factor must be < 1.0, got {factor}")
+        self.patience = _count("patience", patience, low=0)
+        self.threshold = _value("threshold", threshold, low=0)
+        self.threshold_mode = _choice("threshold_mode", threshold_mode, ("rel", "abs"))
+        self.cooldown = _count("cooldown", cooldown, low=0)
+        self.min_lr = _value("min_lr", min_lr, low=0)
+        self.eps = _value("eps", eps, low=0)
+        self.counting = _choice("counting", counting, ("torch", "keras"))
+        if increase_factor is not None:
+            increase_factor = _value("increase_factor", increase_factor, low=1.0, low_open=True)
+            if max_lr is None:
+                raise ValueError("max_lr is required with increase_factor (it caps the rate)")
+        self.increase_factor = increase_factor
+        self.increase_patience = _count("increase_patience", increase_patience)
+        self.max_lr = None if max_lr is None else _value("max_lr", max_lr, low=0)
+        if self.max_lr is not None and self.max_lr < self.min_lr:
+            raise ValueError(f"max_lr must be >= min_lr, got {max_lr} < {min_lr}")
+        self._cell = PlateauCell()
+        self._cell.min_lr = self.min_lr
+        self._cell.max_lr = math.inf if self.max_lr is None else self.max_lr
+        self._reset()
+
+    def _reset(self):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.num_bad = 0
+        self.num_good = 0
+        self.cooldown_counter = 0
+        self.num_steps = 0
+        self._cell.scale = 1.0
+
+    @property
+    def scale(self):
+        """The current factor (1.0 until the first reduction)."""
+        return self._cell.scale
+
+    def config(self):
+        return {"type": "plateau", **{k: getattr(self, k) for k in self._CONFIG}}
+
+    def wrap(self, schedule):
+        """The schedule ``schedule(t) * factor`` (with the min_lr / max_lr bounds)."""
+        return _WithPlateau(schedule, self)
+
+    def __mul__(self, other):
+        if isinstance(other, Schedule):
+            return _WithPlateau(other, self)
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):
+            return _WithPlateau(constant(other), self)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def _better(self, a, best):
+        if math.isnan(a):
+            return False
+        if self.counting == "keras":
+            # keras: min_delta is absolute.
+            return a < best - self.threshold if self.mode == "min" else a > best + self.threshold
+        if math.isinf(best):
+            return a < best if self.mode == "min" else a > best
+        delta = self.threshold * abs(best) if self.threshold_mode == "rel" else self.threshold
+        return a < best - delta if self.mode == "min" else a > best + delta
+
+    def step(self, metric):
+        """Record one evaluation of the metric; returns the factor now in force."""
+        if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
+            metric = float(np.asarray(metric).item()) if isinstance(metric, np.ndarray) and \
+                metric.size == 1 else metric
+            if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
+                raise TypeError(f"metric must be a real number, got {type(metric).__name__}")
+        a = float(metric)
+        self.num_steps += 1
+        improved = self._better(a, self.best)
+        if self.counting == "torch":
+            if improved:
+                self.best = a
+                self.num_bad = 0
+                self.num_good += 1
+            else:
+                self.num_bad += 1
+                self.num_good = 0
+            if self.cooldown_counter > 0:
+                self.cooldown_counter -= 1
+                self.num_bad = 0
+            if self.num_bad > self.patience:
+                self._reduce()
+        else:
+            in_cooldown = self.cooldown_counter > 0
+            if in_cooldown:
+                self.cooldown_counter -= 1
+                self.num_bad = 0
+            if improved:
+                self.best = a
+                self.num_bad = 0
+                self.num_good += 1
+            else:
+                self.num_good = 0
+                if not in_cooldown:
+                    self.num_bad += 1
+                    if self.num_bad >= self.patience:
+                        self._reduce()
+        if self.increase_factor is not None and self.num_good >= self.increase_patience:
+            self._cell.scale = self._cell.scale * self.increase_factor
+            self.num_good = 0
+        return self._cell.scale
+
+    def _reduce(self):
+        old = self._cell.scale
+        new = old * self.factor
+        if old - new > self.eps:
+            self._cell.scale = new
+        self.cooldown_counter = self.cooldown
+        self.num_bad = 0
+
+    def state_dict(self):
+        return {"config": self.config(), "best": self.best, "num_bad": self.num_bad,
+                "num_good": self.num_good, "cooldown_counter": self.cooldown_counter,
+                "num_steps": self.num_steps, "scale": self._cell.scale}
+
+    def load_state_dict(self, state):
+        """Restore ``state_dict()``; the configuration must match this controller's."""
+        keys = ("config", "best", "num_bad", "num_good", "cooldown_counter", "num_steps", "scale")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ValueError(f"a plateau state dict has the keys {keys}")
+        if state["config"] != self.config():
+            raise ValueError("the state was saved by a ReduceLROnPlateau with another configuration")
+        counters = [_count(k, state[k], low=0) for k in keys[2:6]]
+        best = float(state["best"])
+        scale = _value("scale", state["scale"], low=0, low_open=True)
+        self.best = best
+        self.num_bad, self.num_good, self.cooldown_counter, self.num_steps = counters
+        self._cell.scale = scale
+
+    def __repr__(self):
+        return "ReduceLROnPlateau(" + ", ".join(
+            f"{k}={getattr(self, k)!r}" for k in self._CONFIG) + f"; scale={self.scale!r})"
+
+
+class _WithPlateau(Schedule):
+    kind = "with_plateau"
+
+    def __init__(self, schedule, plateau):
+        if not isinstance(plateau, ReduceLROnPlateau):
+            raise TypeError(f"plateau must be a ReduceLROnPlateau, got {type(plateau).__name__}")
+        self._params = {"schedule": _schedule("schedule", schedule), "plateau": plateau}
+        self._compile()
+
+    @property
+    def plateau(self):
+        return self._params["plateau"]
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["scale"] = self.plateau.scale
+        return d
+
+    @classmethod
+    def _from_params(cls, params):
+        cfg = dict(params["plateau"])
+        cfg.pop("type", None)
+        plateau = ReduceLROnPlateau(**cfg)
+        plateau._cell.scale = float(params.get("scale", 1.0))
+        return cls(_from_json(params["schedule"]), plateau)
+
+    def _emit(self, b):
+        child = self._params["schedule"]._emit(b)
+        cell = self.plateau._cell
+        b.keep.append(cell)
+        return b.node("plateau", ip=[child, cell.address])

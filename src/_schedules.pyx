@@ -1,0 +1,411 @@
+# Learning-rate schedules as flat programs, evaluated in closed form.
+#
+# A schedule, however composed, is compiled once (in lrfast/schedules.py) into a flat array of
+# nodes: each node is a closed-form formula of the step count or a combinator (join, product,
+# clamp, plateau factor) that refers to other nodes by index. Evaluating it is a short recursion
+# over that array in C: no Python per step, no recurrence that drifts. ``s(t)`` with an int takes
+# the scalar path; ``s(steps)`` with an integer array runs the same evaluator over the array in
+# an OpenMP ``prange``. All arithmetic is in double; step counts are int64.
+
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.math cimport ceil, cos, exp, floor, fmax, fmin, log, pow, sqrt, M_PI
+from libc.stdint cimport int64_t, intptr_t
+
+from _openmp_helpers cimport omp_get_max_threads
+
+import numpy as np
+
+cnp.import_array()
+
+cdef enum Kind:
+    CONST = 0
+    EXPONENTIAL = 1
+    NATURAL_EXP = 2
+    INVERSE_TIME = 3
+    POLYNOMIAL = 4
+    COSINE = 5
+    COSINE_RESTARTS = 6
+    ONE_CYCLE = 7
+    CYCLIC = 8
+    PIECEWISE_CONSTANT = 9
+    PIECEWISE_INTERP = 10
+    INVERSE_SQRT = 11
+    SQRT_DECAY = 12
+    JOIN = 13
+    PRODUCT = 14
+    CLAMP = 15
+    PLATEAU = 16
+    NKINDS = 17
+
+# Node kinds by name, for the Python builder.
+KINDS = {
+    "const": CONST, "exponential": EXPONENTIAL, "natural_exp": NATURAL_EXP,
+    "inverse_time": INVERSE_TIME, "polynomial": POLYNOMIAL, "cosine": COSINE,
+    "cosine_restarts": COSINE_RESTARTS, "one_cycle": ONE_CYCLE, "cyclic": CYCLIC,
+    "piecewise_constant": PIECEWISE_CONSTANT, "piecewise_interp": PIECEWISE_INTERP,
+    "inverse_sqrt": INVERSE_SQRT, "sqrt_decay": SQRT_DECAY, "join": JOIN, "product": PRODUCT,
+    "clamp": CLAMP, "plateau": PLATEAU,
+}
+cdef enum:
+    NIP = 4   # integer parameters per node
+    NFP = 6   # float parameters per node
+
+N_INT_PARAMS = NIP
+N_FLOAT_PARAMS = NFP
+
+# Vector calls below this many steps stay on one thread.
+cdef Py_ssize_t MIN_STEPS_PER_THREAD = 4096
+
+
+cdef struct Program:
+    const int* kind
+    const int64_t* ip      # NIP per node
+    const double* fp       # NFP per node
+    const int64_t* ibuf    # boundaries, child lists, flags
+    const double* fbuf     # values
+
+
+cdef struct PlateauFactor:
+    double scale           # multiplies the wrapped schedule
+    double min_lr          # floor on the product while scale < 1
+    double max_lr          # ceiling on the product while scale > 1
+
+
+cdef inline double _half_cosine(double frac) noexcept nogil:
+    """(1 + cos(pi * frac)) / 2: 1 at frac = 0, 0 at frac = 1."""
+    return 0.5 * (1.0 + cos(M_PI * frac))
+
+
+cdef inline double _anneal(double start, double end, double pct, int64_t cosine) noexcept nogil:
+    """torch OneCycleLR's annealing from ``start`` to ``end`` as ``pct`` goes 0 -> 1."""
+    if cosine:
+        return end + (start - end) / 2.0 * (1.0 + cos(M_PI * pct))
+    return (end - start) * pct + start
+
+
+cdef inline double _restart_start(int64_t period, double mult, int64_t k) noexcept nogil:
+    """First step of restart period ``k`` when period lengths grow by ``mult``."""
+    return <double>period * (pow(mult, <double>k) - 1.0) / (mult - 1.0)
+
+
+cdef Py_ssize_t _upper_bound(const int64_t* b, Py_ssize_t n, int64_t t, bint strict) noexcept nogil:
+    """How many boundaries ``t`` has passed: #{b <= t}, or #{b < t} when ``strict``."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if (b[mid] < t) if strict else (b[mid] <= t):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef double _eval(const Program* P, Py_ssize_t i, int64_t t) noexcept nogil:
+    cdef const int64_t* ip = P.ip + i * NIP
+    cdef const double* fp = P.fp + i * NFP
+    cdef int kind = P.kind[i]
+    cdef int64_t s, n, k, period
+    cdef double x, frac, v, cycle
+    cdef const int64_t* b
+    cdef const double* vals
+    cdef const PlateauFactor* pf
+
+    if kind == CONST:
+        return fp[0]
+
+    if kind == EXPONENTIAL:
+        # init * rate^(s / T), s = t - transition_begin, staircase: floor(s / T); end bound.
+        s = t - ip[1]
+        if s <= 0:
+            return fp[0]
+        if ip[2]:
+            x = <double>(s // ip[0])
+        else:
+            x = <double>s / <double>ip[0]
+        v = fp[0] * pow(fp[1], x)
+        if ip[3]:
+            v = fmax(v, fp[2]) if fp[1] < 1.0 else fmin(v, fp[2])
+        return v
+
+    if kind == NATURAL_EXP:
+        return fp[0] * exp(-fp[1] * <double>t)
+
+    if kind == INVERSE_TIME:
+        if ip[2]:
+            x = <double>(t // ip[0])
+        else:
+            x = <double>t / <double>ip[0]
+        return fp[0] / (1.0 + fp[1] * x)
+
+    if kind == POLYNOMIAL:
+        # (init - end) * (1 - s / T)^power + end, s clipped to [0, T] (keras cycle: T grows).
+        s = t - ip[1]
+        if s < 0:
+            s = 0
+        n = ip[0]
+        if ip[2]:
+            if s > 0:
+                n = n * ((s + n - 1) // n)
+        elif s > n:
+            s = n
+        frac = 1.0 - <double>s / <double>n
+        return (fp[0] - fp[1]) * pow(frac, fp[2]) + fp[1]
+
+    if kind == COSINE:
+        # end + (init - end) * ((1 + cos(pi s / T)) / 2)^exponent; clamped at T unless periodic.
+        s = t - ip[1]
+        if s < 0:
+            s = 0
+        if ip[2]:
+            s = s % (2 * ip[0])     # the cosine's period is 2T: exact for any step
+        elif s > ip[0]:
+            s = ip[0]
+        v = _half_cosine(<double>s / <double>ip[0])
+        if fp[2] != 1.0:
+            v = pow(v, fp[2])
+        return fp[1] + (fp[0] - fp[1]) * v
+
+    if kind == COSINE_RESTARTS:
+        # SGDR: periods T0, T0*m, T0*m^2, ...; the peak is multiplied by ``decay`` per restart.
+        # fp: peak, end, m, decay; ip: T0.
+        period = ip[0]
+        if fp[2] == 1.0:
+            k = t // period
+            x = <double>(t - k * period)          # steps into the current period
+            v = <double>period                    # its length
+        else:
+            # Cycle index from the geometric sum, then corrected against rounding.
+            k = <int64_t>fmax(0.0, floor(log(1.0 + <double>t / <double>period * (fp[2] - 1.0))
+                                         / log(fp[2])))
+            while k > 0 and _restart_start(period, fp[2], k) > <double>t:
+                k -= 1
+            while _restart_start(period, fp[2], k + 1) <= <double>t:
+                k += 1
+            x = <double>t - _restart_start(period, fp[2], k)
+            v = <double>period * pow(fp[2], <double>k)
+        return fp[1] + (fp[0] * pow(fp[3], <double>k) - fp[1]) * _half_cosine(x / v)
+
+    if kind == ONE_CYCLE:
+        # torch OneCycleLR. fp: initial, max, min, end of phase 1 (pct_start * total - 1), end of
+        # phase 2 in the three-phase form (2 * pct_start * total - 2); ip: total_steps,
+        # three_phase, cosine. Steps past total_steps - 1 keep the final value.
+        x = <double>(t if t < ip[0] - 1 else ip[0] - 1)
+        if x <= fp[3]:
+            return _anneal(fp[0], fp[1], x / fp[3], ip[2])
+        if ip[1]:
+            if x <= fp[4]:
+                return _anneal(fp[1], fp[0], (x - fp[3]) / (fp[4] - fp[3]), ip[2])
+            return _anneal(fp[0], fp[2], (x - fp[4]) / (<double>(ip[0] - 1) - fp[4]), ip[2])
+        return _anneal(fp[1], fp[2], (x - fp[3]) / (<double>(ip[0] - 1) - fp[3]), ip[2])
+
+    if kind == CYCLIC:
+        # torch CyclicLR. fp: base, max, gamma; ip: step_up, step_down, mode (0 triangular,
+        # 1 triangular2, 2 exp_range).
+        n = ip[0] + ip[1]
+        cycle = floor(1.0 + <double>t / <double>n)
+        x = 1.0 + <double>t / <double>n - cycle
+        frac = <double>ip[0] / <double>n
+        if x <= frac:
+            v = x / frac
+        else:
+            v = (x - 1.0) / (frac - 1.0)
+        v = (fp[1] - fp[0]) * v
+        if ip[2] == 1:
+            v = v * (1.0 / pow(2.0, cycle - 1.0))
+        elif ip[2] == 2:
+            v = v * pow(fp[2], <double>t)
+        return fp[0] + v
+
+    if kind == PIECEWISE_CONSTANT:
+        # values[j] after j boundaries; ip: boundaries offset, values offset, n, strict.
+        return P.fbuf[ip[1] + _upper_bound(P.ibuf + ip[0], ip[2], t, ip[3] != 0)]
+
+    if kind == PIECEWISE_INTERP:
+        # Points (b[j], values[j]); before the first / after the last: flat. ip[3]: 1 cosine.
+        b = P.ibuf + ip[0]
+        vals = P.fbuf + ip[1]
+        n = ip[2]
+        if t <= b[0]:
+            return vals[0]
+        if t >= b[n - 1]:
+            return vals[n - 1]
+        k = _upper_bound(b, n, t, False) - 1
+        frac = <double>(t - b[k]) / <double>(b[k + 1] - b[k])
+        if ip[3]:
+            return vals[k + 1] + (vals[k] - vals[k + 1]) * _half_cosine(frac)
+        return vals[k] + (vals[k + 1] - vals[k]) * frac
+
+    if kind == INVERSE_SQRT:
+        # init / sqrt(max(t, T) / T): flat until T, then ~ 1 / sqrt(t).
+        s = t if t > ip[0] else ip[0]
+        return fp[0] / sqrt(<double>s / <double>ip[0])
+
+    if kind == SQRT_DECAY:
+        # end + (init - end) * (1 - sqrt(min(t, T) / T)) (the "1-sqrt" cooldown of WSD).
+        s = t if t < ip[0] else ip[0]
+        return fp[1] + (fp[0] - fp[1]) * (1.0 - sqrt(<double>s / <double>ip[0]))
+
+    if kind == JOIN:
+        # ibuf[ip0 .. +k): children; then k-1 boundaries; then k "local step" flags.
+        n = ip[1]
+        b = P.ibuf + ip[0]
+        k = _upper_bound(b + n, n - 1, t, False)
+        s = t
+        if b[2 * n - 1 + k] and k > 0:
+            s = t - b[n + k - 1]
+        return _eval(P, b[k], s)
+
+    if kind == PRODUCT:
+        return _eval(P, ip[0], t) * _eval(P, ip[1], t)
+
+    if kind == CLAMP:
+        v = _eval(P, ip[0], t)
+        return fmin(fmax(v, fp[0]), fp[1])
+
+    if kind == PLATEAU:
+        pf = <const PlateauFactor*><intptr_t>ip[1]
+        v = _eval(P, ip[0], t) * pf.scale
+        if pf.scale < 1.0 and v < pf.min_lr:
+            v = pf.min_lr
+        elif pf.scale > 1.0 and v > pf.max_lr:
+            v = pf.max_lr
+        return v
+
+    return 0.0 / 0.0  # unreachable for programs built by lrfast.schedules
+
+
+cdef class PlateauCell:
+    """The multiplicative factor a plateau controller owns, readable by compiled schedules."""
+
+    cdef PlateauFactor f
+
+    def __cinit__(self):
+        self.f.scale = 1.0
+        self.f.min_lr = 0.0
+        self.f.max_lr = float("inf")
+
+    @property
+    def address(self):
+        return <intptr_t>&self.f
+
+    @property
+    def scale(self):
+        return self.f.scale
+
+    @scale.setter
+    def scale(self, double value):
+        self.f.scale = value
+
+    @property
+    def min_lr(self):
+        return self.f.min_lr
+
+    @min_lr.setter
+    def min_lr(self, double value):
+        self.f.min_lr = value
+
+    @property
+    def max_lr(self):
+        return self.f.max_lr
+
+    @max_lr.setter
+    def max_lr(self, double value):
+        self.f.max_lr = value
+
+
+cdef class NativeSchedule:
+    """Base of every schedule: holds the compiled program and evaluates it.
+
+    ``s(t)`` with an int returns a float; ``s(steps)`` with an integer array returns a float64
+    array of the same shape. Steps count the updates already done (the first update uses
+    ``s(0)``) and must be >= 0.
+    """
+
+    cdef Program prog
+    cdef Py_ssize_t root
+    cdef object _arrays       # keeps the program's buffers (and plateau cells) alive
+
+    def _load_program(self, kind, ip, fp, ibuf, fbuf, Py_ssize_t root, keep=()):
+        """Install a program built by lrfast.schedules (arrays are copied, then frozen)."""
+        cdef cnp.ndarray k = np.ascontiguousarray(kind, dtype=np.intc).copy()
+        cdef cnp.ndarray i = np.ascontiguousarray(ip, dtype=np.int64).reshape(-1).copy()
+        cdef cnp.ndarray f = np.ascontiguousarray(fp, dtype=np.float64).reshape(-1).copy()
+        cdef cnp.ndarray ib = np.ascontiguousarray(ibuf, dtype=np.int64).copy()
+        cdef cnp.ndarray fb = np.ascontiguousarray(fbuf, dtype=np.float64).copy()
+        cdef Py_ssize_t n = k.shape[0]
+        if n == 0 or not 0 <= root < n:
+            raise ValueError("empty program or root out of range")
+        if i.shape[0] != n * NIP or f.shape[0] != n * NFP:
+            raise ValueError("node parameter arrays do not match the node count")
+        if np.any((k < 0) | (k >= NKINDS)):
+            raise ValueError("unknown node kind")
+        # Keep one element in the side buffers so their data pointers are valid.
+        if ib.shape[0] == 0:
+            ib = np.zeros(1, np.int64)
+        if fb.shape[0] == 0:
+            fb = np.zeros(1, np.float64)
+        self._arrays = (k, i, f, ib, fb, tuple(keep))
+        self.prog.kind = <const int*>cnp.PyArray_DATA(k)
+        self.prog.ip = <const int64_t*>cnp.PyArray_DATA(i)
+        self.prog.fp = <const double*>cnp.PyArray_DATA(f)
+        self.prog.ibuf = <const int64_t*>cnp.PyArray_DATA(ib)
+        self.prog.fbuf = <const double*>cnp.PyArray_DATA(fb)
+        self.root = root
+
+    def __call__(self, t):
+        cdef int64_t step
+        if type(t) is int:
+            if t < 0:
+                raise ValueError(f"step must be >= 0, got {t}")
+            if t > 0x7FFFFFFFFFFFFFFF:
+                raise ValueError(f"step {t} does not fit in 64 bits")
+            step = t
+            if self._arrays is None:
+                raise RuntimeError("schedule has no program")
+            return _eval(&self.prog, self.root, step)
+        if isinstance(t, cnp.ndarray):
+            return self._vector(t)
+        if isinstance(t, np.integer):
+            return self(int(t))
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"step must be an int or an integer NumPy array, got {type(t).__name__}")
+        return self(int(t))
+
+    cdef _vector(self, cnp.ndarray steps):
+        if steps.dtype.kind not in "iu":
+            raise TypeError(f"steps must be an integer array, got dtype {steps.dtype}")
+        if steps.dtype.kind == "u" and steps.dtype.itemsize == 8 and steps.size and \
+                steps.max() > 0x7FFFFFFFFFFFFFFF:
+            raise ValueError("steps do not fit in 64 bits")
+        cdef cnp.ndarray s64 = np.ascontiguousarray(steps, dtype=np.int64)
+        cdef cnp.ndarray out = np.empty((<object>steps).shape, dtype=np.float64)
+        cdef Py_ssize_t n = s64.size, j
+        if n == 0:
+            return out
+        cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(s64)
+        cdef double* op = <double*>cnp.PyArray_DATA(out)
+        cdef int64_t smallest = 0
+        with nogil:
+            for j in range(n):
+                if sp[j] < smallest:
+                    smallest = sp[j]
+        if smallest < 0:
+            raise ValueError(f"steps must be >= 0, got {smallest}")
+        if self._arrays is None:
+            raise RuntimeError("schedule has no program")
+        from ._threads import get_num_threads
+        cdef int team = get_num_threads()
+        if n // MIN_STEPS_PER_THREAD < team:
+            team = <int>(n // MIN_STEPS_PER_THREAD) if n >= MIN_STEPS_PER_THREAD else 1
+        cdef const Program* P = &self.prog
+        cdef Py_ssize_t root = self.root
+        if team <= 1:
+            with nogil:
+                for j in range(n):
+                    op[j] = _eval(P, root, sp[j])
+        else:
+            with nogil:
+                for j in prange(n, num_threads=team, schedule='static'):
+                    op[j] = _eval(P, root, sp[j])
+        return out
