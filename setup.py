@@ -31,8 +31,11 @@ MODULES = {
     "lrfast._schedules": "src/_schedules.pyx",
 }
 # The same kernels compiled for AVX2 on x86-64, picked at import when the CPU has it
-# (lrfast/_dispatch.py); the portable build above stays the baseline every x86-64 can run.
-AVX2_MODULE = ("lrfast._optim_avx2", "src/_optim_avx2.pyx")
+# (lrfast/_dispatch.py); the portable builds above stay the baseline every x86-64 can run.
+AVX2_MODULES = {
+    "lrfast._optim_avx2": "src/_optim_avx2.pyx",
+    "lrfast._schedules_avx2": "src/_schedules_avx2.pyx",
+}
 
 
 def is_x86_64():
@@ -132,7 +135,7 @@ class BuildExt(build_ext):
         opt = optimisation_flags(self.compiler)
         isa = ["/arch:AVX2"] if self.compiler.compiler_type == "msvc" else ["-mavx2"]
         for ext in self.extensions:
-            flags = opt + cflags + (isa if ext.name == AVX2_MODULE[0] else [])
+            flags = opt + cflags + (isa if ext.name in AVX2_MODULES else [])
             build_flags = " ".join(flags)
             ext.extra_compile_args = flags + list(ext.extra_compile_args)
             ext.extra_link_args = lflags + list(ext.extra_link_args)
@@ -157,7 +160,7 @@ def extensions():
     }
     modules = dict(MODULES)
     if is_x86_64() and not _flag("LRFAST_NATIVE"):
-        modules[AVX2_MODULE[0]] = AVX2_MODULE[1]
+        modules.update(AVX2_MODULES)
     exts = [
         Extension(
             name,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lrfast {demo,config}``."""
+"""Command line: ``python -m lrfast {demo,config,plot}``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,23 @@ def main(argv=None):
     demo.add_argument("--steps", type=int, default=1000, help="gradient steps (default 1000)")
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     sub.add_parser("config", help="print build and runtime configuration")
+    plot = sub.add_parser(
+        "plot", help="draw learning-rate schedules into an image (needs matplotlib)",
+        description="Draw schedules over steps 0..N-1. A SPEC is a call expression such as "
+                    "'warmup_cosine(0.0, 0.1, 100, 1000)' or 'cosine_decay(0.1, 500) * 0.5' "
+                    "(schedule functions, constants, lists, keywords and '*'; read safely, "
+                    "never eval'd), a JSON object from Schedule.to_dict(), or a .json file "
+                    "holding one such object or a list of them.")
+    plot.add_argument("specs", nargs="+", metavar="SPEC", help="schedule to draw")
+    plot.add_argument("--steps", type=int, default=1000, help="steps 0..N-1 (default 1000)")
+    plot.add_argument("-o", "--output", default="schedule.png",
+                      help="image file; format from the suffix (default schedule.png)")
+    plot.add_argument("--log", action="store_true", help="logarithmic learning-rate axis")
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        from ._plot import main as plot_main
+
+        return plot_main(args.specs, steps=args.steps, output=args.output, log=args.log)
     if args.command == "demo":
         if args.steps < 1:
             parser.error("--steps must be at least 1")

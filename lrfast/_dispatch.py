@@ -1,7 +1,7 @@
 """Which build of the optimizer kernels runs: chosen once, at import.
 
-lrfast ships the kernels twice on x86-64: a portable build (``_optim``, the SSE2 baseline every
-x86-64 CPU has) and an AVX2 build (``_optim_avx2``). Both come from the same source without
+lrfast ships the kernels twice on x86-64: a portable build (``_optim`` and ``_schedules``, the
+SSE2 baseline every x86-64 CPU has) and an AVX2 build (``_optim_avx2``, ``_schedules_avx2``). Both come from the same source without
 fused multiply-adds, so they give bitwise the same results; the AVX2 one is about twice as fast
 where the arithmetic, not memory, is the limit. The environment variable ``LRFAST_DISPATCH``
 (``auto`` by default, or ``baseline``, or ``avx2``) overrides the choice.
@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from . import _optim
+from . import _optim, _schedules
 
 try:
-    from . import _optim_avx2
+    from . import _optim_avx2, _schedules_avx2
 except ImportError:  # not built (non-x86 machine, or a native build)
-    _optim_avx2 = None
+    _optim_avx2 = _schedules_avx2 = None
 
 BUILDS = {"baseline": _optim}
+SCHEDULE_BUILDS = {"baseline": _schedules}
 if _optim_avx2 is not None:
     BUILDS["avx2"] = _optim_avx2
+    SCHEDULE_BUILDS["avx2"] = _schedules_avx2
 
 
 def available():
@@ -46,6 +48,8 @@ def _choose():
 
 name = _choose()
 kernels = BUILDS[name]
+# Schedules bind their evaluator class at import; ``using`` does not switch it.
+schedule_kernels = SCHEDULE_BUILDS[name]
 
 
 @contextmanager

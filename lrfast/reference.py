@@ -162,6 +162,17 @@ def _t(steps):
     return np.asarray(steps, dtype=np.int64)
 
 
+def _half_cosine(x):
+    r""":math:`(1 + \cos \pi x)/2` for :math:`0 \le x \le 2`, written as
+    :math:`\cos^2(\pi x/2)` with exact argument reduction (:math:`2 - x`, :math:`1/2 - u`), so
+    that it keeps full relative precision near 0, where :math:`1 + \cos` would cancel."""
+    x = np.asarray(x, dtype=np.float64)
+    x = np.where(x > 1, 2 - x, x)
+    u = x / 2
+    c = np.where(u <= 0.25, np.cos(np.pi * u), np.sin(np.pi * (0.5 - u)))
+    return c * c
+
+
 def constant(steps, *, value):
     r""":math:`\eta_t = v`."""
     return np.full(_t(steps).shape, float(value))
@@ -210,8 +221,7 @@ def cosine_decay(steps, *, init_value, decay_steps, end_value=0.0, exponent=1.0,
     :math:`s = \min(t, T)` (or :math:`s = t \bmod 2T` when periodic: the same cosine)."""
     t = _t(steps)
     s = t % (2 * decay_steps) if periodic else np.minimum(t, decay_steps)
-    c = (1 + np.cos(np.pi * s / decay_steps)) / 2
-    return end_value + (init_value - end_value) * c ** exponent
+    return end_value + (init_value - end_value) * _half_cosine(s / decay_steps) ** exponent
 
 
 def cosine_restarts(steps, *, init_value, first_period, period_mult=1.0, min_value=0.0,
@@ -230,8 +240,7 @@ def cosine_restarts(steps, *, init_value, first_period, period_mult=1.0, min_val
                 length = first_period * period_mult ** (k + 1)
                 k += 1
         frac = (t - start) / length
-        out.append(min_value + (init_value * peak_decay ** k - min_value)
-                   * (1 + math.cos(math.pi * frac)) / 2)
+        out.append(min_value + (init_value * peak_decay ** k - min_value) * _half_cosine(frac))
     return np.array(out).reshape(_t(steps).shape)
 
 
@@ -289,7 +298,8 @@ def piecewise_constant(steps, *, boundaries, values, boundary="ge"):
 
 
 def piecewise_interpolate(steps, *, boundaries, values, interpolation="linear"):
-    r"""Through :math:`(b_j, v_j)`: linear, or :math:`v_{j+1} + (v_j - v_{j+1})(1+\cos\pi f)/2`."""
+    r"""Through :math:`(b_j, v_j)`: linear, or :math:`v_{j+1} + (v_j - v_{j+1})(1+\cos\pi f)/2`.
+    """
     t = _t(steps).astype(np.float64)
     b = np.asarray(boundaries, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
@@ -299,7 +309,7 @@ def piecewise_interpolate(steps, *, boundaries, values, interpolation="linear"):
     if len(b) == 1:
         return np.full(t.shape, v[0])
     f = np.clip((t - b[j]) / (b[j + 1] - b[j]), 0.0, 1.0)
-    return v[j + 1] + (v[j] - v[j + 1]) * (1 + np.cos(np.pi * f)) / 2
+    return v[j + 1] + (v[j] - v[j + 1]) * _half_cosine(f)
 
 
 def inverse_sqrt(steps, *, init_value, timescale=1):

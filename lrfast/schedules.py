@@ -25,8 +25,10 @@ import numbers
 
 import numpy as np
 
-from . import _schedules
-from ._schedules import NativeSchedule, PlateauCell
+from ._dispatch import schedule_kernels as _schedules
+
+NativeSchedule = _schedules.NativeSchedule
+PlateauCell = _schedules.PlateauCell
 
 __all__ = [
     "Schedule", "constant", "step_decay", "multistep", "exponential_decay", "natural_exp_decay",

@@ -290,3 +290,20 @@ def test_schedule_driven_optimizer_resumes_exactly(k):
         resumed.append(again.last_lr)
     assert resumed == rates
     assert snapshot(again)[:3] == snapshot(straight)[:3]
+
+
+@pytest.mark.parametrize("name, sched, boundaries", SCHEDULES, ids=IDS)
+def test_portable_and_avx2_evaluators_agree_bitwise(name, sched, boundaries):
+    from lrfast import _dispatch
+
+    if len(_dispatch.SCHEDULE_BUILDS) < 2 or "avx2" not in _dispatch.available():
+        pytest.skip("no AVX2 build or CPU here")
+    t = steps_for(boundaries)
+    results = []
+    for module in _dispatch.SCHEDULE_BUILDS.values():
+        builder = S._Builder()
+        root = sched._emit(builder)
+        evaluator = module.NativeSchedule()
+        builder.install(evaluator, root)
+        results.append(evaluator(t))
+    assert np.array_equal(results[0], results[1])
