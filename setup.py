@@ -103,14 +103,17 @@ def optimisation_flags(compiler):
     """Flags that let the compiler vectorise the element loops while staying exact and portable.
 
     -O3 turns on the loop vectoriser; -fno-math-errno lets sqrt vectorise (it only drops the
-    errno side effect, results are unchanged). No -ffast-math: it would reorder the arithmetic
+    errno side effect, results are unchanged); -fno-trapping-math lets compares become selects. No -ffast-math: it would reorder the arithmetic
     and break parity with torch.optim. No -march=native unless LRFAST_NATIVE=1, because a wheel
     must run on every x86-64 machine.
     """
     if compiler.compiler_type == "msvc":
         return ["/O2"]
     # -ffp-contract=off: no fused multiply-adds, so every build rounds exactly as the reference.
-    flags = ["-O3", "-fno-math-errno", "-fno-semantic-interposition", "-ffp-contract=off"]
+    # -fno-trapping-math: lrfast never enables floating-point traps, so comparisons may be
+    # if-converted into SIMD selects; it changes no result.
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-semantic-interposition",
+             "-ffp-contract=off"]
     if _flag("LRFAST_NATIVE"):
         flags.append("-march=native")
     if _flag("LRFAST_VEC_REPORT"):

@@ -421,9 +421,10 @@ def cosine_restarts(init_value, first_period, period_mult=1.0, min_value=0.0, pe
     """SGDR (Loshchilov and Hutter, 2017): cosine from the peak to ``min_value`` over periods of
     ``first_period * period_mult^k`` steps, the peak multiplied by ``peak_decay^k`` at restart k.
 
-    torch ``CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`` (peak_decay 1), keras
-    ``CosineDecayRestarts(first_decay_steps, t_mul, m_mul, alpha)`` (min_value = alpha * init),
-    timm ``CosineLRScheduler(cycle_mul, cycle_decay)``.
+    torch ``CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`` (peak_decay 1); keras
+    ``CosineDecayRestarts(first_decay_steps, t_mul, m_mul, alpha)`` when alpha = 0 or m_mul = 1
+    (keras shrinks only the part above its floor, ``alpha * init``, by ``m_mul^k``; here the
+    peak itself is multiplied); timm ``CosineLRScheduler(cycle_mul, cycle_decay)``.
     """
     return _CosineRestarts(init_value, first_period, period_mult, min_value, peak_decay)
 
@@ -565,17 +566,28 @@ def piecewise_interpolate(boundaries, values, interpolation="linear"):
     return _PiecewiseInterpolate(boundaries, values, interpolation)
 
 
-def _onecycle_points(transition_steps, peak_value, pct_start, div_factor, final_div_factor):
+def _onecycle_points(transition_steps, peak_value, pct_start, div_factor, final_div_factor,
+                     pct_final=None):
+    """optax's one-cycle points: (0, peak/div), (int(pct_start T), peak), optionally
+    (int(pct_final T), peak/div), (T, peak/(div * final_div))."""
     transition_steps = _count("transition_steps", transition_steps, low=2)
     peak = _value("peak_value", peak_value, low=0)
     pct = _value("pct_start", pct_start, low=0, low_open=True, high=1.0)
     div = _value("div_factor", div_factor, low=0, low_open=True)
     final = _value("final_div_factor", final_div_factor, low=0, low_open=True)
-    mid = int(pct * transition_steps)
-    if not 0 < mid < transition_steps:
-        raise ValueError("pct_start * transition_steps must fall strictly inside the schedule")
     init = peak / div
-    return [0, mid, transition_steps], [init, init * div, init * div / (div * final)]
+    points = [0, int(pct * transition_steps)]
+    values = [init, init * div]
+    if pct_final is not None:
+        pct_final = _value("pct_final", pct_final, low=0, low_open=True, high=1.0)
+        points.append(int(pct_final * transition_steps))
+        values.append(values[-1] / div)
+    points.append(transition_steps)
+    values.append(values[-1] / final if pct_final is not None else init * div / (div * final))
+    if any(b <= a for a, b in zip(points, points[1:])):
+        raise ValueError(f"pct_start{'' if pct_final is None else ' < pct_final'} must split "
+                         f"transition_steps={transition_steps} into non-empty phases")
+    return points, values
 
 
 def cosine_onecycle(transition_steps, peak_value, pct_start=0.3, div_factor=25.0,
@@ -587,11 +599,13 @@ def cosine_onecycle(transition_steps, peak_value, pct_start=0.3, div_factor=25.0
     return _PiecewiseInterpolate(b, v, "cosine")
 
 
-def linear_onecycle(transition_steps, peak_value, pct_start=0.3, div_factor=25.0,
-                    final_div_factor=1e4):
-    """optax ``linear_onecycle_schedule``: as ``cosine_onecycle`` with straight lines."""
+def linear_onecycle(transition_steps, peak_value, pct_start=0.3, pct_final=0.85,
+                    div_factor=25.0, final_div_factor=1e4):
+    """optax ``linear_onecycle_schedule``: straight lines from ``peak/div`` up to ``peak`` by step
+    ``int(pct_start * T)``, back to ``peak/div`` by ``int(pct_final * T)``, then down to
+    ``peak/(div*final_div)`` by step T."""
     b, v = _onecycle_points(transition_steps, peak_value, pct_start, div_factor,
-                            final_div_factor)
+                            final_div_factor, pct_final)
     return _PiecewiseInterpolate(b, v, "linear")
 
 
@@ -749,9 +763,11 @@ def warmup(schedule, warmup_steps, start_value=0.0, overlap=False):
     """A linear ramp from ``start_value`` (which may be non-zero) over ``warmup_steps`` steps.
 
     ``overlap=False``: the ramp is a prefix; it ends at ``schedule(0)`` and the schedule then
-    runs from its own step 0 (``schedule(t - warmup_steps)``). ``overlap=True``: the ramp
-    replaces the schedule's first steps; it ends at ``schedule(warmup_steps)`` and the schedule
-    keeps the global step (timm's default, ``warmup_prefix=False``).
+    runs from its own step 0 (``schedule(t - warmup_steps)``; timm's ``warmup_prefix=True``).
+    ``overlap=True``: the ramp replaces the schedule's first steps; it ends at
+    ``schedule(warmup_steps)``, so the curve is continuous, and the schedule keeps the global
+    step. (timm's default ramps to the base rate instead and then jumps to the schedule:
+    ``join([linear(start, base, W), s], [W], local=[True, False])``.)
     """
     return _Warmup(schedule, warmup_steps, start_value, overlap)
 
@@ -861,8 +877,9 @@ class ReduceLROnPlateau:
     scales by ``|best|`` so negative metrics work too) or absolute. A NaN metric is never an
     improvement. ``increase_factor`` (the seed articles' performance scheduling, no peer has
     it): after ``increase_patience`` improvements in a row the factor is multiplied by it,
-    never letting the rate exceed ``max_lr``. A reduction smaller than ``eps`` (on the factor)
-    is skipped.
+    never letting the rate exceed ``max_lr``. A reduction that would lower the rate by ``eps``
+    or less is skipped, as in torch, when ``step`` is given the rate in force
+    (``plateau.step(loss, lr=opt.last_lr)``); otherwise ``eps`` applies to the factor.
     """
 
     _CONFIG = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr",
@@ -936,8 +953,13 @@ class ReduceLROnPlateau:
         delta = self.threshold * abs(best) if self.threshold_mode == "rel" else self.threshold
         return a < best - delta if self.mode == "min" else a > best + delta
 
-    def step(self, metric):
-        """Record one evaluation of the metric; returns the factor now in force."""
+    def step(self, metric, lr=None):
+        """Record one evaluation of the metric; returns the factor now in force.
+
+        ``lr``: the learning rate in force (e.g. ``optimizer.last_lr``). When given, a reduction
+        is skipped if it would lower the *rate* by ``eps`` or less, exactly as torch does;
+        without it, ``eps`` applies to the factor.
+        """
         if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
             metric = float(np.asarray(metric).item()) if isinstance(metric, np.ndarray) and \
                 metric.size == 1 else metric
@@ -958,10 +980,11 @@ class ReduceLROnPlateau:
                 self.cooldown_counter -= 1
                 self.num_bad = 0
             if self.num_bad > self.patience:
-                self._reduce()
+                self._reduce(lr)
         else:
-            in_cooldown = self.cooldown_counter > 0
-            if in_cooldown:
+            # keras: the cooldown counter is decremented first, and "in cooldown" is judged
+            # after that, so the last cooldown evaluation already counts.
+            if self.cooldown_counter > 0:
                 self.cooldown_counter -= 1
                 self.num_bad = 0
             if improved:
@@ -970,19 +993,24 @@ class ReduceLROnPlateau:
                 self.num_good += 1
             else:
                 self.num_good = 0
-                if not in_cooldown:
+                if self.cooldown_counter == 0:
                     self.num_bad += 1
                     if self.num_bad >= self.patience:
-                        self._reduce()
+                        self._reduce(lr)
         if self.increase_factor is not None and self.num_good >= self.increase_patience:
             self._cell.scale = self._cell.scale * self.increase_factor
             self.num_good = 0
         return self._cell.scale
 
-    def _reduce(self):
+    def _reduce(self, lr=None):
         old = self._cell.scale
         new = old * self.factor
-        if old - new > self.eps:
+        if lr is None:
+            significant = old - new > self.eps
+        else:
+            lr = _value("lr", lr, low=0)
+            significant = lr - max(lr * self.factor, self.min_lr) > self.eps
+        if significant:
             self._cell.scale = new
         self.cooldown_counter = self.cooldown
         self.num_bad = 0

@@ -76,46 +76,49 @@ cdef struct PlateauFactor:
     double max_lr          # ceiling on the product while scale > 1
 
 
-cdef inline double _cospi(double u) noexcept nogil:
-    """cos(pi u) for 0 <= u <= 1/4: its Taylor series to the u^18 term (the next term is below
-    2e-18), coefficients (-1)^k pi^2k / (2k)! rounded to double, evaluated in z = u^2 by
-    Estrin's scheme (short dependency chains; the terms fall fast, so it stays within ~1 ulp)."""
-    cdef double z = u * u
-    cdef double z2 = z * z
-    cdef double z4 = z2 * z2
-    cdef double lo = (1.0 + -4.934802200544679 * z) + z2 * (
-        4.0587121264167685 + -1.3352627688545895 * z)
-    cdef double mid = (0.2353306303588932 + -0.02580689139001406 * z) + z2 * (
-        0.0019295743094039231 + -0.0001046381049248457 * z)
-    cdef double hi = 4.303069587032947e-06 + -1.3878952462213771e-07 * z
-    return lo + z4 * (mid + z4 * hi)
-
-
-cdef inline double _sinpi(double u) noexcept nogil:
-    """sin(pi u) for 0 <= u <= 1/4, the same way (coefficients (-1)^k pi^(2k+1) / (2k+1)!)."""
-    cdef double z = u * u
-    cdef double z2 = z * z
-    cdef double z4 = z2 * z2
-    cdef double lo = (3.141592653589793 + -5.16771278004997 * z) + z2 * (
-        2.5501640398773455 + -0.5992645293207921 * z)
-    cdef double mid = (0.08214588661112823 + -0.0073704309457143504 * z) + z2 * (
-        0.00046630280576761255 + -2.1915353447830217e-05 * z)
-    cdef double hi = 7.952054001475513e-07 + -2.2948428997269873e-08 * z
-    return u * (lo + z4 * (mid + z4 * hi))
-
-
-cdef inline double _half_cosine(double frac) noexcept nogil:
-    """(1 + cos(pi frac)) / 2 for 0 <= frac <= 2: 1 at frac = 0, 0 at frac = 1.
-
-    Computed as cos(pi frac / 2)^2 with the argument reduced exactly (2 - frac and 1/2 - u are
-    exact in this range), so the value keeps full relative precision where it approaches 0 at
-    the end of a decay, where 1 + cos(x) would cancel. Scalar and vector paths share it.
+cdef extern from *:
     """
-    cdef double x = 2.0 - frac if frac > 1.0 else frac
-    cdef double u = 0.5 * x
-    # Both sides are pure arithmetic, so a loop over blocks can compute them with SIMD and blend.
-    cdef double c = _cospi(u) if u <= 0.25 else _sinpi(0.5 - u)
-    return c * c
+    /* cos(pi u) and sin(pi u) for 0 <= u <= 1/4: Taylor series to the u^18 / u^19 term (the next
+       term is below 2e-18 of the value), coefficients (-1)^k pi^2k / (2k)! and
+       (-1)^k pi^(2k+1) / (2k+1)! rounded to double, evaluated in z = u^2 by Estrin's scheme
+       (short dependency chains; the terms fall fast, so the error stays about 1 ulp). Forced
+       inline so that loops over blocks of steps vectorise. */
+    #if defined(__GNUC__)
+    #define LRFAST_ALWAYS_INLINE static inline __attribute__((always_inline))
+    #else
+    #define LRFAST_ALWAYS_INLINE static __forceinline
+    #endif
+    LRFAST_ALWAYS_INLINE double lrfast_cospi(double u) {
+        double z = u * u, z2 = z * z, z4 = z2 * z2;
+        double lo = (1.0 + -4.934802200544679 * z)
+                    + z2 * (4.0587121264167685 + -1.3352627688545895 * z);
+        double mid = (0.2353306303588932 + -0.02580689139001406 * z)
+                     + z2 * (0.0019295743094039231 + -0.0001046381049248457 * z);
+        double hi = 4.303069587032947e-06 + -1.3878952462213771e-07 * z;
+        return lo + z4 * (mid + z4 * hi);
+    }
+    LRFAST_ALWAYS_INLINE double lrfast_sinpi(double u) {
+        double z = u * u, z2 = z * z, z4 = z2 * z2;
+        double lo = (3.141592653589793 + -5.16771278004997 * z)
+                    + z2 * (2.5501640398773455 + -0.5992645293207921 * z);
+        double mid = (0.08214588661112823 + -0.0073704309457143504 * z)
+                     + z2 * (0.00046630280576761255 + -2.1915353447830217e-05 * z);
+        double hi = 7.952054001475513e-07 + -2.2948428997269873e-08 * z;
+        return u * (lo + z4 * (mid + z4 * hi));
+    }
+    /* (1 + cos(pi f)) / 2 for 0 <= f <= 2, as cos(pi f / 2)^2 with exact argument reduction
+       (2 - f and 1/2 - u are exact here), so it keeps full relative precision near 0 where
+       1 + cos would cancel. Both polynomials are computed and one selected: no branch. */
+    LRFAST_ALWAYS_INLINE double lrfast_half_cosine(double f) {
+        double x = f > 1.0 ? 2.0 - f : f;
+        double u = 0.5 * x;
+        double near = lrfast_cospi(u);
+        double far = lrfast_sinpi(0.5 - u);
+        double c = u <= 0.25 ? near : far;
+        return c * c;
+    }
+    """
+    double _half_cosine "lrfast_half_cosine"(double frac) noexcept nogil
 
 
 cdef inline double _anneal(double start, double end, double pct, int64_t cosine) noexcept nogil:
@@ -203,8 +206,8 @@ cdef inline double _at_polynomial(const Program* P, const int64_t* ip, const dou
     return (fp[0] - fp[1]) * frac + fp[1]
 
 
-cdef inline double _cosine_frac(const int64_t* ip, int64_t t) noexcept nogil:
-    """Where step ``t`` is in the decay, as a fraction of T (in [0, 2) when periodic)."""
+cdef inline double _cosine_pos(const int64_t* ip, int64_t t) noexcept nogil:
+    """Steps into the decay: clipped to [0, T], or reduced modulo 2T when periodic."""
     cdef int64_t s = t - ip[1]
     if s < 0:
         s = 0
@@ -212,7 +215,12 @@ cdef inline double _cosine_frac(const int64_t* ip, int64_t t) noexcept nogil:
         s = s % (2 * ip[0])     # the cosine's period is 2T: exact for any step
     elif s > ip[0]:
         s = ip[0]
-    return <double>s / <double>ip[0]
+    return <double>s
+
+
+cdef inline double _cosine_frac(const int64_t* ip, int64_t t) noexcept nogil:
+    """Where step ``t`` is in the decay, as a fraction of T (in [0, 2) when periodic)."""
+    return _cosine_pos(ip, t) / <double>ip[0]
 
 
 cdef inline double _cosine_value(const double* fp, double frac) noexcept nogil:
@@ -416,6 +424,7 @@ cdef void _eval_block(const Program* P, Py_ssize_t i, const int64_t* t, double* 
     cdef Py_ssize_t j, k, nb, outside
     cdef int64_t lo, hi, shift
     cdef double frac[BLOCK]
+    cdef double period
     cdef const int64_t* b
     cdef const PlateauFactor* pf
     cdef double v
@@ -437,13 +446,14 @@ cdef void _eval_block(const Program* P, Py_ssize_t i, const int64_t* t, double* 
     elif kind == COSINE:
         # Integer part per step, then the cosine over the block in a loop the compiler vectorises.
         for j in range(n):
-            frac[j] = _cosine_frac(ip, t[j])
+            frac[j] = _cosine_pos(ip, t[j])
+        period = <double>ip[0]
         if fp[2] == 1.0:
             for j in range(n):
-                out[j] = fp[1] + (fp[0] - fp[1]) * _half_cosine(frac[j])
+                out[j] = fp[1] + (fp[0] - fp[1]) * _half_cosine(frac[j] / period)
         else:
             for j in range(n):
-                out[j] = _cosine_value(fp, frac[j])
+                out[j] = _cosine_value(fp, frac[j] / period)
     elif kind == COSINE_RESTARTS:
         for j in range(n):
             out[j] = _at_cosine_restarts(P, ip, fp, t[j])

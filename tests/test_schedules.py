@@ -198,11 +198,15 @@ def test_plateau_torch_counting_by_hand():
 
 
 def test_plateau_keras_counting_and_cooldown():
-    """keras reduces on the patience-th bad evaluation; cooldown evaluations are ignored."""
+    """keras reduces on the patience-th bad evaluation. Its cooldown counter is decremented
+    before "in cooldown" is judged, so with cooldown=1 the evaluation right after a reduction
+    already counts: bad at 2, 3 -> reduce at 3; bad at 4, 5 -> reduce at 5."""
     p = S.ReduceLROnPlateau(factor=0.5, patience=2, threshold=0.0, counting="keras", cooldown=1)
     scales = drive(p, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    # bad at 2, 3 -> reduce at 3; 4 is cooldown; bad 5, 6 -> reduce at 6
-    assert scales == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+    assert scales == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    q = S.ReduceLROnPlateau(factor=0.5, patience=2, threshold=0.0, counting="keras", cooldown=2)
+    # reduce at 3; evaluation 4 is in cooldown (counter 2 -> 1); 5, 6 count -> reduce at 6
+    assert drive(q, [1.0] * 6) == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
 
 
 def test_plateau_negative_zero_and_nan_metrics():
