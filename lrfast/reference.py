@@ -184,7 +184,8 @@ def exponential_decay(steps, *, init_value, decay_rate, transition_steps=1, stai
     :math:`t_b`; bounded by ``end_value`` (below when decaying, above when growing)."""
     s = np.maximum(_t(steps) - transition_begin, 0)
     p = (s // transition_steps).astype(np.float64) if staircase else s / transition_steps
-    v = init_value * np.power(float(decay_rate), p)
+    with np.errstate(over="ignore"):  # growth past the float range is inf, then capped
+        v = init_value * np.power(float(decay_rate), p)
     if end_value is not None:
         v = np.maximum(v, end_value) if decay_rate < 1 else np.minimum(v, end_value)
     return v
@@ -285,7 +286,8 @@ def cyclic(steps, *, base_lr, max_lr, step_size_up=2000, step_size_down=None,
     factor = np.where(x <= ratio, x / ratio, (x - 1) / (ratio - 1))
     height = (max_lr - base_lr) * factor
     if mode == "triangular2":
-        height = height * (1 / 2.0 ** (cycle - 1))
+        with np.errstate(over="ignore"):  # 2^(cycle-1) overflows to inf far out: height 0
+            height = height * (1 / 2.0 ** (cycle - 1))
     elif mode == "exp_range":
         height = height * np.power(gamma, t.astype(np.float64))
     return base_lr + height
