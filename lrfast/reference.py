@@ -164,13 +164,11 @@ def _t(steps):
 
 def _half_cosine(x):
     r""":math:`(1 + \cos \pi x)/2` for :math:`0 \le x \le 2`, written as
-    :math:`\cos^2(\pi x/2)` with exact argument reduction (:math:`2 - x`, :math:`1/2 - u`), so
-    that it keeps full relative precision near 0, where :math:`1 + \cos` would cancel."""
+    :math:`\sin^2(\pi (1 - x)/2)` after folding x into [0, 1] (:math:`2 - x` is exact), so that
+    it keeps full relative precision near 0, where :math:`1 + \cos` would cancel."""
     x = np.asarray(x, dtype=np.float64)
     x = np.where(x > 1, 2 - x, x)
-    u = x / 2
-    c = np.where(u <= 0.25, np.cos(np.pi * u), np.sin(np.pi * (0.5 - u)))
-    return c * c
+    return np.sin(np.pi * (0.5 - 0.5 * x)) ** 2
 
 
 def constant(steps, *, value):

@@ -78,47 +78,43 @@ cdef struct PlateauFactor:
 
 cdef extern from *:
     """
-    /* cos(pi u) and sin(pi u) for 0 <= u <= 1/4: Taylor series to the u^18 / u^19 term (the next
-       term is below 2e-18 of the value), coefficients (-1)^k pi^2k / (2k)! and
-       (-1)^k pi^(2k+1) / (2k+1)! rounded to double, evaluated in z = u^2 by Estrin's scheme
-       (short dependency chains; the terms fall fast, so the error stays about 1 ulp). Forced
-       inline so that loops over blocks of steps vectorise. */
+    /* sin(pi v) for 0 <= v <= 1/2: its Taylor series to the v^23 term (the next term is below
+       6e-21), coefficients (-1)^k pi^(2k+1) / (2k+1)! rounded to double, evaluated in z = v^2
+       by Estrin's scheme (short dependency chains; the terms fall fast, so the error stays
+       about 1 ulp). Forced inline so that loops over blocks of steps vectorise. */
     #if defined(__GNUC__)
     #define LRFAST_ALWAYS_INLINE static inline __attribute__((always_inline))
     #else
     #define LRFAST_ALWAYS_INLINE static __forceinline
     #endif
-    LRFAST_ALWAYS_INLINE double lrfast_cospi(double u) {
-        double z = u * u, z2 = z * z, z4 = z2 * z2;
-        double lo = (1.0 + -4.934802200544679 * z)
-                    + z2 * (4.0587121264167685 + -1.3352627688545895 * z);
-        double mid = (0.2353306303588932 + -0.02580689139001406 * z)
-                     + z2 * (0.0019295743094039231 + -0.0001046381049248457 * z);
-        double hi = 4.303069587032947e-06 + -1.3878952462213771e-07 * z;
-        return lo + z4 * (mid + z4 * hi);
-    }
-    LRFAST_ALWAYS_INLINE double lrfast_sinpi(double u) {
-        double z = u * u, z2 = z * z, z4 = z2 * z2;
-        double lo = (3.141592653589793 + -5.16771278004997 * z)
+    LRFAST_ALWAYS_INLINE double lrfast_sinpi(double v) {
+        double z = v * v, z2 = z * z, z4 = z2 * z2, z8 = z4 * z4;
+        double q0 = (3.141592653589793 + -5.16771278004997 * z)
                     + z2 * (2.5501640398773455 + -0.5992645293207921 * z);
-        double mid = (0.08214588661112823 + -0.0073704309457143504 * z)
-                     + z2 * (0.00046630280576761255 + -2.1915353447830217e-05 * z);
-        double hi = 7.952054001475513e-07 + -2.2948428997269873e-08 * z;
-        return u * (lo + z4 * (mid + z4 * hi));
+        double q1 = (0.08214588661112823 + -0.0073704309457143504 * z)
+                    + z2 * (0.00046630280576761255 + -2.1915353447830217e-05 * z);
+        double q2 = (7.952054001475513e-07 + -2.2948428997269873e-08 * z)
+                    + z2 * (5.392664662608129e-10 + -1.0518471716932065e-11 * z);
+        return v * ((q0 + z4 * q1) + z8 * q2);
     }
-    /* (1 + cos(pi f)) / 2 for 0 <= f <= 2, as cos(pi f / 2)^2 with exact argument reduction
-       (2 - f and 1/2 - u are exact here), so it keeps full relative precision near 0 where
-       1 + cos would cancel. Both polynomials are computed and one selected: no branch. */
+    /* (1 + cos(pi f)) / 2 for 0 <= f <= 2, as cos(pi f / 2)^2 = sin(pi (1 - f) / 2)^2 with
+       exact folding (2 - f is exact here), so it keeps full relative precision near 0 where
+       1 + cos would cancel. No branch: loops over blocks vectorise. */
     LRFAST_ALWAYS_INLINE double lrfast_half_cosine(double f) {
         double x = f > 1.0 ? 2.0 - f : f;
-        double u = 0.5 * x;
-        double near = lrfast_cospi(u);
-        double far = lrfast_sinpi(0.5 - u);
-        double c = u <= 0.25 ? near : far;
+        double c = lrfast_sinpi(0.5 - 0.5 * x);
         return c * c;
+    }
+    /* (double)s for 0 <= s < 2^52, without the int64 -> double instruction that SSE2 and AVX2
+       lack in vector form: 2^52 + s has s as its mantissa bits, and subtracting 2^52 is exact. */
+    LRFAST_ALWAYS_INLINE double lrfast_small_i2d(int64_t s) {
+        union { int64_t i; double d; } bits;
+        bits.i = s | (int64_t)0x4330000000000000LL;
+        return bits.d - 4503599627370496.0;
     }
     """
     double _half_cosine "lrfast_half_cosine"(double frac) noexcept nogil
+    double _small_i2d "lrfast_small_i2d"(int64_t s) noexcept nogil
 
 
 cdef inline double _anneal(double start, double end, double pct, int64_t cosine) noexcept nogil:
@@ -443,6 +439,17 @@ cdef void _eval_block(const Program* P, Py_ssize_t i, const int64_t* t, double* 
     elif kind == POLYNOMIAL:
         for j in range(n):
             out[j] = _at_polynomial(P, ip, fp, t[j])
+    elif kind == COSINE and not ip[2] and fp[2] == 1.0 and ip[0] < (<int64_t>1 << 52):
+        # The common case in one branch-free loop that vectorises: clip, exact small-integer
+        # conversion, half cosine. Bit for bit what _at_cosine computes step by step.
+        lo = ip[1]
+        hi = ip[0]
+        period = <double>ip[0]
+        for j in range(n):
+            shift = t[j] - lo
+            shift = 0 if shift < 0 else shift
+            shift = hi if shift > hi else shift
+            out[j] = fp[1] + (fp[0] - fp[1]) * _half_cosine(_small_i2d(shift) / period)
     elif kind == COSINE:
         # Integer part per step, then the cosine over the block in a loop the compiler vectorises.
         for j in range(n):
@@ -504,15 +511,20 @@ cdef void _eval_block(const Program* P, Py_ssize_t i, const int64_t* t, double* 
             out[j] = _eval(P, i, t[j])
 
 
-cdef void _eval_span(const Program* P, Py_ssize_t root, const int64_t* t, double* out,
-                     Py_ssize_t n) noexcept nogil:
-    """Evaluate a contiguous span of steps block by block (one thread's share)."""
+cdef int64_t _eval_span(const Program* P, Py_ssize_t root, const int64_t* t, double* out,
+                        Py_ssize_t n) noexcept nogil:
+    """Evaluate a contiguous span of steps block by block (one thread's share); returns the
+    smallest step seen (checked while the block is in cache, not in a pass of its own)."""
     cdef int64_t scratch[BLOCK * MAX_DEPTH]
-    cdef Py_ssize_t start = 0, m
+    cdef Py_ssize_t start = 0, m, j
+    cdef int64_t smallest = 0
     while start < n:
         m = n - start if n - start < BLOCK else BLOCK
+        for j in range(m):
+            smallest = t[start + j] if t[start + j] < smallest else smallest
         _eval_block(P, root, t + start, out + start, m, scratch, MAX_DEPTH)
         start += m
+    return smallest
 
 
 cdef class PlateauCell:
@@ -641,12 +653,13 @@ cdef class NativeSchedule:
         cdef const int64_t* sp = <const int64_t*>cnp.PyArray_DATA(s64)
         cdef double* op = <double*>cnp.PyArray_DATA(out)
         cdef int64_t smallest = 0
-        with nogil:
-            for j in range(n):
-                if sp[j] < smallest:
-                    smallest = sp[j]
-        if smallest < 0:
-            raise ValueError(f"steps must be >= 0, got {smallest}")
+        if out_arg is not None:
+            # The caller's array must stay untouched if a step is bad: check them all first.
+            with nogil:
+                for j in range(n):
+                    smallest = sp[j] if sp[j] < smallest else smallest
+            if smallest < 0:
+                raise ValueError(f"steps must be >= 0, got {smallest}")
         if self._arrays is None:
             raise RuntimeError("schedule has no program")
         from ._threads import get_num_threads
@@ -656,12 +669,17 @@ cdef class NativeSchedule:
         cdef const Program* P = &self.prog
         cdef Py_ssize_t root = self.root
         cdef int tid
+        cdef cnp.ndarray mins = np.zeros(team if team > 1 else 1, dtype=np.int64)
+        cdef int64_t* mp = <int64_t*>cnp.PyArray_DATA(mins)
         if team <= 1:
             with nogil:
-                _eval_span(P, root, sp, op, n)
+                mp[0] = _eval_span(P, root, sp, op, n)
         else:
             with nogil:
                 for tid in prange(team, num_threads=team, schedule='static'):
-                    _eval_span(P, root, sp + n * tid // team, op + n * tid // team,
-                               n * (tid + 1) // team - n * tid // team)
+                    mp[tid] = _eval_span(P, root, sp + n * tid // team, op + n * tid // team,
+                                         n * (tid + 1) // team - n * tid // team)
+        smallest = mins.min()
+        if smallest < 0:
+            raise ValueError(f"steps must be >= 0, got {smallest}")
         return out
