@@ -1,4 +1,4 @@
-"""Command line: ``python -m lrfast {demo,config,plot}``."""
+"""Command line: ``python -m lrfast {demo,config,plot,bench}``."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,20 @@ def main(argv=None):
     plot.add_argument("-o", "--output", default="schedule.png",
                       help="image file; format from the suffix (default schedule.png)")
     plot.add_argument("--log", action="store_true", help="logarithmic learning-rate axis")
+    bench = sub.add_parser(
+        "bench", help="time optimizer steps and schedules against NumPy, torch and optax",
+        description="Time lrfast's optimizer steps and schedules against the NumPy reference, "
+                    "torch.optim (for-loop, foreach, fused) and optax under jax.jit, on the same "
+                    "data in one process, and compare with a memory-bandwidth floor. Missing "
+                    "peers are reported as skipped.")
+    from ._bench import add_arguments as bench_arguments
+
+    bench_arguments(bench)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from ._bench import main as bench_main
+
+        return bench_main(args)
     if args.command == "plot":
         from ._plot import main as plot_main
 

@@ -19,6 +19,7 @@ from . import _dispatch, _hyperparams
 from ._tables import Bank, group_by_dtype
 from ._threads import get_num_threads
 from ._validation import (
+    raise_gather_error,
     as_named,
     check_array,
     check_betas,
@@ -33,12 +34,11 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 class Optimizer:
     """Base class: params, state buffers, address tables, step, state_dict.
 
-    Subclasses name their kernel (a function of the kernel build chosen by lrfast._dispatch),
-    their state buffers (in the kernel's row order), and say which
+    Subclasses name their update (the kind of lrfast._optim.Plan that runs it), their state buffers (in the kernel's row order), and say which
     buffers their hyper-parameters need and what those buffers start at.
     """
 
-    _kernel = None
+    _plan_kind = ""
     _state_rows: tuple = ()
 
     def __init__(self, params, hyper):
@@ -72,7 +72,8 @@ class Optimizer:
     def _initial_value(self, name, hyper) -> float:
         return 0.0
 
-    def _kernel_kwargs(self, lr, step) -> dict:
+    def _plan_values(self) -> tuple:
+        """(hyper-parameters, flags) in the order lrfast._optim.Plan documents for the kind."""
         raise NotImplementedError
 
     # -- layout -----------------------------------------------------------------------------
@@ -103,6 +104,17 @@ class Optimizer:
         # Every bank's gradients are checked against all memory the step writes.
         self._banks = [Bank(dtype, indices, rows, written) for dtype, indices, rows in layouts]
         self._single_bank = len(self._banks) == 1
+        self._plans = [
+            _dispatch.kernels.Plan(self._plan_kind, b.table, b.offsets, b.is64, b.typenum,
+                                   b.ndims, b.dims, b.wstart, b.wend)
+            for b in self._banks
+        ]
+        self._sync_plans()
+
+    def _sync_plans(self):
+        hyper, flags = self._plan_values()
+        for plan in self._plans:
+            plan.set_hyper(hyper, flags)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -124,6 +136,7 @@ class Optimizer:
     @lr.setter
     def lr(self, value):
         self._hyper = self._validate({**self._hyper, "lr": value})
+        self._sync_plans()
 
     @property
     def hyperparams(self) -> dict:
@@ -165,16 +178,29 @@ class Optimizer:
         Everything is checked before anything is written: a step that raises changes nothing.
         """
         grads = self._grad_list(grads)
-        lr = lr_value(self._hyper["lr"], self._step_count)
-        for bank in self._banks:
-            bank.gather(grads, self._params, self._labels, self._single_bank)
-        kwargs = self._kernel_kwargs(lr, self._step_count + 1)
+        lr = self._hyper["lr"]
+        if callable(lr):
+            lr = lr_value(lr, self._step_count)
+        t = self._step_count + 1
         nthreads = get_num_threads()
-        kernel = getattr(_dispatch.kernels, self._kernel)
-        for bank in self._banks:
-            kernel(bank.table, bank.offsets, bank.is64, nthreads, **kwargs)
-        self._step_count += 1
+        if self._single_bank:
+            bad = self._plans[0].step(grads, lr, t, nthreads)
+            if bad is not None:
+                self._raise_bad_grad(self._banks[0], grads, bad)
+        else:
+            for bank, plan in zip(self._banks, self._plans):
+                bad = plan.gather([grads[i] for i in bank.indices])
+                if bad is not None:
+                    self._raise_bad_grad(bank, [grads[i] for i in bank.indices], bad)
+            for plan in self._plans:
+                plan.run(lr, t, nthreads)
+        self._step_count = t
         self._last_lr = lr
+
+    def _raise_bad_grad(self, bank, seq, bad):
+        code, k = bad
+        i = bank.indices[k]
+        raise_gather_error(code, seq[k], self._params[i], self._labels[i])
 
     def state_dict(self) -> dict:
         """A copy of everything needed to resume: step count, hyper-parameters, state buffers.
@@ -250,6 +276,7 @@ class Optimizer:
             self._hyper = hyper
             self._allocate()
         self._hyper = hyper
+        self._sync_plans()
         for key, views in zip(self._keys, self._views):
             for buf_name, view in views.items():
                 np.copyto(view, state[key][buf_name])
@@ -287,7 +314,7 @@ class SGD(Optimizer):
     first gradient, without dampening.
     """
 
-    _kernel = "sgd_step"
+    _plan_kind = "sgd"
     _state_rows = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
@@ -304,11 +331,10 @@ class SGD(Optimizer):
     def _active_state(self, hyper):
         return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
 
-    def _kernel_kwargs(self, lr, step):
+    def _plan_values(self):
         h = self._hyper
-        return dict(lr=lr, momentum=h["momentum"], dampening=h["dampening"],
-                    weight_decay=h["weight_decay"], nesterov=h["nesterov"],
-                    maximize=h["maximize"], first_step=step == 1)
+        return ((h["momentum"], h["dampening"], h["weight_decay"]),
+                (h["nesterov"], h["maximize"]))
 
 
 class Adagrad(Optimizer):
@@ -338,7 +364,7 @@ class Adagrad(Optimizer):
     Duchi, Hazan and Singer, 2011; formulas as torch.optim.Adagrad.
     """
 
-    _kernel = "adagrad_step"
+    _plan_kind = "adagrad"
     _state_rows = ("sum",)
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
@@ -356,10 +382,10 @@ class Adagrad(Optimizer):
     def _initial_value(self, name, hyper):
         return hyper["initial_accumulator_value"]
 
-    def _kernel_kwargs(self, lr, step):
+    def _plan_values(self):
         h = self._hyper
-        return dict(lr=lr, lr_decay=h["lr_decay"], weight_decay=h["weight_decay"], eps=h["eps"],
-                    eps_inside_sqrt=h["eps_inside_sqrt"], maximize=h["maximize"], step=step)
+        return ((h["lr_decay"], h["weight_decay"], h["eps"]),
+                (h["eps_inside_sqrt"], h["maximize"]))
 
 
 class RMSprop(Optimizer):
@@ -390,7 +416,7 @@ class RMSprop(Optimizer):
     Hinton's lecture 6e (2012); centered form from Graves (2013); formulas as torch.optim.RMSprop.
     """
 
-    _kernel = "rmsprop_step"
+    _plan_kind = "rmsprop"
     _state_rows = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
@@ -411,10 +437,10 @@ class RMSprop(Optimizer):
             names.append("grad_avg")
         return tuple(names)
 
-    def _kernel_kwargs(self, lr, step):
+    def _plan_values(self):
         h = self._hyper
-        return dict(lr=lr, alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"],
-                    momentum=h["momentum"], centered=h["centered"], maximize=h["maximize"])
+        return ((h["alpha"], h["eps"], h["weight_decay"], h["momentum"]),
+                (h["centered"], h["maximize"]))
 
 
 class Adam(Optimizer):
@@ -445,7 +471,7 @@ class Adam(Optimizer):
     Kingma and Ba, 2015; AMSGrad from Reddi, Kale and Kumar, 2018; formulas as torch.optim.Adam.
     """
 
-    _kernel = "adam_step"
+    _plan_kind = "adam"
     _state_rows = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _decoupled = False
 
@@ -470,11 +496,10 @@ class Adam(Optimizer):
             return self._state_rows
         return self._state_rows[:2]
 
-    def _kernel_kwargs(self, lr, step):
+    def _plan_values(self):
         h = self._hyper
-        return dict(lr=lr, beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
-                    weight_decay=h["weight_decay"], decoupled=self._decoupled,
-                    amsgrad=h["amsgrad"], maximize=h["maximize"], step=step)
+        return ((h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"]),
+                (self._decoupled, h["amsgrad"], h["maximize"]))
 
 
 class AdamW(Adam):

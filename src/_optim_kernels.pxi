@@ -29,6 +29,8 @@ from libc.stdint cimport intptr_t
 
 from _openmp_helpers cimport omp_get_max_threads
 
+import numpy as np
+
 cdef enum:
     # Thread spans start on multiples of this many elements, so threads do not share cache lines
     # of a tensor that they split.
@@ -228,6 +230,13 @@ def sgd_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nth
              bint maximize, bint first_step):
     """SGD over the tensors of ``table`` (rows: param, grad, momentum_buffer)."""
     cdef SGDArgs a
+    _sgd_args(&a, is64, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    _launch(_sgd_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_SGD, &a)
+
+
+cdef inline void _sgd_args(SGDArgs* a, bint is64, double lr, double momentum, double dampening,
+                           double weight_decay, bint nesterov, bint maximize,
+                           bint first_step) noexcept nogil:
     a.is64 = is64
     a.neg_lr = -lr
     a.weight_decay = weight_decay
@@ -236,7 +245,6 @@ def sgd_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nth
     a.nesterov = nesterov
     a.maximize = maximize
     a.first_step = first_step
-    _launch(_sgd_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_SGD, &a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,13 +294,19 @@ def adagrad_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int
                  bint eps_inside_sqrt, bint maximize, long step):
     """Adagrad over the tensors of ``table`` (rows: param, grad, sum); ``step`` counts from 1."""
     cdef AdagradArgs a
+    _adagrad_args(&a, is64, lr, lr_decay, weight_decay, eps, eps_inside_sqrt, maximize, step)
+    _launch(_adagrad_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAGRAD, &a)
+
+
+cdef inline void _adagrad_args(AdagradArgs* a, bint is64, double lr, double lr_decay,
+                               double weight_decay, double eps, bint eps_inside_sqrt,
+                               bint maximize, long step) noexcept nogil:
     a.is64 = is64
     a.neg_clr = -(lr / (1.0 + (step - 1) * lr_decay))
     a.weight_decay = weight_decay
     a.eps = eps
     a.eps_inside_sqrt = eps_inside_sqrt
     a.maximize = maximize
-    _launch(_adagrad_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAGRAD, &a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +390,13 @@ def rmsprop_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int
                  bint centered, bint maximize):
     """RMSprop over ``table`` (rows: param, grad, square_avg, momentum_buffer, grad_avg)."""
     cdef RMSpropArgs a
+    _rmsprop_args(&a, is64, lr, alpha, eps, weight_decay, momentum, centered, maximize)
+    _launch(_rmsprop_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_RMSPROP, &a)
+
+
+cdef inline void _rmsprop_args(RMSpropArgs* a, bint is64, double lr, double alpha, double eps,
+                               double weight_decay, double momentum, bint centered,
+                               bint maximize) noexcept nogil:
     a.is64 = is64
     a.neg_lr = -lr
     a.alpha = alpha
@@ -384,7 +405,6 @@ def rmsprop_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int
     a.momentum = momentum
     a.centered = centered
     a.maximize = maximize
-    _launch(_rmsprop_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_RMSPROP, &a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,6 +501,14 @@ def adam_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nt
     ``step`` is the 1-based number of this update, used for the bias corrections.
     """
     cdef AdamArgs a
+    _adam_args(&a, is64, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step)
+    _launch(_adam_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAM, &a)
+
+
+cdef inline void _adam_args(AdamArgs* a, bint is64, double lr, double beta1, double beta2,
+                            double eps, double weight_decay, bint decoupled, bint amsgrad,
+                            bint maximize, long step) noexcept nogil:
+    # Bias corrections in double, from the 1-based step, as torch computes them.
     cdef double bc1 = 1.0 - pow(beta1, <double>step)
     cdef double bc2 = 1.0 - pow(beta2, <double>step)
     a.is64 = is64
@@ -494,7 +522,6 @@ def adam_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nt
     a.decoupled = decoupled
     a.amsgrad = amsgrad
     a.maximize = maximize
-    _launch(_adam_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAM, &a)
 
 
 
@@ -529,3 +556,232 @@ def triad(floating[::1] a, const floating[::1] b, const floating[::1] c, double 
             _triad_span(&a[0] + _split(n, tid, team), &b[0] + _split(n, tid, team),
                         &c[0] + _split(n, tid, team), <floating>s,
                         _split(n, tid + 1, team) - _split(n, tid, team))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step gathering of gradient addresses (GIL held, before any kernel runs)
+# --------------------------------------------------------------------------------------------
+
+# Codes returned by gather_grads; lrfast._validation turns them into messages.
+GATHER_OK = 0
+GATHER_NOT_ARRAY = 1
+GATHER_DTYPE = 2
+GATHER_SHAPE = 3
+GATHER_NOT_CONTIGUOUS = 4
+GATHER_OVERLAP = 5
+GATHER_MISALIGNED = 6
+
+
+cdef bint _overlaps(intptr_t start, intptr_t end, const intptr_t* wstart, const intptr_t* wend,
+                    Py_ssize_t nw) noexcept nogil:
+    """Does [start, end) meet one of the sorted, disjoint ranges [wstart[i], wend[i])?"""
+    cdef Py_ssize_t lo = 0, hi = nw, mid
+    if end <= start or nw == 0:
+        return False
+    # First written range that starts at or after ``end``; only the one before it can overlap.
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if wstart[mid] < end:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo > 0 and wend[lo - 1] > start
+
+
+def gather_grads(object grads, int typenum, Py_ssize_t[::1] ndims, Py_ssize_t[::1] dims,
+                 intptr_t[::1] out, intptr_t[::1] wstart, intptr_t[::1] wend):
+    """Check each grad and write its data address into ``out`` (see ``_gather``).
+
+    Returns ``(GATHER_OK, -1)`` or ``(code, k)`` for the first bad grad.
+    """
+    cdef Py_ssize_t n = out.shape[0], nw = wstart.shape[0], k, code, total = 0, j
+    if ndims.shape[0] != n or wend.shape[0] != nw or len(grads) != n:
+        raise ValueError("ndims, out and grads must have one entry per tensor")
+    for j in range(n):
+        total += ndims[j]
+    if dims.shape[0] != total:
+        raise ValueError("dims must hold every dimension of every tensor")
+    code = _gather(grads, typenum, &ndims[0] if n else NULL, &dims[0] if total else NULL,
+                   &out[0] if n else NULL, n, &wstart[0] if nw else NULL,
+                   &wend[0] if nw else NULL, nw, &k)
+    return (code, k) if code else (GATHER_OK, -1)
+
+
+cdef int _gather(object grads, int typenum, const Py_ssize_t* ndims, const Py_ssize_t* dims,
+                 intptr_t* out, Py_ssize_t n, const intptr_t* ws, const intptr_t* we,
+                 Py_ssize_t nw, Py_ssize_t* bad) except -1:
+    """Check each of the ``n`` grads and write its data address into ``out``.
+
+    ``grads`` is a list or tuple. Tensor ``k`` must be a NumPy array of type ``typenum``, with
+    ``ndims[k]`` dimensions equal to the next entries of ``dims``, C-contiguous, aligned, and
+    must not overlap any of the ``nw`` sorted, disjoint written ranges ``[ws[i], we[i])``.
+    Returns GATHER_OK, or the code of the first bad grad with its index in ``bad``; ``out``
+    may then be partly written but nothing else is.
+    """
+    cdef Py_ssize_t k, d, pos = 0, nd
+    cdef cnp.ndarray arr
+    cdef object item
+    cdef cnp.npy_intp* shape
+    cdef intptr_t start
+    for k in range(n):
+        bad[0] = k
+        item = grads[k]
+        if not isinstance(item, cnp.ndarray):
+            return GATHER_NOT_ARRAY
+        arr = <cnp.ndarray>item
+        if cnp.PyArray_TYPE(arr) != typenum:
+            return GATHER_DTYPE
+        nd = ndims[k]
+        if cnp.PyArray_NDIM(arr) != nd:
+            return GATHER_SHAPE
+        shape = cnp.PyArray_DIMS(arr)
+        for d in range(nd):
+            if shape[d] != dims[pos + d]:
+                return GATHER_SHAPE
+        pos += nd
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+            return GATHER_NOT_CONTIGUOUS
+        if not cnp.PyArray_ISALIGNED(arr):
+            return GATHER_MISALIGNED
+        start = <intptr_t>cnp.PyArray_DATA(arr)
+        if _overlaps(start, start + cnp.PyArray_NBYTES(arr), ws, we, nw):
+            return GATHER_OVERLAP
+        out[k] = start
+    bad[0] = -1
+    return GATHER_OK
+
+
+def _debug_index(Py_ssize_t[::1] a, Py_ssize_t i):
+    """a[i] through a typed memoryview: IndexError out of range in a bounds-checked
+    (LRFAST_DEBUG_CYTHON=1) build; only for the test that shows the switch works."""
+    return a[i]
+
+
+# --------------------------------------------------------------------------------------------
+# Step plans: an optimizer's per-step work in one call
+# --------------------------------------------------------------------------------------------
+
+cdef enum:
+    PLAN_SGD = 0
+    PLAN_ADAGRAD = 1
+    PLAN_RMSPROP = 2
+    PLAN_ADAM = 3
+
+PLAN_KINDS = {"sgd": PLAN_SGD, "adagrad": PLAN_ADAGRAD, "rmsprop": PLAN_RMSPROP,
+              "adam": PLAN_ADAM}
+
+cdef intptr_t _no_range = 0
+
+
+cdef class Plan:
+    """One dtype's share of an optimizer step, held as C values: the address table, what each
+    grad must look like, the memory the step writes, and the update's hyper-parameters. A step
+    is then one call: check the grads, record their addresses, run the kernel.
+
+    ``hyper`` / ``flags`` per kind: sgd (momentum, dampening, weight_decay) / (nesterov,
+    maximize); adagrad (lr_decay, weight_decay, eps) / (eps_inside_sqrt, maximize); rmsprop
+    (alpha, eps, weight_decay, momentum) / (centered, maximize); adam (beta1, beta2, eps,
+    weight_decay) / (decoupled, amsgrad, maximize).
+    """
+
+    cdef object _keep
+    cdef intptr_t* table
+    cdef const Py_ssize_t* offsets
+    cdef const Py_ssize_t* ndims
+    cdef const Py_ssize_t* dims
+    cdef const intptr_t* ws
+    cdef const intptr_t* we
+    cdef Py_ssize_t ntensors, nbuf, nw
+    cdef int typenum, kind
+    cdef bint is64
+    cdef double hp[4]
+    cdef bint fl[3]
+
+    def __init__(self, str kind, cnp.ndarray table, cnp.ndarray offsets, bint is64, int typenum,
+                 cnp.ndarray ndims, cnp.ndarray dims, cnp.ndarray wstart, cnp.ndarray wend):
+        arrays = (table, offsets, ndims, dims, wstart, wend)
+        for a in arrays:
+            if a.dtype != np.intp or not a.flags.c_contiguous:
+                raise ValueError("plan arrays must be C-contiguous np.intp arrays")
+        if table.ndim != 2 or table.shape[1] < 1 or table.shape[0] > MAX_BUFFERS:
+            raise ValueError("table must be (buffers, tensors) with at least one tensor")
+        if offsets.shape[0] != table.shape[1] + 1 or ndims.shape[0] != table.shape[1]:
+            raise ValueError("offsets and ndims must match the table's tensors")
+        if dims.shape[0] != ndims.sum() or wstart.shape[0] != wend.shape[0]:
+            raise ValueError("dims or written ranges are inconsistent")
+        self.kind = PLAN_KINDS[kind]
+        self._keep = arrays
+        self.table = <intptr_t*>cnp.PyArray_DATA(table)
+        self.offsets = <const Py_ssize_t*>cnp.PyArray_DATA(offsets)
+        self.ndims = <const Py_ssize_t*>cnp.PyArray_DATA(ndims)
+        self.dims = <const Py_ssize_t*>cnp.PyArray_DATA(dims) if dims.shape[0] else NULL
+        self.nw = wstart.shape[0]
+        self.ws = <const intptr_t*>cnp.PyArray_DATA(wstart) if self.nw else &_no_range
+        self.we = <const intptr_t*>cnp.PyArray_DATA(wend) if self.nw else &_no_range
+        self.ntensors = table.shape[1]
+        self.nbuf = table.shape[0]
+        self.is64 = is64
+        self.typenum = typenum
+
+    def set_hyper(self, hyper, flags):
+        """Store the update's hyper-parameters (validated by the caller)."""
+        cdef Py_ssize_t j
+        for j in range(4):
+            self.hp[j] = hyper[j] if j < len(hyper) else 0.0
+        for j in range(3):
+            self.fl[j] = flags[j] if j < len(flags) else False
+
+    def gather(self, grads):
+        """Check the grads and record their addresses: None, or (code, index) of the first bad."""
+        cdef Py_ssize_t bad
+        if len(grads) != self.ntensors:
+            raise ValueError(f"expected {self.ntensors} grads, got {len(grads)}")
+        cdef int code = _gather(grads, self.typenum, self.ndims, self.dims,
+                                self.table + self.ntensors, self.ntensors, self.ws, self.we,
+                                self.nw, &bad)
+        return (code, bad) if code else None
+
+    def run(self, double lr, long step, int nthreads):
+        """Run the update with the recorded grads (``step`` is 1-based)."""
+        self._run(lr, step, nthreads)
+
+    def step(self, grads, double lr, long step, int nthreads):
+        """``gather`` then ``run``; returns ``gather``'s verdict (None when the step ran)."""
+        cdef Py_ssize_t bad
+        if len(grads) != self.ntensors:
+            raise ValueError(f"expected {self.ntensors} grads, got {len(grads)}")
+        cdef int code = _gather(grads, self.typenum, self.ndims, self.dims,
+                                self.table + self.ntensors, self.ntensors, self.ws, self.we,
+                                self.nw, &bad)
+        if code:
+            return (code, bad)
+        self._run(lr, step, nthreads)
+        return None
+
+    cdef void _run(self, double lr, long step, int nthreads) noexcept:
+        cdef SGDArgs sgd
+        cdef AdagradArgs adagrad
+        cdef RMSpropArgs rms
+        cdef AdamArgs adam
+        cdef Py_ssize_t size = 8 if self.is64 else 4
+        with nogil:
+            if self.kind == PLAN_SGD:
+                _sgd_args(&sgd, self.is64, lr, self.hp[0], self.hp[1], self.hp[2], self.fl[0],
+                          self.fl[1], step == 1)
+                _run(_sgd_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
+                     nthreads, MIN_PER_THREAD_SGD, &sgd)
+            elif self.kind == PLAN_ADAGRAD:
+                _adagrad_args(&adagrad, self.is64, lr, self.hp[0], self.hp[1], self.hp[2],
+                              self.fl[0], self.fl[1], step)
+                _run(_adagrad_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
+                     nthreads, MIN_PER_THREAD_ADAGRAD, &adagrad)
+            elif self.kind == PLAN_RMSPROP:
+                _rmsprop_args(&rms, self.is64, lr, self.hp[0], self.hp[1], self.hp[2],
+                              self.hp[3], self.fl[0], self.fl[1])
+                _run(_rmsprop_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
+                     nthreads, MIN_PER_THREAD_RMSPROP, &rms)
+            else:
+                _adam_args(&adam, self.is64, lr, self.hp[0], self.hp[1], self.hp[2], self.hp[3],
+                           self.fl[0], self.fl[1], self.fl[2], step)
+                _run(_adam_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
+                     nthreads, MIN_PER_THREAD_ADAM, &adam)

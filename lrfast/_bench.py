@@ -1,0 +1,911 @@
+"""``python -m lrfast bench``: time lrfast's optimizer steps and schedules against their peers.
+
+Every case runs lrfast and each available peer on identical data (a fixed seed) in this one
+process:
+
+* ``numpy-ref``: :mod:`lrfast.reference` (pure NumPy, in place);
+* ``torch-loop``: ``torch.optim`` with ``foreach=False`` (torch's default on CPU);
+  for the scalar-schedule case, ``CosineAnnealingLR.step()``;
+* ``torch-foreach``: ``foreach=True``;
+* ``torch-fused``: ``fused=True`` (torch has it for Adam, AdamW, SGD and Adagrad);
+* ``optax-jit``: ``optax`` ``update`` + ``apply_updates`` under ``jax.jit`` (params a list of
+  jnp arrays, buffers donated); float32 only unless jax's x64 mode is already on.
+
+A missing package (or ``--no-torch`` / ``--no-optax``) makes its columns "skipped", never an
+error. Timing: one untimed step first (lazy state), then the median over R samples, each
+sample a batch of k back-to-back steps with k chosen so a batch lasts at least a couple of
+milliseconds; the garbage collector is off while a batch runs.
+
+The floor: a STREAM-like triad ``a = b + s*c`` (4 transfers per element with write-allocate)
+and its in-place form ``a = a + s*c`` (3 transfers), on lrfast's own threads; the faster of
+the two is the bandwidth a step is compared with, as bytes moved per step / bandwidth.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import lrfast
+from lrfast import _dispatch, reference
+from lrfast import schedules as S
+
+PEERS = ("numpy-ref", "torch-loop", "torch-foreach", "torch-fused", "optax-jit")
+TORCH_FLAGS = {"torch-loop": {"foreach": False}, "torch-foreach": {"foreach": True},
+               "torch-fused": {"fused": True}}
+DTYPES = {"f32": np.float32, "f64": np.float64}
+SEED = 20240611
+
+# name -> (lrfast / torch.optim class, hyper-parameters both accept, transfers per element,
+#          torch has a fused CPU kernel). Transfers: reads + writes of one element per step.
+OPTIMIZERS = {
+    "sgd": ("SGD", dict(lr=1e-2, momentum=0.9), 5, True),
+    "adagrad": ("Adagrad", dict(lr=1e-2), 5, True),
+    "rmsprop": ("RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8), 5, False),
+    "adam": ("Adam", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8), 7, True),
+    "adamw": ("AdamW", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), 7, True),
+}
+SIZES = {"1k": (2**10,), "1M": (2**20,), "16M": (16 * 2**20,),
+         "1000x256": (256,) * 1000, "200x10k": (10_000,) * 200}
+SCHEDULE_ARGS = (0.0, 0.1, 1000, 10**7)   # warmup_cosine(init, peak, warmup_steps, decay_steps)
+VECTOR_STEPS = 10**7
+SCALAR_STEP = 12345
+MEMORY_BOUND = 2**20          # % of floor is reported from this many elements up
+MISSING_MATPLOTLIB = ('--plot needs matplotlib, which is not installed: '
+                      'pip install "lrfast[plot]" (or pip install matplotlib)')
+
+
+class Skip(Exception):
+    """A peer that does not run here: ``status`` is "skipped" or "n/a"."""
+
+    def __init__(self, reason, status="skipped"):
+        super().__init__(reason)
+        self.status = status
+
+
+# ------------------------------------------------------------------------------------------
+# Cases
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str
+    kind: str                      # optim, flat, schedule-scalar, schedule-vector, threads
+    opt: str = None
+    dtype: str = None
+    size: str = None
+    impls: dict = field(default_factory=dict)    # impl -> None (run) or Skip
+    results: dict = field(default_factory=dict)  # impl -> result dict
+    analysis: dict = field(default_factory=dict)  # ratios, % of floor, speedup
+
+    @property
+    def sizes(self):
+        return SIZES[self.size] if self.size else ()
+
+    @property
+    def elements(self):
+        return sum(self.sizes)
+
+    @property
+    def bytes_per_step(self):
+        if self.kind not in ("optim", "flat"):
+            return None
+        return self.elements * OPTIMIZERS[self.opt][2] * np.dtype(DTYPES[self.dtype]).itemsize
+
+    def key(self, impl):
+        """Cache key of a peer's measurement: the flat rows share their list twin's peers."""
+        return (impl, self.kind if self.kind not in ("optim", "flat") else "optim",
+                self.opt, self.dtype, self.size)
+
+
+def all_cases(quick):
+    """Every case, in run (and table) order; quick mode drops float64 at 16M."""
+    cases = []
+    for opt in OPTIMIZERS:
+        for dt in DTYPES:
+            for size in ("1k", "1M", "16M"):
+                if quick and dt == "f64" and size == "16M":
+                    continue
+                cases.append(Case(f"{opt} {dt} {size}", "optim", opt, dt, size))
+    for opt in ("adam", "adamw"):
+        for dt in DTYPES:
+            for size in ("1000x256", "200x10k"):
+                cases.append(Case(f"{opt} {dt} {size}", "optim", opt, dt, size))
+                if opt == "adam":
+                    cases.append(Case(f"{opt} {dt} {size} flat", "flat", opt, dt, size))
+    cases.append(Case("schedule scalar", "schedule-scalar"))
+    cases.append(Case("schedule vector 1e7", "schedule-vector"))
+    cases.append(Case("adam f32 1M threads 1->2", "threads", "adam", "f32", "1M"))
+    return cases
+
+
+def select(cases, pattern):
+    if not pattern:
+        return cases
+    rx = re.compile(pattern, re.IGNORECASE)
+    return [c for c in cases if rx.search(c.name)]
+
+
+# ------------------------------------------------------------------------------------------
+# Peers' availability
+# ------------------------------------------------------------------------------------------
+
+class Peers:
+    """Imports torch and optax once, or records why they are unavailable."""
+
+    def __init__(self, no_torch=False, no_optax=False, threads=None):
+        self.torch = self.jax = self.jnp = self.optax = None
+        self.versions = {}
+        if no_torch:
+            self.torch_reason = "--no-torch"
+        else:
+            try:
+                import torch
+            except ImportError:
+                self.torch_reason = "torch not installed"
+            except Exception as e:  # a broken install is a skip too
+                self.torch_reason = f"torch failed to import: {_short(e)}"
+            else:
+                self.torch, self.torch_reason = torch, None
+                self.versions["torch"] = torch.__version__
+                if threads is not None:
+                    torch.set_num_threads(threads)
+        if no_optax:
+            self.optax_reason = "--no-optax"
+        else:
+            try:
+                import jax
+                import jax.numpy as jnp
+                import optax
+            except ImportError as e:
+                self.optax_reason = f"{getattr(e, 'name', None) or 'optax/jax'} not installed"
+            except Exception as e:
+                self.optax_reason = f"jax/optax failed to import: {_short(e)}"
+            else:
+                self.jax, self.jnp, self.optax, self.optax_reason = jax, jnp, optax, None
+                self.versions["jax"] = jax.__version__
+                self.versions["optax"] = optax.__version__
+        self.x64 = bool(self.jax is not None and self.jax.config.read("jax_enable_x64"))
+
+
+def _short(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
+
+
+def plan(cases, peers, quick):
+    """Fill ``case.impls``: None for what runs, a Skip for what does not (and why)."""
+    flat_ok = hasattr(lrfast, "FlatParams")
+    for c in cases:
+        if c.kind == "threads":
+            c.impls = {"lrfast-1t": None, "lrfast-2t": None}
+            continue
+        impls = {"lrfast": None}
+        if c.kind == "flat" and not flat_ok:
+            impls["lrfast"] = Skip("FlatParams not available")
+        for p in PEERS:
+            impls[p] = _peer_skip(c, p, peers, quick)
+        c.impls = impls
+
+
+def _peer_skip(c, peer, peers, quick):
+    torch_peer = peer.startswith("torch")
+    if c.kind == "schedule-scalar" and peer not in ("numpy-ref", "torch-loop"):
+        return Skip("no scalar schedule peer", "n/a")
+    if c.kind == "schedule-vector" and peer not in ("numpy-ref", "optax-jit"):
+        return Skip("no vector schedule peer", "n/a")
+    if torch_peer and peers.torch is None:
+        return Skip(peers.torch_reason)
+    if peer == "optax-jit" and peers.optax is None:
+        return Skip(peers.optax_reason)
+    if c.kind in ("optim", "flat"):
+        if peer == "torch-fused" and not OPTIMIZERS[c.opt][3]:
+            return Skip(f"torch has no fused {OPTIMIZERS[c.opt][0]}", "n/a")
+        if peer == "optax-jit" and c.dtype == "f64" and not peers.x64:
+            return Skip("jax x64 disabled")
+        if quick and c.size == "16M" and peer in ("torch-loop", "torch-foreach"):
+            return Skip("--quick")
+        if quick and c.size == "1000x256" and peer == "optax-jit":
+            return Skip("--quick (1000-leaf jit compile)")
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+
+def _batch(fn, args, k):
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn(*args)
+    return time.perf_counter() - t0
+
+
+def _calibrate(fn, args, min_sample):
+    """Steps per sample so that a sample lasts at least ``min_sample`` seconds."""
+    k = 1
+    while True:
+        t = _batch(fn, args, k)
+        if t >= min_sample:
+            return k
+        k = min(k * 100, max(2 * k, math.ceil(k * 1.2 * min_sample / max(t, 1e-9))))
+
+
+def measure(fns, repeats, min_sample):
+    """Median seconds per call of each ``(fn, args)``; samples of several fns are interleaved."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ks = [_calibrate(fn, args, min_sample) for fn, args in fns]
+        k = max(ks) if len(fns) > 1 else ks[0]
+        samples = [[] for _ in fns]
+        for _ in range(repeats):
+            for (fn, args), out in zip(fns, samples):
+                out.append(_batch(fn, args, k) / k)
+    finally:
+        if enabled:
+            gc.enable()
+    return [{"status": "ok", "median_s": statistics.median(s), "samples_s": s, "batch": k}
+            for s in samples]
+
+
+def measure_floor(n, nthreads, repeats):
+    """Triad and in-place bandwidth (GB/s) on float32 arrays of ``n`` elements."""
+    a = np.zeros(n, np.float32)
+    b = np.ones(n, np.float32)
+    c = np.full(n, 0.5, np.float32)
+    triad = _dispatch.kernels.triad
+    triad(a, b, c, 1e-3, nthreads)
+    triad(a, a, c, 1e-3, nthreads)
+    t_triad, t_inplace = measure([(triad, (a, b, c, 1e-3, nthreads)),
+                                  (triad, (a, a, c, 1e-3, nthreads))], repeats, 0.0)
+    item = a.itemsize
+    out = {"elements": n, "dtype": "float32", "threads": nthreads,
+           "triad_s": t_triad["median_s"], "inplace_s": t_inplace["median_s"],
+           "triad_gbs": 4 * item * n / t_triad["median_s"] / 1e9,
+           "inplace_gbs": 3 * item * n / t_inplace["median_s"] / 1e9}
+    out["floor_gbs"] = max(out["triad_gbs"], out["inplace_gbs"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Steppers: each returns (fn, args); one untimed call is made before timing
+# ------------------------------------------------------------------------------------------
+
+class _Data:
+    """Seeded params and grads for one case; each implementation gets its own copies."""
+
+    def __init__(self, sizes, dtype):
+        rng = np.random.default_rng(SEED)
+        total = sum(sizes)
+        p = rng.standard_normal(total, dtype=dtype)
+        g = rng.standard_normal(total, dtype=dtype)
+        cuts = np.cumsum(sizes)[:-1]
+        self.params = [x.copy() for x in np.split(p, cuts)]
+        self.grads = [x.copy() for x in np.split(g, cuts)]
+
+    def copies(self):
+        return [p.copy() for p in self.params], [g.copy() for g in self.grads]
+
+
+def _lrfast_step(case, data):
+    cls, hyper, _, _ = OPTIMIZERS[case.opt]
+    if case.kind == "flat":
+        dtype = DTYPES[case.dtype]
+        names = [f"p{i}" for i in range(len(data.params))]
+        flat = lrfast.FlatParams({n: p.shape for n, p in zip(names, data.params)}, dtype=dtype)
+        for n, p, g in zip(names, data.params, data.grads):
+            flat.params[n][...] = p
+            flat.grads[n][...] = g
+        opt = getattr(lrfast, cls)(flat, **hyper)
+        return opt.step, ()
+    params, grads = data.copies()
+    opt = getattr(lrfast, cls)(params, **hyper)
+    return opt.step, (grads,)
+
+
+def _numpy_step(case, data):
+    params, grads = data.copies()
+    zeros = [np.zeros_like(p) for p in params]
+    count = [0]
+    o, hyper = case.opt, OPTIMIZERS[case.opt][1]
+    if o == "sgd":
+        def step():
+            count[0] += 1
+            reference.sgd_(params, grads, zeros, step=count[0], lr=hyper["lr"],
+                           momentum=hyper["momentum"])
+    elif o == "adagrad":
+        def step():
+            count[0] += 1
+            reference.adagrad_(params, grads, zeros, step=count[0], lr=hyper["lr"])
+    elif o == "rmsprop":
+        def step():
+            reference.rmsprop_(params, grads, zeros, lr=hyper["lr"], alpha=hyper["alpha"],
+                               eps=hyper["eps"])
+    else:
+        exp_avg_sq = [np.zeros_like(p) for p in params]
+        b1, b2 = hyper["betas"]
+        wd = hyper.get("weight_decay", 0.0)
+
+        def step():
+            count[0] += 1
+            reference.adam_(params, grads, zeros, exp_avg_sq, step=count[0], lr=hyper["lr"],
+                            beta1=b1, beta2=b2, eps=hyper["eps"], weight_decay=wd,
+                            decoupled=o == "adamw")
+    return step, ()
+
+
+def _torch_step(case, data, peer, torch):
+    cls, hyper, _, _ = OPTIMIZERS[case.opt]
+    params, grads = data.copies()
+    tensors = [torch.from_numpy(p) for p in params]   # shares memory with the copies
+    for t, g in zip(tensors, grads):
+        t.grad = torch.from_numpy(g)
+    opt = getattr(torch.optim, cls)(tensors, **hyper, **TORCH_FLAGS[peer])
+    return opt.step, ()
+
+
+def _optax_step(case, data, peers):
+    jax, jnp, optax = peers.jax, peers.jnp, peers.optax
+    _, hyper, _, _ = OPTIMIZERS[case.opt]
+    lr, o = hyper["lr"], case.opt
+    if o == "sgd":
+        tx = optax.sgd(lr, momentum=hyper["momentum"])
+    elif o == "adagrad":
+        tx = optax.adagrad(lr, initial_accumulator_value=0.0, eps=1e-10)
+    elif o == "rmsprop":
+        tx = optax.rmsprop(lr, decay=hyper["alpha"], eps=hyper["eps"])
+    else:
+        b1, b2 = hyper["betas"]
+        tx = (optax.adamw(lr, b1=b1, b2=b2, eps=hyper["eps"], weight_decay=hyper["weight_decay"])
+              if o == "adamw" else optax.adam(lr, b1=b1, b2=b2, eps=hyper["eps"]))
+    params = [jnp.asarray(p) for p in data.params]
+    grads = [jnp.asarray(g) for g in data.grads]
+
+    def update(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    jitted = jax.jit(update, donate_argnums=(0, 1))
+    box = [params, tx.init(params)]
+
+    def step():
+        box[0], box[1] = jitted(box[0], box[1], grads)
+        jax.block_until_ready(box[0])
+    return step, ()
+
+
+def _schedule_step(case, impl, peers):
+    s = S.warmup_cosine(*SCHEDULE_ARGS)
+    spec = s.to_dict()
+    if case.kind == "schedule-scalar":
+        if impl == "lrfast":
+            return s, (SCALAR_STEP,)
+        if impl == "numpy-ref":
+            return reference.schedule_values, (spec, SCALAR_STEP)
+        torch = peers.torch
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=SCHEDULE_ARGS[1])
+        opt.step()  # so the scheduler does not warn about the call order
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10**9)
+        return sched.step, ()
+    if impl == "optax-jit":
+        jax, jnp = peers.jax, peers.jnp
+        f = jax.jit(peers.optax.warmup_cosine_decay_schedule(*SCHEDULE_ARGS))
+        x = jnp.arange(VECTOR_STEPS)
+        return (lambda: f(x).block_until_ready()), ()
+    steps = np.arange(VECTOR_STEPS, dtype=np.int64)
+    if impl == "lrfast":
+        return s, (steps,)
+    return reference.schedule_values, (spec, steps)
+
+
+def _stepper(case, impl, data, peers):
+    if case.kind.startswith("schedule"):
+        return _schedule_step(case, impl, peers)
+    if impl == "lrfast":
+        return _lrfast_step(case, data)
+    if impl == "numpy-ref":
+        return _numpy_step(case, data)
+    if impl == "optax-jit":
+        return _optax_step(case, data, peers)
+    return _torch_step(case, data, impl, peers.torch)
+
+
+# ------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------
+
+class Progress:
+    """``[####......] 12/40 adam f32 16M torch-fused`` on a terminal; one line per case otherwise."""
+
+    def __init__(self, total, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = max(total, 1)
+        self.done = 0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.width = 0
+
+    def case(self, name):
+        if not self.tty:
+            print(f"bench [{self.done}/{self.total}] {name}", file=self.stream, flush=True)
+
+    def task(self, label):
+        if self.tty:
+            filled = int(20 * self.done / self.total)
+            line = f"[{'#' * filled}{'.' * (20 - filled)}] {self.done + 1}/{self.total} {label}"
+            self.stream.write("\r" + line.ljust(self.width))
+            self.stream.flush()
+            self.width = len(line)
+
+    def advance(self):
+        self.done += 1
+
+    def close(self):
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def count_tasks(cases):
+    seen, n = set(), 0
+    for c in cases:
+        if c.impls.get("lrfast") is not None:
+            continue
+        for impl, skip in c.impls.items():
+            if skip is None and (impl.startswith("lrfast") or c.key(impl) not in seen):
+                seen.add(c.key(impl))
+                n += 1
+    return n
+
+
+def run_case(case, peers, settings, cache, progress):
+    repeats, min_sample = settings["repeats"], settings["min_sample_s"]
+    progress.case(case.name)
+    if case.kind == "threads":
+        data = _Data(case.sizes, DTYPES[case.dtype])
+        progress.task(f"{case.name}")
+        fn, args = _lrfast_step(case, data)
+        one, two = lrfast.threads(1), lrfast.threads(2)
+
+        def step1(*a):
+            with one:
+                fn(*a)
+
+        def step2(*a):
+            with two:
+                fn(*a)
+        step1(*args)
+        step2(*args)
+        r1, r2 = measure([(step1, args), (step2, args)], repeats, min_sample)
+        case.results = {"lrfast-1t": r1, "lrfast-2t": r2}
+        progress.advance()
+        progress.advance()
+        return
+    data = None
+    if case.kind in ("optim", "flat"):
+        data = _Data(case.sizes, DTYPES[case.dtype])
+    lrfast_skip = case.impls.get("lrfast")
+    for impl, skip in case.impls.items():
+        if skip is not None:
+            case.results[impl] = {"status": skip.status, "reason": str(skip)}
+            continue
+        if lrfast_skip is not None:
+            case.results[impl] = {"status": "skipped", "reason": "no lrfast result"}
+            continue
+        key = case.key(impl)
+        if impl != "lrfast" and key in cache:
+            case.results[impl] = dict(cache[key], shared_with=cache[key]["case"])
+            continue
+        progress.task(f"{case.name} {impl}")
+        fn = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn, args = _stepper(case, impl, data, peers)
+                fn(*args)                                   # untimed: allocates lazy state
+                (res,) = measure([(fn, args)], repeats, min_sample)
+        except Skip as s:
+            res = {"status": s.status, "reason": str(s)}
+        except Exception as e:
+            res = {"status": "error", "reason": _short(e)}
+        finally:
+            del fn
+        progress.advance()
+        case.results[impl] = res
+        if impl != "lrfast":
+            cache[key] = dict(res, case=case.name)
+
+
+def analyse(case, floor):
+    """Ratios (peer / lrfast) and % of floor."""
+    out = {}
+    if case.kind == "threads":
+        r1, r2 = case.results.get("lrfast-1t", {}), case.results.get("lrfast-2t", {})
+        if r1.get("status") == "ok" and r2.get("status") == "ok":
+            out["speedup"] = r1["median_s"] / r2["median_s"]
+        return out
+    base = case.results.get("lrfast", {})
+    if base.get("status") != "ok":
+        return out
+    out["ratios"] = {p: r["median_s"] / base["median_s"] for p, r in case.results.items()
+                     if p != "lrfast" and r.get("status") == "ok"}
+    if floor and case.bytes_per_step and case.elements >= MEMORY_BOUND:
+        floor_s = case.bytes_per_step / (floor["floor_gbs"] * 1e9)
+        out["floor_s"] = floor_s
+        out["pct_floor"] = 100.0 * floor_s / base["median_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Targets
+# ------------------------------------------------------------------------------------------
+
+def targets(cases):
+    """(status, name, detail) for each target whose cases ran. PASS / FAIL / SKIP."""
+    by = {c.name: c for c in cases}
+    out = []
+
+    def ratio(name, peer):
+        c = by.get(name)
+        if c is None:
+            return None
+        return c.analysis.get("ratios", {}).get(peer)
+
+    def add(name, parts, needed):
+        """parts: (label, value or None, threshold, 'ge'|'le', unit)."""
+        if not any(n in by for n in needed):
+            return
+        detail, status = [], "PASS"
+        for label_, value, thr, how, fmt in parts:
+            if value is None:
+                detail.append(f"{label_} skipped")
+                if status == "PASS":
+                    status = "SKIP"
+                continue
+            ok = value >= thr if how == "ge" else value <= thr
+            detail.append(f"{label_} {fmt(value)} ({'>=' if how == 'ge' else '<='} {fmt(thr)})")
+            if not ok:
+                status = "FAIL"
+        out.append((status, name, "; ".join(detail)))
+
+    x = lambda v: f"{v:.2f}x"                       # noqa: E731
+    pct = lambda v: f"{v:.0f}%"                     # noqa: E731
+    us = lambda v: f"{v * 1e6:.2f} us"              # noqa: E731
+
+    def fastest_torch(name):
+        c = by.get(name)
+        if c is None:
+            return None, None
+        got = {p: c.results[p]["median_s"] for p in ("torch-loop", "torch-foreach", "torch-fused")
+               if c.results.get(p, {}).get("status") == "ok"}
+        if not got or c.results.get("lrfast", {}).get("status") != "ok":
+            return None, None
+        best = min(got, key=got.get)
+        return got[best] / c.results["lrfast"]["median_s"], best
+
+    for dt in ("f32", "f64"):
+        f32 = dt == "f32"
+        name = f"adam {dt} 16M"
+        parts = [("torch-fused/lrfast", ratio(name, "torch-fused"), 1.0, "ge", x)]
+        if f32:
+            parts.append(("floor", by[name].analysis.get("pct_floor") if name in by else None,
+                          90.0, "ge", pct))
+        add(f"Adam {dt} 16M >= 1.0x torch fused" + (", >= 90% floor" if f32 else ""), parts, [name])
+        for o in ("sgd", "adagrad", "rmsprop", "adamw"):
+            name = f"{o} {dt} 16M"
+            r, which = fastest_torch(name)
+            parts = [(f"{which or 'torch fastest'}/lrfast", r, 1.0, "ge", x)]
+            if f32:
+                parts.append(("floor", by[name].analysis.get("pct_floor") if name in by else None,
+                              85.0, "ge", pct))
+            add(f"{OPTIMIZERS[o][0]} {dt} 16M >= 1.0x torch's fastest" +
+                (", >= 85% floor" if f32 else ""), parts, [name])
+        for name, peer, thr, label_ in (
+                (f"adam {dt} 1000x256", "torch-fused", 10.0, f"Adam {dt} 1000x256 >= 10x torch fused"),
+                (f"adam {dt} 1000x256 flat", "torch-fused", 30.0,
+                 f"FlatParams Adam {dt} 1000x256 >= 30x torch fused"),
+                (f"adam {dt} 200x10k", "torch-fused", 2.0, f"Adam {dt} 200x10k >= 2x torch fused")):
+            add(label_, [("torch-fused/lrfast", ratio(name, peer), thr, "ge", x)], [name])
+        name = f"adam {dt} 1k"
+        parts = []
+        if f32:
+            c = by.get(name)
+            lat = (c.results["lrfast"]["median_s"]
+                   if c and c.results.get("lrfast", {}).get("status") == "ok" else None)
+            parts.append(("Adam.step", lat, 3e-6, "le", us))
+        parts.append(("torch-loop/lrfast", ratio(name, "torch-loop"), 25.0, "ge", x))
+        add(f"Adam.step {dt} 1k " + ("<= 3 us and " if f32 else "") + ">= 25x torch for-loop",
+            parts, [name])
+        names = [f"{o} {dt} 16M" for o in OPTIMIZERS]
+        add(f"every optimizer {dt} 16M >= 8x numpy-ref",
+            [(OPTIMIZERS[n.split()[0]][0], ratio(n, "numpy-ref"), 8.0, "ge", x) for n in names],
+            names)
+    name = "adam f32 1M threads 1->2"
+    c = by.get(name)
+    add("Adam f32 1M 1->2 threads >= 1.7x",
+        [("speedup", c.analysis.get("speedup") if c else None, 1.7, "ge", x)], [name])
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------
+
+def fmt_time(s):
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+        if s >= scale or unit == "ns":
+            v = s / scale
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}" if v >= 10 else f"{v:.2f} {unit}"
+
+
+def fmt_ratio(r):
+    return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+
+
+def machine_info(peers, nthreads):
+    from ._config import config
+
+    cfg = config()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(), "cpu": model, "cpu_count": os.cpu_count(),
+        "lrfast_threads": nthreads,
+        "torch_threads": peers.torch.get_num_threads() if peers.torch is not None else None,
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "build": {"lrfast": lrfast.__version__, "kernel_build": _dispatch.name,
+                  "kernel_builds_available": _dispatch.available(), "simd": cfg["simd"],
+                  "openmp": cfg["openmp"], "compiler": cfg["compiler"]},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                     "torch": peers.versions.get("torch"), "jax": peers.versions.get("jax"),
+                     "optax": peers.versions.get("optax")},
+        "jax_x64": peers.x64,
+    }
+
+
+def _cell(res, ratio):
+    st = res.get("status")
+    if st == "ok":
+        return f"{fmt_time(res['median_s'])} {fmt_ratio(ratio)}" if ratio is not None \
+            else fmt_time(res["median_s"])
+    return {"skipped": "skipped", "n/a": "n/a", "error": "ERROR"}.get(st, "-")
+
+
+def report(cases, machine, floor, settings, out=sys.stdout):
+    w = lambda s="": print(s, file=out)            # noqa: E731
+    b = machine["build"]
+    simd = b["simd"] if isinstance(b["simd"], str) else " ".join(b["simd"]) or "(none)"
+    w(f"lrfast bench ({settings['mode']}): median of {settings['repeats']} samples, "
+      f"each a batch of steps lasting >= {settings['min_sample_s'] * 1e3:.0f} ms")
+    w(f"machine: {machine['cpu']}, cpu_count={machine['cpu_count']}, {machine['platform']}")
+    tt = machine["torch_threads"]
+    w(f"threads: lrfast {machine['lrfast_threads']}, torch {tt if tt is not None else '-'}, "
+      f"jax (XLA's own pool); OMP_NUM_THREADS={machine['omp_num_threads_env'] or 'unset'}")
+    w(f"build: lrfast {b['lrfast']}, kernels {b['kernel_build']} (available: "
+      f"{' '.join(b['kernel_builds_available'])}), simd {simd}, openmp {b['openmp']}")
+    w("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in machine["versions"].items()))
+    if floor:
+        w(f"floor: triad {floor['triad_gbs']:.1f} GB/s (4 transfers/elem), in-place "
+          f"{floor['inplace_gbs']:.1f} GB/s (3 transfers/elem) -> {floor['floor_gbs']:.1f} GB/s "
+          f"({floor['elements'] // 2**20}M float32, {floor['threads']} threads)")
+    w()
+    table = [c for c in cases if c.kind != "threads"]
+    if table:
+        cols = ["case", "lrfast", *PEERS, "%floor"]
+        rows = []
+        for c in table:
+            a = c.analysis
+            row = [c.name, _cell(c.results.get("lrfast", {}), None)]
+            for p in PEERS:
+                row.append(_cell(c.results.get(p, {}), a.get("ratios", {}).get(p)))
+            row.append(f"{a['pct_floor']:.0f}%" if "pct_floor" in a else "")
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
+        fmt_row = lambda r: "  ".join(v.ljust(wd) if i == 0 else v.rjust(wd)   # noqa: E731
+                                      for i, (v, wd) in enumerate(zip(r, widths))).rstrip()
+        w(fmt_row(cols))
+        w(fmt_row(["-" * wd for wd in widths]))
+        for r in rows:
+            w(fmt_row(r))
+        w()
+        w("Peer cells: median time, then peer/lrfast (>1: lrfast faster). torch-loop is "
+          "foreach=False,")
+        w("  torch's CPU default; in 'schedule scalar' it is CosineAnnealingLR.step().")
+        w("  'flat' rows: lrfast.FlatParams, peers shared with the list row of the same size.")
+        if floor:
+            w("%floor: bytes moved per step / floor bandwidth, over lrfast's median (1M+ elements). "
+              "Above 100%")
+            w("  means the single triad probe underestimates the bandwidth the machine "
+              "sustains, not a kernel faster than memory.")
+        reasons = {}
+        for c in table:
+            for impl, r in c.results.items():
+                if r.get("status") in ("skipped", "n/a", "error") and r.get("reason"):
+                    reasons.setdefault((r["status"], impl, r["reason"]), []).append(c.name)
+        for (st, impl, why), names in sorted(reasons.items()):
+            where = names[0] if len(names) == 1 else f"{len(names)} cases"
+            w(f"{st}: {impl} ({why}) [{where}]")
+    for c in cases:
+        if c.kind == "threads":
+            r1, r2 = c.results.get("lrfast-1t", {}), c.results.get("lrfast-2t", {})
+            if r1.get("status") == "ok" and r2.get("status") == "ok":
+                w(f"thread scaling: {c.name}: 1 thread {fmt_time(r1['median_s'])}, "
+                  f"2 threads {fmt_time(r2['median_s'])}, speedup {c.analysis['speedup']:.2f}x")
+            else:
+                w(f"thread scaling: {c.name}: {r1.get('reason') or r2.get('reason') or 'not run'}")
+    tg = targets(cases)
+    if tg:
+        w()
+        w("targets:")
+        for st, name, detail in tg:
+            w(f"  {st:<4}  {name}: {detail}")
+    return tg
+
+
+def write_plot(cases, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [c for c in cases if c.analysis.get("ratios")]
+    if not rows:
+        raise ValueError("no case has a peer measurement to plot")
+    peers = [p for p in PEERS if any(p in c.analysis["ratios"] for c in rows)]
+    height = 0.8 / max(len(peers), 1)
+    fig = Figure(figsize=(9, 1.0 + 0.32 * len(rows) * max(1, len(peers) / 2.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for j, p in enumerate(peers):
+        ys = [i + (j - (len(peers) - 1) / 2) * height for i in range(len(rows))]
+        vals = [c.analysis["ratios"].get(p, float("nan")) for c in rows]
+        ax.barh(ys, vals, height=height, label=p)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([c.name for c in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of lrfast (peer time / lrfast time, log scale; > 1: lrfast faster)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    fig.savefig(path, format=fmt, bbox_inches="tight")
+
+
+def _to_json(cases, machine, floor, settings, tg, wall):
+    out_cases = []
+    for c in cases:
+        entry = {"name": c.name, "kind": c.kind, "optimizer": c.opt, "dtype": c.dtype,
+                 "size": c.size, "tensors": len(c.sizes) if c.sizes else None,
+                 "elements": c.elements or None, "bytes_per_step": c.bytes_per_step,
+                 "results": c.results}
+        entry.update(c.analysis)
+        out_cases.append(entry)
+    return {"lrfast_bench": 1, "settings": settings, "machine": machine, "floor": floor,
+            "cases": out_cases,
+            "targets": [{"status": s, "name": n, "detail": d} for s, n, d in tg],
+            "wall_s": wall}
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+def add_arguments(p):
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats and cases (under a minute on 2 cores)")
+    p.add_argument("--json", metavar="FILE", help="write raw medians, ratios and machine info")
+    p.add_argument("--plot", metavar="FILE", help="bar chart of lrfast's speed-up per case "
+                   "(needs matplotlib; format from the suffix)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for lrfast and torch (default: their defaults)")
+    p.add_argument("--cases", metavar="REGEX",
+                   help="run only cases whose name matches (case-insensitive search), "
+                        "e.g. 'adam f32', '16M|1k', 'schedule', 'flat'")
+    p.add_argument("--repeats", type=int, metavar="R",
+                   help="samples per median (default 9, quick 5)")
+    p.add_argument("--no-torch", action="store_true", help="do not run torch peers")
+    p.add_argument("--no-optax", action="store_true", help="do not run optax/jax peers")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+
+
+def _error(msg):
+    print(f"lrfast bench: error: {msg}", file=sys.stderr)
+
+
+def main(args):
+    """The ``bench`` subcommand; returns the exit status (2: bad options or no matplotlib for
+    --plot, 1: an lrfast case failed or an output could not be written)."""
+    if args.threads is not None and args.threads < 1:
+        _error(f"--threads must be at least 1, got {args.threads}")
+        return 2
+    if args.repeats is not None and args.repeats < 1:
+        _error(f"--repeats must be at least 1, got {args.repeats}")
+        return 2
+    try:
+        cases = select(all_cases(args.quick), args.cases)
+    except re.error as e:
+        _error(f"--cases is not a valid regular expression: {e}")
+        return 2
+    if not cases:
+        _error(f"--cases {args.cases!r} matches no case (see --list)")
+        return 2
+    if args.list:
+        for c in cases:
+            print(c.name)
+        return 0
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure  # noqa: F401
+        except ImportError:
+            _error(MISSING_MATPLOTLIB)
+            return 2
+    start = time.perf_counter()
+    peers = Peers(args.no_torch, args.no_optax, args.threads)
+    with lrfast.threads(args.threads) if args.threads is not None else nullcontext():
+        nthreads = lrfast.get_num_threads()
+        settings = {"mode": "quick" if args.quick else "full",
+                    "repeats": args.repeats or (5 if args.quick else 9),
+                    "min_sample_s": 2e-3 if args.quick else 5e-3,
+                    "cases": args.cases, "threads": nthreads}
+        plan(cases, peers, args.quick)
+        need_floor = any(c.bytes_per_step and c.elements >= MEMORY_BOUND for c in cases)
+        progress = Progress(count_tasks(cases) + need_floor)
+        floor = None
+        try:
+            if need_floor:
+                n = (16 if args.quick else 32) * 2**20
+                progress.case("floor")
+                progress.task(f"floor (triad, {n // 2**20}M float32)")
+                floor = measure_floor(n, nthreads, settings["repeats"])
+                progress.advance()
+            cache = {}
+            for c in cases:
+                run_case(c, peers, settings, cache, progress)
+                gc.collect()
+        finally:
+            progress.close()
+    for c in cases:
+        c.analysis = analyse(c, floor)
+    machine = machine_info(peers, nthreads)
+    tg = report(cases, machine, floor, settings)
+    wall = time.perf_counter() - start
+    print(f"\nwall time: {wall:.1f} s")
+    status = 0
+    if any(r.get("status") == "error" for c in cases for k, r in c.results.items()
+           if k.startswith("lrfast")):
+        status = 1
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(_to_json(cases, machine, floor, settings, tg, wall), f, indent=1)
+            print(f"wrote {args.json}")
+        except OSError as e:
+            _error(f"cannot write {args.json!r}: {e.strerror or e}")
+            status = 1
+    if args.plot:
+        try:
+            write_plot(cases, args.plot)
+            print(f"wrote {args.plot}")
+        except (OSError, ValueError) as e:
+            _error(f"cannot write {args.plot!r}: {e}")
+            status = 1
+    return status
