@@ -21,12 +21,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 from . import functional, reference, schedules  # noqa: E402
 from ._config import show_config  # noqa: E402
 from ._threads import get_num_threads, set_num_threads, threads  # noqa: E402
+from .flat import FlatParams  # noqa: E402
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
 from .schedules import ReduceLROnPlateau  # noqa: E402
 
 __all__ = [
     "__version__",
     "Optimizer",
+    "FlatParams",
     "SGD",
     "Adagrad",
     "RMSprop",

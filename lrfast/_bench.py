@@ -88,6 +88,7 @@ class Case:
     impls: dict = field(default_factory=dict)    # impl -> None (run) or Skip
     results: dict = field(default_factory=dict)  # impl -> result dict
     analysis: dict = field(default_factory=dict)  # ratios, % of floor, speedup
+    wall_s: float = None                          # time the case took, set-up included
 
     @property
     def sizes(self):
@@ -795,7 +796,7 @@ def _to_json(cases, machine, floor, settings, tg, wall):
         entry = {"name": c.name, "kind": c.kind, "optimizer": c.opt, "dtype": c.dtype,
                  "size": c.size, "tensors": len(c.sizes) if c.sizes else None,
                  "elements": c.elements or None, "bytes_per_step": c.bytes_per_step,
-                 "results": c.results}
+                 "results": c.results, "wall_s": c.wall_s}
         entry.update(c.analysis)
         out_cases.append(entry)
     return {"lrfast_bench": 1, "settings": settings, "machine": machine, "floor": floor,
@@ -879,8 +880,10 @@ def main(args):
                 progress.advance()
             cache = {}
             for c in cases:
+                t0 = time.perf_counter()
                 run_case(c, peers, settings, cache, progress)
                 gc.collect()
+                c.wall_s = time.perf_counter() - t0
         finally:
             progress.close()
     for c in cases:

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _dispatch, _hyperparams
 from ._tables import Bank, group_by_dtype
+from .flat import FlatParams
 from ._threads import get_num_threads
 from ._validation import (
     raise_gather_error,
@@ -42,7 +43,12 @@ class Optimizer:
     _state_rows: tuple = ()
 
     def __init__(self, params, hyper):
-        keys, arrays, is_dict = as_named(params, "params")
+        self._flat = params if isinstance(params, FlatParams) else None
+        if self._flat is not None:
+            # One tensor: the whole flat buffer, updated by a single loop.
+            keys, arrays, is_dict = ["param"], [self._flat.param], False
+        else:
+            keys, arrays, is_dict = as_named(params, "params")
         if not arrays:
             raise ValueError("optimizer got an empty parameter list")
         labels = [label("params", k) for k in keys]
@@ -145,13 +151,23 @@ class Optimizer:
 
     @property
     def params(self):
-        """The arrays being optimized, as given (list or dict)."""
+        """The arrays being optimized, as given (list or dict; a FlatParams' named views)."""
+        if self._flat is not None:
+            return dict(self._flat.params)
         if self._is_dict:
             return dict(zip(self._keys, self._params))
         return list(self._params)
 
     def _grad_list(self, grads):
         n = len(self._params)
+        flat = self._flat
+        if flat is not None:
+            if grads is None or grads is flat or grads is flat.grad or grads is flat.grads:
+                return [flat.grad]
+            raise TypeError("an optimizer over FlatParams reads the FlatParams' own grad buffer: "
+                            "call step() without arguments (write grads into flat.grads)")
+        if grads is None:
+            raise TypeError("step() needs the gradients (a list or dict like the params)")
         if self._is_dict:
             if not isinstance(grads, Mapping):
                 raise TypeError(
@@ -172,8 +188,9 @@ class Optimizer:
             raise ValueError(f"expected {n} grads (one per parameter), got {len(grads)}")
         return grads
 
-    def step(self, grads) -> None:
-        """Apply one update with ``grads`` (same kind, order, shapes and dtypes as the params).
+    def step(self, grads=None) -> None:
+        """Apply one update with ``grads`` (same kind, order, shapes and dtypes as the params;
+        for a FlatParams, no argument: its ``grad`` buffer is used).
 
         Everything is checked before anything is written: a step that raises changes nothing.
         """
@@ -216,10 +233,19 @@ class Optimizer:
             "step_count": self._step_count,
             "hyperparams": hyper,
             "state": {
-                k: {name: view.copy() for name, view in views.items()}
-                for k, views in zip(self._keys, self._views)
+                key: {name: view.copy() for name, view in views.items()}
+                for key, _, views in self._named_state()
             },
         }
+
+    def _named_state(self):
+        """(key, parameter view, {buffer: state view}) per named parameter."""
+        if self._flat is None:
+            return list(zip(self._keys, self._params, self._views))
+        flat = self._flat
+        per_buffer = {name: flat.views(view) for name, view in self._views[0].items()}
+        return [(key, flat.params[key], {name: per_buffer[name][key] for name in per_buffer})
+                for key in flat.names]
 
     def load_state_dict(self, state_dict) -> None:
         """Restore a ``state_dict()``; everything is checked before anything changes.
@@ -249,13 +275,15 @@ class Optimizer:
             hyper["lr"] = self._hyper["lr"]
         hyper = self._validate(hyper)
         state = state_dict["state"]
-        if not isinstance(state, Mapping) or set(state) != set(self._keys):
+        entries = self._named_state()
+        keys = [key for key, _, _ in entries]
+        if not isinstance(state, Mapping) or set(state) != set(keys):
             raise ValueError(
-                f"state_dict['state'] must have one entry per parameter {self._keys}, "
+                f"state_dict['state'] must have one entry per parameter {keys}, "
                 f"got {list(state) if isinstance(state, Mapping) else state!r}"
             )
         active = self._active_state(hyper)
-        for key, p in zip(self._keys, self._params):
+        for key, p, _ in entries:
             entry = state[key]
             if not isinstance(entry, Mapping) or set(entry) != set(active):
                 raise ValueError(
@@ -277,7 +305,7 @@ class Optimizer:
             self._allocate()
         self._hyper = hyper
         self._sync_plans()
-        for key, views in zip(self._keys, self._views):
+        for key, _, views in self._named_state():
             for buf_name, view in views.items():
                 np.copyto(view, state[key][buf_name])
         self._step_count = int(steps)

@@ -1,0 +1,163 @@
+"""FlatParams: a model's parameters and gradients as views into two contiguous buffers.
+
+With hundreds of small tensors, a step over separate arrays must visit each one; over one flat
+buffer it is a single loop over one array. ``FlatParams`` allocates the buffers from a dict of
+shapes, hands out named views (``flat.params[name]``, ``flat.grads[name]``) for the model to read
+and for the backward pass to write, and optimizers given a ``FlatParams`` update the whole
+buffer in one kernel call, with their state in one contiguous buffer too.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+
+import numpy as np
+
+from ._validation import SUPPORTED_DTYPES
+
+__all__ = ["FlatParams"]
+
+_FORMAT = "lrfast.FlatParams/1"
+
+
+def _shape(name, shape):
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape of {name!r} must be a tuple of ints, got {shape!r}")
+    out = []
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0:
+            raise ValueError(f"shape of {name!r} must hold ints >= 0, got {tuple(shape)!r}")
+        out.append(int(d))
+    return tuple(out)
+
+
+class FlatParams:
+    """Named parameters and gradients living in two contiguous buffers.
+
+    Parameters
+    ----------
+    shapes : dict name -> shape
+        The tensors, in order. Names are strings; shapes tuples of ints (0-size allowed).
+    dtype : float32 or float64, default float32
+    init : dict name -> array, optional
+        Initial values (copied in); tensors not named start at zero.
+
+    Attributes
+    ----------
+    param, grad : 1-D arrays holding every tensor back to back
+    params, grads : dict name -> view of the matching part, with its shape
+    """
+
+    def __init__(self, shapes, dtype=np.float32, init=None):
+        if not isinstance(shapes, dict) or not shapes:
+            raise ValueError("shapes must be a non-empty dict name -> shape")
+        dtype = np.dtype(dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.shapes = {}
+        for name, shape in shapes.items():
+            if not isinstance(name, str):
+                raise TypeError(f"names must be strings, got {name!r}")
+            self.shapes[name] = _shape(name, shape)
+        self.dtype = dtype
+        self.offsets = {}
+        at = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = at
+            at += int(np.prod(shape, dtype=np.int64))
+        self.size = at
+        self.param = np.zeros(at, dtype=dtype)
+        self.grad = np.zeros(at, dtype=dtype)
+        self.params = self._views(self.param)
+        self.grads = self._views(self.grad)
+        if init is not None:
+            self.assign(init)
+
+    def _views(self, flat):
+        views = {}
+        for name, shape in self.shapes.items():
+            at = self.offsets[name]
+            views[name] = flat[at:at + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        return views
+
+    def views(self, flat):
+        """Named views of another flat array laid out like ``param`` (e.g. optimizer state)."""
+        if not isinstance(flat, np.ndarray) or flat.shape != (self.size,):
+            raise ValueError(f"expected a 1-D array of {self.size} elements")
+        return self._views(flat)
+
+    @property
+    def names(self):
+        return list(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __repr__(self):
+        return f"FlatParams({len(self)} tensors, {self.size} elements, {self.dtype})"
+
+    def zero_grad(self):
+        """Set every gradient to zero (one fill over the flat buffer)."""
+        self.grad.fill(0)
+
+    def assign(self, values):
+        """Copy ``values`` (dict name -> array of that shape) into the parameters; checked first."""
+        if not isinstance(values, dict):
+            raise TypeError("values must be a dict name -> array")
+        arrays = {}
+        for name, v in values.items():
+            if name not in self.shapes:
+                raise KeyError(f"unknown parameter {name!r}")
+            a = np.asarray(v)
+            if a.shape != self.shapes[name]:
+                raise ValueError(f"{name!r} has shape {a.shape}, expected {self.shapes[name]}")
+            arrays[name] = a
+        for name, a in arrays.items():
+            np.copyto(self.params[name], a, casting="same_kind")
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def state_dict(self):
+        """Names, shapes, dtype and a copy of the parameters."""
+        return {"format": _FORMAT, "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "dtype": self.dtype.name, "param": self.param.copy()}
+
+    def load_state_dict(self, state):
+        """Copy parameters saved by ``state_dict`` back; names, shapes and dtype must match."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("not a FlatParams state dict")
+        shapes = {k: tuple(v) for k, v in state["shapes"].items()}
+        if list(shapes.items()) != list(self.shapes.items()):
+            raise ValueError("the saved parameters have other names or shapes")
+        param = state["param"]
+        if not isinstance(param, np.ndarray) or param.shape != (self.size,) \
+                or param.dtype != self.dtype:
+            raise ValueError(f"saved param must be a {self.dtype} array of {self.size} elements")
+        np.copyto(self.param, param)
+
+    def save(self, path):
+        """Write names, shapes, dtype and parameters to an ``.npz`` file (no pickle)."""
+        header = json.dumps({"format": _FORMAT, "shapes": {k: list(v) for k, v in
+                                                            self.shapes.items()},
+                             "dtype": self.dtype.name})
+        np.savez(path, header=np.array(header), param=self.param)
+
+    @classmethod
+    def load(cls, path):
+        """A new FlatParams from a file written by ``save``."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                header = json.loads(str(f["header"]))
+                param = f["param"]
+        except (ValueError, KeyError, OSError) as exc:
+            raise ValueError(f"{path} is not a FlatParams file: {exc}") from None
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a FlatParams file")
+        flat = cls({k: tuple(v) for k, v in header["shapes"].items()}, header["dtype"])
+        flat.load_state_dict({**header, "param": param})
+        return flat
