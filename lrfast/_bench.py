@@ -245,7 +245,6 @@ def _calibrate(fn, args, min_sample):
 
 def measure(fns, repeats, min_sample):
     """Median seconds per call of each ``(fn, args)``; samples of several fns are interleaved."""
-    gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -487,9 +486,12 @@ def run_case(case, peers, settings, cache, progress):
         def step2(*a):
             with two:
                 fn(*a)
-        step1(*args)
-        step2(*args)
-        r1, r2 = measure([(step1, args), (step2, args)], repeats, min_sample)
+        try:
+            step1(*args)
+            step2(*args)
+            r1, r2 = measure([(step1, args), (step2, args)], repeats, min_sample)
+        except Exception as e:
+            r1 = r2 = {"status": "error", "reason": _short(e)}
         case.results = {"lrfast-1t": r1, "lrfast-2t": r2}
         progress.advance()
         progress.advance()
@@ -576,14 +578,14 @@ def targets(cases):
                     status = "SKIP"
                 continue
             ok = value >= thr if how == "ge" else value <= thr
-            detail.append(f"{label_} {fmt(value)} ({'>=' if how == 'ge' else '<='} {fmt(thr)})")
+            detail.append(f"{label_} {fmt(value)} ({'>=' if how == 'ge' else '<='} {fmt(thr, True)})")
             if not ok:
                 status = "FAIL"
         out.append((status, name, "; ".join(detail)))
 
-    x = lambda v: f"{v:.2f}x"                       # noqa: E731
-    pct = lambda v: f"{v:.0f}%"                     # noqa: E731
-    us = lambda v: f"{v * 1e6:.2f} us"              # noqa: E731
+    x = lambda v, t=False: f"{v:g}x" if t else f"{v:.2f}x"                    # noqa: E731
+    pct = lambda v, t=False: f"{v:g}%" if t else f"{v:.1f}%"                  # noqa: E731
+    us = lambda v, t=False: f"{v * 1e6:g} us" if t else f"{v * 1e6:.2f} us"   # noqa: E731
 
     def fastest_torch(name):
         c = by.get(name)
@@ -703,11 +705,15 @@ def report(cases, machine, floor, settings, out=sys.stdout):
       f"jax (XLA's own pool); OMP_NUM_THREADS={machine['omp_num_threads_env'] or 'unset'}")
     w(f"build: lrfast {b['lrfast']}, kernels {b['kernel_build']} (available: "
       f"{' '.join(b['kernel_builds_available'])}), simd {simd}, openmp {b['openmp']}")
+    other = machine.get("other_processes_cores")
+    if other is not None:
+        w(f"other processes: {other:.2f} cores busy on average during the run" +
+          ("  ** timings are disturbed **" if other > 0.25 else ""))
     w("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in machine["versions"].items()))
     if floor:
         w(f"floor: triad {floor['triad_gbs']:.1f} GB/s (4 transfers/elem), in-place "
           f"{floor['inplace_gbs']:.1f} GB/s (3 transfers/elem) -> {floor['floor_gbs']:.1f} GB/s "
-          f"({floor['elements'] // 2**20}M float32, {floor['threads']} threads)")
+          f"({floor['elements'] // 2**20}M float32, {floor['threads']} thread{'s' if floor['threads'] != 1 else ''})")
     w()
     table = [c for c in cases if c.kind != "threads"]
     if table:
@@ -733,18 +739,24 @@ def report(cases, machine, floor, settings, out=sys.stdout):
         w("  torch's CPU default; in 'schedule scalar' it is CosineAnnealingLR.step().")
         w("  'flat' rows: lrfast.FlatParams, peers shared with the list row of the same size.")
         if floor:
-            w("%floor: bytes moved per step / floor bandwidth, over lrfast's median (1M+ elements). "
-              "Above 100%")
-            w("  means the single triad probe underestimates the bandwidth the machine "
-              "sustains, not a kernel faster than memory.")
+            w("%floor: (bytes moved per step / floor bandwidth) / lrfast median, for 1M+ elements. "
+              "Over 100%")
+            w("  means the triad probe is pessimistic for that size (1M and 200x10k can stay in "
+              "the last-level")
+            w("  cache, the probe's arrays do not), not a step faster than memory.")
         reasons = {}
         for c in table:
             for impl, r in c.results.items():
-                if r.get("status") in ("skipped", "n/a", "error") and r.get("reason"):
-                    reasons.setdefault((r["status"], impl, r["reason"]), []).append(c.name)
-        for (st, impl, why), names in sorted(reasons.items()):
-            where = names[0] if len(names) == 1 else f"{len(names)} cases"
-            w(f"{st}: {impl} ({why}) [{where}]")
+                st, why = r.get("status"), r.get("reason")
+                if st not in ("skipped", "n/a", "error") or not why or why.startswith("no "):
+                    continue
+                entry = reasons.setdefault((st, why), ([], []))
+                if impl not in entry[0]:
+                    entry[0].append(impl)
+                entry[1].append(c.name)
+        for (st, why), (impls, names) in reasons.items():
+            where = names[0] if len(set(names)) == 1 else f"{len(set(names))} cases"
+            w(f"{st}: {', '.join(impls)}: {why} [{where}]")
     for c in cases:
         if c.kind == "threads":
             r1, r2 = c.results.get("lrfast-1t", {}), c.results.get("lrfast-2t", {})
@@ -782,7 +794,7 @@ def write_plot(cases, path):
     ax.set_xscale("log")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([c.name for c in rows], fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("speed-up of lrfast (peer time / lrfast time, log scale; > 1: lrfast faster)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", which="both", alpha=0.3)
@@ -827,6 +839,28 @@ def add_arguments(p):
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
 
 
+def _cpu_snapshot():
+    """(busy CPU seconds of the whole machine, of this process, wall time); Linux only."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    own = os.times()
+    return (sum(fields[:8]) - idle) / hz, own.user + own.system, time.perf_counter()
+
+
+def other_load(before):
+    """Average number of cores other processes kept busy since ``before`` (None if unknown)."""
+    after = _cpu_snapshot()
+    if before is None or after is None or after[2] <= before[2]:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others / (after[2] - before[2]))
+
+
 def _error(msg):
     print(f"lrfast bench: error: {msg}", file=sys.stderr)
 
@@ -860,7 +894,10 @@ def main(args):
             _error(MISSING_MATPLOTLIB)
             return 2
     start = time.perf_counter()
+    cpu_before = _cpu_snapshot()
     peers = Peers(args.no_torch, args.no_optax, args.threads)
+    gc.collect()
+    gc.freeze()   # torch's and jax's objects: keeps the per-case collections short
     with lrfast.threads(args.threads) if args.threads is not None else nullcontext():
         nthreads = lrfast.get_num_threads()
         settings = {"mode": "quick" if args.quick else "full",
@@ -889,6 +926,7 @@ def main(args):
     for c in cases:
         c.analysis = analyse(c, floor)
     machine = machine_info(peers, nthreads)
+    machine["other_processes_cores"] = other_load(cpu_before)
     tg = report(cases, machine, floor, settings)
     wall = time.perf_counter() - start
     print(f"\nwall time: {wall:.1f} s")
