@@ -496,7 +496,9 @@ class Adam(Optimizer):
         \theta_t &= \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,
                     \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1-\beta_2^t} + \epsilon}
 
-    Kingma and Ba, 2015; AMSGrad from Reddi, Kale and Kumar, 2018; formulas as torch.optim.Adam.
+    Kingma and Ba, 2015; AMSGrad from Reddi, Kale and Kumar, 2018; formulas as torch.optim.Adam,
+    the last line evaluated as :math:`\theta - \frac{\eta\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+    \frac{m_t}{\sqrt{\hat v_t} + \epsilon\sqrt{1-\beta_2^t}}` (equal, one division per element).
     """
 
     _plan_kind = "adam"

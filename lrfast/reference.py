@@ -128,11 +128,18 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
         \hat v &\leftarrow \max(\hat v, v) \ \text{(amsgrad)}, \qquad \hat v = v \ \text{(otherwise)} \\
         \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
             \frac{m}{\sqrt{\hat v} / \sqrt{1 - \beta_2^t} + \epsilon}
+            = \theta - \frac{\eta \sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
+            \frac{m}{\sqrt{\hat v} + \epsilon \sqrt{1 - \beta_2^t}}
 
-    The bias corrections are computed in double precision, as torch does.
+    The bias corrections are computed in double precision, as torch does; the update is
+    evaluated in the second form (one division per element).
     """
-    step_size = lr / (1 - beta1 ** step)
+    # torch writes the step as (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps); multiplying top and
+    # bottom by sqrt(bc2) gives the same value with one division per element, which is what the
+    # kernels compute (the two orderings differ only in rounding).
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    neg_step = -(lr / (1 - beta1 ** step)) * bias_correction2_sqrt
+    eps_hat = eps * bias_correction2_sqrt
     for p, g, m, v, vmax in _tensors(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
         g = -g if maximize else g
         if weight_decay != 0:
@@ -146,8 +153,7 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
         if amsgrad:
             np.maximum(vmax, v, out=vmax)
             v = vmax
-        denom = np.sqrt(v) / bias_correction2_sqrt + eps
-        p += (-step_size * m) / denom
+        p += (neg_step * m) / (np.sqrt(v) + eps_hat)
 
 
 # ==========================================================================================
