@@ -3,7 +3,12 @@
 Cases (one benchmark group each):
 
 * ``adam-f32-16M``: a single tensor of 16 * 2**20 elements (memory-bandwidth bound);
-* ``adam-f32-1000x256``: 1000 tensors of 256 elements (per-tensor overhead bound).
+* ``adam-f32-1000x256``: 1000 tensors of 256 elements (per-tensor overhead bound);
+* ``adam-f32-200x10k``: 200 tensors of 10,000 elements;
+* ``adam-f32-1k``: one tensor of 1,000 elements (the whole Python call).
+
+``lrfast-flat`` runs the same tensors through ``lrfast.FlatParams``. ``python -m lrfast bench``
+covers every optimizer and float64 as well; this suite tracks the Adam float32 cases over time.
 
 Every implementation starts from the same random parameters and gradients (fixed seed) and
 uses the default hyper-parameters (lr=1e-3, betas=(0.9, 0.999), eps=1e-8). One untimed step
@@ -25,14 +30,26 @@ LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.999, 1e-8
 
 # name -> (tensor sizes, rounds, warmup rounds)
 CASES = {
+    "1k": ([1000], 200, 20),
     "16M": ([16 * 2**20], 9, 1),
     "1000x256": ([256] * 1000, 25, 2),
+    "200x10k": ([10_000] * 200, 25, 2),
 }
 
 
 def _lrfast(params, grads):
     opt = lrfast.Adam(params, lr=LR, betas=(BETA1, BETA2), eps=EPS)
     return lambda: opt.step(grads)
+
+
+def _lrfast_flat(params, grads):
+    """The same tensors allocated through lrfast.FlatParams: one loop over one buffer."""
+    flat = lrfast.FlatParams({f"t{i}": p.shape for i, p in enumerate(params)}, params[0].dtype)
+    flat.assign({f"t{i}": p for i, p in enumerate(params)})
+    for i, g in enumerate(grads):
+        flat.grads[f"t{i}"][...] = g
+    opt = lrfast.Adam(flat, lr=LR, betas=(BETA1, BETA2), eps=EPS)
+    return opt.step
 
 
 def _reference(params, grads):
@@ -62,6 +79,7 @@ def _torch(**flags):
 
 IMPLS = {
     "lrfast": _lrfast,
+    "lrfast-flat": _lrfast_flat,
     "numpy-reference": _reference,
     "torch-loop": _torch(foreach=False),
     "torch-fused": _torch(fused=True),
