@@ -476,16 +476,16 @@ def run_case(case, peers, settings, cache, progress):
     if case.kind == "threads":
         data = _Data(case.sizes, DTYPES[case.dtype])
         progress.task(f"{case.name}")
-        fn, args = _lrfast_step(case, data)
+        step, args = _lrfast_step(case, data)
         one, two = lrfast.threads(1), lrfast.threads(2)
 
         def step1(*a):
             with one:
-                fn(*a)
+                step(*a)
 
         def step2(*a):
             with two:
-                fn(*a)
+                step(*a)
         try:
             step1(*args)
             step2(*args)
