@@ -19,8 +19,8 @@
 # multiplications, where eps goes, lerp for running averages, bias corrections in double) and is
 # carried out in the tensor's own precision, so float32 results match torch to rounding.
 #
-# Validation happens in Python (and in ``gather_grads`` in _optim.pyx, with the GIL held) before any
-# kernel runs: the kernels trust their inputs.
+# Validation happens before any kernel runs, in Python and in ``_gather`` below (with the GIL
+# held, as part of a Plan's step): the kernels trust their inputs.
 
 from cython cimport floating
 from cython.parallel cimport prange
