@@ -11,6 +11,7 @@ called with it before the update (the first update uses ``lr(0)``), and bias cor
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -62,6 +63,7 @@ class Optimizer:
         self._is_dict = is_dict
         self._step_count = 0
         self._last_lr = None
+        self._busy = threading.Lock()
         self._allocate()
 
     # -- what subclasses provide ------------------------------------------------------------
@@ -194,25 +196,36 @@ class Optimizer:
 
         Everything is checked before anything is written: a step that raises changes nothing.
         """
-        grads = self._grad_list(grads)
-        lr = self._hyper["lr"]
-        if callable(lr):
-            lr = lr_value(lr, self._step_count)
-        t = self._step_count + 1
-        nthreads = get_num_threads()
-        if self._single_bank:
-            bad = self._plans[0].step(grads, lr, t, nthreads)
-            if bad is not None:
-                self._raise_bad_grad(self._banks[0], grads, bad)
-        else:
-            for bank, plan in zip(self._banks, self._plans):
-                bad = plan.gather([grads[i] for i in bank.indices])
+        # The kernel runs without the GIL, so a second Python thread could enter step() on the
+        # same optimizer meanwhile and overwrite its gradient addresses: refuse that instead.
+        if not self._busy.acquire(False):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() is already running in another thread; steps of "
+                "one optimizer must not overlap (use one optimizer per thread, or a lock)"
+            )
+        try:
+            grads = self._grad_list(grads)
+            lr = self._hyper["lr"]
+            if callable(lr):
+                lr = lr_value(lr, self._step_count)
+            t = self._step_count + 1
+            nthreads = get_num_threads()
+            if self._single_bank:
+                bad = self._plans[0].step(grads, lr, t, nthreads)
                 if bad is not None:
-                    self._raise_bad_grad(bank, [grads[i] for i in bank.indices], bad)
-            for plan in self._plans:
-                plan.run(lr, t, nthreads)
-        self._step_count = t
-        self._last_lr = lr
+                    self._raise_bad_grad(self._banks[0], grads, bad)
+            else:
+                for bank, plan in zip(self._banks, self._plans):
+                    seq = [grads[i] for i in bank.indices]
+                    bad = plan.gather(seq)
+                    if bad is not None:
+                        self._raise_bad_grad(bank, seq, bad)
+                for plan in self._plans:
+                    plan.run(lr, t, nthreads)
+            self._step_count = t
+            self._last_lr = lr
+        finally:
+            self._busy.release()
 
     def _raise_bad_grad(self, bank, seq, bad):
         code, k = bad
