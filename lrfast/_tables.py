@@ -55,15 +55,10 @@ class Bank:
         np.cumsum(sizes, out=self.offsets[1:])
         self.ndims = np.array([p.ndim for p in params], dtype=np.intp)
         self.dims = np.array([d for p in params for d in p.shape], dtype=np.intp)
-        self.shapes = [p.shape for p in params]
         ranges = sorted(byte_range(a) for a in written if a.nbytes > 0)
         self.wstart = np.array([r[0] for r in ranges], dtype=np.intp)
         self.wend = np.array([r[1] for r in ranges], dtype=np.intp)
         self._grad_row = self.table[GRAD_ROW]
-
-    @property
-    def total(self):
-        return int(self.offsets[-1])
 
     def gather(self, grads, params, labels, covers_all):
         """Check this bank's grads and record their addresses; raise on the first bad one."""

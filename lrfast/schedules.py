@@ -47,12 +47,12 @@ _MAX_STEP = 2**62
 # Parameter checks (once, at construction)
 # ------------------------------------------------------------------------------------------
 
-def _value(name, v, *, low=None, high=None, low_open=False, allow_inf=False):
+def _value(name, v, *, low=None, high=None, low_open=False):
     """A real number (not bool) within the bounds; ValueError names the parameter."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+    if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if low is not None and (v <= low if low_open else v < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
