@@ -4,7 +4,8 @@ Optimizers (torch.optim's names, defaults and formulas, over NumPy arrays, updat
 ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``. In-place functions: ``lrfast.functional``;
 their pure-NumPy twins: ``lrfast.reference``. Threads: ``set_num_threads``, ``get_num_threads``,
 ``threads``. Learning-rate schedules: ``lrfast.schedules`` (closed form, scalar and vector
-paths) and ``ReduceLROnPlateau``. Build facts: ``show_config``.
+paths) and ``ReduceLROnPlateau``. Gradient clipping: ``clip_grad_norm_``, ``grad_norm``. Exact
+resume: ``save_checkpoint``, ``load_checkpoint``. Build facts: ``show_config``.
 """
 from ._version import __version__
 
@@ -19,6 +20,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     ) from exc
 
 from . import functional, reference, schedules  # noqa: E402
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from .clipping import clip_grad_norm, clip_grad_norm_, grad_norm  # noqa: E402
 from ._config import show_config  # noqa: E402
 from ._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 from .flat import FlatParams  # noqa: E402
@@ -38,6 +41,12 @@ __all__ = [
     "reference",
     "schedules",
     "ReduceLROnPlateau",
+    "clip_grad_norm_",
+    "clip_grad_norm",
+    "grad_norm",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
     "set_num_threads",
     "get_num_threads",
     "threads",

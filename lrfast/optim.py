@@ -7,9 +7,26 @@ construction; each step only checks the gradients and reads their addresses.
 Step counting: ``step_count`` is the number of updates completed. A learning-rate schedule is
 called with it before the update (the first update uses ``lr(0)``), and bias corrections use
 ``t = step_count + 1``, as torch does.
+
+Options every optimizer takes (keyword-only):
+
+``skip_nonfinite`` (default False)
+    Before each update, one read-only native pass checks every gradient element (after
+    unscaling). If any is NaN or infinite the whole step is skipped: no parameter or state
+    element changes, ``step_count`` does not advance, ``skipped_steps`` goes up by one and
+    ``step()`` returns False. Off, nothing is checked and nothing is slower.
+``flush_subnormals`` (default False)
+    Run the update with the CPU's flush-to-zero and denormals-are-zero modes on in the kernel's
+    threads (restored afterwards; the rest of the process is unaffected). Subnormal gradients
+    and moments then read and write as zero, which avoids the slow path some CPUs take on them.
+
+``step(grads, grad_scale=s)`` divides the gradients by a loss scale as part of the update (they
+are multiplied by ``1/s``, computed in double and rounded to the gradient's dtype, as a
+GradScaler's unscale does); the gradient arrays themselves are not modified.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import threading
 from collections.abc import Mapping
@@ -25,10 +42,12 @@ from ._validation import (
     as_named,
     check_array,
     check_betas,
+    check_bool,
     check_disjoint,
     label,
     lr_value,
 )
+from ._optim import GATHER_NONFINITE
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
@@ -43,7 +62,14 @@ class Optimizer:
     _plan_kind = ""
     _state_rows: tuple = ()
 
-    def __init__(self, params, hyper):
+    def __init__(self, params, hyper, *, skip_nonfinite=False, flush_subnormals=False):
+        skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite")
+        flush_subnormals = check_bool(flush_subnormals, "flush_subnormals")
+        if flush_subnormals and not _dispatch.kernels.has_flush_to_zero():
+            raise ValueError("flush_subnormals is not supported on this CPU architecture")
+        self._skip_nonfinite = skip_nonfinite
+        self._flush_subnormals = flush_subnormals
+        self._skipped = 0
         self._flat = params if isinstance(params, FlatParams) else None
         if self._flat is not None:
             # One tensor: the whole flat buffer, updated by a single loop.
@@ -123,6 +149,7 @@ class Optimizer:
         hyper, flags = self._plan_values()
         for plan in self._plans:
             plan.set_hyper(hyper, flags)
+            plan.set_options(self._skip_nonfinite, self._flush_subnormals)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -130,6 +157,19 @@ class Optimizer:
     def step_count(self) -> int:
         """Updates completed so far."""
         return self._step_count
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was NaN or infinite (``skip_nonfinite=True``)."""
+        return self._skipped
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        return self._skip_nonfinite
+
+    @property
+    def flush_subnormals(self) -> bool:
+        return self._flush_subnormals
 
     @property
     def last_lr(self):
@@ -190,12 +230,18 @@ class Optimizer:
             raise ValueError(f"expected {n} grads (one per parameter), got {len(grads)}")
         return grads
 
-    def step(self, grads=None) -> None:
+    def step(self, grads=None, *, grad_scale=1.0) -> bool:
         """Apply one update with ``grads`` (same kind, order, shapes and dtypes as the params;
         for a FlatParams, no argument: its ``grad`` buffer is used).
 
-        Everything is checked before anything is written: a step that raises changes nothing.
+        ``grad_scale``: the loss scale the gradients carry; they are multiplied by
+        ``1/grad_scale`` inside the update (the arrays are not modified).
+
+        Returns True when the update was applied, False when it was skipped because a gradient
+        is not finite (only with ``skip_nonfinite=True``). Everything is checked before anything
+        is written: a step that raises, or is skipped, changes nothing but ``skipped_steps``.
         """
+        inv_scale = _inverse_scale(grad_scale)
         # The kernel runs without the GIL, so a second Python thread could enter step() on the
         # same optimizer meanwhile and overwrite its gradient addresses: refuse that instead.
         if not self._busy.acquire(False):
@@ -211,8 +257,11 @@ class Optimizer:
             t = self._step_count + 1
             nthreads = get_num_threads()
             if self._single_bank:
-                bad = self._plans[0].step(grads, lr, t, nthreads)
+                bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale)
                 if bad is not None:
+                    if bad[0] == GATHER_NONFINITE:
+                        self._skipped += 1
+                        return False
                     self._raise_bad_grad(self._banks[0], grads, bad)
             else:
                 for bank, plan in zip(self._banks, self._plans):
@@ -220,10 +269,15 @@ class Optimizer:
                     bad = plan.gather(seq)
                     if bad is not None:
                         self._raise_bad_grad(bank, seq, bad)
+                if self._skip_nonfinite and not all(
+                        plan.all_finite(inv_scale, nthreads) for plan in self._plans):
+                    self._skipped += 1
+                    return False
                 for plan in self._plans:
-                    plan.run(lr, t, nthreads)
+                    plan.run(lr, t, nthreads, inv_scale)
             self._step_count = t
             self._last_lr = lr
+            return True
         finally:
             self._busy.release()
 
@@ -244,6 +298,7 @@ class Optimizer:
         return {
             "optimizer": type(self).__name__,
             "step_count": self._step_count,
+            "skipped_steps": self._skipped,
             "hyperparams": hyper,
             "state": {
                 key: {name: view.copy() for name, view in views.items()}
@@ -266,6 +321,10 @@ class Optimizer:
         The saved learning rate replaces the current one only when both are numbers: a schedule
         given to this optimizer is kept, and resumes at the loaded ``step_count``.
         """
+        self._commit_state(self._check_state_dict(state_dict))
+
+    def _check_state_dict(self, state_dict):
+        """Validate a state dict against this optimizer; return what ``_commit_state`` needs."""
         name = type(self).__name__
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -277,6 +336,9 @@ class Optimizer:
         steps = state_dict["step_count"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"state_dict['step_count'] must be an int >= 0, got {steps!r}")
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral) or skipped < 0:
+            raise ValueError(f"state_dict['skipped_steps'] must be an int >= 0, got {skipped!r}")
         saved = state_dict["hyperparams"]
         if not isinstance(saved, Mapping) or set(saved) != set(self._hyper):
             raise ValueError(
@@ -312,7 +374,11 @@ class Optimizer:
                     raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape {p.shape}")
                 if arr.dtype != p.dtype:
                     raise TypeError(f"{what} has dtype {arr.dtype}, but the parameter has dtype {p.dtype}")
-        # Everything checked: commit.
+        return hyper, active, state, int(steps), int(skipped)
+
+    def _commit_state(self, checked):
+        """Apply a validated state dict (cannot fail)."""
+        hyper, active, state, steps, skipped = checked
         if active != self._active_state(self._hyper):
             self._hyper = hyper
             self._allocate()
@@ -321,11 +387,23 @@ class Optimizer:
         for key, _, views in self._named_state():
             for buf_name, view in views.items():
                 np.copyto(view, state[key][buf_name])
-        self._step_count = int(steps)
+        self._step_count = steps
+        self._skipped = skipped
 
     def __repr__(self):
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
         return f"{type(self).__name__}({len(self._params)} tensors, {hp})"
+
+
+def _inverse_scale(grad_scale) -> float:
+    if grad_scale == 1.0 and type(grad_scale) in (float, int):
+        return 1.0
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"grad_scale must be a real number, got {type(grad_scale).__name__}")
+    s = float(grad_scale)
+    if not (s > 0 and math.isfinite(s)):
+        raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale!r}")
+    return 1.0 / s
 
 
 class SGD(Optimizer):
@@ -340,6 +418,7 @@ class SGD(Optimizer):
     weight_decay : float, default 0 (L2 penalty added to the gradient)
     nesterov : bool, default False
     maximize : bool, default False
+    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
 
     Notes
     -----
@@ -359,11 +438,13 @@ class SGD(Optimizer):
     _state_rows = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False):
+                 nesterov=False, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False):
         hyper = self._validate(dict(lr=lr, momentum=momentum, dampening=dampening,
                                     weight_decay=weight_decay, nesterov=nesterov,
                                     maximize=maximize))
-        super().__init__(params, hyper)
+        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+                         flush_subnormals=flush_subnormals)
 
     @classmethod
     def _validate(cls, h):
@@ -393,6 +474,7 @@ class Adagrad(Optimizer):
         False: :math:`\sqrt{s_t} + \epsilon` as torch; True: :math:`\sqrt{s_t + \epsilon}` as the
         seed articles' AdaGrad and optax.
     maximize : bool, default False
+    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
 
     Notes
     -----
@@ -410,11 +492,13 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, eps_inside_sqrt=False,
-                 maximize=False):
+                 maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False):
         hyper = self._validate(dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                     initial_accumulator_value=initial_accumulator_value,
                                     eps=eps, eps_inside_sqrt=eps_inside_sqrt, maximize=maximize))
-        super().__init__(params, hyper)
+        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+                         flush_subnormals=flush_subnormals)
 
     @classmethod
     def _validate(cls, h):
@@ -442,6 +526,7 @@ class RMSprop(Optimizer):
     momentum : float, default 0
     centered : bool, default False
     maximize : bool, default False
+    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
 
     Notes
     -----
@@ -461,10 +546,12 @@ class RMSprop(Optimizer):
     _state_rows = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False):
+                 centered=False, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False):
         hyper = self._validate(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                     momentum=momentum, centered=centered, maximize=maximize))
-        super().__init__(params, hyper)
+        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+                         flush_subnormals=flush_subnormals)
 
     @classmethod
     def _validate(cls, h):
@@ -496,6 +583,7 @@ class Adam(Optimizer):
     weight_decay : float, default 0 (added to the gradient; see AdamW for decoupled decay)
     amsgrad : bool, default False
     maximize : bool, default False
+    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
 
     Notes
     -----
@@ -519,11 +607,13 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False):
+                 amsgrad=False, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False):
         b1, b2 = check_betas(betas)
         hyper = self._validate(dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
                                     amsgrad=amsgrad, maximize=maximize))
-        super().__init__(params, hyper)
+        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+                         flush_subnormals=flush_subnormals)
 
     @classmethod
     def _validate(cls, h):
@@ -557,6 +647,8 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False):
+                 amsgrad=False, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
+                         amsgrad=amsgrad, maximize=maximize, skip_nonfinite=skip_nonfinite,
+                         flush_subnormals=flush_subnormals)

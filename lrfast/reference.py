@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "schedule_values"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "all_finite", "grad_norm", "clip_grad_norm_",
+           "schedule_values"]
 
 
 def _tensors(*arrays):
@@ -154,6 +155,40 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
             np.maximum(vmax, v, out=vmax)
             v = vmax
         p += (neg_step * m) / (np.sqrt(v) + eps_hat)
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient checks and clipping (lrfast.optim's skip_nonfinite, lrfast.clipping)
+# ------------------------------------------------------------------------------------------
+
+def all_finite(grads, grad_scale=1.0):
+    """Are all elements of ``grads`` (a list of arrays), times 1/grad_scale, finite?"""
+    for g in grads:
+        inv = g.dtype.type(1.0 / grad_scale)
+        if not np.all(np.isfinite(g * inv)):
+            return False
+    return True
+
+
+def grad_norm(grads, norm_type=2.0):
+    """The p-norm of all elements of ``grads`` (a list of arrays) as one vector, in float64."""
+    flat = np.concatenate([np.abs(g.astype(np.float64).ravel()) for g in grads] + [np.zeros(0)])
+    if norm_type == math.inf:
+        return float(flat.max()) if flat.size else 0.0
+    return float(math.fsum(flat ** norm_type) ** (1.0 / norm_type))
+
+
+def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
+    """g <- g * min(1, max_norm / (norm + 1e-6)) for every g of ``grads``; returns the norm."""
+    total = grad_norm(grads, norm_type)
+    if error_if_nonfinite and not math.isfinite(total):
+        raise RuntimeError("non-finite total norm")
+    with np.errstate(invalid="ignore"):
+        coef = max_norm / (total + 1e-6)
+        if not (coef >= 1.0):
+            for g in grads:
+                g *= g.dtype.type(coef)
+    return total
 
 
 # ==========================================================================================

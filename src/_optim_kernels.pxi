@@ -24,9 +24,11 @@
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport pow, sqrt, sqrtf
+from libc.float cimport DBL_MAX, FLT_MAX
+from libc.math cimport fabs, pow, sqrt, sqrtf
 from libc.stdint cimport intptr_t
 
+from _fpenv cimport LRFAST_HAVE_FTZ, lrfast_ftz_enter, lrfast_ftz_leave
 from _openmp_helpers cimport omp_get_max_threads
 
 import numpy as np
@@ -75,7 +77,11 @@ def set_min_elements_per_thread(overrides):
         raise ValueError("the threshold must be at least 1 element")
     _override_per_thread = overrides
 
-ctypedef void (*segment_fn)(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil
+# A segment function updates ``n`` elements of every buffer from the pointers ``ptrs``. It may
+# fold a value into ``acc[0]`` (reductions) and returns a count that the drivers add up
+# (the non-finite check); the optimizer updates return 0 and leave ``acc`` alone.
+ctypedef int (*segment_fn)(char** ptrs, Py_ssize_t n, const void* args,
+                           double* acc) noexcept nogil
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,14 +96,17 @@ cdef inline Py_ssize_t _split(Py_ssize_t total, int part, int nparts) noexcept n
     return at - at % SPAN_ALIGN
 
 
-cdef void _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
-                    const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
-                    Py_ssize_t begin, Py_ssize_t end, const void* args) noexcept nogil:
-    """Apply ``fn`` to the elements [begin, end) of the concatenated tensors."""
+cdef int _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                   const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
+                   Py_ssize_t begin, Py_ssize_t end, const void* args,
+                   double* acc) noexcept nogil:
+    """Apply ``fn`` to the elements [begin, end) of the concatenated tensors, tensor by
+    tensor in index order; return the sum of its counts."""
     cdef char* ptrs[MAX_BUFFERS]
     cdef Py_ssize_t lo_k = 0, hi_k = ntensors, mid, k, a, b, j
+    cdef int count = 0
     if begin >= end:
-        return
+        return 0
     # The last tensor that starts at or before ``begin``.
     while hi_k - lo_k > 1:
         mid = (lo_k + hi_k) // 2
@@ -112,8 +121,26 @@ cdef void _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
         if b > a:
             for j in range(nbuf):
                 ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize
-            fn(ptrs, b - a, args)
+            count += fn(ptrs, b - a, args, acc)
         k += 1
+    return count
+
+
+cdef int _run_span_env(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                       const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
+                       Py_ssize_t begin, Py_ssize_t end, const void* args,
+                       bint ftz) noexcept nogil:
+    """``_run_span`` with flush-to-zero on in this thread for its duration when ``ftz``."""
+    cdef double unused = 0
+    cdef unsigned long long saved
+    cdef int count
+    if not ftz:
+        return _run_span(fn, table, nbuf, offsets, ntensors, itemsize, begin, end, args, &unused)
+    saved = lrfast_ftz_enter()
+    # ``fn`` is called through a pointer, so no floating-point work moves across these calls.
+    count = _run_span(fn, table, nbuf, offsets, ntensors, itemsize, begin, end, args, &unused)
+    lrfast_ftz_leave(saved)
+    return count
 
 
 cdef int _team_size(Py_ssize_t total, int nthreads, Py_ssize_t min_per_thread) noexcept nogil:
@@ -129,17 +156,19 @@ cdef int _team_size(Py_ssize_t total, int nthreads, Py_ssize_t min_per_thread) n
     return <int>(useful if useful < nthreads else nthreads)
 
 
-cdef void _run(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf, const Py_ssize_t* offsets,
-               Py_ssize_t ntensors, Py_ssize_t itemsize, int nthreads, Py_ssize_t min_per_thread,
-               const void* args) noexcept nogil:
+cdef int _run(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf, const Py_ssize_t* offsets,
+              Py_ssize_t ntensors, Py_ssize_t itemsize, int nthreads, Py_ssize_t min_per_thread,
+              const void* args, bint ftz) noexcept nogil:
+    """Run ``fn`` over all elements, one contiguous span per thread; return the summed counts."""
     cdef Py_ssize_t total = offsets[ntensors]
     cdef int team = _team_size(total, nthreads, min_per_thread), tid
+    cdef int count = 0
     if team == 1:
-        _run_span(fn, table, nbuf, offsets, ntensors, itemsize, 0, total, args)
-        return
+        return _run_span_env(fn, table, nbuf, offsets, ntensors, itemsize, 0, total, args, ftz)
     for tid in prange(team, num_threads=team, schedule='static'):
-        _run_span(fn, table, nbuf, offsets, ntensors, itemsize,
-                  _split(total, tid, team), _split(total, tid + 1, team), args)
+        count += _run_span_env(fn, table, nbuf, offsets, ntensors, itemsize,
+                               _split(total, tid, team), _split(total, tid + 1, team), args, ftz)
+    return count
 
 
 cdef int _launch(segment_fn fn, intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64,
@@ -153,7 +182,7 @@ cdef int _launch(segment_fn fn, intptr_t[:, ::1] table, Py_ssize_t[::1] offsets,
         return 0
     with nogil:
         _run(fn, &table[0, 0], table.shape[0], &offsets[0], ntensors,
-             8 if is64 else 4, nthreads, min_per_thread, args)
+             8 if is64 else 4, nthreads, min_per_thread, args, False)
     return 0
 
 
@@ -182,6 +211,7 @@ cdef inline floating _lerp(floating start, floating end, floating w, floating on
 
 cdef struct SGDArgs:
     bint is64
+    double grad_factor  # 1/grad_scale, negated when maximizing
     double neg_lr
     double weight_decay
     double momentum
@@ -193,7 +223,8 @@ cdef struct SGDArgs:
 
 cdef inline void _sgd_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,
                            const SGDArgs* a) noexcept nogil:
-    cdef floating sign = -1 if a.maximize else 1
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
     cdef floating wd = <floating>a.weight_decay, mom = <floating>a.momentum
     cdef floating omd = <floating>a.one_minus_dampening, neg_lr = <floating>a.neg_lr
     cdef bint has_wd = a.weight_decay != 0, has_mom = a.momentum != 0
@@ -217,12 +248,13 @@ cdef inline void _sgd_loop(floating* p, const floating* g, floating* buf, Py_ssi
         p[i] = p[i] + neg_lr * gi
 
 
-cdef void _sgd_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+cdef int _sgd_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
     cdef const SGDArgs* a = <const SGDArgs*>args
     if a.is64:
         _sgd_loop(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a)
     else:
         _sgd_loop(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a)
+    return 0
 
 
 def sgd_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
@@ -230,14 +262,16 @@ def sgd_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nth
              bint maximize, bint first_step):
     """SGD over the tensors of ``table`` (rows: param, grad, momentum_buffer)."""
     cdef SGDArgs a
-    _sgd_args(&a, is64, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+    _sgd_args(&a, is64, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+              1.0)
     _launch(_sgd_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_SGD, &a)
 
 
 cdef inline void _sgd_args(SGDArgs* a, bint is64, double lr, double momentum, double dampening,
                            double weight_decay, bint nesterov, bint maximize,
-                           bint first_step) noexcept nogil:
+                           bint first_step, double inv_scale) noexcept nogil:
     a.is64 = is64
+    a.grad_factor = -inv_scale if maximize else inv_scale
     a.neg_lr = -lr
     a.weight_decay = weight_decay
     a.momentum = momentum
@@ -253,6 +287,7 @@ cdef inline void _sgd_args(SGDArgs* a, bint is64, double lr, double momentum, do
 
 cdef struct AdagradArgs:
     bint is64
+    double grad_factor  # 1/grad_scale, negated when maximizing
     double neg_clr
     double weight_decay
     double eps
@@ -262,7 +297,8 @@ cdef struct AdagradArgs:
 
 cdef inline void _adagrad_loop(floating* p, const floating* g, floating* acc, Py_ssize_t n,
                                const AdagradArgs* a) noexcept nogil:
-    cdef floating sign = -1 if a.maximize else 1
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
     cdef floating wd = <floating>a.weight_decay, eps = <floating>a.eps
     cdef floating neg_clr = <floating>a.neg_clr
     cdef bint has_wd = a.weight_decay != 0, inside = a.eps_inside_sqrt
@@ -281,12 +317,13 @@ cdef inline void _adagrad_loop(floating* p, const floating* g, floating* acc, Py
         p[i] = p[i] + (neg_clr * gi) / std
 
 
-cdef void _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+cdef int _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
     cdef const AdagradArgs* a = <const AdagradArgs*>args
     if a.is64:
         _adagrad_loop(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a)
     else:
         _adagrad_loop(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a)
+    return 0
 
 
 def adagrad_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
@@ -294,14 +331,16 @@ def adagrad_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int
                  bint eps_inside_sqrt, bint maximize, long step):
     """Adagrad over the tensors of ``table`` (rows: param, grad, sum); ``step`` counts from 1."""
     cdef AdagradArgs a
-    _adagrad_args(&a, is64, lr, lr_decay, weight_decay, eps, eps_inside_sqrt, maximize, step)
+    _adagrad_args(&a, is64, lr, lr_decay, weight_decay, eps, eps_inside_sqrt, maximize, step,
+                  1.0)
     _launch(_adagrad_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAGRAD, &a)
 
 
 cdef inline void _adagrad_args(AdagradArgs* a, bint is64, double lr, double lr_decay,
                                double weight_decay, double eps, bint eps_inside_sqrt,
-                               bint maximize, long step) noexcept nogil:
+                               bint maximize, long step, double inv_scale) noexcept nogil:
     a.is64 = is64
+    a.grad_factor = -inv_scale if maximize else inv_scale
     a.neg_clr = -(lr / (1.0 + (step - 1) * lr_decay))
     a.weight_decay = weight_decay
     a.eps = eps
@@ -315,6 +354,7 @@ cdef inline void _adagrad_args(AdagradArgs* a, bint is64, double lr, double lr_d
 
 cdef struct RMSpropArgs:
     bint is64
+    double grad_factor  # 1/grad_scale, negated when maximizing
     double neg_lr
     double alpha
     double eps
@@ -330,7 +370,8 @@ cdef inline void _rmsprop_loop(floating* p, const floating* g, floating* sq, flo
     # ``centered`` and ``has_mom`` are passed as constants so that each of the four variants is
     # compiled as its own loop: gcc does not unswitch this many invariant branches by itself and
     # would leave the loop scalar.
-    cdef floating sign = -1 if a.maximize else 1
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
     cdef floating wd = <floating>a.weight_decay, eps = <floating>a.eps
     cdef floating alpha = <floating>a.alpha, neg_lr = <floating>a.neg_lr
     cdef floating mom = <floating>a.momentum
@@ -361,7 +402,7 @@ cdef inline void _rmsprop_loop(floating* p, const floating* g, floating* sq, flo
             p[i] = p[i] + (neg_lr * gi) / avg
 
 
-cdef void _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+cdef int _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
     cdef const RMSpropArgs* a = <const RMSpropArgs*>args
     if a.is64:
         _rmsprop_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
@@ -369,6 +410,7 @@ cdef void _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept
     else:
         _rmsprop_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
                        <float*>ptrs[3], <float*>ptrs[4], n, a)
+    return 0
 
 
 cdef inline void _rmsprop_typed(floating* p, const floating* g, floating* sq, floating* buf,
@@ -390,14 +432,15 @@ def rmsprop_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int
                  bint centered, bint maximize):
     """RMSprop over ``table`` (rows: param, grad, square_avg, momentum_buffer, grad_avg)."""
     cdef RMSpropArgs a
-    _rmsprop_args(&a, is64, lr, alpha, eps, weight_decay, momentum, centered, maximize)
+    _rmsprop_args(&a, is64, lr, alpha, eps, weight_decay, momentum, centered, maximize, 1.0)
     _launch(_rmsprop_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_RMSPROP, &a)
 
 
 cdef inline void _rmsprop_args(RMSpropArgs* a, bint is64, double lr, double alpha, double eps,
                                double weight_decay, double momentum, bint centered,
-                               bint maximize) noexcept nogil:
+                               bint maximize, double inv_scale) noexcept nogil:
     a.is64 = is64
+    a.grad_factor = -inv_scale if maximize else inv_scale
     a.neg_lr = -lr
     a.alpha = alpha
     a.eps = eps
@@ -413,6 +456,7 @@ cdef inline void _rmsprop_args(RMSpropArgs* a, bint is64, double lr, double alph
 
 cdef struct AdamArgs:
     bint is64
+    double grad_factor  # 1/grad_scale, negated when maximizing
     double beta1
     double beta2
     double eps
@@ -430,7 +474,8 @@ cdef inline void _adam_loop(floating* p, const floating* g, floating* m, floatin
                             bint small_w, bint coupled, bint amsgrad) noexcept nogil:
     # ``small_w``, ``coupled`` and ``amsgrad`` arrive as constants (see _adam_typed), so each
     # variant is compiled as its own branch-free loop that gcc vectorises.
-    cdef floating sign = -1 if a.maximize else 1
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
     cdef floating wd = <floating>a.weight_decay
     # Decoupled decay multiplies the param by 1 - lr*wd; otherwise by 1, which is exact.
     cdef floating scale = <floating>a.param_scale if a.decoupled else 1
@@ -486,7 +531,7 @@ cdef inline void _adam_typed(floating* p, const floating* g, floating* m, floati
         _adam_loop(p, g, m, v, vmax, n, a, False, False, False)
 
 
-cdef void _adam_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept nogil:
+cdef int _adam_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
     cdef const AdamArgs* a = <const AdamArgs*>args
     if a.is64:
         _adam_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
@@ -494,6 +539,7 @@ cdef void _adam_segment(char** ptrs, Py_ssize_t n, const void* args) noexcept no
     else:
         _adam_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
                     <float*>ptrs[3], <float*>ptrs[4], n, a)
+    return 0
 
 
 def adam_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
@@ -504,17 +550,19 @@ def adam_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nt
     ``step`` is the 1-based number of this update, used for the bias corrections.
     """
     cdef AdamArgs a
-    _adam_args(&a, is64, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step)
+    _adam_args(&a, is64, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step,
+               1.0)
     _launch(_adam_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_ADAM, &a)
 
 
 cdef inline void _adam_args(AdamArgs* a, bint is64, double lr, double beta1, double beta2,
                             double eps, double weight_decay, bint decoupled, bint amsgrad,
-                            bint maximize, long step) noexcept nogil:
+                            bint maximize, long step, double inv_scale) noexcept nogil:
     # Bias corrections in double, from the 1-based step, as torch computes them.
     cdef double bc1 = 1.0 - pow(beta1, <double>step)
     cdef double bc2 = 1.0 - pow(beta2, <double>step)
     a.is64 = is64
+    a.grad_factor = -inv_scale if maximize else inv_scale
     a.beta1 = beta1
     a.beta2 = beta2
     a.eps = eps
@@ -527,6 +575,211 @@ cdef inline void _adam_args(AdamArgs* a, bint is64, double lr, double beta1, dou
     a.maximize = maximize
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite check: a read-only pass over the grads, before a step writes anything
+# --------------------------------------------------------------------------------------------
+
+cdef struct FiniteArgs:
+    bint is64
+    double factor  # the factor the update multiplies the grads by (1/grad_scale)
+    Py_ssize_t row  # which buffer of the table holds the grads
+
+
+cdef inline int _finite_loop(const floating* g, Py_ssize_t n, floating factor) noexcept nogil:
+    # |x| <= MAX is false for inf and NaN alike; the AND keeps the loop branch-free, so it
+    # vectorises (a pass that stops early would not, and a bad step is rare).
+    cdef floating big = DBL_MAX if floating is double else FLT_MAX
+    cdef int ok = 1
+    cdef Py_ssize_t i
+    for i in range(n):
+        ok = ok & (fabs(g[i] * factor) <= big)
+    return ok
+
+
+cdef int _finite_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+    """1 when a grad element of the segment (times the factor) is NaN or infinite, else 0."""
+    cdef const FiniteArgs* a = <const FiniteArgs*>args
+    if a.is64:
+        return 1 - _finite_loop(<const double*>ptrs[a.row], n, <double>a.factor)
+    return 1 - _finite_loop(<const float*>ptrs[a.row], n, <float>a.factor)
+
+
+# --------------------------------------------------------------------------------------------
+# Global gradient norm (deterministic) and in-place scaling, for clip_grad_norm_
+# --------------------------------------------------------------------------------------------
+#
+# The concatenated grads are cut into fixed blocks of NORM_BLOCK elements, whatever the number
+# of threads. Each block's partial (a sum of |x|^p in double, or a max of |x|) is computed in a
+# fixed order; the partials are then combined serially in block order. The result is therefore
+# bitwise the same for any number of threads.
+
+cdef enum:
+    NORM_BLOCK = 4096
+    NORM_SUMSQ = 0
+    NORM_SUMABS = 1
+    NORM_MAX = 2
+    NORM_POW = 3
+
+cdef struct NormArgs:
+    bint is64
+    int kind
+    double p
+
+
+cdef inline double _nan_max(double m, double x) noexcept nogil:
+    """max that keeps NaN: once NaN, always NaN."""
+    if x > m or x != x:
+        return x
+    return m
+
+
+cdef inline double _norm_loop(const floating* x, Py_ssize_t n, int kind, double p) noexcept nogil:
+    # Eight running sums (the SLP vectoriser packs them into vectors); fixed lane order.
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, d
+    cdef Py_ssize_t i, m = n - n % 8
+    if kind == NORM_MAX:
+        for i in range(n):
+            s0 = _nan_max(s0, fabs(<double>x[i]))
+        return s0
+    if kind == NORM_POW:
+        for i in range(n):
+            s0 += pow(fabs(<double>x[i]), p)
+        return s0
+    if kind == NORM_SUMABS:
+        for i in range(0, m, 8):
+            s0 += fabs(<double>x[i])
+            s1 += fabs(<double>x[i + 1])
+            s2 += fabs(<double>x[i + 2])
+            s3 += fabs(<double>x[i + 3])
+            s4 += fabs(<double>x[i + 4])
+            s5 += fabs(<double>x[i + 5])
+            s6 += fabs(<double>x[i + 6])
+            s7 += fabs(<double>x[i + 7])
+        for i in range(m, n):
+            s0 += fabs(<double>x[i])
+    else:
+        for i in range(0, m, 8):
+            d = x[i]
+            s0 += d * d
+            d = x[i + 1]
+            s1 += d * d
+            d = x[i + 2]
+            s2 += d * d
+            d = x[i + 3]
+            s3 += d * d
+            d = x[i + 4]
+            s4 += d * d
+            d = x[i + 5]
+            s5 += d * d
+            d = x[i + 6]
+            s6 += d * d
+            d = x[i + 7]
+            s7 += d * d
+        for i in range(m, n):
+            d = x[i]
+            s0 += d * d
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+cdef int _norm_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+    cdef const NormArgs* a = <const NormArgs*>args
+    cdef double part
+    if a.is64:
+        part = _norm_loop(<const double*>ptrs[0], n, a.kind, a.p)
+    else:
+        part = _norm_loop(<const float*>ptrs[0], n, a.kind, a.p)
+    if a.kind == NORM_MAX:
+        acc[0] = _nan_max(acc[0], part)
+    else:
+        acc[0] += part
+    return 0
+
+
+cdef struct ScaleArgs:
+    bint is64
+    double factor
+
+
+cdef inline void _scale_loop(floating* x, Py_ssize_t n, floating c) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        x[i] = x[i] * c
+
+
+cdef int _scale_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+    cdef const ScaleArgs* a = <const ScaleArgs*>args
+    if a.is64:
+        _scale_loop(<double*>ptrs[0], n, <double>a.factor)
+    else:
+        _scale_loop(<float*>ptrs[0], n, <float>a.factor)
+    return 0
+
+
+NORM_BLOCK_SIZE = NORM_BLOCK
+
+
+def norm_kind(double norm_type):
+    """(kind, p) for a norm order: 2 and 1 have fast paths, inf is a max, other p > 0 use pow."""
+    if norm_type == 2.0:
+        return NORM_SUMSQ
+    if norm_type == 1.0:
+        return NORM_SUMABS
+    if norm_type == float("inf"):
+        return NORM_MAX
+    return NORM_POW
+
+
+def grad_norm_reduce(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads,
+                     double norm_type, double[::1] partials):
+    """sum |x|^p over all tensors of ``table`` (row 0), or max |x| when p is inf.
+
+    ``partials`` is scratch with at least ``ceil(total / NORM_BLOCK)`` entries. The result does
+    not depend on ``nthreads`` (see the section comment).
+    """
+    cdef NormArgs a
+    cdef Py_ssize_t ntensors = table.shape[1], total, nblocks, blk, end
+    cdef int team
+    cdef double out = 0
+    if offsets.shape[0] != ntensors + 1:
+        raise ValueError("offsets must have one entry more than the table has columns")
+    if ntensors == 0:
+        return 0.0
+    total = offsets[ntensors]
+    nblocks = (total + NORM_BLOCK - 1) // NORM_BLOCK
+    if partials.shape[0] < nblocks:
+        raise ValueError(f"partials needs {nblocks} entries")
+    a.is64 = is64
+    a.kind = norm_kind(norm_type)
+    a.p = norm_type
+    team = _team_size(total, nthreads, MIN_PER_THREAD_ADAGRAD)
+    with nogil:
+        for blk in prange(nblocks, num_threads=team, schedule='static'):
+            partials[blk] = 0
+            end = (blk + 1) * NORM_BLOCK
+            _run_span(_norm_segment, &table[0, 0], 1, &offsets[0], ntensors, 8 if is64 else 4,
+                      blk * NORM_BLOCK, end if end < total else total, &a, &partials[blk])
+        for blk in range(nblocks):
+            if a.kind == NORM_MAX:
+                out = _nan_max(out, partials[blk])
+            else:
+                out += partials[blk]
+    return out
+
+
+def scale_(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads,
+           double factor):
+    """x *= factor (rounded to the tensors' dtype) over all tensors of ``table`` (row 0)."""
+    cdef ScaleArgs a
+    a.is64 = is64
+    a.factor = factor
+    _launch(_scale_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_SGD, &a)
+
+
+def has_flush_to_zero():
+    """Can the kernels' threads flush subnormals to zero on this CPU architecture?"""
+    return bool(LRFAST_HAVE_FTZ)
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,6 +826,8 @@ GATHER_SHAPE = 3
 GATHER_NOT_CONTIGUOUS = 4
 GATHER_OVERLAP = 5
 GATHER_MISALIGNED = 6
+# Not a gather error: Plan.step's verdict for a step skipped because a grad is not finite.
+GATHER_NONFINITE = 7
 
 
 cdef bint _overlaps(intptr_t start, intptr_t end, const intptr_t* wstart, const intptr_t* wend,
@@ -699,6 +954,7 @@ cdef class Plan:
     cdef bint is64
     cdef double hp[4]
     cdef bint fl[3]
+    cdef bint check, ftz
 
     def __init__(self, str kind, cnp.ndarray table, cnp.ndarray offsets, bint is64, int typenum,
                  cnp.ndarray ndims, cnp.ndarray dims, cnp.ndarray wstart, cnp.ndarray wend):
@@ -734,6 +990,14 @@ cdef class Plan:
         for j in range(3):
             self.fl[j] = flags[j] if j < len(flags) else False
 
+    def set_options(self, bint skip_nonfinite, bint flush_subnormals):
+        """``skip_nonfinite``: ``step`` checks the grads first and updates nothing when one is
+        NaN or infinite. ``flush_subnormals``: the update runs with flush-to-zero on."""
+        if flush_subnormals and not LRFAST_HAVE_FTZ:
+            raise ValueError("flush_subnormals is not supported on this CPU architecture")
+        self.check = skip_nonfinite
+        self.ftz = flush_subnormals
+
     def gather(self, grads):
         """Check the grads and record their addresses: None, or (code, index) of the first bad."""
         cdef Py_ssize_t bad
@@ -744,12 +1008,21 @@ cdef class Plan:
                                 self.nw, &bad)
         return (code, bad) if code else None
 
-    def run(self, double lr, long step, int nthreads):
-        """Run the update with the recorded grads (``step`` is 1-based)."""
-        self._run(lr, step, nthreads)
+    def all_finite(self, double inv_scale, int nthreads):
+        """Are all recorded grads, times ``inv_scale``, finite?"""
+        return self._all_finite(inv_scale, nthreads)
 
-    def step(self, grads, double lr, long step, int nthreads):
-        """``gather`` then ``run``; returns ``gather``'s verdict (None when the step ran)."""
+    def run(self, double lr, long step, int nthreads, double inv_scale=1.0):
+        """Run the update with the recorded grads (``step`` is 1-based), unconditionally."""
+        self._run(lr, step, nthreads, inv_scale)
+
+    def step(self, grads, double lr, long step, int nthreads, double inv_scale=1.0):
+        """``gather``, the non-finite check when enabled, then ``run``.
+
+        Returns None when the step ran, ``(code, index)`` for a bad grad, and
+        ``(GATHER_NONFINITE, -1)`` when it was skipped for a non-finite grad; in both of the
+        latter cases nothing was written.
+        """
         cdef Py_ssize_t bad
         if len(grads) != self.ntensors:
             raise ValueError(f"expected {self.ntensors} grads, got {len(grads)}")
@@ -758,33 +1031,47 @@ cdef class Plan:
                                 self.nw, &bad)
         if code:
             return (code, bad)
-        self._run(lr, step, nthreads)
+        if self.check and not self._all_finite(inv_scale, nthreads):
+            return (GATHER_NONFINITE, -1)
+        self._run(lr, step, nthreads, inv_scale)
         return None
 
-    cdef void _run(self, double lr, long step, int nthreads) noexcept:
+    cdef bint _all_finite(self, double inv_scale, int nthreads) noexcept:
+        cdef FiniteArgs fa
+        cdef int nbad
+        fa.is64 = self.is64
+        fa.factor = inv_scale
+        fa.row = 1
+        with nogil:
+            nbad = _run(_finite_segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                        8 if self.is64 else 4, nthreads, MIN_PER_THREAD_ADAGRAD, &fa, False)
+        return nbad == 0
+
+    cdef void _run(self, double lr, long step, int nthreads, double inv_scale) noexcept:
         cdef SGDArgs sgd
         cdef AdagradArgs adagrad
         cdef RMSpropArgs rms
         cdef AdamArgs adam
         cdef Py_ssize_t size = 8 if self.is64 else 4
+        cdef bint ftz = self.ftz
         with nogil:
             if self.kind == PLAN_SGD:
                 _sgd_args(&sgd, self.is64, lr, self.hp[0], self.hp[1], self.hp[2], self.fl[0],
-                          self.fl[1], step == 1)
+                          self.fl[1], step == 1, inv_scale)
                 _run(_sgd_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
-                     nthreads, MIN_PER_THREAD_SGD, &sgd)
+                     nthreads, MIN_PER_THREAD_SGD, &sgd, ftz)
             elif self.kind == PLAN_ADAGRAD:
                 _adagrad_args(&adagrad, self.is64, lr, self.hp[0], self.hp[1], self.hp[2],
-                              self.fl[0], self.fl[1], step)
+                              self.fl[0], self.fl[1], step, inv_scale)
                 _run(_adagrad_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
-                     nthreads, MIN_PER_THREAD_ADAGRAD, &adagrad)
+                     nthreads, MIN_PER_THREAD_ADAGRAD, &adagrad, ftz)
             elif self.kind == PLAN_RMSPROP:
                 _rmsprop_args(&rms, self.is64, lr, self.hp[0], self.hp[1], self.hp[2],
-                              self.hp[3], self.fl[0], self.fl[1])
+                              self.hp[3], self.fl[0], self.fl[1], inv_scale)
                 _run(_rmsprop_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
-                     nthreads, MIN_PER_THREAD_RMSPROP, &rms)
+                     nthreads, MIN_PER_THREAD_RMSPROP, &rms, ftz)
             else:
                 _adam_args(&adam, self.is64, lr, self.hp[0], self.hp[1], self.hp[2], self.hp[3],
-                           self.fl[0], self.fl[1], self.fl[2], step)
+                           self.fl[0], self.fl[1], self.fl[2], step, inv_scale)
                 _run(_adam_segment, self.table, self.nbuf, self.offsets, self.ntensors, size,
-                     nthreads, MIN_PER_THREAD_ADAM, &adam)
+                     nthreads, MIN_PER_THREAD_ADAM, &adam, ftz)
