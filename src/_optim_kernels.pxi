@@ -26,7 +26,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport fabs, pow, sqrt, sqrtf
-from libc.stdint cimport intptr_t
+from libc.stdint cimport int64_t, intptr_t, uint32_t
 
 from _fpenv cimport LRFAST_HAVE_FTZ, lrfast_ftz_enter, lrfast_ftz_leave
 from _openmp_helpers cimport omp_get_max_threads
@@ -581,6 +581,9 @@ cdef inline void _adam_args(AdamArgs* a, bint is64, double lr, double beta1, dou
 # Non-finite check: a read-only pass over the grads, before a step writes anything
 # --------------------------------------------------------------------------------------------
 
+cdef enum:
+    STREAMS = 8
+
 cdef struct FiniteArgs:
     bint is64
     double factor  # the factor the update multiplies the grads by (1/grad_scale)
@@ -588,8 +591,9 @@ cdef struct FiniteArgs:
 
 
 cdef inline int _finite_loop(const floating* g, Py_ssize_t n, floating factor) noexcept nogil:
-    # |x| <= MAX is false for inf and NaN alike; the AND keeps the loop branch-free, so it
-    # vectorises (a pass that stops early would not, and a bad step is rare).
+    # For factor > 1 (grad_scale < 1) a finite grad may overflow once unscaled, so the product
+    # is checked: |x| <= MAX is false for inf and NaN alike, and the AND keeps the loop
+    # branch-free so that it vectorises.
     cdef floating big = DBL_MAX if floating is double else FLT_MAX
     cdef int ok = 1
     cdef Py_ssize_t i
@@ -598,9 +602,54 @@ cdef inline int _finite_loop(const floating* g, Py_ssize_t n, floating factor) n
     return ok
 
 
+cdef inline int _finite_bits32(const uint32_t* g, Py_ssize_t n) noexcept nogil:
+    # For factor <= 1 the product is finite exactly when the grad is. A float32 is NaN or
+    # infinite exactly when its bits without the sign are >= those of inf, so the check is an
+    # unsigned max over integers, which vectorises. The span is read as STREAMS interleaved
+    # sub-ranges: one core fetches several streams faster than one.
+    cdef uint32_t m[STREAMS]
+    cdef uint32_t x, top = 0
+    cdef Py_ssize_t i, q = n // STREAMS, j
+    for j in range(STREAMS):
+        m[j] = 0
+    for i in range(q):
+        for j in range(STREAMS):
+            x = g[j * q + i] & 0x7fffffffu
+            m[j] = x if x > m[j] else m[j]
+    for i in range(STREAMS * q, n):
+        x = g[i] & 0x7fffffffu
+        top = x if x > top else top
+    for j in range(STREAMS):
+        top = m[j] if m[j] > top else top
+    return top < 0x7f800000u
+
+
+cdef inline int _finite_bits64(const int64_t* g, Py_ssize_t n) noexcept nogil:
+    # The float64 form of _finite_bits32; the masked bits are >= 0, so a signed max serves.
+    cdef int64_t m[STREAMS]
+    cdef int64_t x, top = 0
+    cdef Py_ssize_t i, q = n // STREAMS, j
+    for j in range(STREAMS):
+        m[j] = 0
+    for i in range(q):
+        for j in range(STREAMS):
+            x = g[j * q + i] & 0x7fffffffffffffffLL
+            m[j] = x if x > m[j] else m[j]
+    for i in range(STREAMS * q, n):
+        x = g[i] & 0x7fffffffffffffffLL
+        top = x if x > top else top
+    for j in range(STREAMS):
+        top = m[j] if m[j] > top else top
+    return top < 0x7ff0000000000000LL
+
+
 cdef int _finite_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
     """1 when a grad element of the segment (times the factor) is NaN or infinite, else 0."""
     cdef const FiniteArgs* a = <const FiniteArgs*>args
+    if a.factor <= 1.0:
+        if a.is64:
+            return 1 - _finite_bits64(<const int64_t*>ptrs[a.row], n)
+        return 1 - _finite_bits32(<const uint32_t*>ptrs[a.row], n)
     if a.is64:
         return 1 - _finite_loop(<const double*>ptrs[a.row], n, <double>a.factor)
     return 1 - _finite_loop(<const float*>ptrs[a.row], n, <float>a.factor)
