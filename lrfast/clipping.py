@@ -1,20 +1,25 @@
 """Gradient clipping by the global norm over all tensors, as torch.nn.utils.clip_grad_norm_.
 
-One native pass computes the norm of all gradients together (per dtype), a second scales them
-in place when the norm exceeds ``max_norm``. The norm is summed in double over fixed blocks of
-the concatenated gradients and the block sums are added in block order, so it is bitwise the
-same for any number of threads. The NumPy twin is :func:`lrfast.reference.clip_grad_norm_`.
+One native pass computes the norm of all gradients together, a second scales them in place
+when the norm exceeds ``max_norm``. The gradients of each dtype are concatenated and cut into
+fixed blocks; |x|^p is summed in double per block, and the block sums are added in block order
+(float32 gradients first, then float64), so the norm is bitwise the same for any number of
+threads. The NumPy twin is :func:`lrfast.reference.clip_grad_norm_`.
+
+Summing in double is more exact than torch, which sums float32 gradients in float32: the norms
+agree to float32 rounding, except at the ends of the float32 range, where torch's sum of squares
+overflows to inf (or underflows to 0) and lrfast's does not.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import _dispatch
-from ._tables import address, group_by_dtype
 from ._threads import get_num_threads
-from ._validation import as_named, check_array, check_disjoint, label
+from ._validation import as_named, check_array, check_bool, check_disjoint, label
 from .flat import FlatParams
 
 __all__ = ["clip_grad_norm_", "grad_norm"]
@@ -34,25 +39,63 @@ def _norm_type(norm_type) -> float:
     return p
 
 
+class _Labels:
+    """The name of each grad in messages, made only when one is needed."""
+
+    def __init__(self, keys=None, single=None):
+        self.keys, self.single = keys, single
+
+    def __getitem__(self, k):
+        return self.single if self.single else label("grads", self.keys[k])
+
+    def __len__(self):
+        return 1 if self.single else len(self.keys)
+
+
 def _grads(grads):
     """(arrays, labels) from one array, a list/tuple/dict of arrays, or a FlatParams."""
     if isinstance(grads, FlatParams):
-        return [grads.grad], ["flat.grad"]
+        return [grads.grad], _Labels(single="flat.grad")
     if isinstance(grads, np.ndarray):
-        return [grads], ["grads"]
+        return [grads], _Labels(single="grads")
+    if not isinstance(grads, (Sequence, Mapping)) and isinstance(grads, Iterable):
+        grads = list(grads)  # a generator, as torch accepts
     keys, arrays, _ = as_named(grads, "grads")
-    return arrays, [label("grads", k) for k in keys]
+    return arrays, _Labels(keys)
 
 
-def _banks(arrays):
-    """[(is64, table, offsets)] per dtype, in first-seen dtype order."""
+def _banks(arrays, labels, writeable):
+    """Check ``arrays`` and lay them out per dtype: [(is64, table, offsets)], float32 first.
+
+    The per-array checks run in one native loop; only a bad array goes through the Python
+    checks that word the error.
+    """
+    n = len(arrays)
+    addrs = np.empty(n, dtype=np.intp)
+    sizes = np.empty(n, dtype=np.intp)
+    typenums = np.empty(n, dtype=np.intc)
+    bad = _dispatch.kernels.collect_arrays(arrays, addrs, sizes, typenums, writeable)
+    if bad >= 0:
+        check_array(arrays[bad], labels[bad], writeable=writeable)
+        raise AssertionError("collect_arrays and check_array disagree")  # pragma: no cover
+    is64 = typenums == np.dtype(np.float64).num
+    if writeable:
+        # Two grads sharing memory would be scaled twice.
+        ends = addrs + sizes * np.where(is64, 8, 4)
+        order = np.argsort(addrs[sizes > 0], kind="stable")
+        nonempty = np.flatnonzero(sizes > 0)[order]
+        clash = np.flatnonzero(ends[nonempty[:-1]] > addrs[nonempty[1:]])
+        if clash.size:
+            check_disjoint(arrays, [labels[k] for k in range(n)])
     out = []
-    for dtype, indices in group_by_dtype(arrays).items():
-        group = [arrays[i] for i in indices]
-        table = np.array([[address(a) for a in group]], dtype=np.intp)
-        offsets = np.zeros(len(group) + 1, dtype=np.intp)
-        np.cumsum([a.size for a in group], out=offsets[1:])
-        out.append((dtype == np.float64, table, offsets))
+    for flag in (False, True):
+        mask = is64 == flag
+        if not mask.any():
+            continue
+        table = addrs[mask].reshape(1, -1).copy()
+        offsets = np.zeros(table.shape[1] + 1, dtype=np.intp)
+        np.cumsum(sizes[mask], out=offsets[1:])
+        out.append((flag, table, offsets))
     return out
 
 
@@ -68,7 +111,12 @@ def _total_norm(banks, p, nthreads) -> float:
             acc += part
     if math.isinf(p) or acc != acc:
         return acc
-    return math.sqrt(acc) if p == 2.0 else acc if p == 1.0 else acc ** (1.0 / p)
+    if p == 2.0:
+        return math.sqrt(acc)
+    try:
+        return acc if p == 1.0 else acc ** (1.0 / p)
+    except OverflowError:  # p < 1: the root of a finite sum may exceed the float range
+        return math.inf
 
 
 def grad_norm(grads, norm_type=2.0) -> float:
@@ -78,9 +126,7 @@ def grad_norm(grads, norm_type=2.0) -> float:
     """
     p = _norm_type(norm_type)
     arrays, labels = _grads(grads)
-    for a, what in zip(arrays, labels):
-        check_array(a, what, writeable=False)
-    return _total_norm(_banks(arrays), p, get_num_threads())
+    return _total_norm(_banks(arrays, labels, False), p, get_num_threads())
 
 
 def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False) -> float:
@@ -104,17 +150,15 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False) ->
     float : the total norm before clipping.
     """
     p = _norm_type(norm_type)
+    error_if_nonfinite = check_bool(error_if_nonfinite, "error_if_nonfinite")
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}")
     max_norm = float(max_norm)
     if not (max_norm >= 0):
         raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
     arrays, labels = _grads(grads)
-    for a, what in zip(arrays, labels):
-        check_array(a, what, writeable=True)
-    check_disjoint(arrays, labels)
     nthreads = get_num_threads()
-    banks = _banks(arrays)
+    banks = _banks(arrays, labels, True)
     total = _total_norm(banks, p, nthreads)
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError(

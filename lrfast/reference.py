@@ -172,14 +172,23 @@ def all_finite(grads, grad_scale=1.0):
 
 def grad_norm(grads, norm_type=2.0):
     """The p-norm of all elements of ``grads`` (a list of arrays) as one vector, in float64."""
+    if isinstance(grads, np.ndarray):
+        grads = [grads]
     flat = np.concatenate([np.abs(g.astype(np.float64).ravel()) for g in grads] + [np.zeros(0)])
     if norm_type == math.inf:
         return float(flat.max()) if flat.size else 0.0
-    return float(math.fsum(flat ** norm_type) ** (1.0 / norm_type))
+    with np.errstate(over="ignore"):
+        total = math.fsum(flat ** norm_type)
+    try:
+        return float(total ** (1.0 / norm_type))
+    except OverflowError:
+        return math.inf
 
 
 def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     """g <- g * min(1, max_norm / (norm + 1e-6)) for every g of ``grads``; returns the norm."""
+    if isinstance(grads, np.ndarray):
+        grads = [grads]
     total = grad_norm(grads, norm_type)
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError("non-finite total norm")

@@ -826,6 +826,37 @@ def scale_(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthre
     _launch(_scale_segment, table, offsets, is64, nthreads, MIN_PER_THREAD_SGD, &a)
 
 
+def collect_arrays(object arrays, intptr_t[::1] addrs, Py_ssize_t[::1] sizes,
+                   int[::1] typenums, bint writeable):
+    """Record each array's data address, size and type number, checking on the way that it is
+    a C-contiguous, aligned (and, if asked, writeable) float32/float64 ndarray.
+
+    Returns -1, or the index of the first array that is not (the caller builds the message).
+    """
+    cdef Py_ssize_t n = len(arrays), k
+    cdef cnp.ndarray arr
+    cdef object item
+    cdef int t
+    if addrs.shape[0] < n or sizes.shape[0] < n or typenums.shape[0] < n:
+        raise ValueError("output arrays are too short")
+    for k in range(n):
+        item = arrays[k]
+        if not isinstance(item, cnp.ndarray):
+            return k
+        arr = <cnp.ndarray>item
+        t = cnp.PyArray_TYPE(arr)
+        if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or not cnp.PyArray_ISNOTSWAPPED(arr):
+            return k
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+            return k
+        if writeable and not cnp.PyArray_ISWRITEABLE(arr):
+            return k
+        addrs[k] = <intptr_t>cnp.PyArray_DATA(arr)
+        sizes[k] = cnp.PyArray_SIZE(arr)
+        typenums[k] = t
+    return -1
+
+
 def has_flush_to_zero():
     """Can the kernels' threads flush subnormals to zero on this CPU architecture?"""
     return bool(LRFAST_HAVE_FTZ)
@@ -936,7 +967,8 @@ cdef int _gather(object grads, int typenum, const Py_ssize_t* ndims, const Py_ss
         if not isinstance(item, cnp.ndarray):
             return GATHER_NOT_ARRAY
         arr = <cnp.ndarray>item
-        if cnp.PyArray_TYPE(arr) != typenum:
+        # The type number ignores byte order: a byte-swapped array would be misread.
+        if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISNOTSWAPPED(arr):
             return GATHER_DTYPE
         nd = ndims[k]
         if cnp.PyArray_NDIM(arr) != nd:
