@@ -23,7 +23,10 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _real(value, what):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a real number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except (OverflowError, ArithmeticError, ValueError):  # a huge int; a signalling Decimal
+        raise ValueError(f"{what} is not representable as a float: {value!r}") from None
 
 
 def check_nonneg(value, message):
@@ -74,7 +77,7 @@ def lr_value(lr, step_count):
     value = lr(step_count)
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):
         raise TypeError(
             f"the learning-rate schedule returned {value!r} at step {step_count}; expected a float"
         ) from None

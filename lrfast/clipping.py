@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _dispatch
 from ._threads import get_num_threads
-from ._validation import as_named, check_array, check_bool, check_disjoint, label
+from ._validation import _real, as_named, check_array, check_bool, check_disjoint, label
 from .flat import FlatParams
 
 __all__ = ["clip_grad_norm_", "grad_norm"]
@@ -33,7 +33,7 @@ def _norm_type(norm_type) -> float:
         return math.inf
     if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
         raise TypeError(f"norm_type must be a real number or 'inf', got {type(norm_type).__name__}")
-    p = float(norm_type)
+    p = _real(norm_type, "norm_type")
     if not (p > 0):
         raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
     return p
@@ -151,9 +151,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False) ->
     """
     p = _norm_type(norm_type)
     error_if_nonfinite = check_bool(error_if_nonfinite, "error_if_nonfinite")
-    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__}")
-    max_norm = float(max_norm)
+    max_norm = _real(max_norm, "max_norm")
     if not (max_norm >= 0):
         raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
     arrays, labels = _grads(grads)

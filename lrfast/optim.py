@@ -43,6 +43,7 @@ from ._validation import (
     check_array,
     check_betas,
     check_bool,
+    _real,
     check_disjoint,
     label,
     lr_value,
@@ -334,8 +335,10 @@ class Optimizer:
         if state_dict["optimizer"] != name:
             raise ValueError(f"state_dict was saved by {state_dict['optimizer']!r}, not {name!r}")
         steps = state_dict["step_count"]
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-            raise ValueError(f"state_dict['step_count'] must be an int >= 0, got {steps!r}")
+        if (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0
+                or steps >= 2**62):
+            raise ValueError(
+                f"state_dict['step_count'] must be an int in [0, 2**62), got {steps!r}")
         skipped = state_dict.get("skipped_steps", 0)
         if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral) or skipped < 0:
             raise ValueError(f"state_dict['skipped_steps'] must be an int >= 0, got {skipped!r}")
@@ -396,11 +399,9 @@ class Optimizer:
 
 
 def _inverse_scale(grad_scale) -> float:
-    if grad_scale == 1.0 and type(grad_scale) in (float, int):
+    if type(grad_scale) in (float, int) and grad_scale == 1:  # the common case, first
         return 1.0
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
-        raise TypeError(f"grad_scale must be a real number, got {type(grad_scale).__name__}")
-    s = float(grad_scale)
+    s = _real(grad_scale, "grad_scale")
     if not (s > 0 and math.isfinite(s)):
         raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale!r}")
     return 1.0 / s

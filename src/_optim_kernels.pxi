@@ -328,7 +328,7 @@ cdef int _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args, double* a
 
 def adagrad_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
                  double lr, double lr_decay, double weight_decay, double eps,
-                 bint eps_inside_sqrt, bint maximize, long step):
+                 bint eps_inside_sqrt, bint maximize, long long step):
     """Adagrad over the tensors of ``table`` (rows: param, grad, sum); ``step`` counts from 1."""
     cdef AdagradArgs a
     _adagrad_args(&a, is64, lr, lr_decay, weight_decay, eps, eps_inside_sqrt, maximize, step,
@@ -338,7 +338,7 @@ def adagrad_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int
 
 cdef inline void _adagrad_args(AdagradArgs* a, bint is64, double lr, double lr_decay,
                                double weight_decay, double eps, bint eps_inside_sqrt,
-                               bint maximize, long step, double inv_scale) noexcept nogil:
+                               bint maximize, long long step, double inv_scale) noexcept nogil:
     a.is64 = is64
     a.grad_factor = -inv_scale if maximize else inv_scale
     a.neg_clr = -(lr / (1.0 + (step - 1) * lr_decay))
@@ -499,8 +499,10 @@ cdef inline void _adam_loop(floating* p, const floating* g, floating* m, floatin
         vi = v[i] * beta2 + (omb2 * gi) * gi
         v[i] = vi
         if amsgrad:
+            # torch.maximum: NaN if either is NaN (vi NaN stays; vm NaN is taken).
             vm = vmax[i]
-            if vm > vi:
+            # (a bitwise | rather than ``or``: no branch, so the loop still vectorises)
+            if (vm > vi) | (vm != vm):
                 vi = vm
             vmax[i] = vi
         p[i] = pi + (neg_ss * mi) / (_sqrt(vi) + eps)
@@ -544,7 +546,7 @@ cdef int _adam_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc)
 
 def adam_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nthreads, *,
               double lr, double beta1, double beta2, double eps, double weight_decay,
-              bint decoupled, bint amsgrad, bint maximize, long step):
+              bint decoupled, bint amsgrad, bint maximize, long long step):
     """Adam/AdamW over ``table`` (rows: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq).
 
     ``step`` is the 1-based number of this update, used for the bias corrections.
@@ -557,7 +559,7 @@ def adam_step(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64, int nt
 
 cdef inline void _adam_args(AdamArgs* a, bint is64, double lr, double beta1, double beta2,
                             double eps, double weight_decay, bint decoupled, bint amsgrad,
-                            bint maximize, long step, double inv_scale) noexcept nogil:
+                            bint maximize, long long step, double inv_scale) noexcept nogil:
     # Bias corrections in double, from the 1-based step, as torch computes them.
     cdef double bc1 = 1.0 - pow(beta1, <double>step)
     cdef double bc2 = 1.0 - pow(beta2, <double>step)
@@ -1093,11 +1095,11 @@ cdef class Plan:
         """Are all recorded grads, times ``inv_scale``, finite?"""
         return self._all_finite(inv_scale, nthreads)
 
-    def run(self, double lr, long step, int nthreads, double inv_scale=1.0):
+    def run(self, double lr, long long step, int nthreads, double inv_scale=1.0):
         """Run the update with the recorded grads (``step`` is 1-based), unconditionally."""
         self._run(lr, step, nthreads, inv_scale)
 
-    def step(self, grads, double lr, long step, int nthreads, double inv_scale=1.0):
+    def step(self, grads, double lr, long long step, int nthreads, double inv_scale=1.0):
         """``gather``, the non-finite check when enabled, then ``run``.
 
         Returns None when the step ran, ``(code, index)`` for a bad grad, and
@@ -1128,7 +1130,7 @@ cdef class Plan:
                         8 if self.is64 else 4, nthreads, MIN_PER_THREAD_ADAGRAD, &fa, False)
         return nbad == 0
 
-    cdef void _run(self, double lr, long step, int nthreads, double inv_scale) noexcept:
+    cdef void _run(self, double lr, long long step, int nthreads, double inv_scale) noexcept:
         cdef SGDArgs sgd
         cdef AdagradArgs adagrad
         cdef RMSpropArgs rms
