@@ -26,6 +26,7 @@ def config() -> dict:
         "simd": info["simd"],
         "openmp": info["openmp"],
         "debug_checks": info["debug_checks"],
+        "flush_to_zero": _dispatch.kernels.has_flush_to_zero(),
         "num_threads": get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(),
