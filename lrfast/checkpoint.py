@@ -197,6 +197,9 @@ def load_checkpoint(path, optimizer, *, plateaus=()) -> None:
     ``optimizer`` must be built as the saved one was: same class, parameters with the same
     keys, shapes and dtypes (list, dict or FlatParams alike), and the same schedule when a
     schedule was saved. Raises CheckpointError (a ValueError) otherwise; nothing changes then.
+    A plain Python callable as ``lr`` cannot be described in the file, so it is not checked:
+    it must simply be the same function of the step count. As ``load_state_dict``, the saved
+    hyper-parameters replace the optimizer's.
     """
     _check_optimizer(optimizer)
     plateaus = _plateaus(optimizer.lr, list(plateaus))
