@@ -854,9 +854,12 @@ def test_fuzz_step(config, layout, env, skip, seed, data):
 
 # -- load_state_dict ----------------------------------------------------------------------------
 
-STEP_COUNTS = [0, 1, 7, 2 ** 31, 2 ** 62, np.int64(3), np.uint8(2), 2 ** 63 - 1, 2 ** 64,
-               HUGE_INT]
+# Step counts are bounded below 2**62 (the kernels take the 1-based step as a C long long);
+# the skip counter is a plain Python int with no bound.
+STEP_COUNTS = [0, 1, 7, 2 ** 31, 2 ** 62 - 1, np.int64(3), np.uint8(2)]
+SKIP_COUNTS = STEP_COUNTS + [2 ** 62, 2 ** 63 - 1, 2 ** 64, HUGE_INT]
 BAD_STEP_COUNTS = [-1, True, False, 1.0, "1", None, np.float64(2.0), -HUGE_INT]
+TOO_LARGE_STEP_COUNTS = [2 ** 62, 2 ** 63 - 1, 2 ** 64, HUGE_INT]
 VALID_LOAD_OPS = ["step_count", "skipped", "pop_skipped", "hyper_lr_none", "buf_nan",
                   "buf_noncontig", "buf_readonly", "buf_param", "buf_matrix", "buf_same_dtype",
                   "proxy"]
@@ -879,7 +882,7 @@ def mutate_state_dict(sd, op, draw, rng, params, name):
     if op == "step_count":
         sd["step_count"] = draw(st.sampled_from(STEP_COUNTS))
     elif op == "skipped":
-        sd["skipped_steps"] = draw(st.sampled_from(STEP_COUNTS))
+        sd["skipped_steps"] = draw(st.sampled_from(SKIP_COUNTS))
     elif op == "pop_skipped":
         sd.pop("skipped_steps", None)
     elif op == "hyper_lr_none":
@@ -914,8 +917,9 @@ def mutate_state_dict(sd, op, draw, rng, params, name):
         sd["optimizer"] = draw(st.sampled_from([n for n in NAMES if n != name] + ["", None, 3]))
         return sd, "bad"
     elif op in ("bad_step_count", "bad_skipped"):
+        bad = BAD_STEP_COUNTS + (TOO_LARGE_STEP_COUNTS if op == "bad_step_count" else [])
         sd["step_count" if op == "bad_step_count" else "skipped_steps"] = draw(
-            st.sampled_from(BAD_STEP_COUNTS))
+            st.sampled_from(bad))
         return sd, "bad"
     elif op == "hyper_pop":
         del hyper[draw(st.sampled_from(sorted(hyper)))]
