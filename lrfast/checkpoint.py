@@ -106,7 +106,8 @@ def save_checkpoint(path, optimizer, *, plateaus=()) -> None:
     """
     _check_optimizer(optimizer)
     plateaus = _plateaus(optimizer.lr, list(plateaus))
-    for key in optimizer._keys if optimizer._flat is None else optimizer._flat.names:
+    named = optimizer._named_state()
+    for key, _, _ in named:
         if isinstance(key, bool) or not isinstance(key, (int, str)):
             raise TypeError(f"checkpoint parameter keys must be str or int, got {key!r}")
     sd = optimizer.state_dict()
@@ -115,7 +116,7 @@ def save_checkpoint(path, optimizer, *, plateaus=()) -> None:
         hyper["betas"] = list(hyper["betas"])
     arrays = {}
     entries = []
-    for i, (key, param, views) in enumerate(optimizer._named_state()):
+    for i, (key, param, views) in enumerate(named):
         arrays[f"param_{i}"] = param
         for name in views:
             arrays[f"state_{i}_{name}"] = views[name]

@@ -163,10 +163,11 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
 
 def all_finite(grads, grad_scale=1.0):
     """Are all elements of ``grads`` (a list of arrays), times 1/grad_scale, finite?"""
-    for g in grads:
-        inv = g.dtype.type(1.0 / grad_scale)
-        if not np.all(np.isfinite(g * inv)):
-            return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        for g in grads:
+            inv = g.dtype.type(1.0 / grad_scale)
+            if not np.all(np.isfinite(g * inv)):
+                return False
     return True
 
 

@@ -225,7 +225,7 @@ def test_file_for_another_run_is_refused_and_changes_nothing(tmp_path, kind, pat
 ])
 def test_foreign_or_tampered_file_is_refused(tmp_path, make, pattern):
     path = make(tmp_path)
-    opt, plateau = _target()
+    opt, _ = _target()
     before = snapshot(opt)
     with pytest.raises(CheckpointError, match=pattern):
         lrfast.load_checkpoint(path, opt)

@@ -211,11 +211,6 @@ def reference_step(ref, grads, grad_scale):
         ref.step(unscaled(grads, grad_scale))
 
 
-def all_finite(grads, grad_scale):
-    with np.errstate(all="ignore"):
-        return all(bool(np.all(np.isfinite(g))) for g in unscaled(grads, grad_scale))
-
-
 # ==============================================================================================
 # A. Values against the reference
 # ==============================================================================================
@@ -242,7 +237,7 @@ def test_extreme_values_match_reference(config, layout, env, skip, nonfinite, da
             before = snapshot(opt)
             applied = opt.step(container(grads, kind, keys), grad_scale=scale)
             assert [g.tobytes() for g in grads] == grad_bytes, "step wrote into a gradient"
-            if skip and not all_finite(grads, scale):
+            if skip and not lrfast.reference.all_finite(grads, scale):
                 assert applied is False
                 assert snapshot(opt) == before
                 skipped += 1
@@ -842,7 +837,7 @@ def test_fuzz_step(config, layout, env, skip, seed, data):
             finally:
                 assert [g.tobytes() for g in leaves(grads)] == grad_bytes, "a grad was written"
             assert valid, "an invalid step was accepted"
-            if skip and not all_finite(grads, gs):
+            if skip and not lrfast.reference.all_finite(grads, gs):
                 assert applied is False
                 assert snapshot(opt) == before and opt.skipped_steps == skipped + 1
             else:
