@@ -22,7 +22,7 @@ def config() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "compiler": info["compiler"],
-        "compile_flags": info["flags"] + ("  (+ -mavx2 for the avx2 build)" if "avx2" in _dispatch.BUILDS else ""),
+        "compile_flags": info["flags"] + ("  (+ -mavx2 for the avx2 build)" if _dispatch.AVX2_SHIPPED else ""),
         "simd": info["simd"],
         "openmp": info["openmp"],
         "debug_checks": info["debug_checks"],

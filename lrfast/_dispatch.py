@@ -10,36 +10,44 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from importlib.util import find_spec
 
 from . import _optim, _schedules
 
-try:
-    from . import _optim_avx2, _schedules_avx2
-except ImportError:  # not built (non-x86 machine, or a native build)
-    _optim_avx2 = _schedules_avx2 = None
+# Is the AVX2 build in this installation (x86-64 builds only)? Looked up without importing it.
+AVX2_SHIPPED = find_spec(__package__ + "._optim_avx2") is not None
+
+
+def _wanted():
+    wanted = os.environ.get("LRFAST_DISPATCH", "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "baseline", "avx2"):
+        raise ImportError(f"LRFAST_DISPATCH must be auto, baseline or avx2, got {wanted!r}")
+    return wanted
+
 
 BUILDS = {"baseline": _optim}
 SCHEDULE_BUILDS = {"baseline": _schedules}
-if _optim_avx2 is not None:
+# The AVX2 build is imported only when the CPU (and OS) can run it, and not at all under
+# LRFAST_DISPATCH=baseline: importing a module runs its initialisation code, which the compiler
+# was free to write with AVX2 instructions, so on an older x86-64 CPU the import alone would
+# die with SIGILL (shown under an emulated CPU by tests/test_portability.py).
+if AVX2_SHIPPED and _wanted() != "baseline" and _optim.cpu_has_avx2():
+    from . import _optim_avx2, _schedules_avx2
+
     BUILDS["avx2"] = _optim_avx2
     SCHEDULE_BUILDS["avx2"] = _schedules_avx2
 
 
 def available():
-    """Names of the kernel builds this CPU can run."""
-    names = ["baseline"]
-    if _optim_avx2 is not None and _optim.cpu_has_avx2():
-        names.append("avx2")
-    return names
+    """Names of the kernel builds loaded here (the CPU can run them, and none was excluded)."""
+    return list(BUILDS)
 
 
 def _choose():
-    wanted = os.environ.get("LRFAST_DISPATCH", "auto").strip().lower() or "auto"
+    wanted = _wanted()
     usable = available()
     if wanted == "auto":
         return usable[-1]
-    if wanted not in ("baseline", "avx2"):
-        raise ImportError(f"LRFAST_DISPATCH must be auto, baseline or avx2, got {wanted!r}")
     if wanted not in usable:
         raise ImportError(f"LRFAST_DISPATCH={wanted} but this CPU or build cannot run it "
                           f"(available: {', '.join(usable)})")

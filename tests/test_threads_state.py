@@ -161,6 +161,39 @@ def test_dispatch_env_override():
     assert out.returncode != 0 and "LRFAST_DISPATCH must be auto, baseline or avx2" in out.stderr
 
 
+def test_baseline_dispatch_never_imports_the_avx2_build():
+    """Importing the AVX2 build runs code compiled for AVX2, so lrfast imports it only when the
+    CPU has AVX2 and never under LRFAST_DISPATCH=baseline. Here any attempt to import it fails
+    loudly, and lrfast must still import and step."""
+    code = (
+        "import sys, importlib.machinery\n"
+        "class Refuse:\n"
+        "    def create_module(self, spec):\n"
+        "        raise RuntimeError('imported ' + spec.name)\n"
+        "    def exec_module(self, module):\n"
+        "        pass\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if not name.endswith('_avx2'):\n"
+        "            return None\n"
+        "        spec = importlib.machinery.PathFinder.find_spec(name, path)\n"
+        "        if spec is not None:\n"
+        "            spec.loader = Refuse()\n"
+        "        return spec\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np, lrfast\n"
+        "p = [np.ones(5, np.float32)]\n"
+        "lrfast.Adam(p, lr=0.5).step([np.ones(5, np.float32)])\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('lrfast._'))\n"
+        "print(lrfast._dispatch.name, lrfast._dispatch.available(), float(p[0][0]), loaded)\n"
+    )
+    out = run_python(code, LRFAST_DISPATCH="baseline")
+    assert out.returncode == 0, out.stderr
+    name, rest = out.stdout.split(" ", 1)
+    assert name == "baseline" and rest.startswith("['baseline'] 0.5")
+    assert "_avx2" not in rest
+
+
 def test_debug_build_checks_bounds():
     """LRFAST_DEBUG_CYTHON=1 builds turn Cython's bounds checks on: an index past a typed
     memoryview raises IndexError there (a release build does not check)."""
