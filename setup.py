@@ -7,6 +7,9 @@ LRFAST_FAIL_NO_OPENMP=1   fail the build if the compiler cannot build and run an
 LRFAST_DEBUG_CYTHON=1     compile with Cython's bounds, wraparound, initialisation and None checks on
 LRFAST_NATIVE=1           add -march=native (a build for this machine only; never for wheels)
 LRFAST_ANNOTATE=1         write Cython's HTML annotation next to each .pyx
+LRFAST_DEBUG_INFO=1       keep DWARF debug information in a release build (debug builds keep it
+                          anyway); by default release builds are compiled with -g0, which keeps
+                          wheels small while the symbol table still names every function
 """
 import os
 import platform
@@ -114,6 +117,9 @@ def optimisation_flags(compiler):
     # if-converted into SIMD selects; it changes no result.
     flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-semantic-interposition",
              "-ffp-contract=off"]
+    if not (_flag("LRFAST_DEBUG_INFO") or _flag("LRFAST_DEBUG_CYTHON")):
+        # After Python's own -g, so it wins: DWARF would make each module ~5x larger.
+        flags.append("-g0")
     if _flag("LRFAST_NATIVE"):
         flags.append("-march=native")
     if _flag("LRFAST_VEC_REPORT"):

@@ -32,7 +32,8 @@
 #     sanitizer only in CFLAGS/LDFLAGS is not enough: setuptools links setup.py's OpenMP probe
 #     program with the bare $CC, the ASan-instrumented probe then fails to link, and setup.py
 #     silently builds serial kernels (no -fopenmp) - the threaded code would go unchecked.
-#     LRFAST_FAIL_NO_OPENMP=1 is set so that can never happen silently.
+#     LRFAST_FAIL_NO_OPENMP=1 is set so that can never happen silently, and LRFAST_DEBUG_INFO=1
+#     keeps -g (release builds otherwise use -g0), so reports name files and lines.
 #   * Current setuptools lets $CFLAGS *replace* Python's own CFLAGS (-DNDEBUG -fwrapv -O3 ...),
 #     so CFLAGS here is Python's sysconfig CFLAGS plus "-g -fno-omit-frame-pointer". setup.py's
 #     own flags (-O3 -fno-math-errno ... -ffp-contract=off, -fopenmp, -mavx2 for the AVX2
@@ -147,7 +148,7 @@ build_log=$logs/build.log
 echo "memcheck: building (CC='$build_cc', LRFAST_DEBUG_CYTHON=${LRFAST_DEBUG_CYTHON:-0}); log: $build_log"
 t0=$SECONDS
 if ! (cd "$work" && env CC="$build_cc" CFLAGS="$py_cflags -g -fno-omit-frame-pointer" \
-        LDFLAGS="$build_ldflags" LRFAST_FAIL_NO_OPENMP=1 LRFAST_FORCE_CYTHON=1 \
+        LDFLAGS="$build_ldflags" LRFAST_FAIL_NO_OPENMP=1 LRFAST_DEBUG_INFO=1 LRFAST_FORCE_CYTHON=1 \
         ASAN_OPTIONS=detect_leaks=0 \
         "$PY" setup.py build_ext --inplace --force >"$build_log" 2>&1); then
     tail -n 40 "$build_log" >&2
