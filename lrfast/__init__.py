@@ -11,13 +11,10 @@ from ._version import __version__
 
 try:
     from . import _dispatch, _openmp, _optim  # noqa: F401  (compiled kernels)
-except ImportError as exc:  # pragma: no cover - exercised only without a build
-    raise ImportError(
-        "lrfast's compiled kernels could not be imported "
-        f"({exc}). If you are in a source checkout, build them first with "
-        "`pip install .` (or `pip install -e .`, or `python setup.py build_ext --inplace`); "
-        "a C compiler is needed for that. Otherwise reinstall the wheel: `pip install --force-reinstall lrfast`."
-    ) from exc
+except ImportError as exc:
+    from ._install_help import kernels_missing_message
+
+    raise ImportError(kernels_missing_message(exc)) from exc
 
 from . import functional, reference, schedules  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402

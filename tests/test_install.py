@@ -1,0 +1,91 @@
+"""The installed package: its metadata, and what ``import lrfast`` says when it is broken."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+
+import pytest
+
+import lrfast
+
+PKG_DIR = os.path.dirname(os.path.abspath(lrfast.__file__))
+
+
+def _import_from(parent):
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-c", "import lrfast"], cwd=cwd, check=False,
+                              env=dict(os.environ, PYTHONPATH=parent), capture_output=True,
+                              text=True, timeout=120)
+
+
+def _copy_package(dest, extensions):
+    os.makedirs(os.path.join(dest, "lrfast"))
+    for name in os.listdir(PKG_DIR):
+        if name.endswith(".py") or (extensions and name.endswith((".so", ".pyd"))):
+            shutil.copy(os.path.join(PKG_DIR, name), os.path.join(dest, "lrfast", name))
+
+
+def test_unbuilt_source_checkout_says_how_to_build(tmp_path):
+    """A checkout without compiled kernels: the error names the checkout and the build command."""
+    _copy_package(tmp_path, extensions=False)
+    (tmp_path / "setup.py").write_text("# stand-in\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "_optim.pyx").write_text("# stand-in\n")
+    out = _import_from(str(tmp_path))
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()
+    assert any(line.startswith("ImportError: lrfast's compiled kernels could not be loaded")
+               for line in last), out.stderr
+    assert "source checkout" in out.stderr and "pip install -e ." in out.stderr
+    assert "build_ext --inplace" in out.stderr and str(tmp_path) in out.stderr
+
+
+def test_broken_installation_says_to_reinstall(tmp_path):
+    """An installed package whose extension is damaged (here: not a shared library at all)."""
+    _copy_package(tmp_path, extensions=True)
+    damaged = [name for name in os.listdir(tmp_path / "lrfast")
+               if name.startswith("_optim.") and name.endswith((".so", ".pyd"))]
+    assert len(damaged) == 1
+    (tmp_path / "lrfast" / damaged[0]).write_bytes(b"not a shared library")
+    out = _import_from(str(tmp_path))
+    assert out.returncode != 0
+    assert "could not be loaded" in out.stderr and damaged[0] in out.stderr
+    assert "pip install --force-reinstall lrfast" in out.stderr
+    assert "source checkout" not in out.stderr
+
+
+def _distribution():
+    try:
+        dist = metadata.distribution("lrfast")
+    except metadata.PackageNotFoundError:
+        pytest.skip("lrfast is not installed (an in-place build)")
+    if os.path.realpath(str(dist.locate_file("lrfast"))) != os.path.realpath(PKG_DIR):
+        pytest.skip("the lrfast imported is not the installed distribution")
+    return dist
+
+
+def test_installed_metadata():
+    dist = _distribution()
+    meta = dist.metadata
+    assert dist.version == lrfast.__version__  # one source: lrfast/_version.py
+    assert meta["Name"] == "lrfast"
+    assert meta["License-Expression"] == "BSD-3-Clause"
+    assert meta["Requires-Python"] == ">=3.9"
+    assert meta["Summary"] and meta["Description-Content-Type"] == "text/markdown"
+    assert meta["Description"].startswith("# lrfast")  # the README
+    runtime = [r for r in dist.requires if "extra ==" not in r]
+    assert [r.split(">")[0].split("=")[0].strip() for r in runtime] == ["numpy"]
+    assert {"test", "bench", "plot", "torch"} <= set(meta.get_all("Provides-Extra"))
+
+
+def test_installed_files_include_stubs_and_no_sources():
+    dist = _distribution()
+    names = {str(f) for f in dist.files}
+    assert "lrfast/py.typed" in names
+    for module in ("_openmp", "_optim", "_schedules"):
+        assert f"lrfast/{module}.pyi" in names
+    assert not [n for n in names if n.endswith((".pyx", ".pxd", ".pxi", ".c"))]
