@@ -34,6 +34,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -44,12 +45,12 @@ from lrfast import schedules as S
 PEERS = ("numpy-ref", "torch-loop", "torch-foreach", "torch-fused", "optax-jit")
 TORCH_FLAGS = {"torch-loop": {"foreach": False}, "torch-foreach": {"foreach": True},
                "torch-fused": {"fused": True}}
-DTYPES = {"f32": np.float32, "f64": np.float64}
+DTYPES: dict[str, type[np.floating]] = {"f32": np.float32, "f64": np.float64}
 SEED = 20240611
 
 # name -> (lrfast / torch.optim class, hyper-parameters both accept, transfers per element,
 #          torch has a fused CPU kernel). Transfers: reads + writes of one element per step.
-OPTIMIZERS = {
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int, bool]] = {
     "sgd": ("SGD", dict(lr=1e-2, momentum=0.9), 5, True),
     "adagrad": ("Adagrad", dict(lr=1e-2), 5, True),
     "rmsprop": ("RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8), 5, False),
@@ -82,13 +83,13 @@ class Skip(Exception):
 class Case:
     name: str
     kind: str                      # optim, flat, schedule-scalar, schedule-vector, threads
-    opt: str = None
-    dtype: str = None
-    size: str = None
+    opt: str | None = None
+    dtype: str | None = None
+    size: str | None = None
     impls: dict = field(default_factory=dict)    # impl -> None (run) or Skip
     results: dict = field(default_factory=dict)  # impl -> result dict
     analysis: dict = field(default_factory=dict)  # ratios, % of floor, speedup
-    wall_s: float = None                          # time the case took, set-up included
+    wall_s: float | None = None                   # time the case took, set-up included
 
     @property
     def sizes(self):
@@ -102,7 +103,8 @@ class Case:
     def bytes_per_step(self):
         if self.kind not in ("optim", "flat"):
             return None
-        return self.elements * OPTIMIZERS[self.opt][2] * np.dtype(DTYPES[self.dtype]).itemsize
+        opt, dtype = cast(str, self.opt), cast(str, self.dtype)  # both set for these kinds
+        return self.elements * OPTIMIZERS[opt][2] * np.dtype(DTYPES[dtype]).itemsize
 
     def key(self, impl):
         """Cache key of a peer's measurement: the flat rows share their list twin's peers."""
@@ -144,6 +146,14 @@ def select(cases, pattern):
 
 class Peers:
     """Imports torch and optax once, or records why they are unavailable."""
+
+    torch: Any
+    jax: Any
+    jnp: Any
+    optax: Any
+    versions: dict[str, str]
+    torch_reason: str | None
+    optax_reason: str | None
 
     def __init__(self, no_torch=False, no_optax=False, threads=None):
         self.torch = self.jax = self.jnp = self.optax = None
@@ -192,7 +202,7 @@ def plan(cases, peers, quick):
         if c.kind == "threads":
             c.impls = {"lrfast-1t": None, "lrfast-2t": None}
             continue
-        impls = {"lrfast": None}
+        impls: dict[str, Skip | None] = {"lrfast": None}
         if c.kind == "flat" and not flat_ok:
             impls["lrfast"] = Skip("FlatParams not available")
         for p in PEERS:
@@ -250,7 +260,7 @@ def measure(fns, repeats, min_sample):
     try:
         ks = [_calibrate(fn, args, min_sample) for fn, args in fns]
         k = max(ks) if len(fns) > 1 else ks[0]
-        samples = [[] for _ in fns]
+        samples: list[list[float]] = [[] for _ in fns]
         for _ in range(repeats):
             for (fn, args), out in zip(fns, samples):
                 out.append(_batch(fn, args, k) / k)
@@ -474,7 +484,7 @@ def run_case(case, peers, settings, cache, progress):
     repeats, min_sample = settings["repeats"], settings["min_sample_s"]
     progress.case(case.name)
     if case.kind == "threads":
-        data = _Data(case.sizes, DTYPES[case.dtype])
+        data: _Data | None = _Data(case.sizes, DTYPES[case.dtype])
         progress.task(f"{case.name}")
         step, args = _lrfast_step(case, data)
         one, two = lrfast.threads(1), lrfast.threads(2)
@@ -595,7 +605,7 @@ def targets(cases):
                if c.results.get(p, {}).get("status") == "ok"}
         if not got or c.results.get("lrfast", {}).get("status") != "ok":
             return None, None
-        best = min(got, key=got.get)
+        best = min(got, key=got.__getitem__)
         return got[best] / c.results["lrfast"]["median_s"], best
 
     for dt in ("f32", "f64"):
@@ -744,7 +754,7 @@ def report(cases, machine, floor, settings, out=sys.stdout):
             w("  means the triad probe is pessimistic for that size (1M and 200x10k can stay in "
               "the last-level")
             w("  cache, the probe's arrays do not), not a step faster than memory.")
-        reasons = {}
+        reasons: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         for c in table:
             for impl, r in c.results.items():
                 st, why = r.get("status"), r.get("reason")
@@ -916,7 +926,7 @@ def main(args):
                 progress.task(f"floor (triad, {n // 2**20}M float32)")
                 floor = measure_floor(n, nthreads, settings["repeats"])
                 progress.advance()
-            cache = {}
+            cache: dict[tuple, dict] = {}
             for c in cases:
                 t0 = time.perf_counter()
                 run_case(c, peers, settings, cache, progress)

@@ -19,7 +19,7 @@ def address(arr):
     return arr.__array_interface__["data"][0]
 
 
-def group_by_dtype(arrays):
+def group_by_dtype(arrays) -> dict[np.dtype, list[int]]:
     """{dtype: [indices]} in first-seen order."""
     groups: dict = {}
     for i, a in enumerate(arrays):

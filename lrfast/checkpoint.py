@@ -41,9 +41,9 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not fit the optimizer it is loaded into."""
 
 
-def _plateaus(lr, extra):
+def _plateaus(lr, extra) -> list[ReduceLROnPlateau]:
     """The ReduceLROnPlateau controllers inside schedule ``lr`` (depth first), then ``extra``."""
-    found = []
+    found: list[ReduceLROnPlateau] = []
 
     def walk(node):
         if isinstance(node, ReduceLROnPlateau):

@@ -13,6 +13,8 @@ All inputs are checked before anything is written: a call that raises has change
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _dispatch, _hyperparams
@@ -23,10 +25,10 @@ from ._validation import check_array, check_bool, check_disjoint, check_same_lay
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_"]
 
 
-def _as_lists(named):
+def _as_lists(named) -> tuple[list[tuple[str, Any]], bool]:
     """[(name, list-or-None)] with one entry per tensor; single arrays become lists of one."""
     single = isinstance(named[0][1], np.ndarray)
-    out = []
+    out: list[tuple[str, Any]] = []  # (name, list of arrays or None)
     n = None
     for name, value in named:
         if value is None:

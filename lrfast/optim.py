@@ -113,10 +113,10 @@ class Optimizer:
 
     # -- layout -----------------------------------------------------------------------------
 
-    def _allocate(self):
+    def _allocate(self) -> None:
         """Allocate state (one contiguous buffer per dtype and state name) and address tables."""
         active = self._active_state(self._hyper)
-        self._views = [dict() for _ in self._params]
+        self._views: list[dict[str, np.ndarray]] = [dict() for _ in self._params]
         written = list(self._params)
         layouts = []
         for dtype, indices in group_by_dtype(self._params).items():
@@ -336,7 +336,7 @@ class Optimizer:
             raise ValueError(f"state_dict was saved by {state_dict['optimizer']!r}, not {name!r}")
         steps = state_dict["step_count"]
         if (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0
-                or steps >= 2**62):
+                or steps >= 2**62):  # type: ignore[operator]  # typeshed: Integral has no __ge__
             raise ValueError(
                 f"state_dict['step_count'] must be an int in [0, 2**62), got {steps!r}")
         skipped = state_dict.get("skipped_steps", 0)

@@ -14,6 +14,7 @@ The second half mirrors :mod:`lrfast.schedules`: one NumPy function per schedule
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import numpy as np
 
@@ -344,8 +345,8 @@ def cyclic(steps, *, base_lr, max_lr, step_size_up=2000, step_size_down=None,
 
 def piecewise_constant(steps, *, boundaries, values, boundary="ge"):
     r""":math:`\eta_t = v_j`, j = number of boundaries :math:`b \le t` (``'gt'``: :math:`b < t`)."""
-    side = "right" if boundary == "ge" else "left"
-    return np.asarray(values, dtype=np.float64)[np.searchsorted(boundaries, _t(steps), side)]
+    return np.asarray(values, dtype=np.float64)[
+        np.searchsorted(boundaries, _t(steps), "right" if boundary == "ge" else "left")]
 
 
 def piecewise_interpolate(steps, *, boundaries, values, interpolation="linear"):
@@ -451,7 +452,7 @@ def with_plateau(steps, *, schedule, plateau, scale):
     return v
 
 
-_SCHEDULES = {
+_SCHEDULES: dict[str, Callable[..., Any]] = {
     "constant": constant, "exponential_decay": exponential_decay,
     "natural_exp_decay": natural_exp_decay, "inverse_time_decay": inverse_time_decay,
     "polynomial_decay": polynomial_decay, "cosine_decay": cosine_decay,

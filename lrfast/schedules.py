@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._dispatch import schedule_kernels as _schedules
 
-NativeSchedule = _schedules.NativeSchedule
-PlateauCell = _schedules.PlateauCell
+if TYPE_CHECKING:
+    # Both builds share one API (the same .pxi): type against the portable build's stub.
+    from ._schedules import NativeSchedule, PlateauCell
+else:
+    NativeSchedule = _schedules.NativeSchedule
+    PlateauCell = _schedules.PlateauCell
 
 __all__ = [
     "Schedule", "constant", "step_decay", "multistep", "exponential_decay", "natural_exp_decay",
@@ -142,6 +147,7 @@ class Schedule(NativeSchedule):
     (in signature order) and emit their nodes in ``_emit``."""
 
     kind = ""
+    _params: dict[str, Any]
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -829,13 +835,14 @@ class _WSD(_Simple):
                                                ("linear", "cosine", "sqrt"))}
         self._compile()
 
-    def _emit(self, b):
+    def _emit(self, b) -> int:
         p = self._params
         peak, end, n = p["peak_value"], p["end_value"], p["decay_steps"]
         decay = {"linear": lambda: _Polynomial(peak, end, n),
                  "cosine": lambda: _Cosine(peak, n, end),
                  "sqrt": lambda: _SqrtDecay(peak, end, n)}[p["decay_shape"]]()
-        pieces, bounds, at = [], [], 0
+        pieces: list[Schedule] = []
+        bounds, at = [], 0
         if p["warmup_steps"]:
             pieces.append(_Polynomial(p["init_value"], peak, p["warmup_steps"]))
             at += p["warmup_steps"]
