@@ -76,7 +76,9 @@ def test_installed_metadata():
     assert meta["License-Expression"] == "BSD-3-Clause"
     assert meta["Requires-Python"] == ">=3.9"
     assert meta["Summary"] and meta["Description-Content-Type"] == "text/markdown"
-    assert meta["Description"].startswith("# lrfast")  # the README
+    # The README is the long description (a header, or the body on Python < 3.10's reader).
+    readme = meta["Description"] or meta.get_payload()
+    assert readme.startswith("# lrfast")
     runtime = [r for r in dist.requires if "extra ==" not in r]
     assert [r.split(">")[0].split("=")[0].strip() for r in runtime] == ["numpy"]
     assert {"test", "bench", "plot", "torch"} <= set(meta.get_all("Provides-Extra"))
