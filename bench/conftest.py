@@ -8,6 +8,7 @@ Run them explicitly (the project's ``testpaths`` only lists ``tests``)::
 from __future__ import annotations
 
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 def _use_checkout():
     """Benchmark the checkout's lrfast when it has been built in place, else an installed one."""
-    if any((_ROOT / "lrfast").glob("_optim.*")) and str(_ROOT) not in sys.path:
+    built = any((_ROOT / "lrfast" / ("_optim" + s)).exists() for s in EXTENSION_SUFFIXES)
+    if built and str(_ROOT) not in sys.path:
         sys.path.insert(0, str(_ROOT))
 
 

@@ -17,13 +17,15 @@ import os
 import statistics
 import sys
 import time
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import numpy as np
 
 _ROOT = Path(__file__).resolve().parent.parent
-if any((_ROOT / "lrfast").glob("_optim.*")) and str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))  # the checkout, built in place
+_BUILT = any((_ROOT / "lrfast" / ("_optim" + s)).exists() for s in EXTENSION_SUFFIXES)
+if _BUILT and str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))  # the checkout, built in place (not just its .pyi stubs)
 
 import lrfast  # noqa: E402
 from lrfast import _dispatch, _openmp  # noqa: E402
