@@ -13,7 +13,6 @@ import copy
 
 import numpy as np
 import pytest
-
 from cases import CONFIGS
 
 torch = pytest.importorskip("torch")
