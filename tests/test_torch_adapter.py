@@ -282,8 +282,8 @@ def test_non_contiguous_gradient_and_replaced_param_memory():
                 p.data = p.data.clone() * 0.5
             opt.step()
         return p.detach().clone(), opt
-    a, opt_a = run(torch.optim.Adam, foreach=False)
-    b, opt_b = run(LT.Adam)
+    a, _ = run(torch.optim.Adam, foreach=False)
+    b, _ = run(LT.Adam)
     assert torch.allclose(a, b, rtol=1e-12, atol=0)
 
 
@@ -416,7 +416,7 @@ def test_threads_give_identical_results():
     results = []
     for n in (1, 2):
         with lrfast.threads(n):
-            ref, ours = lockstep("AdamW", {"lr": 0.01}, torch.float32, steps=5,
+            _, ours = lockstep("AdamW", {"lr": 0.01}, torch.float32, steps=5,
                                  model=lambda d: transformer(d, layers=2), scheduler=None)
         results.append([p.detach().clone() for p in ours[0]])
     assert all(torch.equal(a, b) for a, b in zip(*results))
