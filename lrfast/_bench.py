@@ -57,8 +57,12 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], int, bool]] = {
     "adam": ("Adam", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8), 7, True),
     "adamw": ("AdamW", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), 7, True),
 }
+# The transformer of the torch-API cases: 9 encoder layers of width 32 (4 heads, feed-forward
+# 64) and a linear head, 110 parameter tensors (tests/test_torch_adapter.py trains the same).
+TRANSFORMER_LAYER = (96 * 32, 96, 32 * 32, 32, 64 * 32, 64, 32 * 64, 32, 32, 32, 32, 32)
 SIZES = {"1k": (2**10,), "1M": (2**20,), "16M": (16 * 2**20,),
-         "1000x256": (256,) * 1000, "200x10k": (10_000,) * 200}
+         "1000x256": (256,) * 1000, "200x10k": (10_000,) * 200,
+         "transformer": TRANSFORMER_LAYER * 9 + (8 * 32, 8)}
 SCHEDULE_ARGS = (0.0, 0.1, 1000, 10**7)   # warmup_cosine(init, peak, warmup_steps, decay_steps)
 VECTOR_STEPS = 10**7
 SCALAR_STEP = 12345
@@ -82,7 +86,7 @@ class Skip(Exception):
 @dataclass
 class Case:
     name: str
-    kind: str                      # optim, flat, schedule-scalar, schedule-vector, threads
+    kind: str                      # optim, flat, torch, schedule-scalar, schedule-vector, threads
     opt: str | None = None
     dtype: str | None = None
     size: str | None = None
@@ -101,7 +105,7 @@ class Case:
 
     @property
     def bytes_per_step(self):
-        if self.kind not in ("optim", "flat"):
+        if self.kind not in ("optim", "flat", "torch"):
             return None
         opt, dtype = cast(str, self.opt), cast(str, self.dtype)  # both set for these kinds
         return self.elements * OPTIMIZERS[opt][2] * np.dtype(DTYPES[dtype]).itemsize
@@ -127,6 +131,10 @@ def all_cases(quick):
                 cases.append(Case(f"{opt} {dt} {size}", "optim", opt, dt, size))
                 if opt == "adam":
                     cases.append(Case(f"{opt} {dt} {size} flat", "flat", opt, dt, size))
+    # lrfast.torch.Adam against torch.optim.Adam, on torch tensors: a model's parameters, and
+    # one large tensor.
+    cases.append(Case("torch-api adam f32 transformer", "torch", "adam", "f32", "transformer"))
+    cases.append(Case("torch-api adam f32 16M", "torch", "adam", "f32", "16M"))
     cases.append(Case("schedule scalar", "schedule-scalar"))
     cases.append(Case("schedule vector 1e7", "schedule-vector"))
     cases.append(Case("adam f32 1M threads 1->2", "threads", "adam", "f32", "1M"))
@@ -216,10 +224,15 @@ def _peer_skip(c, peer, peers, quick):
         return Skip("no scalar schedule peer", "n/a")
     if c.kind == "schedule-vector" and peer not in ("numpy-ref", "optax-jit"):
         return Skip("no vector schedule peer", "n/a")
+    if c.kind == "torch" and peer in ("numpy-ref", "optax-jit"):
+        return Skip("torch API case", "n/a")
     if torch_peer and peers.torch is None:
         return Skip(peers.torch_reason)
     if peer == "optax-jit" and peers.optax is None:
         return Skip(peers.optax_reason)
+    if c.kind == "torch" and quick and c.size == "16M" and peer in ("torch-loop",
+                                                                       "torch-foreach"):
+        return Skip("--quick")
     if c.kind in ("optim", "flat"):
         if peer == "torch-fused" and not OPTIMIZERS[c.opt][3]:
             return Skip(f"torch has no fused {OPTIMIZERS[c.opt][0]}", "n/a")
@@ -421,9 +434,42 @@ def _schedule_step(case, impl, peers):
     return reference.schedule_values, (spec, steps)
 
 
+def _torch_api_step(case, impl, peers):
+    """An optimizer over torch tensors with gradients: lrfast.torch's class, or torch.optim's
+    (for-loop, foreach or fused). The transformer case uses a real model's parameters."""
+    torch = peers.torch
+    if torch is None:
+        raise Skip(peers.torch_reason)
+    if impl == "lrfast":
+        try:
+            import lrfast.torch as module
+        except ImportError as e:
+            raise Skip(f"lrfast.torch: {_short(e)}") from e
+        flags = {}
+    else:
+        module, flags = torch.optim, TORCH_FLAGS[impl]
+    cls, hyper, _, _ = OPTIMIZERS[case.opt]
+    gen = torch.Generator().manual_seed(SEED)
+    if case.size == "transformer":
+        torch.manual_seed(SEED)
+        layers = [torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+                  for _ in range(9)]
+        params = list(torch.nn.Sequential(*layers, torch.nn.Linear(32, 8)).parameters())
+        if tuple(p.numel() for p in params) != case.sizes:
+            raise RuntimeError("the transformer's parameters are not SIZES['transformer']")
+    else:
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in case.sizes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = getattr(module, cls)(params, **hyper, **flags)
+    return opt.step, ()
+
+
 def _stepper(case, impl, data, peers):
     if case.kind.startswith("schedule"):
         return _schedule_step(case, impl, peers)
+    if case.kind == "torch":
+        return _torch_api_step(case, impl, peers)
     if impl == "lrfast":
         return _lrfast_step(case, data)
     if impl == "numpy-ref":
@@ -645,6 +691,12 @@ def targets(cases):
         add(f"every optimizer {dt} 16M >= 8x numpy-ref",
             [(OPTIMIZERS[n.split()[0]][0], ratio(n, "numpy-ref"), 8.0, "ge", x) for n in names],
             names)
+    name = "torch-api adam f32 transformer"
+    add("lrfast.torch.Adam, 110-tensor transformer >= 3x torch fused",
+        [("torch-fused/lrfast", ratio(name, "torch-fused"), 3.0, "ge", x)], [name])
+    name = "torch-api adam f32 16M"
+    add("lrfast.torch.Adam, one 16M tensor >= 1.0x torch fused",
+        [("torch-fused/lrfast", ratio(name, "torch-fused"), 1.0, "ge", x)], [name])
     name = "adam f32 1M threads 1->2"
     c = by.get(name)
     add("Adam f32 1M 1->2 threads >= 1.7x",
