@@ -9,8 +9,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lrfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the seeds' linear regression with each optimizer")
-    demo.add_argument("--steps", type=int, default=1000, help="gradient steps (default 1000)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="gradient steps (default 1000; 200 with --torch)")
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    demo.add_argument("--torch", action="store_true",
+                      help="instead: train a small torch transformer with lrfast.torch.AdamW "
+                           "and a warmup-cosine schedule, timed against torch.optim.AdamW "
+                           "(default 200 steps)")
     sub.add_parser("config", help="print build and runtime configuration")
     plot = sub.add_parser(
         "plot", help="draw learning-rate schedules into an image (needs matplotlib)",
@@ -43,11 +48,15 @@ def main(argv=None):
 
         return plot_main(args.specs, steps=args.steps, output=args.output, log=args.log)
     if args.command == "demo":
-        if args.steps < 1:
+        if args.steps is not None and args.steps < 1:
             parser.error("--steps must be at least 1")
+        if args.torch:
+            from .demo_torch import main as torch_demo_main
+
+            return torch_demo_main(steps=args.steps or 200)
         from .demo import main as demo_main
 
-        return demo_main(steps=args.steps, seed=args.seed)
+        return demo_main(steps=args.steps or 1000, seed=args.seed)
     from ._config import show_config
 
     show_config()

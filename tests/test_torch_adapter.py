@@ -420,3 +420,19 @@ def test_threads_give_identical_results():
                                  model=lambda d: transformer(d, layers=2), scheduler=None)
         results.append([p.detach().clone() for p in ours[0]])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_demo_torch_trains_like_torch():
+    """``python -m lrfast demo --torch``: lrfast.torch.AdamW and torch's three AdamW paths,
+    trained from the same start on the same batches, end at the same loss."""
+    from cases import run_python
+
+    out = run_python("import sys; from lrfast.__main__ import main; "
+                     "sys.exit(main(['demo', '--torch', '--steps', '12']))")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.startswith(("lrfast.torch", "torch AdamW"))]
+    assert [r[0] for r in rows] == ["lrfast.torch.AdamW", "torch", "torch", "torch"]
+    losses = [float(r[1]) if r[0].startswith("lrfast") else float(r[3]) for r in rows]
+    assert max(losses) - min(losses) <= 1e-5 * max(losses), losses
+    assert "110 parameter tensors" in out.stdout
