@@ -35,7 +35,7 @@ def train(torch, make_opt, schedule, steps, peak):
     gen = torch.Generator().manual_seed(1)
     target = torch.randn(32, 8, generator=gen)
     step_s, iter_s = np.empty(steps), np.empty(steps)
-    loss = None
+    last = float("nan")
     for t in range(steps):
         x = torch.randn(32, 16, 32, generator=gen)
         y = x.mean(dim=1, keepdim=True).expand(-1, 16, -1) @ target
@@ -48,7 +48,8 @@ def train(torch, make_opt, schedule, steps, peak):
         t2 = time.perf_counter()
         sched.step()
         step_s[t], iter_s[t] = t2 - t1, t2 - t0
-    return float(loss.detach()), float(np.median(step_s)), float(np.median(iter_s))
+        last = float(loss.detach())
+    return last, float(np.median(step_s)), float(np.median(iter_s))
 
 
 def main(steps=200):
