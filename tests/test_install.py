@@ -65,6 +65,8 @@ def _distribution():
         pytest.skip("lrfast is not installed (an in-place build)")
     if os.path.realpath(str(dist.locate_file("lrfast"))) != os.path.realpath(PKG_DIR):
         pytest.skip("the lrfast imported is not the installed distribution")
+    if dist.read_text("RECORD") is None:  # a source tree's lrfast.egg-info, left by a build
+        pytest.skip("lrfast's metadata here is a build's egg-info, not an installation")
     return dist
 
 
