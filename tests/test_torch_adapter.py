@@ -21,21 +21,19 @@ LT = pytest.importorskip("lrfast.torch")
 TORCH_CONFIGS = [(name, hyper) for name, hyper, has_torch in CONFIGS if has_torch]
 IDS = [name + "-" + "-".join(f"{k}={v}" for k, v in h.items()) for name, h in TORCH_CONFIGS]
 
-# float32: torch's CPU kernels fuse multiply-adds in add(alpha=) and addcmul (lrfast never
-# fuses, so that every build rounds alike); where the math cancels, as in RMSprop's weight
-# decay term g + wd*p when g is near -wd*p, or its centred variance v - avg^2, one step differs
-# by far more than an ulp in those elements, and 100 steps of momentum carry it on. Measured
-# worst over 100 steps: params 2.3e-5 and 2.7e-5, momentum buffer 6.5e-5 and 2.2e-3.
+# float32: torch's CPU kernels fuse the multiply-add of add(alpha=) (lrfast never fuses, so that
+# every build rounds alike). Where the math cancels, as in RMSprop's weight-decay term g + wd*p
+# when g is near -wd*p, one step differs by far more than an ulp in those elements, and 100
+# steps of momentum carry it on. Measured over 100 steps for this configuration: params 2.3e-5,
+# momentum buffer 6.5e-5 (every other float32 configuration stays below 3e-6).
 FLOAT32_LOOSER = {
     ("RMSprop", (("lr", 0.01), ("momentum", 0.9), ("weight_decay", 0.01))): (5e-5, 2e-4),
-    ("RMSprop", (("lr", 0.01), ("alpha", 0.45), ("momentum", 0.5), ("centered", True),
-                 ("maximize", True))): (5e-5, 5e-3),
 }
 
 
 def _tolerances(name, hyper, dtype):
-    """(params, state) relative tolerances: 1e-10 in float64, 1e-5 in float32 but for the two
-    configurations above."""
+    """(params, state) relative tolerances: 1e-10 in float64, 1e-5 in float32 but for the one
+    configuration above."""
     if dtype == torch.float64:
         return 1e-10, 1e-10
     return FLOAT32_LOOSER.get((name, tuple(hyper.items())), (1e-5, 1e-5))
