@@ -191,10 +191,11 @@ class _Plan:
 class _Optimizer(torch.optim.Optimizer):
     """What the five classes share: parameter checks, the per-step gather and the kernel call.
 
-    Subclasses set ``_kernel`` (the lrfast kernel), ``_nbuf`` (rows of its address table:
-    param, grad, then the state buffers in ``_state_rows``), ``_counts_steps`` (keeps
-    ``state['step']``) and implement ``_hyper(group)`` (validated kernel arguments) and
-    ``_needs(hyper)`` (the state buffers those hyper-parameters use).
+    Subclasses set ``_kernel`` (the lrfast kernel), ``_state_rows`` (the state buffers in the
+    kernel's table order, after param and grad), ``_counts_steps`` (keeps ``state['step']``)
+    and ``_key_splits`` (the step count is a kernel argument), and implement ``_hyper(group)``
+    (validated hyper-parameters), ``_needs(hyper)`` (the state buffers they use) and
+    ``_kwargs(hyper, key)`` (the kernel's keyword arguments).
     """
 
     _kernel = ""
