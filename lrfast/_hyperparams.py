@@ -60,3 +60,24 @@ def adam(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize):
         "amsgrad": check_bool(amsgrad, "amsgrad"),
         "maximize": check_bool(maximize, "maximize"),
     }
+
+
+# Each update's state buffers, in its kernel's table order (after param and grad).
+STATE_ROWS = {
+    "sgd": ("momentum_buffer",),
+    "adagrad": ("sum",),
+    "rmsprop": ("square_avg", "momentum_buffer", "grad_avg"),
+    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+}
+
+
+def state_buffers(kind, h):
+    """The state buffers the ``kind`` update uses under validated hyper-parameters ``h``."""
+    rows = STATE_ROWS[kind]
+    if kind == "sgd":
+        return rows if h["momentum"] != 0 else ()
+    if kind == "rmsprop":
+        return tuple(n for n, used in zip(rows, (True, h["momentum"] > 0, h["centered"])) if used)
+    if kind == "adam":
+        return rows if h["amsgrad"] else rows[:2]
+    return rows

@@ -102,7 +102,7 @@ class Optimizer:
 
     def _active_state(self, hyper) -> tuple:
         """The state buffers these hyper-parameters use."""
-        return self._state_rows
+        return _hyperparams.state_buffers(self._plan_kind, hyper)
 
     def _initial_value(self, name, hyper) -> float:
         return 0.0
@@ -436,7 +436,7 @@ class SGD(Optimizer):
     """
 
     _plan_kind = "sgd"
-    _state_rows = ("momentum_buffer",)
+    _state_rows = _hyperparams.STATE_ROWS["sgd"]
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False,
@@ -450,9 +450,6 @@ class SGD(Optimizer):
     @classmethod
     def _validate(cls, h):
         return _hyperparams.sgd(**h)
-
-    def _active_state(self, hyper):
-        return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
 
     def _plan_values(self):
         h = self._hyper
@@ -489,7 +486,7 @@ class Adagrad(Optimizer):
     """
 
     _plan_kind = "adagrad"
-    _state_rows = ("sum",)
+    _state_rows = _hyperparams.STATE_ROWS["adagrad"]
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, eps_inside_sqrt=False,
@@ -544,7 +541,7 @@ class RMSprop(Optimizer):
     """
 
     _plan_kind = "rmsprop"
-    _state_rows = ("square_avg", "momentum_buffer", "grad_avg")
+    _state_rows = _hyperparams.STATE_ROWS["rmsprop"]
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False,
@@ -557,14 +554,6 @@ class RMSprop(Optimizer):
     @classmethod
     def _validate(cls, h):
         return _hyperparams.rmsprop(**h)
-
-    def _active_state(self, hyper):
-        names = ["square_avg"]
-        if hyper["momentum"] > 0:
-            names.append("momentum_buffer")
-        if hyper["centered"]:
-            names.append("grad_avg")
-        return tuple(names)
 
     def _plan_values(self):
         h = self._hyper
@@ -604,7 +593,7 @@ class Adam(Optimizer):
     """
 
     _plan_kind = "adam"
-    _state_rows = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _state_rows = _hyperparams.STATE_ROWS["adam"]
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -624,11 +613,6 @@ class Adam(Optimizer):
         return dict(lr=out["lr"], betas=(out["beta1"], out["beta2"]), eps=out["eps"],
                     weight_decay=out["weight_decay"], amsgrad=out["amsgrad"],
                     maximize=out["maximize"])
-
-    def _active_state(self, hyper):
-        if hyper["amsgrad"]:
-            return self._state_rows
-        return self._state_rows[:2]
 
     def _plan_values(self):
         h = self._hyper

@@ -122,7 +122,7 @@ class _Plan:
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.dtype, keys[i]), []).append(i)
-        rows = opt._state_rows
+        rows = _hyperparams.STATE_ROWS[opt._kind]
         self.buckets = []
         for (dtype, key), idx in groups.items():
             table = np.zeros((2 + len(rows), len(idx)), dtype=np.intp)
@@ -191,15 +191,14 @@ class _Plan:
 class _Optimizer(torch.optim.Optimizer):
     """What the five classes share: parameter checks, the per-step gather and the kernel call.
 
-    Subclasses set ``_kernel`` (the lrfast kernel), ``_state_rows`` (the state buffers in the
-    kernel's table order, after param and grad), ``_counts_steps`` (keeps ``state['step']``)
-    and ``_key_splits`` (the step count is a kernel argument), and implement ``_hyper(group)``
-    (validated hyper-parameters), ``_needs(hyper)`` (the state buffers they use) and
+    Subclasses set ``_kind`` (the update: its kernel is ``<kind>_step``, its state buffers in
+    the kernel's table order are ``_hyperparams.STATE_ROWS[kind]``),
+    ``_counts_steps`` (keeps ``state['step']``) and ``_key_splits`` (the step count is a kernel
+    argument), and implement ``_hyper(group)`` (validated hyper-parameters) and
     ``_kwargs(hyper, key)`` (the kernel's keyword arguments).
     """
 
-    _kernel = ""
-    _state_rows: tuple[str, ...] = ()
+    _kind = ""
     _counts_steps = True
     _key_splits = True  # does the key (step, or SGD's first step) change the kernel's arguments?
     _name = ""
@@ -289,7 +288,8 @@ class _Optimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _needs(self, hyper: dict[str, Any]) -> tuple[str, ...]:
-        raise NotImplementedError
+        """The state buffers these hyper-parameters use."""
+        return _hyperparams.state_buffers(self._kind, hyper)
 
     def _kwargs(self, hyper: dict[str, Any], step: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -301,7 +301,7 @@ class _Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        kernel = getattr(_dispatch.kernels, self._kernel)
+        kernel = getattr(_dispatch.kernels, self._kind + "_step")
         nthreads = get_num_threads()
         # Every group and gradient is checked before any state is created or memory written.
         work = []
@@ -385,8 +385,7 @@ class Adam(_Optimizer):
     ``amsgrad``, ``max_exp_avg_sq``.
     """
 
-    _kernel = "adam_step"
-    _state_rows = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _kind = "adam"
     _name = "Adam"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
@@ -408,9 +407,6 @@ class Adam(_Optimizer):
                               group["maximize"])
         h["decoupled"] = bool(group.get("decoupled_weight_decay", False))
         return h
-
-    def _needs(self, hyper):
-        return self._state_rows if hyper["amsgrad"] else self._state_rows[:2]
 
     def _kwargs(self, hyper, step):
         return dict(lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
@@ -443,8 +439,7 @@ class SGD(_Optimizer):
     State per param: ``momentum_buffer`` when ``momentum != 0`` (none otherwise, as in torch).
     """
 
-    _kernel = "sgd_step"
-    _state_rows = ("momentum_buffer",)
+    _kind = "sgd"
     _counts_steps = False
     _name = "SGD"
 
@@ -460,9 +455,6 @@ class SGD(_Optimizer):
         return _hyperparams.sgd(_scalar(group["lr"]), group["momentum"], group["dampening"],
                                 _scalar(group["weight_decay"]), group["nesterov"],
                                 group["maximize"])
-
-    def _needs(self, hyper):
-        return self._state_rows if hyper["momentum"] != 0 else ()
 
     def _state_for(self, p, hyper):
         st = self.state[p]
@@ -489,8 +481,7 @@ class Adagrad(_Optimizer):
         \theta_t = \theta_{t-1} - \tilde\gamma\,\frac{g_t}{\sqrt{s_t} + \epsilon}
     """
 
-    _kernel = "adagrad_step"
-    _state_rows = ("sum",)
+    _kind = "adagrad"
     _name = "Adagrad"
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
@@ -511,9 +502,6 @@ class Adagrad(_Optimizer):
         hyper = self._hyper(group)
         for p in group["params"]:
             self._state_for(p, hyper)
-
-    def _needs(self, hyper):
-        return self._state_rows
 
     def _new_buffer(self, name, p, hyper):
         return torch.full_like(p, hyper["initial_accumulator_value"],
@@ -538,8 +526,7 @@ class RMSprop(_Optimizer):
         + \epsilon}\ \text{without momentum)}
     """
 
-    _kernel = "rmsprop_step"
-    _state_rows = ("square_avg", "momentum_buffer", "grad_avg")
+    _kind = "rmsprop"
     _key_splits = False  # torch counts RMSprop's steps, but the update does not use them
     _name = "RMSprop"
 
@@ -556,14 +543,6 @@ class RMSprop(_Optimizer):
         return _hyperparams.rmsprop(_scalar(group["lr"]), group["alpha"], group["eps"],
                                     group["weight_decay"], group["momentum"], group["centered"],
                                     group["maximize"])
-
-    def _needs(self, hyper):
-        names = ["square_avg"]
-        if hyper["momentum"] > 0:
-            names.append("momentum_buffer")
-        if hyper["centered"]:
-            names.append("grad_avg")
-        return tuple(names)
 
     def _kwargs(self, hyper, step):
         return dict(lr=hyper["lr"], alpha=hyper["alpha"], eps=hyper["eps"],
