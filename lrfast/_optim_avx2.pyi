@@ -1,139 +1,29 @@
 # Type stub for lrfast._optim_avx2 (src/_optim_avx2.pyx): AVX2 build of _optim's API, minus cpu_has_avx2.
-from collections.abc import Sequence
-from typing import Any, Final, TypeVar
-
-import numpy as np
-from numpy.typing import NDArray
-from typing_extensions import disjoint_base
-
-_Float = TypeVar("_Float", np.float32, np.float64)
-
-# Codes returned by gather_grads / Plan.gather / Plan.step.
-GATHER_OK: Final = 0
-GATHER_NOT_ARRAY: Final = 1
-GATHER_DTYPE: Final = 2
-GATHER_SHAPE: Final = 3
-GATHER_NOT_CONTIGUOUS: Final = 4
-GATHER_OVERLAP: Final = 5
-GATHER_MISALIGNED: Final = 6
-GATHER_NONFINITE: Final = 7
-
-NORM_BLOCK_SIZE: Final = 4096
-PLAN_KINDS: dict[str, int]
-
-def get_min_elements_per_thread() -> dict[str, int]: ...
-def set_min_elements_per_thread(overrides: int | None) -> None: ...
-def sgd_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-) -> None: ...
-def adagrad_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    eps_inside_sqrt: bool,
-    maximize: bool,
-    step: int,
-) -> None: ...
-def rmsprop_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-) -> None: ...
-def adam_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    amsgrad: bool,
-    maximize: bool,
-    step: int,
-) -> None: ...
-def norm_kind(norm_type: float) -> int: ...
-def grad_norm_reduce(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    norm_type: float,
-    partials: NDArray[np.float64],
-) -> float: ...
-def scale_(
-    table: NDArray[np.intp], offsets: NDArray[np.intp], is64: bool, nthreads: int, factor: float
-) -> None: ...
-def collect_arrays(
-    arrays: Sequence[Any],
-    addrs: NDArray[np.intp],
-    sizes: NDArray[np.intp],
-    typenums: NDArray[np.intc],
-    writeable: bool,
-) -> int: ...
-def has_flush_to_zero() -> bool: ...
-def triad(
-    a: NDArray[_Float], b: NDArray[_Float], c: NDArray[_Float], s: float, nthreads: int
-) -> None: ...
-def gather_grads(
-    grads: Sequence[Any],
-    typenum: int,
-    ndims: NDArray[np.intp],
-    dims: NDArray[np.intp],
-    out: NDArray[np.intp],
-    wstart: NDArray[np.intp],
-    wend: NDArray[np.intp],
-) -> tuple[int, int]: ...
-def _debug_index(a: NDArray[np.intp], i: int) -> int: ...
-
-@disjoint_base
-class Plan:
-    def __init__(
-        self,
-        kind: str,
-        table: NDArray[np.intp],
-        offsets: NDArray[np.intp],
-        is64: bool,
-        typenum: int,
-        ndims: NDArray[np.intp],
-        dims: NDArray[np.intp],
-        wstart: NDArray[np.intp],
-        wend: NDArray[np.intp],
-    ) -> None: ...
-    def set_hyper(self, hyper: Sequence[float], flags: Sequence[bool]) -> None: ...
-    def set_options(self, skip_nonfinite: bool, flush_subnormals: bool) -> None: ...
-    def gather(self, grads: Sequence[Any]) -> tuple[int, int] | None: ...
-    def all_finite(self, inv_scale: float, nthreads: int) -> bool: ...
-    def run(self, lr: float, step: int, nthreads: int, inv_scale: float = 1.0) -> None: ...
-    def step(
-        self, grads: Sequence[Any], lr: float, step: int, nthreads: int, inv_scale: float = 1.0
-    ) -> tuple[int, int] | None: ...
+# The same source compiled with -mavx2: the same API as the portable build.
+from ._optim import (
+    GATHER_OK as GATHER_OK,
+    GATHER_NOT_ARRAY as GATHER_NOT_ARRAY,
+    GATHER_DTYPE as GATHER_DTYPE,
+    GATHER_SHAPE as GATHER_SHAPE,
+    GATHER_NOT_CONTIGUOUS as GATHER_NOT_CONTIGUOUS,
+    GATHER_OVERLAP as GATHER_OVERLAP,
+    GATHER_MISALIGNED as GATHER_MISALIGNED,
+    GATHER_NONFINITE as GATHER_NONFINITE,
+    NORM_BLOCK_SIZE as NORM_BLOCK_SIZE,
+    PLAN_KINDS as PLAN_KINDS,
+    get_min_elements_per_thread as get_min_elements_per_thread,
+    set_min_elements_per_thread as set_min_elements_per_thread,
+    sgd_step as sgd_step,
+    adagrad_step as adagrad_step,
+    rmsprop_step as rmsprop_step,
+    adam_step as adam_step,
+    norm_kind as norm_kind,
+    grad_norm_reduce as grad_norm_reduce,
+    scale_ as scale_,
+    collect_arrays as collect_arrays,
+    has_flush_to_zero as has_flush_to_zero,
+    triad as triad,
+    gather_grads as gather_grads,
+    _debug_index as _debug_index,
+    Plan as Plan,
+)

@@ -1,48 +1,9 @@
 # Type stub for lrfast._schedules_avx2 (src/_schedules_avx2.pyx): AVX2 build of _schedules' API.
-from collections.abc import Iterable
-from typing import Final, overload
-
-import numpy as np
-from numpy.typing import ArrayLike, NDArray
-from typing_extensions import disjoint_base
-
-# Node kinds by name, for the program builder in lrfast/schedules.py.
-KINDS: dict[str, int]
-N_INT_PARAMS: Final = 4
-N_FLOAT_PARAMS: Final = 6
-
-@disjoint_base
-class PlateauCell:
-    @property
-    def address(self) -> int: ...
-    @property
-    def scale(self) -> float: ...
-    @scale.setter
-    def scale(self, value: float) -> None: ...
-    @property
-    def min_lr(self) -> float: ...
-    @min_lr.setter
-    def min_lr(self, value: float) -> None: ...
-    @property
-    def max_lr(self) -> float: ...
-    @max_lr.setter
-    def max_lr(self, value: float) -> None: ...
-
-@disjoint_base
-class NativeSchedule:
-    def _load_program(
-        self,
-        kind: ArrayLike,
-        ip: ArrayLike,
-        fp: ArrayLike,
-        ibuf: ArrayLike,
-        fbuf: ArrayLike,
-        root: int,
-        keep: Iterable[object] = (),
-    ) -> None: ...
-    @overload
-    def __call__(self, t: int | np.integer, out: None = None) -> float: ...
-    @overload
-    def __call__(
-        self, t: NDArray[np.integer], out: NDArray[np.float64] | None = None
-    ) -> NDArray[np.float64]: ...
+# The same source compiled with -mavx2: the same API as the portable build.
+from ._schedules import (
+    KINDS as KINDS,
+    N_INT_PARAMS as N_INT_PARAMS,
+    N_FLOAT_PARAMS as N_FLOAT_PARAMS,
+    PlateauCell as PlateauCell,
+    NativeSchedule as NativeSchedule,
+)
