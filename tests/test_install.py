@@ -93,3 +93,23 @@ def test_installed_files_include_stubs_and_no_sources():
     for module in ("_openmp", "_optim", "_schedules"):
         assert f"lrfast/{module}.pyi" in names
     assert not [n for n in names if n.endswith((".pyx", ".pxd", ".pxi", ".c"))]
+
+
+def test_avx2_builds_have_the_portable_api():
+    """The AVX2 modules' stubs re-export the portable ones (stubtest does not follow
+    re-exports), so the claim is checked here: the same names, with the same signatures."""
+    import inspect
+
+    from lrfast import _dispatch
+
+    if "avx2" not in _dispatch.available():
+        pytest.skip("no AVX2 build loaded here")
+    pairs = [(_dispatch.BUILDS["baseline"], _dispatch.BUILDS["avx2"]),
+             (_dispatch.SCHEDULE_BUILDS["baseline"], _dispatch.SCHEDULE_BUILDS["avx2"])]
+    for base, avx2 in pairs:
+        public = {n for n in dir(base) if not n.startswith("__")} - {"cpu_has_avx2"}
+        assert public == {n for n in dir(avx2) if not n.startswith("__")}, avx2.__name__
+        for name in public:
+            a, b = getattr(base, name), getattr(avx2, name)
+            if callable(a) and not isinstance(a, type):
+                assert str(inspect.signature(a)) == str(inspect.signature(b)), name
