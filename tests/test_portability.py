@@ -102,6 +102,13 @@ def bundled_libraries():
     return sorted(glob.glob(os.path.join(os.path.dirname(PKG_DIR), "lrfast.libs", "*.so*")))
 
 
+def assert_baseline(paths):
+    for path in paths:
+        bad = extended_instructions(path)
+        assert not bad, f"{os.path.basename(path)}: {len(bad)} non-baseline instructions, " \
+                        f"e.g. {bad[:5]}"
+
+
 needs_objdump = pytest.mark.skipif(
     not (X86_64_LINUX and shutil.which("objdump")), reason="needs objdump on x86-64 Linux")
 
@@ -111,10 +118,7 @@ def test_baseline_modules_use_only_baseline_instructions():
     modules = baseline_modules()
     assert {os.path.basename(p).split(".")[0] for p in modules} >= {"_openmp", "_optim",
                                                                      "_schedules"}
-    for path in modules:
-        bad = extended_instructions(path)
-        assert not bad, f"{os.path.basename(path)}: {len(bad)} non-baseline instructions, " \
-                        f"e.g. {bad[:5]}"
+    assert_baseline(modules)
 
 
 @needs_objdump
@@ -123,10 +127,7 @@ def test_bundled_libraries_use_only_baseline_instructions():
     if not libs:
         pytest.skip("not installed from a repaired wheel (no lrfast.libs)")
     assert any("gomp" in os.path.basename(p) for p in libs), libs
-    for path in libs:
-        bad = extended_instructions(path)
-        assert not bad, f"{os.path.basename(path)}: {len(bad)} non-baseline instructions, " \
-                        f"e.g. {bad[:5]}"
+    assert_baseline(libs)
 
 
 @needs_objdump
