@@ -1,0 +1,315 @@
+"""The speed targets of ``python -m lrfast bench``, and how a noisy measurement is judged.
+
+A target is one or more *parts*; a part compares one statistic of one case with a threshold:
+
+* ``ratio``: a peer's time per step / lrfast's (``>=``: lrfast at least that many times
+  faster); the peer ``torch-fastest`` is the torch path with the smallest median in that case;
+* ``floor``: % of the memory-bandwidth floor, (bytes moved per step / probe bandwidth) /
+  lrfast's time per step (``>=``);
+* ``time``: lrfast's seconds per step (``<=``);
+* ``speedup``: lrfast's time on 1 thread / on 2 threads (``>=``).
+
+Judging through noise. In a case, lrfast, each peer and (for a floor part) the bandwidth probe
+are timed in interleaved rounds: round i times one batch of each in turn, so the i-th samples
+saw the same machine within milliseconds. Each round gives one value of the part's statistic
+(a ratio of two times measured side by side), and the part is judged on the median of those
+values and its distribution-free 95% confidence interval: the order statistics
+``v_(k) <= median <= v_(n+1-k)`` with k the largest for which ``P(Binomial(n, 1/2) < k) <=
+2.5%`` (n >= 6; below that the interval is [min, max], whose confidence is printed).
+
+* ``PASS``: the whole interval meets the threshold;
+* ``FAIL``: the whole interval misses it by more than the part's *spread*, a shortfall that
+  neither this run's noise nor the difference between runs explains;
+* ``NOISE``: otherwise: within noise of the target.
+
+The spread. On a shared 2-core machine the ratios move between runs by far more than within
+one: the machine has slower and faster phases lasting tens of seconds (bandwidth, and how fast
+two threads compute), which every case in a run may see alike. A 95% interval from one run
+then says little about the next, and a quick run would FAIL a target that a full run minutes
+later PASSes. So each part carries the factor by which its statistic was seen to vary between
+runs on this project's machine (its max/min over repeated runs, at least 1.1; a part measured
+in too few runs takes the largest factor of its family of cases), and a FAIL needs the
+interval's far end, moved by that factor, still to miss the threshold. The factors live in
+``_bench_spread.py``, written by ``bench/target_spread.py`` from the JSON of repeated runs.
+
+A case with a part still in NOISE is given more rounds, up to a budget, before it is judged.
+Where a peer was not timed with lrfast (a ``flat`` row reuses its list twin's peers) the part
+takes the conservative interval ``[peer_lo / lrfast_hi, peer_hi / lrfast_lo]`` of the two
+medians' own intervals.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from lrfast import _bench_spread
+
+CONFIDENCE = 0.95
+TORCH_PATHS = ("torch-loop", "torch-foreach", "torch-fused")
+STATUS_ORDER = ("FAIL", "NOISE", "SKIP", "PASS")   # a target takes its worst part's status
+
+
+@dataclass(frozen=True)
+class Part:
+    case: str
+    measure: str                  # ratio, floor, time, speedup
+    threshold: float
+    peer: str | None = None       # for ratio: a peer, or "torch-fastest"
+    label: str | None = None
+    family: str = "16M"           # for a part without its own measured spread
+
+    @property
+    def key(self):
+        return f"{self.case}: {self.name()}"
+
+    @property
+    def spread(self):
+        """Factor by which this part varies between runs (see the module's docstring)."""
+        own = _bench_spread.PARTS.get(self.key)
+        return own if own is not None else _bench_spread.FAMILIES[self.family]
+
+    @property
+    def at_least(self):
+        return self.measure != "time"
+
+    def name(self):
+        if self.label:
+            return self.label
+        return {"ratio": f"{self.peer}/lrfast", "floor": "floor", "time": "lrfast",
+                "speedup": "speedup"}[self.measure]
+
+    def fmt(self, v, threshold=False):
+        if self.measure == "floor":
+            return f"{v:g}%" if threshold else f"{v:.1f}%"
+        if self.measure == "time":
+            return f"{v * 1e6:g} us" if threshold else f"{v * 1e6:.2f} us"
+        return f"{v:g}x" if threshold else f"{v:.2f}x"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    parts: tuple[Part, ...]
+
+
+def _table():
+    out = []
+    optimizers = (("sgd", "SGD"), ("adagrad", "Adagrad"), ("rmsprop", "RMSprop"),
+                  ("adam", "Adam"), ("adamw", "AdamW"))
+    for dt in ("f32", "f64"):
+        f32 = dt == "f32"
+        name = f"adam {dt} 16M"
+        parts = [Part(name, "ratio", 1.0, "torch-fused")]
+        if f32:
+            parts.append(Part(name, "floor", 90.0))
+        out.append(Target(f"Adam {dt} 16M >= 1.0x torch fused" + (", >= 90% floor" if f32 else ""),
+                          tuple(parts)))
+        for o, label in optimizers:
+            if o == "adam":
+                continue
+            name = f"{o} {dt} 16M"
+            parts = [Part(name, "ratio", 1.0, "torch-fastest")]
+            if f32:
+                parts.append(Part(name, "floor", 85.0))
+            out.append(Target(f"{label} {dt} 16M >= 1.0x torch's fastest" +
+                              (", >= 85% floor" if f32 else ""), tuple(parts)))
+        for case, thr, label in (
+                (f"adam {dt} 1000x256", 10.0, f"Adam {dt} 1000x256 >= 10x torch fused"),
+                (f"adam {dt} 1000x256 flat", 30.0,
+                 f"FlatParams Adam {dt} 1000x256 >= 30x torch fused"),
+                (f"adam {dt} 200x10k", 2.0, f"Adam {dt} 200x10k >= 2x torch fused")):
+            out.append(Target(label, (Part(case, "ratio", thr, "torch-fused",
+                                           family="multi-tensor"),)))
+        name = f"adam {dt} 1k"
+        parts = [Part(name, "time", 3e-6, label="Adam.step", family="1k")] if f32 else []
+        parts.append(Part(name, "ratio", 25.0, "torch-loop", family="1k"))
+        out.append(Target(f"Adam.step {dt} 1k " + ("<= 3 us and " if f32 else "") +
+                          ">= 25x torch for-loop", tuple(parts)))
+        out.append(Target(f"every optimizer {dt} 16M >= 8x numpy-ref",
+                          tuple(Part(f"{o} {dt} 16M", "ratio", 8.0, "numpy-ref", label)
+                                for o, label in optimizers)))
+    out.append(Target("lrfast.torch.Adam, 110-tensor transformer >= 3x torch fused",
+                      (Part("torch-api adam f32 transformer", "ratio", 3.0, "torch-fused",
+                            family="torch-api"),)))
+    out.append(Target("lrfast.torch.Adam, one 16M tensor >= 1.0x torch fused",
+                      (Part("torch-api adam f32 16M", "ratio", 1.0, "torch-fused",
+                            family="torch-api"),)))
+    out.append(Target("Adam f32 1M 1->2 threads >= 1.7x",
+                      (Part("adam f32 1M threads 1->2", "speedup", 1.7, family="threads"),)))
+    return tuple(out)
+
+
+TARGETS = _table()
+
+
+def parts_of(case_name):
+    """The target parts measured on one case."""
+    return [p for t in TARGETS for p in t.parts if p.case == case_name]
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------
+
+def median_ci(values, confidence=CONFIDENCE):
+    """(median, lo, hi, achieved confidence) of ``values``: the distribution-free interval of
+    the median from order statistics (exact under independence, whatever the distribution)."""
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        raise ValueError("no values")
+    tail = (1.0 - confidence) / 2
+    k, below = 1, 0.0                  # below: P(B <= k - 1) for B ~ Binomial(n, 1/2)
+    cdf = 0.0
+    for j in range(n // 2):
+        cdf += math.comb(n, j) / 2.0 ** n
+        if cdf > tail:
+            break
+        k, below = j + 1, cdf
+    if k == 1:
+        below = 1.0 / 2.0 ** n         # [min, max]
+    return statistics.median(v), v[k - 1], v[n - k], max(0.0, 1.0 - 2.0 * below)
+
+
+def paired(a, b):
+    """The samples of two timed results that come from the same rounds, as two lists."""
+    rb = dict(zip(b["rounds"], b["samples_s"]))
+    xs, ys = [], []
+    for r, s in zip(a["rounds"], a["samples_s"]):
+        if r in rb:
+            xs.append(s)
+            ys.append(rb[r])
+    return xs, ys
+
+
+def _ok(res):
+    return isinstance(res, dict) and res.get("status") == "ok"
+
+
+def resolve_peer(case, part):
+    """The peer a ratio part compares with in ``case`` (None if it did not run)."""
+    if part.peer != "torch-fastest":
+        return part.peer if _ok(case.results.get(part.peer)) else None
+    ran = [p for p in TORCH_PATHS if _ok(case.results.get(p))]
+    return min(ran, key=lambda p: case.results[p]["median_s"]) if ran else None
+
+
+def references(case, part):
+    """Names of what a part's statistic needs timed beside lrfast in ``case`` (the floor probe
+    is "floor"); None if something it needs did not run."""
+    if part.measure == "speedup":
+        return ["lrfast-1t", "lrfast-2t"]
+    if part.measure == "time":
+        return []
+    if part.measure == "floor":
+        return ["floor"] if _ok(getattr(case, "probe", None)) else None
+    peer = resolve_peer(case, part)
+    return [peer] if peer else None
+
+
+def estimate(case, part):
+    """(median, lo, hi, confidence) of the part's statistic in ``case``, or a reason (str)."""
+    res = case.results
+    if part.measure == "speedup":
+        one, two = res.get("lrfast-1t"), res.get("lrfast-2t")
+        if not (_ok(one) and _ok(two)):
+            return "not run"
+        xs, ys = paired(one, two)
+        return median_ci([x / y for x, y in zip(xs, ys)])
+    base = res.get("lrfast")
+    if not _ok(base):
+        return "lrfast did not run"
+    if part.measure == "time":
+        return median_ci(base["samples_s"])
+    if part.measure == "floor":
+        probe = getattr(case, "probe", None)
+        if probe is None or not _ok(probe) or not case.bytes_per_step:
+            return "no floor probe"
+        xs, ys = paired(base, probe)
+        # Each round: the probe's bandwidth in that round, and the step's time at it.
+        return median_ci([100.0 * case.bytes_per_step * p / probe["bytes"] / t
+                          for t, p in zip(xs, ys)])
+    peer = resolve_peer(case, part)
+    if peer is None:
+        return "skipped"
+    other = res[peer]
+    if "shared_with" not in other:
+        xs, ys = paired(base, other)
+        if xs:
+            return median_ci([p / t for t, p in zip(xs, ys)])
+    # Not timed together: combine the two medians' intervals (each at sqrt of the confidence).
+    each = math.sqrt(CONFIDENCE)
+    tm, tlo, thi, tc = median_ci(base["samples_s"], each)
+    pm, plo, phi, pc = median_ci(other["samples_s"], each)
+    return pm / tm, plo / thi, phi / tlo, tc * pc
+
+
+def verdict(part, est):
+    """PASS, FAIL, NOISE or SKIP for one part's estimate (see the module's docstring)."""
+    if isinstance(est, str):
+        return "SKIP"
+    _, lo, hi, _ = est
+    thr, spread = part.threshold, part.spread
+    if part.at_least:
+        good, bad = lo >= thr, hi * spread < thr
+    else:
+        good, bad = hi <= thr, lo / spread > thr
+    return "PASS" if good else "FAIL" if bad else "NOISE"
+
+
+def undecided(case):
+    """The parts measured on ``case`` that more rounds could still decide: in NOISE with an
+    interval that holds the threshold, or the threshold moved by the spread (an interval that
+    lies between the two stays in NOISE however narrow it gets)."""
+    out = []
+    for p in parts_of(case.name):
+        est = estimate(case, p)
+        if verdict(p, est) != "NOISE":
+            continue
+        _, lo, hi, _ = est
+        far = p.threshold / p.spread if p.at_least else p.threshold * p.spread
+        if lo <= p.threshold <= hi or lo <= far <= hi:
+            out.append(p)
+    return out
+
+
+def evaluate(cases):
+    """One row per target whose cases ran: (status, name, detail, parts as dicts)."""
+    by = {c.name: c for c in cases}
+    rows = []
+    for t in TARGETS:
+        if not any(p.case in by for p in t.parts):
+            continue
+        details, statuses, parts = [], [], []
+        for p in t.parts:
+            c = by.get(p.case)
+            est: Any = estimate(c, p) if c is not None else "not selected"
+            st = verdict(p, est)
+            statuses.append(st)
+            op = ">=" if p.at_least else "<="
+            label = p.name()
+            if p.peer == "torch-fastest":
+                label = f"{(resolve_peer(c, p) if c else None) or 'torch fastest'}/lrfast"
+            if isinstance(est, str):
+                details.append(f"{label} skipped")
+                parts.append({"key": p.key, "case": p.case, "label": label, "status": st,
+                              "reason": est})
+                continue
+            med, lo, hi, conf = est
+            ci = f"[{p.fmt(lo)}, {p.fmt(hi)}]"
+            if conf < CONFIDENCE - 1e-9:
+                ci += f" at {100 * conf:.0f}%"
+            cond = f"{op} {p.fmt(p.threshold, True)}"
+            if st != "PASS":
+                cond += f"; runs vary x{p.spread:g}"
+            note = ({"FAIL": " FAIL", "NOISE": " within noise"}.get(st, "")
+                    if len(t.parts) > 1 else "")
+            details.append(f"{label} {p.fmt(med)} {ci} ({cond}){note}")
+            parts.append({"key": p.key, "case": p.case, "label": label, "status": st,
+                          "value": med, "lo": lo, "hi": hi, "confidence": conf, "threshold": p.threshold, "op": op,
+                          "family": p.family, "spread": p.spread})
+        status = min(statuses, key=STATUS_ORDER.index)
+        rows.append((status, t.name, "; ".join(details), parts))
+    return rows
