@@ -202,10 +202,36 @@ class _Optimizer(torch.optim.Optimizer):
     _counts_steps = True
     _key_splits = True  # does the key (step, or SGD's first step) change the kernel's arguments?
     _name = ""
+    # Group entries a state dict from an older torch may lack, with the value torch's own
+    # ``__setstate__`` gives them (loading such a dict fills them in, as torch does).
+    _older_defaults: dict[str, Any] = {}
 
     def __init__(self, params, defaults):
         self._plans: dict[int, _Plan] = {}
+        # The hyper-parameters are checked before ``params`` is read, as torch does: a bad
+        # value is reported as such whatever ``params`` is.
+        self._check_defaults(defaults)
         super().__init__(params, defaults)
+
+    def _check_defaults(self, defaults: dict[str, Any]) -> None:
+        """torch's constructor checks of the defaults, with its messages, then lrfast's."""
+        lr = defaults["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._hyper(defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch's ``__setstate__`` (also the end of ``load_state_dict``), then the entries an
+        older state dict lacks and, where it kept a step as a number, the step as a tensor."""
+        super().__setstate__(state)
+        self._plans = {}
+        for group in self.param_groups:
+            for name, value in self._older_defaults.items():
+                group.setdefault(name, value)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -387,6 +413,8 @@ class Adam(_Optimizer):
 
     _kind = "adam"
     _name = "Adam"
+    _older_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                           differentiable=False, decoupled_weight_decay=False, fused=None)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -396,6 +424,22 @@ class Adam(_Optimizer):
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
+
+    def _check_defaults(self, defaults):
+        # torch's Adam (only) refuses tensor hyper-parameters with foreach=True.
+        no_tensors = defaults.get("foreach") and not defaults.get("capturable")
+        if isinstance(defaults["lr"], torch.Tensor) and no_tensors:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and "
+                             "foreach=True")
+        betas = defaults["betas"]
+        if isinstance(betas, (tuple, list)) and len(betas) == 2:
+            tensors = [isinstance(b, torch.Tensor) for b in betas]
+            if tensors[0] != tensors[1]:
+                raise ValueError("betas must be either both floats or both Tensors")
+            if tensors[0] and no_tensors:
+                raise ValueError("betas[0] as a Tensor is not supported for capturable=False "
+                                 "and foreach=True")
+        super()._check_defaults(defaults)
 
     def _hyper(self, group):
         self._check_flags(group)
@@ -418,6 +462,13 @@ class AdamW(Adam):
     """AdamW: Adam with decoupled weight decay (default 1e-2), torch.optim.AdamW's signature."""
 
     _name = "AdamW"
+
+    def __setstate__(self, state):
+        # Whatever the state dict says (an Adam's, or an AdamW's from before the flag existed),
+        # AdamW's decay is decoupled, as in torch.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
@@ -442,6 +493,8 @@ class SGD(_Optimizer):
     _kind = "sgd"
     _counts_steps = False
     _name = "SGD"
+    _older_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False,
+                           fused=False)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None):
@@ -457,9 +510,13 @@ class SGD(_Optimizer):
                                 group["maximize"])
 
     def _state_for(self, p, hyper):
+        if hyper["momentum"] == 0:
+            # No state: torch makes no entry for the param (self.state is a defaultdict, so
+            # only ``get`` leaves it untouched).
+            return self.state.get(p), False
         st = self.state[p]
         first = False
-        if hyper["momentum"] != 0 and st.get("momentum_buffer") is None:
+        if st.get("momentum_buffer") is None:
             # torch starts the buffer at the first gradient; the kernel's first step does that.
             st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             first = True
@@ -483,6 +540,7 @@ class Adagrad(_Optimizer):
 
     _kind = "adagrad"
     _name = "Adagrad"
+    _older_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None)
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None):
@@ -529,6 +587,8 @@ class RMSprop(_Optimizer):
     _kind = "rmsprop"
     _key_splits = False  # torch counts RMSprop's steps, but the update does not use them
     _name = "RMSprop"
+    _older_defaults = dict(momentum=0, centered=False, foreach=None, maximize=False,
+                           differentiable=False, capturable=False)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
