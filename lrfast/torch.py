@@ -8,10 +8,12 @@ lr schedulers. ``step()`` runs lrfast's native kernels directly on the tensors' 
 copies, one native call per (group, dtype) for all of that group's tensors, instead of torch's
 per-tensor loops or kernels.
 
-What runs here: dense, contiguous float32/float64 parameters on the CPU. Anything else is
-refused when the parameter is added (a CUDA or meta tensor, bfloat16/float16, a sparse or
-non-contiguous parameter) or at the step that meets it (a sparse gradient), with a message
-that says so, never computed wrongly. ``capturable=True`` and ``differentiable=True`` (which
+What runs here: dense float32/float64 parameters on the CPU, and complex64/complex128 ones on
+their real view (as torch does). A non-contiguous parameter is updated through a contiguous
+copy, gathered and written back at each step; contiguous ones are updated in place. Anything
+else is refused when the parameter is added (a CUDA or meta tensor, bfloat16/float16, a sparse
+parameter) or at the step that meets it (a sparse gradient), with a message that says so,
+never computed wrongly. ``capturable=True`` and ``differentiable=True`` (which
 need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` are accepted and
 stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case. A param whose
 ``.grad`` is None is skipped, as torch skips it. Threads: ``lrfast.set_num_threads``.
@@ -30,7 +32,11 @@ from ._threads import get_num_threads
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
-_IS64 = {torch.float32: False, torch.float64: True}
+# The dtypes updated, and whether the kernel runs in float64. A complex param is updated on its
+# real view (``torch.view_as_real``: the real and imaginary parts as two real elements), as
+# torch's optimizers do, so its state buffers are complex too and the state dicts torch's.
+_IS64 = {torch.float32: False, torch.float64: True, torch.complex64: False,
+         torch.complex128: True}
 
 
 def _scalar(value: Any) -> Any:
@@ -57,11 +63,17 @@ def _check_param(p: Any, where: str) -> None:
         raise ValueError(f"{where} is a {p.layout} tensor: lrfast.torch updates dense tensors only")
     if p.dtype not in _IS64:
         raise TypeError(f"{where} has dtype {p.dtype}: lrfast.torch updates float32 and float64 "
-                        "tensors (use torch.optim for other dtypes)")
-    if not p.is_contiguous():
-        raise ValueError(f"{where} is not contiguous: lrfast.torch updates a tensor's memory "
-                         "in place and needs it contiguous (call .contiguous() before "
-                         "making it a parameter)")
+                        "tensors, and complex64/complex128 on their real view (use torch.optim "
+                        "for other dtypes)")
+    # A non-contiguous param (a view such as w[..., 0] or w.t()) is updated through a
+    # contiguous copy, gathered and scattered back at each step (see _Optimizer.step).
+
+
+def _buffer_format(p: torch.Tensor) -> torch.memory_format:
+    """State buffers follow the param's memory layout (torch's preserve_format), but are always
+    contiguous: the kernels read a buffer in the order of a contiguous param, or of the
+    contiguous copy a non-contiguous param is updated through."""
+    return torch.preserve_format if p.is_contiguous() else torch.contiguous_format
 
 
 def _identity_check(names):
@@ -132,7 +144,8 @@ class _Plan:
                 for r, name in enumerate(rows):
                     if name in needs:
                         table[2 + r, col] = states[i][name].data_ptr()
-                sizes[col + 1] = params[i].numel()
+                # real elements: a complex param is two per element (see _IS64)
+                sizes[col + 1] = params[i].numel() * (2 if params[i].is_complex() else 1)
             self.buckets.append((_IS64[dtype], key, idx, table, np.cumsum(sizes)))
         self.single = len(self.buckets) == 1
         # A plan whose keys change after this step (SGD's first step) is used once.
@@ -280,11 +293,15 @@ class _Optimizer(torch.optim.Optimizer):
                             raise ValueError(f"state {name!r} of parameter {k} of group {gi} "
                                              f"is a {type(buf).__name__}, not a tensor")
                         if (buf.shape != p.shape or buf.dtype != p.dtype
-                                or buf.device != p.device or not buf.is_contiguous()):
+                                or buf.device != p.device or buf.layout is not torch.strided):
                             raise ValueError(
                                 f"state {name!r} of parameter {k} of group {gi} does not match "
                                 f"its parameter: {tuple(buf.shape)} {buf.dtype} on {buf.device}"
                                 f" versus {tuple(p.shape)} {p.dtype}")
+                        if not buf.is_contiguous():
+                            # (torch keeps a transposed param's state transposed; the kernels
+                            # read buffers in element order, so lrfast keeps them contiguous)
+                            self.state[p][name] = buf.contiguous()
         except Exception:
             self.state.clear()
             self.state.update(saved[0])
@@ -306,7 +323,7 @@ class _Optimizer(torch.optim.Optimizer):
         return st, None
 
     def _new_buffer(self, name: str, p: torch.Tensor, hyper: dict[str, Any]) -> torch.Tensor:
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+        return torch.zeros_like(p, memory_format=_buffer_format(p))
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -356,21 +373,27 @@ class _Optimizer(torch.optim.Optimizer):
                 st, key = self._state_for(p, hyper)
                 states.append(st)
                 keys.append(key)
+            # A non-contiguous param is gathered into a contiguous copy, updated there, and
+            # scattered back; its group is laid out anew at every step (never the others).
+            work = [p if p.is_contiguous() else p.contiguous() for p in params]
+            gathered = any(w is not p for w, p in zip(work, params))
             count = self._counts_steps
-            plan = _Plan(self, group, needs, params, states, [None] * len(params) if count
+            plan = _Plan(self, group, needs, work, states, [None] * len(params) if count
                          else keys, count)
             gptrs = [g.data_ptr() for _, g in grads]
             if not plan.run(kernel, nthreads, self._kwargs, hyper, gptrs):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
-                plan = _Plan(self, group, needs, params, states, keys, False)
+                plan = _Plan(self, group, needs, work, states, keys, False)
                 plan.run(kernel, nthreads, self._kwargs, hyper, gptrs)
                 for st in states:
                     st["step"].add_(1)
-                continue
-            if plan.reusable:
+            elif plan.reusable and not gathered:
                 self._plans[gi] = plan
+            for w, p in zip(work, params):
+                if w is not p:
+                    p.copy_(w)
         return loss
 
     def _checked_grads(self, gi, group):
@@ -518,7 +541,7 @@ class SGD(_Optimizer):
         first = False
         if st.get("momentum_buffer") is None:
             # torch starts the buffer at the first gradient; the kernel's first step does that.
-            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=_buffer_format(p))
             first = True
         return st, first
 
@@ -562,8 +585,11 @@ class Adagrad(_Optimizer):
             self._state_for(p, hyper)
 
     def _new_buffer(self, name, p, hyper):
-        return torch.full_like(p, hyper["initial_accumulator_value"],
-                               memory_format=torch.preserve_format)
+        value = hyper["initial_accumulator_value"]
+        if p.is_complex():
+            # On the real view both parts start at the value, as in torch.
+            value = complex(value, value)
+        return torch.full_like(p, value, memory_format=_buffer_format(p))
 
     def _kwargs(self, hyper, step):
         return dict(lr=hyper["lr"], lr_decay=hyper["lr_decay"], weight_decay=hyper["weight_decay"],

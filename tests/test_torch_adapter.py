@@ -326,8 +326,6 @@ BAD_PARAMS = [
      "float32 and float64"),
     ("float16", lambda: torch.nn.Parameter(torch.zeros(3, dtype=torch.float16)), TypeError,
      "float32 and float64"),
-    ("non-contiguous", lambda: torch.nn.Parameter(torch.zeros(4, 6).t()), ValueError,
-     "not contiguous"),
     ("sparse", lambda: torch.nn.Parameter(torch.zeros(3, 3).to_sparse()), ValueError,
      "dense tensors only"),
 ]

@@ -6,14 +6,16 @@ the exception and message torch gives (``optim_error_inputs_func``). Reading the
 configuration that a new torch release adds is tested against lrfast.torch without anyone
 writing it. For every class lrfast.torch provides:
 
-* every CPU configuration (but ``differentiable``/``capturable``, refused by design) in float32
-  and float64: a dozen lockstep steps with the same gradients, one param without a gradient on
-  some steps, then every param and state buffer against torch's own class;
+* every CPU configuration (but ``differentiable``/``capturable``, refused by design) in float32,
+  float64 and complex64 (updated on the real view, as torch does; not with ``fused``, which
+  torch's complex params lack): a dozen lockstep steps with the same gradients, one param
+  without a gradient on some steps, then every param and state buffer against torch's own
+  class;
 * every bad input: the same exception type, a message matching torch's regex;
 * state dicts from an older torch (the flags removed), and Adam's loaded into AdamW.
 
-Complex and non-contiguous params, which torch's registry tests too, are not supported yet
-(lrfast.torch refuses them when they are added).
+* non-contiguous params (a strided slice, a transposed matrix) next to a contiguous one, in
+  every configuration.
 """
 from __future__ import annotations
 
@@ -58,23 +60,29 @@ def fresh(kwargs):
             for k, v in kwargs.items()}
 
 
-def make_params(dtype, seed=0):
+def make_params(dtype, seed=0, contiguous=True):
     g = torch.Generator().manual_seed(seed)
+    if not contiguous:    # as torch's test_forloop_goes_right_direction, and a transpose
+        return [torch.randn(10, 5, 2, generator=g, dtype=dtype)[..., 0].requires_grad_(),
+                torch.randn(10, 2, generator=g, dtype=dtype)[..., 0].requires_grad_(),
+                torch.randn(4, 3, generator=g, dtype=dtype).t().requires_grad_()]
     return [torch.randn(10, 5, generator=g, dtype=dtype).requires_grad_(),
             torch.randn(10, generator=g, dtype=dtype).requires_grad_(),
             torch.randn(3, 4, generator=g, dtype=dtype).requires_grad_()]
 
 
 def rel_diff(a, b):
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
     a, b = a.detach().double(), b.detach().double()
     scale = b.abs().max().item()
     diff = (a - b).abs().max().item()
     return diff / scale if scale else diff
 
 
-def lockstep(name, kwargs, dtype, steps=12, ours=None, theirs=None):
+def lockstep(name, kwargs, dtype, steps=12, ours=None, theirs=None, contiguous=True):
     """Run torch's and lrfast's class on the same gradients; return both optimizers."""
-    tp, lp = make_params(dtype), make_params(dtype)
+    tp, lp = make_params(dtype, contiguous=contiguous), make_params(dtype, contiguous=contiguous)
     theirs = theirs or getattr(torch.optim, name)(tp, **fresh(kwargs))
     ours = ours or getattr(LT, name)(lp, **fresh(kwargs))
     gen = torch.Generator().manual_seed(1)
@@ -92,7 +100,7 @@ def lockstep(name, kwargs, dtype, steps=12, ours=None, theirs=None):
 
 
 def assert_same(theirs, ours, dtype):
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    tol = 1e-12 if dtype in (torch.float64, torch.complex128) else 1e-5
     tparams = [p for g in theirs.param_groups for p in g["params"]]
     lparams = [p for g in ours.param_groups for p in g["params"]]
     for k, (a, b) in enumerate(zip(tparams, lparams)):
@@ -107,9 +115,12 @@ def assert_same(theirs, ours, dtype):
                 assert ta[n] == tb[n], (k, n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.complex64],
+                         ids=["f64", "f32", "c64"])
 @pytest.mark.parametrize("cid, name, kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_every_registry_config_matches_torch(cid, name, kwargs, dtype):
+    if dtype.is_complex and kwargs.get("fused"):
+        pytest.skip("torch's fused kernels take no complex params")
     theirs, ours = lockstep(name, kwargs, dtype)
     assert_same(theirs, ours, dtype)
     # Same state dict layout: the same keys per param and the same group entries.
@@ -232,3 +243,55 @@ def test_hyper_parameters_are_checked_before_params_are_read():
     # SGD and Adagrad accept a tensor lr with foreach=True, as torch's do.
     LT.SGD(make_params(torch.float32), lr=torch.tensor(0.01), foreach=True)
     LT.Adagrad(make_params(torch.float32), lr=torch.tensor(0.01), foreach=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_complex_params_update_as_their_real_view(name):
+    """A complex param and its real view (a float param) follow the same trajectory, with
+    complex state buffers, as in torch's test_complex; a float param may share the group."""
+    kwargs = dict(lr=0.01, weight_decay=0.1) if name != "SGD" else dict(lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    cplx = [torch.randn(10, 5, generator=gen, dtype=torch.complex64).requires_grad_(),
+            torch.randn(4, generator=gen, dtype=torch.float32).requires_grad_()]
+    real = [torch.view_as_real(cplx[0]).detach().clone().requires_grad_(),
+            cplx[1].detach().clone().requires_grad_()]
+    oc, orl = getattr(LT, name)(cplx, **kwargs), getattr(LT, name)(real, **kwargs)
+    for _ in range(5):
+        for c, r in zip(cplx, real):
+            g = torch.randn(c.shape, generator=gen, dtype=c.dtype)
+            c.grad = g
+            r.grad = torch.view_as_real(g).clone() if g.is_complex() else g.clone()
+        oc.step()
+        orl.step()
+    assert torch.equal(torch.view_as_real(cplx[0]).detach(), real[0].detach())
+    assert torch.equal(cplx[1].detach(), real[1].detach())
+    for n, buf in oc.state[cplx[0]].items():
+        if n != "step":
+            assert buf.dtype == torch.complex64
+            assert torch.equal(torch.view_as_real(buf), orl.state[real[0]][n])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cid, name, kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_non_contiguous_params_match_torch(cid, name, kwargs, dtype):
+    """Strided slices and a transpose, updated through contiguous copies, written back into the
+    params' own memory (the views stay views of their bases)."""
+    theirs, ours = lockstep(name, kwargs, dtype, contiguous=False)
+    assert_same(theirs, ours, dtype)
+    for p in ours.param_groups[0]["params"]:
+        assert not p.is_contiguous()
+
+
+def test_contiguous_params_are_still_updated_in_place_beside_a_strided_one():
+    base = torch.zeros(6, 2, dtype=torch.float64)
+    strided = base[:, 0].requires_grad_()
+    plain = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = LT.SGD([strided, plain], lr=0.5)
+    ptr = plain.data_ptr()
+    strided.grad = torch.ones(6, dtype=torch.float64)
+    plain.grad = torch.ones(5, dtype=torch.float64)
+    opt.step()
+    assert plain.data_ptr() == ptr and torch.equal(plain.detach(), torch.full((5,), -0.5,
+                                                                              dtype=torch.float64))
+    assert torch.equal(base[:, 0], torch.full((6,), -0.5, dtype=torch.float64))
+    assert torch.equal(base[:, 1], torch.zeros(6, dtype=torch.float64))   # untouched
