@@ -56,11 +56,21 @@ def _scalar_dtype() -> torch.dtype:
 def _check_param(p: Any, where: str) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
+    if getattr(type(p), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
+        # A DTensor (FSDP2's sharded params), a fake or functional tensor: its data is not
+        # this tensor's own memory (a DTensor's data_ptr() is 0), so the kernels cannot write
+        # it. (Checked first: asking a fake tensor for its data_ptr is itself an error.)
+        raise ValueError(f"{where} is a {type(p).__name__}, a tensor subclass whose data is not "
+                         "its own memory (a DTensor, fake or functional tensor): lrfast.torch "
+                         "updates plain tensors only (use torch.optim for these)")
     if p.device.type != "cpu":
         raise ValueError(f"{where} is on {p.device}: lrfast.torch updates CPU tensors only "
                          "(use torch.optim for other devices)")
     if p.layout is not torch.strided:
         raise ValueError(f"{where} is a {p.layout} tensor: lrfast.torch updates dense tensors only")
+    if p.numel() and p.data_ptr() == 0:
+        raise ValueError(f"{where} has no memory of its own (data_ptr() is 0): lrfast.torch "
+                         "cannot update it")
     if p.dtype not in _IS64:
         raise TypeError(f"{where} has dtype {p.dtype}: lrfast.torch updates float32 and float64 "
                         "tensors, and complex64/complex128 on their real view (use torch.optim "

@@ -344,6 +344,38 @@ def test_unsupported_params_are_refused_at_construction(name, what, make, exc, m
     assert len(opt.param_groups) == 1  # the bad group was not added
 
 
+def fake_param():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return torch.zeros(3)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_tensor_subclasses_without_own_memory_are_refused(name, tmp_path):
+    """FSDP2's DTensor params: data_ptr() is 0, so a kernel would write through a null pointer
+    (the process died with SIGSEGV). They, and fake tensors, are refused when added."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+        assert sharded.data_ptr() == 0     # what made the kernel crash
+        for bad in (sharded, fake_param()):
+            with pytest.raises(ValueError, match="not its own memory"):
+                getattr(LT, name)([bad])
+            opt = getattr(LT, name)([torch.nn.Parameter(torch.zeros(3))])
+            with pytest.raises(ValueError, match="not its own memory"):
+                opt.add_param_group({"params": [bad]})
+            assert len(opt.param_groups) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 BAD_OPTIONS = [
     ("Adam", {"differentiable": True}, "differentiable=True"),
     ("Adam", {"capturable": True}, "capturable=True"),
