@@ -12,8 +12,8 @@ writing it. For every class lrfast.torch provides:
   without a gradient on some steps, then every param and state buffer against torch's own
   class;
 * every bad input: the same exception type, a message matching torch's regex;
-* state dicts from an older torch (the flags removed), and Adam's loaded into AdamW.
-
+* state dicts both ways (torch to lrfast and back), from an older torch (the flags removed),
+  and Adam's loaded into AdamW and back;
 * non-contiguous params (a strided slice, a transposed matrix) next to a contiguous one, in
   every configuration.
 """
@@ -295,3 +295,24 @@ def test_contiguous_params_are_still_updated_in_place_beside_a_strided_one():
                                                                               dtype=torch.float64))
     assert torch.equal(base[:, 0], torch.full((6,), -0.5, dtype=torch.float64))
     assert torch.equal(base[:, 1], torch.zeros(6, dtype=torch.float64))   # untouched
+
+
+@pytest.mark.parametrize("cid, name, kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_state_dicts_go_both_ways(cid, name, kwargs):
+    """After a few lockstep steps, lrfast's state dict continues in torch's class and torch's in
+    lrfast's: all four optimizers then stay together."""
+    dtype = torch.float64
+    theirs, ours = lockstep(name, kwargs, dtype, steps=3)
+    to_torch = getattr(torch.optim, name)(make_params(dtype), **fresh(kwargs))
+    to_ours = getattr(LT, name)(make_params(dtype), **fresh(kwargs))
+    to_torch.load_state_dict(copy.deepcopy(ours.state_dict()))
+    to_ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    with torch.no_grad():
+        for opt, src in ((to_torch, ours), (to_ours, theirs)):
+            for a, b in zip(opt.param_groups[0]["params"], src.param_groups[0]["params"]):
+                a.copy_(b)
+    a, b = lockstep(name, kwargs, dtype, steps=3, ours=to_ours, theirs=to_torch)
+    assert_same(a, b, dtype)
+    c, d = lockstep(name, kwargs, dtype, steps=3, ours=ours, theirs=theirs)
+    assert_same(c, d, dtype)
+    assert_same(a, d, dtype)
