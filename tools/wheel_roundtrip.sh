@@ -117,7 +117,7 @@ step "4. a fresh venv without a compiler; install the repaired wheel from binari
 "$work/venv/bin/python" -m pip install -q --upgrade pip
 "$work/venv/bin/python" -m pip install -q --only-binary :all: "$repaired[test]"
 if [ "${WHEEL_TEST_TORCH:-1}" = 1 ]; then
-    "$work/venv/bin/python" -m pip install -q --only-binary :all: torch==2.13.0 \
+    "$work/venv/bin/python" -m pip install -q --only-binary :all: torch==2.13.0 expecttest \
         || echo "torch 2.13.0 not installable here: the torch tests will skip"
 fi
 # Every command on the current PATH except compilers, assemblers and linkers.
