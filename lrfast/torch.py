@@ -79,13 +79,6 @@ def _check_param(p: Any, where: str) -> None:
     # contiguous copy, gathered and scattered back at each step (see _Optimizer.step).
 
 
-def _buffer_format(p: torch.Tensor) -> torch.memory_format:
-    """State buffers follow the param's memory layout (torch's preserve_format), but are always
-    contiguous: the kernels read a buffer in the order of a contiguous param, or of the
-    contiguous copy a non-contiguous param is updated through."""
-    return torch.preserve_format if p.is_contiguous() else torch.contiguous_format
-
-
 def _identity_check(names):
     """``check(st, tensors)``: is ``st[names[i]] is tensors[i]`` for every i? Written out per
     count (at most four buffers), since this runs for every param at every step."""
@@ -333,7 +326,10 @@ class _Optimizer(torch.optim.Optimizer):
         return st, None
 
     def _new_buffer(self, name: str, p: torch.Tensor, hyper: dict[str, Any]) -> torch.Tensor:
-        return torch.zeros_like(p, memory_format=_buffer_format(p))
+        # Always contiguous (torch's preserve_format would keep a transposed param's layout):
+        # the kernels read a buffer in the order of a contiguous param, or of the contiguous
+        # copy a non-contiguous param is updated through.
+        return torch.zeros_like(p, memory_format=torch.contiguous_format)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -551,7 +547,7 @@ class SGD(_Optimizer):
         first = False
         if st.get("momentum_buffer") is None:
             # torch starts the buffer at the first gradient; the kernel's first step does that.
-            st["momentum_buffer"] = torch.zeros_like(p, memory_format=_buffer_format(p))
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             first = True
         return st, first
 
@@ -599,7 +595,7 @@ class Adagrad(_Optimizer):
         if p.is_complex():
             # On the real view both parts start at the value, as in torch.
             value = complex(value, value)
-        return torch.full_like(p, value, memory_format=_buffer_format(p))
+        return torch.full_like(p, value, memory_format=torch.contiguous_format)
 
     def _kwargs(self, hyper, step):
         return dict(lr=hyper["lr"], lr_decay=hyper["lr_decay"], weight_decay=hyper["weight_decay"],
