@@ -8,7 +8,7 @@ from typing_extensions import disjoint_base
 
 _Float = TypeVar("_Float", np.float32, np.float64)
 
-# Codes returned by gather_grads / Plan.gather / Plan.step.
+# Codes returned by Plan.gather / Plan.step.
 GATHER_OK: Final = 0
 GATHER_NOT_ARRAY: Final = 1
 GATHER_DTYPE: Final = 2
@@ -16,71 +16,21 @@ GATHER_SHAPE: Final = 3
 GATHER_NOT_CONTIGUOUS: Final = 4
 GATHER_OVERLAP: Final = 5
 GATHER_MISALIGNED: Final = 6
-GATHER_NONFINITE: Final = 7
+STEP_SKIPPED_NONFINITE: Final = 7
 
 NORM_BLOCK_SIZE: Final = 4096
-PLAN_KINDS: dict[str, int]
+
+# The registry of updates (src/_updates.pxi): each update's index, the names of its
+# hyper-parameters in the order Plan.set_hyper takes them, and the storages it has a loop for.
+UPDATE_IDS: dict[str, int]
+UPDATE_ARGS: dict[str, tuple[str, ...]]
+UPDATE_STORAGES: dict[str, tuple[str, ...]]
+# Element types of the storage template (src/_storage.pxi): name -> code, code -> bytes.
+STORAGE_CODES: dict[str, int]
+STORAGE_ITEMSIZE: dict[int, int]
 
 def get_min_elements_per_thread() -> dict[str, int]: ...
 def set_min_elements_per_thread(overrides: int | None) -> None: ...
-def sgd_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-) -> None: ...
-def adagrad_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    eps_inside_sqrt: bool,
-    maximize: bool,
-    step: int,
-) -> None: ...
-def rmsprop_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-) -> None: ...
-def adam_step(
-    table: NDArray[np.intp],
-    offsets: NDArray[np.intp],
-    is64: bool,
-    nthreads: int,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    amsgrad: bool,
-    maximize: bool,
-    step: int,
-) -> None: ...
 def norm_kind(norm_type: float) -> int: ...
 def grad_norm_reduce(
     table: NDArray[np.intp],
@@ -104,32 +54,23 @@ def has_flush_to_zero() -> bool: ...
 def triad(
     a: NDArray[_Float], b: NDArray[_Float], c: NDArray[_Float], s: float, nthreads: int
 ) -> None: ...
-def gather_grads(
-    grads: Sequence[Any],
-    typenum: int,
-    ndims: NDArray[np.intp],
-    dims: NDArray[np.intp],
-    out: NDArray[np.intp],
-    wstart: NDArray[np.intp],
-    wend: NDArray[np.intp],
-) -> tuple[int, int]: ...
 def _debug_index(a: NDArray[np.intp], i: int) -> int: ...
 
 @disjoint_base
 class Plan:
     def __init__(
         self,
-        kind: str,
+        update: str,
         table: NDArray[np.intp],
         offsets: NDArray[np.intp],
-        is64: bool,
-        typenum: int,
-        ndims: NDArray[np.intp],
-        dims: NDArray[np.intp],
-        wstart: NDArray[np.intp],
-        wend: NDArray[np.intp],
+        storage: str,
+        typenum: int = -1,
+        ndims: NDArray[np.intp] | None = None,
+        dims: NDArray[np.intp] | None = None,
+        wstart: NDArray[np.intp] | None = None,
+        wend: NDArray[np.intp] | None = None,
     ) -> None: ...
-    def set_hyper(self, hyper: Sequence[float], flags: Sequence[bool]) -> None: ...
+    def set_hyper(self, values: Sequence[float]) -> None: ...
     def set_options(self, skip_nonfinite: bool, flush_subnormals: bool) -> None: ...
     def gather(self, grads: Sequence[Any]) -> tuple[int, int] | None: ...
     def all_finite(self, inv_scale: float, nthreads: int) -> bool: ...

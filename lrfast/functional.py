@@ -2,27 +2,46 @@
 
 Each function takes the parameter, its gradient and its state buffers, either as single arrays
 or as lists of arrays (one entry per tensor), and updates parameter and state in place with one
-native call per dtype. Hyper-parameters are keyword-only. The same signatures, in pure NumPy,
-are in :mod:`lrfast.reference`.
+native call per dtype. Hyper-parameters are keyword-only; ``lr`` is required, the others default
+as the optimizer classes do. The same signatures, in pure NumPy, are in :mod:`lrfast.reference`.
 
 ``step`` is the 1-based number of the update being made (torch's ``state['step']`` after its
 increment): the first update is ``step=1``. Bias corrections (Adam), the learning-rate decay
 (Adagrad) and the first momentum buffer (SGD) depend on it.
 
 All inputs are checked before anything is written: a call that raises has changed nothing.
+
+The functions are made from the update specs (``lrfast._specs.UPDATES``): one per update, named
+after it with a trailing underscore, its signature and checks read from the spec.
+
+Examples
+--------
+Two Adam steps on one tensor, the state buffers held by the caller:
+
+>>> import numpy as np
+>>> from lrfast import functional as F
+>>> p = np.array([1.0, -2.0]); g = np.array([0.5, 0.5])
+>>> m = np.zeros(2); v = np.zeros(2)
+>>> F.adam_(p, g, m, v, step=1, lr=0.1)
+>>> p.round(6).tolist()
+[0.9, -2.1]
+>>> F.sgd_([p], [g], step=1, lr=0.5)    # lists of tensors: one call for all of them
+>>> p.round(6).tolist()
+[0.65, -2.35]
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from . import _dispatch, _hyperparams
-from ._tables import Bank, group_by_dtype
+from . import _dispatch, _layout
+from ._specs import REQUIRED, UPDATES, Update
 from ._threads import get_num_threads
-from ._validation import check_array, check_bool, check_disjoint, check_same_layout, check_step
+from ._validation import check_array, check_disjoint, check_same_layout, check_step
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_"]
+__all__ = [name + "_" for name in UPDATES]
 
 
 def _as_lists(named) -> tuple[list[tuple[str, Any]], bool]:
@@ -54,8 +73,8 @@ def _as_lists(named) -> tuple[list[tuple[str, Any]], bool]:
     return out, single
 
 
-def _run(kernel, named, kwargs):
-    """Validate ``named`` = [("param", ...), ("grad", ...), state...] and run ``kernel``."""
+def _run(update: Update, named, h: dict, step: int) -> None:
+    """Validate ``named`` = [("param", ...), ("grad", ...), state...] and run the update."""
     rows, single = _as_lists(named)
 
     def what(name, k):
@@ -77,91 +96,79 @@ def _run(kernel, named, kwargs):
     check_disjoint(written, written_labels)
     grads = rows[1][1]
     grad_labels = [what("grad", k) for k in range(len(params))]
-    banks = []
-    for dtype, indices in group_by_dtype(params).items():
-        bank_rows = [
-            None if arrays is None or name == "grad" else [arrays[i] for i in indices]
-            for name, arrays in rows
-        ]
-        bank = Bank(dtype, indices, bank_rows, written)
-        bank.gather(grads, params, grad_labels, len(indices) == len(params))
-        banks.append(bank)
-    kernel = getattr(_dispatch.kernels, kernel)
+    values = update.kernel_values(h, _dispatch.kernels)
+    banks = _layout.banks(params, [None if name == "grad" else arrays for name, arrays in rows],
+                          written)
+    covers_all = len(banks) == 1
+    plans = []
+    for bank in banks:  # every grad is checked before any kernel runs
+        plan = bank.plan(update.name)
+        plan.set_hyper(values)
+        bad = plan.gather(bank.grads_of(grads, covers_all))
+        if bad is not None:
+            bank.raise_bad_grad(bad, grads, params, grad_labels, covers_all)
+        plans.append(plan)
     nthreads = get_num_threads()
-    for bank in banks:
-        kernel(bank.table, bank.offsets, bank.is64, nthreads, **kwargs)
+    for plan in plans:
+        plan.run(h["lr"], step, nthreads)
 
 
-def sgd_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,
-         nesterov=False, weight_decay=0.0, maximize=False):
-    """SGD update in place; see :class:`lrfast.SGD` for the formula.
-
-    ``momentum_buffer`` is required when ``momentum != 0``; at ``step=1`` it is overwritten with
-    the gradient (torch's first-step initialisation), later steps use its contents.
-    """
-    h = _hyperparams.sgd(lr, momentum, dampening, weight_decay, nesterov, maximize)
-    step = check_step(step)
-    if callable(h["lr"]):
-        raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
-    if h["momentum"] != 0 and momentum_buffer is None:
-        raise ValueError("momentum != 0 needs a momentum_buffer")
-    named = [("param", param), ("grad", grad),
-             ("momentum_buffer", momentum_buffer if h["momentum"] != 0 else None)]
-    _run("sgd_step", named, dict(
-        lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-        weight_decay=h["weight_decay"], nesterov=h["nesterov"], maximize=h["maximize"],
-        first_step=step == 1))
-
-
-def adagrad_(param, grad, state_sum, *, step, lr, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-             eps_inside_sqrt=False, maximize=False):
-    """Adagrad update in place; see :class:`lrfast.Adagrad` for the formula."""
-    h = _hyperparams.adagrad(lr, lr_decay, weight_decay, 0.0, eps, eps_inside_sqrt, maximize)
-    step = check_step(step)
-    if callable(h["lr"]):
-        raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
-    _run("adagrad_step", [("param", param), ("grad", grad), ("state_sum", state_sum)], dict(
-        lr=h["lr"], lr_decay=h["lr_decay"], weight_decay=h["weight_decay"], eps=h["eps"],
-        eps_inside_sqrt=h["eps_inside_sqrt"], maximize=h["maximize"], step=step))
+def _signature(update: Update) -> inspect.Signature:
+    """param, grad, the state buffers (optional ones default to None), then keyword-only: step
+    when the update reads it, the hyper-parameters (lr required), keyword-only buffers."""
+    P = inspect.Parameter
+    params = [P("param", P.POSITIONAL_OR_KEYWORD), P("grad", P.POSITIONAL_OR_KEYWORD)]
+    for b in update.buffers:
+        if not b.keyword:
+            params.append(P(b.argname, P.POSITIONAL_OR_KEYWORD,
+                            default=REQUIRED if b.used is None else None))
+    if update.takes_step:
+        params.append(P("step", P.KEYWORD_ONLY))
+    for h in update.hypers:
+        if h.functional:
+            params.append(P(h.name, P.KEYWORD_ONLY,
+                            default=REQUIRED if h.name == "lr" else h.default))
+    for b in update.buffers:
+        if b.keyword:
+            params.append(P(b.argname, P.KEYWORD_ONLY, default=None))
+    return inspect.Signature(params)
 
 
-def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, lr, alpha=0.99,
-             eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
-    """RMSprop update in place; see :class:`lrfast.RMSprop` for the formula.
+def _make(update: Update) -> Callable[..., None]:
+    sig = _signature(update)
+    hyper_names = [h.name for h in update.hypers if h.functional]
 
-    ``momentum_buffer`` is required when ``momentum > 0``, ``grad_avg`` when ``centered``.
-    """
-    h = _hyperparams.rmsprop(lr, alpha, eps, weight_decay, momentum, centered, maximize)
-    if callable(h["lr"]):
-        raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
-    if h["momentum"] > 0 and momentum_buffer is None:
-        raise ValueError("momentum > 0 needs a momentum_buffer")
-    if h["centered"] and grad_avg is None:
-        raise ValueError("centered=True needs a grad_avg buffer")
-    named = [("param", param), ("grad", grad), ("square_avg", square_avg),
-             ("momentum_buffer", momentum_buffer if h["momentum"] > 0 else None),
-             ("grad_avg", grad_avg if h["centered"] else None)]
-    _run("rmsprop_step", named, dict(
-        lr=h["lr"], alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"],
-        momentum=h["momentum"], centered=h["centered"], maximize=h["maximize"]))
+    def fn(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        h = update.validate({name: a[name] for name in hyper_names})
+        step = check_step(a["step"]) if update.takes_step else 1
+        if callable(h["lr"]):
+            raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
+        named = [("param", a["param"]), ("grad", a["grad"])]
+        for b in update.buffers:
+            value = a[b.argname]
+            if not b.is_used(h):
+                value = None
+            elif value is None:
+                raise ValueError(update.missing_buffer_message(b))
+            named.append((b.argname, value))
+        _run(update, named, h, step)
+
+    fn.__name__ = fn.__qualname__ = update.name + "_"
+    fn.__module__ = __name__
+    fn.__signature__ = sig  # type: ignore[attr-defined]
+    fn.__doc__ = (f"{update.title} update in place; the formula is in "
+                  f":func:`lrfast.reference.{update.name}_` and the optimizer class.")
+    return fn
 
 
-def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
-          decoupled=False, amsgrad=False, max_exp_avg_sq=None, maximize=False):
-    """Adam (``decoupled=False``) or AdamW (``decoupled=True``) update in place.
+globals().update({name + "_": _make(update) for name, update in UPDATES.items()})
 
-    See :class:`lrfast.Adam` and :class:`lrfast.AdamW` for the formula. ``max_exp_avg_sq`` is
-    required when ``amsgrad``.
-    """
-    h = _hyperparams.adam(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize)
-    step = check_step(step)
-    if callable(h["lr"]):
-        raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
-    if h["amsgrad"] and max_exp_avg_sq is None:
-        raise ValueError("amsgrad=True needs a max_exp_avg_sq buffer")
-    named = [("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-             ("max_exp_avg_sq", max_exp_avg_sq if h["amsgrad"] else None)]
-    _run("adam_step", named, dict(
-        lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"],
-        weight_decay=h["weight_decay"], decoupled=check_bool(decoupled, "decoupled"), amsgrad=h["amsgrad"],
-        maximize=h["maximize"], step=step))
+if TYPE_CHECKING:  # what the loop above defines, for type checkers
+    sgd_: Callable[..., None]
+    adagrad_: Callable[..., None]
+    rmsprop_: Callable[..., None]
+    adam_: Callable[..., None]
+

@@ -33,22 +33,20 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _dispatch, _hyperparams
-from ._tables import Bank, group_by_dtype
+from . import _dispatch, _layout
+from ._specs import OPTIMIZERS, OptimizerSpec
 from .flat import FlatParams
 from ._threads import get_num_threads
 from ._validation import (
-    raise_gather_error,
     as_named,
     check_array,
-    check_betas,
     check_bool,
     _real,
     check_disjoint,
     label,
     lr_value,
 )
-from ._optim import GATHER_NONFINITE
+from ._optim import STEP_SKIPPED_NONFINITE
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
@@ -56,14 +54,18 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 class Optimizer:
     """Base class: params, state buffers, address tables, step, state_dict.
 
-    Subclasses name their update (the kind of lrfast._optim.Plan that runs it), their state buffers (in the kernel's row order), and say which
-    buffers their hyper-parameters need and what those buffers start at.
+    Everything particular to an optimizer comes from its spec (``lrfast._specs.OPTIMIZERS``,
+    named by the subclass's ``_spec``): which hyper-parameters it takes and how each is checked,
+    which state buffers those values need and what they start at, and the kernel that runs the
+    update. A subclass holds its signature and documentation, and passes its arguments on.
     """
 
-    _plan_kind = ""
-    _state_rows: tuple = ()
+    _spec: OptimizerSpec
 
-    def __init__(self, params, hyper, *, skip_nonfinite=False, flush_subnormals=False):
+    def __init__(self, params, arguments, *, skip_nonfinite=False, flush_subnormals=False):
+        """``arguments``: the subclass's arguments by name (its ``locals()``); the spec's
+        hyper-parameter names are read from it."""
+        hyper = self._validate({name: arguments[name] for name in self._spec.arguments})
         skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite")
         flush_subnormals = check_bool(flush_subnormals, "flush_subnormals")
         if flush_subnormals and not _dispatch.kernels.has_flush_to_zero():
@@ -93,63 +95,60 @@ class Optimizer:
         self._busy = threading.Lock()
         self._allocate()
 
-    # -- what subclasses provide ------------------------------------------------------------
+    # -- from the spec ----------------------------------------------------------------------
 
     @classmethod
     def _validate(cls, hyper: dict) -> dict:
-        """Check a full hyper-parameter dict; return the validated copy."""
-        raise NotImplementedError
+        """Check a full class-level hyper-parameter dict; return the validated copy."""
+        return cls._spec.collapse(cls._spec.validate(hyper))
+
+    def _update_values(self, hyper) -> dict:
+        """The update's values for validated class-level ``hyper`` (pairs split, fixed added)."""
+        return self._spec.expand(hyper)
 
     def _active_state(self, hyper) -> tuple:
         """The state buffers these hyper-parameters use."""
-        return _hyperparams.state_buffers(self._plan_kind, hyper)
-
-    def _initial_value(self, name, hyper) -> float:
-        return 0.0
-
-    def _plan_values(self) -> tuple:
-        """(hyper-parameters, flags) in the order lrfast._optim.Plan documents for the kind."""
-        raise NotImplementedError
+        return self._spec.update.state_buffers(self._update_values(hyper))
 
     # -- layout -----------------------------------------------------------------------------
 
     def _allocate(self) -> None:
         """Allocate state (one contiguous buffer per dtype and state name) and address tables."""
-        active = self._active_state(self._hyper)
+        update = self._spec.update
+        h = self._update_values(self._hyper)
+        active = update.state_buffers(h)
         self._views: list[dict[str, np.ndarray]] = [dict() for _ in self._params]
         written = list(self._params)
         layouts = []
-        for dtype, indices in group_by_dtype(self._params).items():
+        for dtype, indices in _layout.group_by_dtype(self._params).items():
             params = [self._params[i] for i in indices]
             rows = [params, None]
-            for name in self._state_rows:
-                if name not in active:
+            for buf in update.buffers:
+                if buf.name not in active:
                     rows.append(None)
                     continue
-                flat = np.full(sum(p.size for p in params),
-                               self._initial_value(name, self._hyper), dtype=dtype)
+                flat = np.full(sum(p.size for p in params), update.initial_value(buf.name, h),
+                               dtype=dtype)
                 written.append(flat)
                 views, at = [], 0
                 for i, p in zip(indices, params):
                     views.append(flat[at:at + p.size].reshape(p.shape))
-                    self._views[i][name] = views[-1]
+                    self._views[i][buf.name] = views[-1]
                     at += p.size
                 rows.append(views)
             layouts.append((dtype, indices, rows))
         # Every bank's gradients are checked against all memory the step writes.
-        self._banks = [Bank(dtype, indices, rows, written) for dtype, indices, rows in layouts]
+        self._banks = [_layout.Bank(dtype, indices, rows, written)
+                       for dtype, indices, rows in layouts]
         self._single_bank = len(self._banks) == 1
-        self._plans = [
-            _dispatch.kernels.Plan(self._plan_kind, b.table, b.offsets, b.is64, b.typenum,
-                                   b.ndims, b.dims, b.wstart, b.wend)
-            for b in self._banks
-        ]
+        self._plans = [b.plan(update.name) for b in self._banks]
         self._sync_plans()
 
     def _sync_plans(self):
-        hyper, flags = self._plan_values()
+        values = self._spec.update.kernel_values(self._update_values(self._hyper),
+                                                 _dispatch.kernels)
         for plan in self._plans:
-            plan.set_hyper(hyper, flags)
+            plan.set_hyper(values)
             plan.set_options(self._skip_nonfinite, self._flush_subnormals)
 
     # -- public API -------------------------------------------------------------------------
@@ -260,16 +259,15 @@ class Optimizer:
             if self._single_bank:
                 bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale)
                 if bad is not None:
-                    if bad[0] == GATHER_NONFINITE:
+                    if bad[0] == STEP_SKIPPED_NONFINITE:
                         self._skipped += 1
                         return False
-                    self._raise_bad_grad(self._banks[0], grads, bad)
+                    self._banks[0].raise_bad_grad(bad, grads, self._params, self._labels, True)
             else:
                 for bank, plan in zip(self._banks, self._plans):
-                    seq = [grads[i] for i in bank.indices]
-                    bad = plan.gather(seq)
+                    bad = plan.gather(bank.grads_of(grads, False))
                     if bad is not None:
-                        self._raise_bad_grad(bank, seq, bad)
+                        bank.raise_bad_grad(bad, grads, self._params, self._labels, False)
                 if self._skip_nonfinite and not all(
                         plan.all_finite(inv_scale, nthreads) for plan in self._plans):
                     self._skipped += 1
@@ -281,11 +279,6 @@ class Optimizer:
             return True
         finally:
             self._busy.release()
-
-    def _raise_bad_grad(self, bank, seq, bad):
-        code, k = bad
-        i = bank.indices[k]
-        raise_gather_error(code, seq[k], self._params[i], self._labels[i])
 
     def state_dict(self) -> dict:
         """A copy of everything needed to resume: step count, hyper-parameters, state buffers.
@@ -433,28 +426,16 @@ class SGD(Optimizer):
 
     As torch.optim.SGD (Sutskever et al., 2013, for the momentum form). The buffer starts as the
     first gradient, without dampening.
+
     """
 
-    _plan_kind = "sgd"
-    _state_rows = _hyperparams.STATE_ROWS["sgd"]
+    _spec = OPTIMIZERS["SGD"]
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False):
-        hyper = self._validate(dict(lr=lr, momentum=momentum, dampening=dampening,
-                                    weight_decay=weight_decay, nesterov=nesterov,
-                                    maximize=maximize))
-        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
                          flush_subnormals=flush_subnormals)
-
-    @classmethod
-    def _validate(cls, h):
-        return _hyperparams.sgd(**h)
-
-    def _plan_values(self):
-        h = self._hyper
-        return ((h["momentum"], h["dampening"], h["weight_decay"]),
-                (h["nesterov"], h["maximize"]))
 
 
 class Adagrad(Optimizer):
@@ -483,32 +464,17 @@ class Adagrad(Optimizer):
         \theta_t &= \theta_{t-1} - \tilde\eta_t\, g_t / (\sqrt{s_t} + \epsilon)
 
     Duchi, Hazan and Singer, 2011; formulas as torch.optim.Adagrad.
+
     """
 
-    _plan_kind = "adagrad"
-    _state_rows = _hyperparams.STATE_ROWS["adagrad"]
+    _spec = OPTIMIZERS["Adagrad"]
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, eps_inside_sqrt=False,
                  maximize=False,
                  skip_nonfinite=False, flush_subnormals=False):
-        hyper = self._validate(dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                    initial_accumulator_value=initial_accumulator_value,
-                                    eps=eps, eps_inside_sqrt=eps_inside_sqrt, maximize=maximize))
-        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
                          flush_subnormals=flush_subnormals)
-
-    @classmethod
-    def _validate(cls, h):
-        return _hyperparams.adagrad(**h)
-
-    def _initial_value(self, name, hyper):
-        return hyper["initial_accumulator_value"]
-
-    def _plan_values(self):
-        h = self._hyper
-        return ((h["lr_decay"], h["weight_decay"], h["eps"]),
-                (h["eps_inside_sqrt"], h["maximize"]))
 
 
 class RMSprop(Optimizer):
@@ -538,27 +504,16 @@ class RMSprop(Optimizer):
                \quad\text{else}\quad \theta_t = \theta_{t-1} - \eta\, g_t / d_t
 
     Hinton's lecture 6e (2012); centered form from Graves (2013); formulas as torch.optim.RMSprop.
+
     """
 
-    _plan_kind = "rmsprop"
-    _state_rows = _hyperparams.STATE_ROWS["rmsprop"]
+    _spec = OPTIMIZERS["RMSprop"]
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False):
-        hyper = self._validate(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                    momentum=momentum, centered=centered, maximize=maximize))
-        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
                          flush_subnormals=flush_subnormals)
-
-    @classmethod
-    def _validate(cls, h):
-        return _hyperparams.rmsprop(**h)
-
-    def _plan_values(self):
-        h = self._hyper
-        return ((h["alpha"], h["eps"], h["weight_decay"], h["momentum"]),
-                (h["centered"], h["maximize"]))
 
 
 class Adam(Optimizer):
@@ -590,34 +545,16 @@ class Adam(Optimizer):
     Kingma and Ba, 2015; AMSGrad from Reddi, Kale and Kumar, 2018; formulas as torch.optim.Adam,
     the last line evaluated as :math:`\theta - \frac{\eta\sqrt{1-\beta_2^t}}{1-\beta_1^t}
     \frac{m_t}{\sqrt{\hat v_t} + \epsilon\sqrt{1-\beta_2^t}}` (equal, one division per element).
+
     """
 
-    _plan_kind = "adam"
-    _state_rows = _hyperparams.STATE_ROWS["adam"]
-    _decoupled = False
+    _spec = OPTIMIZERS["Adam"]
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False):
-        b1, b2 = check_betas(betas)
-        hyper = self._validate(dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
-                                    amsgrad=amsgrad, maximize=maximize))
-        super().__init__(params, hyper, skip_nonfinite=skip_nonfinite,
+        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
                          flush_subnormals=flush_subnormals)
-
-    @classmethod
-    def _validate(cls, h):
-        b1, b2 = check_betas(h["betas"])
-        out = _hyperparams.adam(h["lr"], b1, b2, h["eps"], h["weight_decay"], h["amsgrad"],
-                                h["maximize"])
-        return dict(lr=out["lr"], betas=(out["beta1"], out["beta2"]), eps=out["eps"],
-                    weight_decay=out["weight_decay"], amsgrad=out["amsgrad"],
-                    maximize=out["maximize"])
-
-    def _plan_values(self):
-        h = self._hyper
-        return ((h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"]),
-                (self._decoupled, h["amsgrad"], h["maximize"]))
 
 
 class AdamW(Adam):
@@ -627,13 +564,13 @@ class AdamW(Adam):
     :math:`\theta \leftarrow \theta\,(1 - \eta\lambda)`, before the Adam update, instead of being
     added to the gradient. Default ``weight_decay=1e-2``. Loshchilov and Hutter, 2019; formulas
     as torch.optim.AdamW.
+
     """
 
-    _decoupled = True
+    _spec = OPTIMIZERS["AdamW"]
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, skip_nonfinite=skip_nonfinite,
-                         flush_subnormals=flush_subnormals)
+        Optimizer.__init__(self, params, locals(), skip_nonfinite=skip_nonfinite,
+                           flush_subnormals=flush_subnormals)

@@ -118,8 +118,8 @@ def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, lr
             p += (-lr * d) / denom
 
 
-def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
-          decoupled=False, amsgrad=False, max_exp_avg_sq=None, maximize=False):
+def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+          weight_decay=0.0, decoupled=False, amsgrad=False, max_exp_avg_sq=None, maximize=False):
     r"""Adam (torch.optim.Adam), or AdamW with ``decoupled=True`` (torch.optim.AdamW).
 
     .. math::

@@ -18,25 +18,29 @@ need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` a
 stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case. A param whose
 ``.grad`` is None is skipped, as torch skips it. Threads: ``lrfast.set_num_threads``.
 
-This module imports torch; ``import lrfast`` never does.
+This module imports torch; ``import lrfast`` never does. Its classes are made from the
+optimizer specs (``lrfast._specs.OPTIMIZERS``), one per spec, each with torch.optim's signature
+for the class of its name.
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from . import _dispatch, _hyperparams
+from . import _dispatch, _layout
+from ._specs import OPTIMIZERS, TORCH_FLAGS, TORCH_REFUSED, OptimizerSpec
 from ._threads import get_num_threads
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+__all__ = list(OPTIMIZERS)
 
-# The dtypes updated, and whether the kernel runs in float64. A complex param is updated on its
+# The dtypes updated, and the kernel storage each runs as. A complex param is updated on its
 # real view (``torch.view_as_real``: the real and imaginary parts as two real elements), as
 # torch's optimizers do, so its state buffers are complex too and the state dicts torch's.
-_IS64 = {torch.float32: False, torch.float64: True, torch.complex64: False,
-         torch.complex128: True}
+_STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.complex64: "float32",
+            torch.complex128: "float64"}
 
 
 def _scalar(value: Any) -> Any:
@@ -71,7 +75,7 @@ def _check_param(p: Any, where: str) -> None:
     if p.numel() and p.data_ptr() == 0:
         raise ValueError(f"{where} has no memory of its own (data_ptr() is 0): lrfast.torch "
                          "cannot update it")
-    if p.dtype not in _IS64:
+    if p.dtype not in _STORAGE:
         raise TypeError(f"{where} has dtype {p.dtype}: lrfast.torch updates float32 and float64 "
                         "tensors, and complex64/complex128 on their real view (use torch.optim "
                         "for other dtypes)")
@@ -117,7 +121,8 @@ class _Plan:
         self.needs = needs
         self.state_obj = opt.state
         self.steps = None
-        self.key_splits = opt._key_splits
+        # Does the step number change the kernel's arguments?
+        self.key_splits = opt._spec.update.takes_step
         if count_steps:
             values = [float(st["step"]) for st in states]
             self.steps = torch.tensor(values, dtype=_scalar_dtype())
@@ -137,22 +142,21 @@ class _Plan:
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.dtype, keys[i]), []).append(i)
-        rows = _hyperparams.STATE_ROWS[opt._kind]
+        update = opt._spec.update
         self.buckets = []
         for (dtype, key), idx in groups.items():
-            table = np.zeros((2 + len(rows), len(idx)), dtype=np.intp)
-            sizes = np.zeros(len(idx) + 1, dtype=np.intp)
-            for col, i in enumerate(idx):
-                table[0, col] = self.param_ptrs[i]
-                for r, name in enumerate(rows):
-                    if name in needs:
-                        table[2 + r, col] = states[i][name].data_ptr()
-                # real elements: a complex param is two per element (see _IS64)
-                sizes[col + 1] = params[i].numel() * (2 if params[i].is_complex() else 1)
-            self.buckets.append((_IS64[dtype], key, idx, table, np.cumsum(sizes)))
+            rows: list[Any] = [[self.param_ptrs[i] for i in idx], None]
+            for b in update.buffers:
+                rows.append([states[i][b.name].data_ptr() for i in idx]
+                            if b.name in needs else None)
+            # real elements: a complex param is two per element (see _STORAGE)
+            table, offsets = _layout.table(
+                rows, [params[i].numel() * (2 if params[i].is_complex() else 1) for i in idx])
+            plan = _layout.plan(update.name, table, offsets, _STORAGE[dtype])
+            self.buckets.append((plan, key, idx, table))
         self.single = len(self.buckets) == 1
         # A plan whose keys change after this step (SGD's first step) is used once.
-        self.reusable = not any(key for _, key, _, _, _ in self.buckets)
+        self.reusable = not any(key == 1 for _, key, _, _ in self.buckets)
 
     def grad_pointers(self, group, state):
         """The gradients' addresses if this plan still describes the group, else None."""
@@ -180,12 +184,13 @@ class _Plan:
             return None
         return out
 
-    def run(self, kernel, nthreads, kwargs, hyper, gptrs):
-        """Run the update with these gradient addresses. False (nothing done) when the params'
-        step counts no longer fall into this plan's buckets."""
+    def run(self, values, lr, nthreads, gptrs):
+        """Run the update (hyper-parameters ``values`` in the kernel's order) with these
+        gradient addresses. False (nothing done) when the params' step counts no longer fall
+        into this plan's buckets."""
         steps = self.steps.tolist() if self.steps is not None else None
         calls = []
-        for is64, key, idx, table, offsets in self.buckets:
+        for plan, key, idx, table in self.buckets:
             if steps is not None and self.key_splits:
                 if self.single:
                     lo, hi = min(steps), max(steps)
@@ -195,32 +200,22 @@ class _Plan:
                 if hi != lo:
                     return False
                 key = int(lo) + 1  # this update's 1-based step
-            calls.append((is64, key, idx, table, offsets))
-        for is64, key, idx, table, offsets in calls:
-            table[1] = gptrs if self.single else [gptrs[i] for i in idx]
-            kernel(table, offsets, is64, nthreads, **kwargs(hyper, key))
+            calls.append((plan, key, idx, table))
+        for plan, key, idx, table in calls:
+            table[_layout.GRAD_ROW] = gptrs if self.single else [gptrs[i] for i in idx]
+            plan.set_hyper(values)
+            plan.run(lr, 1 if key is None else key, nthreads)
         if self.steps is not None:
             self.steps.add_(1)
         return True
 
 
 class _Optimizer(torch.optim.Optimizer):
-    """What the five classes share: parameter checks, the per-step gather and the kernel call.
+    """What every class shares: parameter checks, state, the per-step gather and the kernel
+    call. A class is this with a spec (``_spec``, from ``lrfast._specs.OPTIMIZERS``) and a
+    signature; see :func:`_make_class`."""
 
-    Subclasses set ``_kind`` (the update: its kernel is ``<kind>_step``, its state buffers in
-    the kernel's table order are ``_hyperparams.STATE_ROWS[kind]``),
-    ``_counts_steps`` (keeps ``state['step']``) and ``_key_splits`` (the step count is a kernel
-    argument), and implement ``_hyper(group)`` (validated hyper-parameters) and
-    ``_kwargs(hyper, key)`` (the kernel's keyword arguments).
-    """
-
-    _kind = ""
-    _counts_steps = True
-    _key_splits = True  # does the key (step, or SGD's first step) change the kernel's arguments?
-    _name = ""
-    # Group entries a state dict from an older torch may lack, with the value torch's own
-    # ``__setstate__`` gives them (loading such a dict fills them in, as torch does).
-    _older_defaults: dict[str, Any] = {}
+    _spec: OptimizerSpec
 
     def __init__(self, params, defaults):
         self._plans: dict[int, _Plan] = {}
@@ -229,11 +224,17 @@ class _Optimizer(torch.optim.Optimizer):
         self._check_defaults(defaults)
         super().__init__(params, defaults)
 
+    @property
+    def _name(self) -> str:
+        return self._spec.name
+
     def _check_defaults(self, defaults: dict[str, Any]) -> None:
         """torch's constructor checks of the defaults, with its messages, then lrfast's."""
         lr = defaults["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+        if self._spec.torch is not None and self._spec.torch.tensor_rules:
+            _check_tensor_rules(defaults)
         self._hyper(defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -241,9 +242,14 @@ class _Optimizer(torch.optim.Optimizer):
         older state dict lacks and, where it kept a step as a number, the step as a tensor."""
         super().__setstate__(state)
         self._plans = {}
+        t = self._spec.torch
         for group in self.param_groups:
-            for name, value in self._older_defaults.items():
+            for name, value in (t.older.items() if t is not None else ()):
                 group.setdefault(name, value)
+            if t is not None:
+                # Whatever the state dict says, entries the class fixes keep their value (an
+                # AdamW's decay is decoupled even when loaded from an Adam's state dict).
+                group.update(t.group)
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st and not torch.is_tensor(st["step"]):
@@ -267,15 +273,17 @@ class _Optimizer(torch.optim.Optimizer):
         self._init_group_state(group)
 
     def _init_group_state(self, group: dict[str, Any]) -> None:
-        """State created when a group is added (only Adagrad has any, as in torch)."""
+        """State created when a group is added, where torch does so (Adagrad)."""
+        if self._spec.torch is not None and self._spec.torch.state_at_init:
+            hyper = self._hyper(group)
+            for p in group["params"]:
+                self._state_for(p, hyper)
 
     def _check_flags(self, group: dict[str, Any]) -> None:
-        if group.get("differentiable"):
-            raise ValueError(f"lrfast.torch.{self._name} does not support differentiable=True "
-                             "(use torch.optim)")
-        if group.get("capturable"):
-            raise ValueError(f"lrfast.torch.{self._name} does not support capturable=True "
-                             "(use torch.optim)")
+        for name in TORCH_REFUSED:
+            if group.get(name):
+                raise ValueError(f"lrfast.torch.{self._name} does not support {name}=True "
+                                 "(use torch.optim)")
 
     # -- state ------------------------------------------------------------------------------
 
@@ -314,34 +322,63 @@ class _Optimizer(torch.optim.Optimizer):
             raise
         self._plans.clear()
 
-    def _state_for(self, p: torch.Tensor, hyper: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """The param's state, with every buffer these hyper-parameters need (zeros when new),
-        and the bucket key of its update (see ``_Plan``; None here)."""
+    @property
+    def _counts_steps(self) -> bool:
+        return self._spec.torch is None or self._spec.torch.step_state
+
+    def _state_for(self, p: torch.Tensor, hyper: dict[str, Any]) -> tuple[Any, Any]:
+        """The param's state, with every buffer these hyper-parameters need (made when new),
+        and the bucket key of its update (see ``_Plan``): None where torch counts steps;
+        otherwise the step the kernel is told, 1 when the buffers were made now (SGD's
+        momentum buffer then starts as the gradient) and 2 after."""
+        needs = self._needs(hyper)
+        counts = self._counts_steps
+        if not needs and not counts:
+            # No state: torch makes no entry for the param (self.state is a defaultdict, so
+            # only ``get`` leaves it untouched).
+            return self.state.get(p), 2
         st = self.state[p]
-        for name in self._needs(hyper):
-            if name not in st:
+        made = False
+        for name in needs:
+            if st.get(name) is None:
                 st[name] = self._new_buffer(name, p, hyper)
-        if self._counts_steps and "step" not in st:
-            st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-        return st, None
+                made = True
+        if counts:
+            if "step" not in st:
+                st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            return st, None
+        return st, 1 if made else 2
 
     def _new_buffer(self, name: str, p: torch.Tensor, hyper: dict[str, Any]) -> torch.Tensor:
         # Always contiguous (torch's preserve_format would keep a transposed param's layout):
         # the kernels read a buffer in the order of a contiguous param, or of the contiguous
         # copy a non-contiguous param is updated through.
-        return torch.zeros_like(p, memory_format=torch.contiguous_format)
+        value = self._spec.update.initial_value(name, hyper)
+        if value == 0:
+            return torch.zeros_like(p, memory_format=torch.contiguous_format)
+        # On a complex param's real view both parts start at the value, as in torch.
+        fill = complex(value, value) if p.is_complex() else value
+        return torch.full_like(p, fill, memory_format=torch.contiguous_format)
 
     # -- the step ---------------------------------------------------------------------------
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The update's validated hyper-parameters from a group (torch's names and pairs)."""
+        self._check_flags(group)
+        spec = self._spec
+        # The class's arguments, pairs split (and checked) and the values it fixes added ...
+        raw = spec.expand({name: group[name] for name in spec.arguments if name in group})
+        raw = {name: _scalar(value) for name, value in raw.items()}
+        # ... then torch's own names for update options (Adam's decoupled_weight_decay).
+        for torch_name, name in (spec.torch.renamed.items() if spec.torch else ()):
+            if torch_name in group:
+                raw[name] = bool(group[torch_name])
+        # Options torch does not have (Adagrad's eps_inside_sqrt) take their defaults.
+        return spec.update.validate(raw)
 
     def _needs(self, hyper: dict[str, Any]) -> tuple[str, ...]:
         """The state buffers these hyper-parameters use."""
-        return _hyperparams.state_buffers(self._kind, hyper)
-
-    def _kwargs(self, hyper: dict[str, Any], step: int) -> dict[str, Any]:
-        raise NotImplementedError
+        return self._spec.update.state_buffers(hyper)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -350,23 +387,26 @@ class _Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        kernel = getattr(_dispatch.kernels, self._kind + "_step")
+        update = self._spec.update
         nthreads = get_num_threads()
         # Every group and gradient is checked before any state is created or memory written.
         work = []
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(group)
             needs = self._needs(hyper)
+            values = update.kernel_values(hyper, _dispatch.kernels)
             plan = self._plans.get(gi)
             gptrs = None
             if plan is not None and plan.needs == needs:
                 gptrs = plan.grad_pointers(group, self.state)
             if gptrs is not None:
-                work.append((gi, group, hyper, needs, plan, gptrs))
+                work.append((gi, group, hyper, needs, values, plan, gptrs))
             else:
-                work.append((gi, group, hyper, needs, None, self._checked_grads(gi, group)))
-        for gi, group, hyper, needs, plan, grads in work:
-            if plan is not None and plan.run(kernel, nthreads, self._kwargs, hyper, grads):
+                work.append((gi, group, hyper, needs, values, None,
+                             self._checked_grads(gi, group)))
+        for gi, group, hyper, needs, values, plan, grads in work:
+            lr = hyper["lr"]
+            if plan is not None and plan.run(values, lr, nthreads, grads):
                 continue
             if plan is not None:  # step counts diverged from the plan's buckets: lay out again
                 grads = self._checked_grads(gi, group)
@@ -387,12 +427,12 @@ class _Optimizer(torch.optim.Optimizer):
             plan = _Plan(self, group, needs, work, states, [None] * len(params) if count
                          else keys, count)
             gptrs = [g.data_ptr() for _, g in grads]
-            if not plan.run(kernel, nthreads, self._kwargs, hyper, gptrs):
+            if not plan.run(values, lr, nthreads, gptrs):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
                 plan = _Plan(self, group, needs, work, states, keys, False)
-                plan.run(kernel, nthreads, self._kwargs, hyper, gptrs)
+                plan.run(values, lr, nthreads, gptrs)
                 for st in states:
                     st["step"].add_(1)
             elif plan.reusable and not gathered:
@@ -424,219 +464,63 @@ class _Optimizer(torch.optim.Optimizer):
         return out
 
 
-class Adam(_Optimizer):
-    r"""Adam (``decoupled_weight_decay=True``: AdamW) with torch.optim.Adam's signature and
-    state, run by lrfast's kernel.
 
-    .. math::
-        g_t &= \pm\nabla_\theta f_t(\theta_{t-1}) + \lambda\theta_{t-1}\ \text{(L2; AdamW:}\
-               \theta_{t-1} \leftarrow \theta_{t-1}(1-\gamma\lambda)\text{)} \\
-        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
-                    \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon},
-                    \quad \hat v_t = v_t\ \text{or}\ \max(\hat v_{t-1}, v_t)\ \text{(amsgrad)}
-
-    State per param, as torch names it: ``step``, ``exp_avg``, ``exp_avg_sq`` and, with
-    ``amsgrad``, ``max_exp_avg_sq``.
-    """
-
-    _kind = "adam"
-    _name = "Adam"
-    _older_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
-                           differentiable=False, decoupled_weight_decay=False, fused=None)
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults)
-
-    def _check_defaults(self, defaults):
-        # torch's Adam (only) refuses tensor hyper-parameters with foreach=True.
-        no_tensors = defaults.get("foreach") and not defaults.get("capturable")
-        if isinstance(defaults["lr"], torch.Tensor) and no_tensors:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and "
-                             "foreach=True")
-        betas = defaults["betas"]
-        if isinstance(betas, (tuple, list)) and len(betas) == 2:
-            tensors = [isinstance(b, torch.Tensor) for b in betas]
-            if tensors[0] != tensors[1]:
-                raise ValueError("betas must be either both floats or both Tensors")
-            if tensors[0] and no_tensors:
-                raise ValueError("betas[0] as a Tensor is not supported for capturable=False "
-                                 "and foreach=True")
-        super()._check_defaults(defaults)
-
-    def _hyper(self, group):
-        self._check_flags(group)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        h = _hyperparams.adam(_scalar(group["lr"]), _scalar(betas[0]), _scalar(betas[1]),
-                              group["eps"], group["weight_decay"], group["amsgrad"],
-                              group["maximize"])
-        h["decoupled"] = bool(group.get("decoupled_weight_decay", False))
-        return h
-
-    def _kwargs(self, hyper, step):
-        return dict(lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
-                    weight_decay=hyper["weight_decay"], decoupled=hyper["decoupled"],
-                    amsgrad=hyper["amsgrad"], maximize=hyper["maximize"], step=step)
+def _check_tensor_rules(defaults: dict[str, Any]) -> None:
+    """torch's Adam and AdamW refuse tensor lr and betas with foreach=True (and without
+    capturable), and betas that mix tensors and numbers."""
+    no_tensors = defaults.get("foreach") and not defaults.get("capturable")
+    if isinstance(defaults["lr"], torch.Tensor) and no_tensors:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and "
+                         "foreach=True")
+    betas = defaults["betas"]
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        tensors = [isinstance(b, torch.Tensor) for b in betas]
+        if tensors[0] != tensors[1]:
+            raise ValueError("betas must be either both floats or both Tensors")
+        if tensors[0] and no_tensors:
+            raise ValueError("betas[0] as a Tensor is not supported for capturable=False "
+                             "and foreach=True")
 
 
-class AdamW(Adam):
-    """AdamW: Adam with decoupled weight decay (default 1e-2), torch.optim.AdamW's signature."""
+def _make_class(spec: OptimizerSpec) -> type:
+    """lrfast.torch's class for ``spec``: torch.optim's class of that name's signature (or,
+    where torch has none, the spec's, with torch's implementation switches), torch's defaults
+    and state names, lrfast's kernel."""
+    t = spec.torch
+    torch_cls = getattr(torch.optim, t.cls, None) if t is not None and t.cls else None
+    if torch_cls is not None:
+        sig = inspect.signature(torch_cls)
+    else:
+        sig = spec.signature(trailing=[(n, d) for n, d in TORCH_FLAGS.items()])
+    fixed_entries = dict(t.group) if t is not None else {}
 
-    _name = "AdamW"
+    def __init__(self, params, *args, **kwargs):
+        bound = sig.bind(params, *args, **kwargs)
+        bound.apply_defaults()
+        defaults = {k: v for k, v in bound.arguments.items() if k != "params"}
+        defaults.update(fixed_entries)
+        _Optimizer.__init__(self, params, defaults)
 
-    def __setstate__(self, state):
-        # Whatever the state dict says (an Adam's, or an AdamW's from before the flag existed),
-        # AdamW's decay is decoupled, as in torch.
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
-
-
-class SGD(_Optimizer):
-    r"""SGD with momentum, dampening, Nesterov and weight decay, torch.optim.SGD's signature.
-
-    .. math::
-        g_t = \pm\nabla_\theta f_t + \lambda\theta_{t-1},\quad
-        b_t = \mu b_{t-1} + (1-\tau) g_t\ (b_1 = g_1),\quad
-        \theta_t = \theta_{t-1} - \gamma\,(g_t + \mu b_t\ \text{(Nesterov)}\ \text{or}\ b_t)
-
-    State per param: ``momentum_buffer`` when ``momentum != 0`` (none otherwise, as in torch).
-    """
-
-    _kind = "sgd"
-    _counts_steps = False
-    _name = "SGD"
-    _older_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False,
-                           fused=False)
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
-                 *, maximize=False, foreach=None, differentiable=False, fused=None):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, foreach=foreach,
-                        differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults)
-
-    def _hyper(self, group):
-        self._check_flags(group)
-        return _hyperparams.sgd(_scalar(group["lr"]), group["momentum"], group["dampening"],
-                                _scalar(group["weight_decay"]), group["nesterov"],
-                                group["maximize"])
-
-    def _state_for(self, p, hyper):
-        if hyper["momentum"] == 0:
-            # No state: torch makes no entry for the param (self.state is a defaultdict, so
-            # only ``get`` leaves it untouched).
-            return self.state.get(p), False
-        st = self.state[p]
-        first = False
-        if st.get("momentum_buffer") is None:
-            # torch starts the buffer at the first gradient; the kernel's first step does that.
-            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            first = True
-        return st, first
-
-    def _kwargs(self, hyper, first):
-        return dict(lr=hyper["lr"], momentum=hyper["momentum"], dampening=hyper["dampening"],
-                    weight_decay=hyper["weight_decay"], nesterov=hyper["nesterov"],
-                    maximize=hyper["maximize"], first_step=bool(first))
+    buffers = ", ".join(f"``{b.name}``" for b in spec.update.buffers)
+    doc = (f"{spec.name} over torch tensors: "
+           f"{'torch.optim.' + spec.name + chr(39) + 's' if torch_cls else 'the'} signature, "
+           f"defaults and state dict format, run by lrfast's kernel.\n\n"
+           f"The update is :class:`lrfast.{spec.name}`'s. State per param, as torch names it: "
+           f"{'``step``, ' if t is None or t.step_state else ''}{buffers} "
+           "(each where the hyper-parameters use it).\n")
+    __init__.__signature__ = sig  # type: ignore[attr-defined]
+    cls = type(spec.name, (_Optimizer,), {
+        "__init__": __init__, "__doc__": doc, "__module__": __name__,
+        "__qualname__": spec.name, "_spec": spec})
+    cls.__signature__ = sig  # type: ignore[attr-defined]
+    return cls
 
 
-class Adagrad(_Optimizer):
-    r"""Adagrad with torch.optim.Adagrad's signature and state (``step``, ``sum``, created when
-    the params are added, ``sum`` at ``initial_accumulator_value``).
+globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()})
 
-    .. math::
-        \tilde\gamma = \frac{\gamma}{1 + (t-1)\eta},\quad g_t = \pm\nabla_\theta f_t
-        + \lambda\theta_{t-1},\quad s_t = s_{t-1} + g_t^2,\quad
-        \theta_t = \theta_{t-1} - \tilde\gamma\,\frac{g_t}{\sqrt{s_t} + \epsilon}
-    """
-
-    _kind = "adagrad"
-    _name = "Adagrad"
-    _older_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None)
-
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
-                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None):
-        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                        initial_accumulator_value=initial_accumulator_value, eps=eps,
-                        foreach=foreach, maximize=maximize, differentiable=differentiable,
-                        fused=fused)
-        super().__init__(params, defaults)
-
-    def _hyper(self, group):
-        self._check_flags(group)
-        return _hyperparams.adagrad(_scalar(group["lr"]), group["lr_decay"],
-                                    group["weight_decay"], group["initial_accumulator_value"],
-                                    group["eps"], False, group["maximize"])
-
-    def _init_group_state(self, group):
-        hyper = self._hyper(group)
-        for p in group["params"]:
-            self._state_for(p, hyper)
-
-    def _new_buffer(self, name, p, hyper):
-        value = hyper["initial_accumulator_value"]
-        if p.is_complex():
-            # On the real view both parts start at the value, as in torch.
-            value = complex(value, value)
-        return torch.full_like(p, value, memory_format=torch.contiguous_format)
-
-    def _kwargs(self, hyper, step):
-        return dict(lr=hyper["lr"], lr_decay=hyper["lr_decay"], weight_decay=hyper["weight_decay"],
-                    eps=hyper["eps"], eps_inside_sqrt=False, maximize=hyper["maximize"],
-                    step=step)
-
-
-class RMSprop(_Optimizer):
-    r"""RMSprop with torch.optim.RMSprop's signature and state (``step``, ``square_avg``;
-    ``momentum_buffer`` when ``momentum > 0``; ``grad_avg`` when ``centered``).
-
-    .. math::
-        v_t = \alpha v_{t-1} + (1-\alpha) g_t^2,\quad
-        \tilde v_t = v_t - \bar g_t^2\ \text{(centered,}\ \bar g_t = \alpha\bar g_{t-1}
-        + (1-\alpha) g_t\text{)},\quad
-        b_t = \mu b_{t-1} + \frac{g_t}{\sqrt{\tilde v_t} + \epsilon},\quad
-        \theta_t = \theta_{t-1} - \gamma b_t\ \text{(or}\ \gamma\frac{g_t}{\sqrt{\tilde v_t}
-        + \epsilon}\ \text{without momentum)}
-    """
-
-    _kind = "rmsprop"
-    _key_splits = False  # torch counts RMSprop's steps, but the update does not use them
-    _name = "RMSprop"
-    _older_defaults = dict(momentum=0, centered=False, foreach=None, maximize=False,
-                           differentiable=False, capturable=False)
-
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
-                 centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False):
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                        momentum=momentum, centered=centered, capturable=capturable,
-                        foreach=foreach, maximize=maximize, differentiable=differentiable)
-        super().__init__(params, defaults)
-
-    def _hyper(self, group):
-        self._check_flags(group)
-        return _hyperparams.rmsprop(_scalar(group["lr"]), group["alpha"], group["eps"],
-                                    group["weight_decay"], group["momentum"], group["centered"],
-                                    group["maximize"])
-
-    def _kwargs(self, hyper, step):
-        return dict(lr=hyper["lr"], alpha=hyper["alpha"], eps=hyper["eps"],
-                    weight_decay=hyper["weight_decay"], momentum=hyper["momentum"],
-                    centered=hyper["centered"], maximize=hyper["maximize"])
+if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures are torch's)
+    SGD: Any
+    Adagrad: Any
+    RMSprop: Any
+    Adam: Any
+    AdamW: Any

@@ -11,14 +11,10 @@ import numpy as np
 
 import lrfast
 from lrfast import reference
+from lrfast._specs import OPTIMIZERS as SPECS
 
-OPTIMIZERS = {
-    "SGD": lrfast.SGD,
-    "Adagrad": lrfast.Adagrad,
-    "RMSprop": lrfast.RMSprop,
-    "Adam": lrfast.Adam,
-    "AdamW": lrfast.AdamW,
-}
+# Every optimizer of the spec table, by its class name.
+OPTIMIZERS = {name: getattr(lrfast, name) for name in SPECS}
 
 # (optimizer, hyper-parameters, has a torch.optim equivalent). Every option appears at least once;
 # the lerp weights 1-beta1 = 0.7 and 1-alpha = 0.55 take torch.lerp's second branch.
@@ -60,63 +56,35 @@ def make_grads(shapes, dtype, rng):
 class ReferenceRun:
     """Steps lrfast.reference in lockstep with an optimizer class, holding its own state.
 
-    The state starts as torch documents it (zeros; Adagrad's sum at initial_accumulator_value)
-    and is named as torch names it, so it can be compared buffer by buffer.
+    Everything about the optimizer comes from its spec (``lrfast._specs.OPTIMIZERS``): the
+    defaults of the hyper-parameters not given, which state buffers exist and what they start at
+    (zeros; Adagrad's sum at initial_accumulator_value), named as torch names them so they can be
+    compared buffer by buffer, and how the reference function is called.
     """
 
     def __init__(self, name, hyper, params):
         self.name = name
-        self.h = {
-            "lr": 1e-3, "weight_decay": 0.0, "maximize": False,
-            **({"weight_decay": 1e-2} if name == "AdamW" else {}),
-            **hyper,
-        }
+        self.spec = SPECS[name]
+        self.values = self.spec.validate(hyper)  # the update's, defaults filled in
+        self.h = self.spec.collapse(self.values)  # the class's (Adam: ``betas``)
         self.params = [p.copy() for p in params]
         self.t = 0
-        h = self.h
-
-        def zeros():
-            return [np.zeros_like(p) for p in self.params]
-
-        if name == "SGD":
-            self.state = {"momentum_buffer": zeros()} if h.get("momentum", 0) else {}
-        elif name == "Adagrad":
-            init = h.get("initial_accumulator_value", 0.0)
-            self.state = {"sum": [np.full_like(p, init) for p in self.params]}
-        elif name == "RMSprop":
-            self.state = {"square_avg": zeros()}
-            if h.get("momentum", 0) > 0:
-                self.state["momentum_buffer"] = zeros()
-            if h.get("centered", False):
-                self.state["grad_avg"] = zeros()
-        else:
-            self.state = {"exp_avg": zeros(), "exp_avg_sq": zeros()}
-            if h.get("amsgrad", False):
-                self.state["max_exp_avg_sq"] = zeros()
+        update = self.spec.update
+        self.state = {
+            buf: [np.full_like(p, update.initial_value(buf, self.values)) for p in self.params]
+            for buf in update.state_buffers(self.values)
+        }
 
     def step(self, grads):
         self.t += 1
-        h, s, p = self.h, self.state, self.params
-        common = dict(lr=h["lr"], weight_decay=h["weight_decay"], maximize=h["maximize"])
-        if self.name == "SGD":
-            reference.sgd_(p, grads, s.get("momentum_buffer"), step=self.t,
-                           momentum=h.get("momentum", 0.0), dampening=h.get("dampening", 0.0),
-                           nesterov=h.get("nesterov", False), **common)
-        elif self.name == "Adagrad":
-            reference.adagrad_(p, grads, s["sum"], step=self.t, lr_decay=h.get("lr_decay", 0.0),
-                               eps=h.get("eps", 1e-10),
-                               eps_inside_sqrt=h.get("eps_inside_sqrt", False), **common)
-        elif self.name == "RMSprop":
-            reference.rmsprop_(p, grads, s["square_avg"], s.get("momentum_buffer"),
-                               s.get("grad_avg"), alpha=h.get("alpha", 0.99),
-                               eps=h.get("eps", 1e-8), momentum=h.get("momentum", 0.0),
-                               centered=h.get("centered", False), **common)
-        else:
-            b1, b2 = h.get("betas", (0.9, 0.999))
-            reference.adam_(p, grads, s["exp_avg"], s["exp_avg_sq"], step=self.t, beta1=b1,
-                            beta2=b2, eps=h.get("eps", 1e-8), decoupled=self.name == "AdamW",
-                            amsgrad=h.get("amsgrad", False),
-                            max_exp_avg_sq=s.get("max_exp_avg_sq"), **common)
+        update = self.spec.update
+        args = [self.params, grads] + [self.state.get(b.name) for b in update.buffers
+                                       if not b.keyword]
+        kwargs = {h.name: self.values[h.name] for h in update.hypers if h.functional}
+        kwargs.update({b.argname: self.state.get(b.name) for b in update.buffers if b.keyword})
+        if update.takes_step:
+            kwargs["step"] = self.t
+        getattr(reference, update.name + "_")(*args, **kwargs)
 
 
 def tolerances(dtype):

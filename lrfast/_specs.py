@@ -1,0 +1,434 @@
+"""Each optimizer, described once: the table every layer reads.
+
+An :class:`Update` is one element-wise rule as the kernels run it (``"adam"``): its
+hyper-parameters with their defaults and checks (torch's messages), its state buffers and when
+each is used, and whether it reads the step number. The order in which its values reach the
+kernel is the kernel's own (``UPDATE_ARGS`` in src/_updates.pxi), read from the compiled module,
+so the two cannot disagree.
+
+An :class:`OptimizerSpec` is one user-facing optimizer over an update (``Adam`` and ``AdamW``
+are both the ``"adam"`` update): which hyper-parameters it takes positionally, its own defaults,
+the values it fixes (AdamW: ``decoupled=True``), pairs it takes as one argument (``betas``), and
+what lrfast.torch needs to behave as the torch.optim class of the same name.
+
+What reads this table:
+
+- ``lrfast.optim``: each class validates its arguments, sizes its state and fills its kernel
+  plan from its spec (the classes hold signatures and documentation only);
+- ``lrfast.functional``: its functions are made from the updates (signature and checks);
+- ``lrfast.torch``: its classes are made from the specs and torch's signatures;
+- the tests (``tests/cases.py``: defaults, state and the reference calls) and the bench.
+
+Adding an optimizer: an :class:`Update` and an :class:`OptimizerSpec` here, its element loop in
+src/_updates.pxi, its function in ``lrfast.reference`` and its class in ``lrfast.optim``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ._validation import (
+    _real,
+    check_beta,
+    check_bool,
+    check_lr,
+    check_nonneg,
+)
+
+REQUIRED = inspect.Parameter.empty
+
+
+# ------------------------------------------------------------------------------------------
+# Checks, as small factories: each returns ``value -> validated value``
+# ------------------------------------------------------------------------------------------
+
+def nonneg(message: str) -> Callable[[Any], float]:
+    """A finite float >= 0; ``message`` is torch's text (the value is appended)."""
+    return lambda v: check_nonneg(v, message)
+
+
+def unit(message: str) -> Callable[[Any], float]:
+    """A float in [0, 1]."""
+    def check(v):
+        out = check_nonneg(v, message)
+        if out > 1.0:
+            raise ValueError(f"{message}: {v}")
+        return out
+    return check
+
+
+def beta(index: int) -> Callable[[Any], float]:
+    """A float in [0, 1), reported as torch's ``betas[index]``."""
+    return lambda v: check_beta(v, index)
+
+
+def flag(name: str) -> Callable[[Any], bool]:
+    return lambda v: check_bool(v, name)
+
+
+def real(name: str) -> Callable[[Any], float]:
+    return lambda v: _real(v, name)
+
+
+# ------------------------------------------------------------------------------------------
+# The description of an update
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyper-parameter: name, default, check; ``functional=False`` for one that only sets
+    initial state (the classes take it; the functions get the state itself)."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    functional: bool = True
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A state buffer, named as torch names it, in the kernel's row order.
+
+    ``used``: when the update reads it (None: always), and ``needs`` what makes it so, for the
+    message of a missing buffer; ``init``: the hyper-parameter it starts at (zeros otherwise);
+    ``arg``: its argument name in lrfast.functional when not ``name``; ``keyword``: that
+    argument is keyword-only.
+    """
+
+    name: str
+    used: Optional[Callable[[dict], bool]] = None
+    needs: str = ""
+    init: str = ""
+    arg: str = ""
+    keyword: bool = False
+
+    @property
+    def argname(self) -> str:
+        return self.arg or self.name
+
+    def is_used(self, h: dict) -> bool:
+        return self.used is None or bool(self.used(h))
+
+
+@dataclass(frozen=True)
+class Update:
+    """One element-wise update as the kernels run it."""
+
+    name: str
+    hypers: tuple
+    buffers: tuple
+    takes_step: bool  # the kernel reads the 1-based step (functional takes ``step=``)
+    rule: Optional[Callable[[dict], None]] = None  # a check across hyper-parameters
+    title: str = ""
+
+    def hyper(self, name: str) -> Hyper:
+        for h in self.hypers:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    @property
+    def names(self) -> tuple:
+        return tuple(h.name for h in self.hypers)
+
+    def validate(self, values: dict) -> dict:
+        """Check every hyper-parameter (missing ones take their defaults); return the validated
+        values in the spec's order. Unknown names are an error."""
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise TypeError(f"{self.name}: unknown hyper-parameters {sorted(unknown)}")
+        out = {}
+        for h in self.hypers:
+            v = values.get(h.name, h.default)
+            if v is REQUIRED:
+                raise TypeError(f"{self.name}: missing hyper-parameter {h.name!r}")
+            out[h.name] = h.check(v)
+        if self.rule is not None:
+            self.rule(out)
+        return out
+
+    def state_buffers(self, h: dict) -> tuple:
+        """Names of the buffers the update uses under validated hyper-parameters ``h``."""
+        return tuple(b.name for b in self.buffers if b.is_used(h))
+
+    def initial_value(self, name: str, h: dict) -> float:
+        for b in self.buffers:
+            if b.name == name:
+                return h[b.init] if b.init else 0.0
+        raise KeyError(name)
+
+    def kernel_values(self, h: dict, kernels) -> list:
+        """The hyper-parameters in the order the kernel takes them (booleans as 0/1)."""
+        return [float(h[name]) for name in kernels.UPDATE_ARGS[self.name]]
+
+    def missing_buffer_message(self, b: Buffer) -> str:
+        noun = b.argname if b.argname.endswith("buffer") else f"{b.argname} buffer"
+        return f"{b.needs} needs a {noun}"
+
+
+# ------------------------------------------------------------------------------------------
+# The description of an optimizer class (NumPy and torch)
+# ------------------------------------------------------------------------------------------
+
+# torch.optim's implementation switches, with torch's defaults. lrfast.torch accepts and stores
+# them (state dicts keep torch's keys) and refuses the two that need torch's own update.
+TORCH_FLAGS = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
+TORCH_REFUSED = ("capturable", "differentiable")
+
+
+@dataclass(frozen=True)
+class TorchSpec:
+    """What lrfast.torch needs beyond the update to be the torch.optim class of its name.
+
+    ``cls``: the torch.optim class whose signature lrfast.torch takes (None: the update has none
+    in torch, and lrfast.torch makes a signature from the spec); ``step_state``: torch keeps
+    ``state['step']``; ``state_at_init``: torch creates the state when params are added
+    (Adagrad); ``renamed``: torch's name for an update hyper-parameter; ``group``: entries torch
+    puts in every group whatever the arguments (AdamW's decoupled flag); ``older``: entries an
+    older torch's state dict may lack, with the value torch's ``__setstate__`` gives them;
+    ``tensor_rules``: torch's refusals of tensor lr/betas with ``foreach`` (Adam, AdamW);
+    ``lrfast_only``: the class's arguments torch's class does not have (they keep their
+    defaults in lrfast.torch).
+    """
+
+    cls: Optional[str]
+    step_state: bool = True
+    state_at_init: bool = False
+    renamed: dict = field(default_factory=dict)
+    group: dict = field(default_factory=dict)
+    older: dict = field(default_factory=dict)
+    tensor_rules: bool = False
+    lrfast_only: tuple = ()
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A user-facing optimizer over an update."""
+
+    name: str
+    update: Update
+    positional: tuple  # class arguments (after params) that may be given by position
+    defaults: dict = field(default_factory=dict)  # the class's own defaults
+    fixed: dict = field(default_factory=dict)  # update hyper-parameters the class fixes
+    pairs: dict = field(default_factory=dict)  # one argument for two hyper-parameters
+    torch: Optional[TorchSpec] = None
+
+    # -- the class's arguments --------------------------------------------------------------
+
+    def _member_of(self, name: str) -> Optional[str]:
+        for pair, members in self.pairs.items():
+            if name in members:
+                return pair
+        return None
+
+    @property
+    def arguments(self) -> tuple:
+        """The class's hyper-parameter arguments, in order (pairs in place of their members)."""
+        out: list = []
+        for h in self.update.hypers:
+            if h.name in self.fixed:
+                continue
+            pair = self._member_of(h.name)
+            name = pair or h.name
+            if name not in out:
+                out.append(name)
+        return tuple(out)
+
+    def default(self, name: str) -> Any:
+        """The class's default for argument ``name``."""
+        if name in self.defaults:
+            return self.defaults[name]
+        if name in self.pairs:
+            return tuple(self.default(m) for m in self.pairs[name])
+        return self.update.hyper(name).default
+
+    @property
+    def class_defaults(self) -> dict:
+        return {name: self.default(name) for name in self.arguments}
+
+    def signature(self, leading=("params",), trailing=()) -> inspect.Signature:
+        """The class's signature: ``leading`` positional names, the arguments (positional as the
+        spec says, the rest keyword-only), then ``trailing`` (name, default) keyword-only."""
+        P = inspect.Parameter
+        params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in leading]
+        for name in self.arguments:
+            kind = P.POSITIONAL_OR_KEYWORD if name in self.positional else P.KEYWORD_ONLY
+            params.append(P(name, kind, default=self.default(name)))
+        params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in trailing]
+        return inspect.Signature(params)
+
+    def expand(self, values: dict) -> dict:
+        """Class-level values -> the update's raw values (pairs split, fixed values added)."""
+        out = dict(self.fixed)
+        for name, v in values.items():
+            if name in self.pairs:
+                a, b = self.pairs[name]
+                if not isinstance(v, (tuple, list)) or len(v) != 2:
+                    raise ValueError(f"{name} must be a pair ({a}, {b}), got {v!r}")
+                out[a], out[b] = v
+            else:
+                out[name] = v
+        return out
+
+    def collapse(self, h: dict) -> dict:
+        """The update's validated values -> the class-level dict (what ``hyperparams`` shows)."""
+        out: dict = {}
+        for name in self.arguments:
+            if name in self.pairs:
+                out[name] = tuple(h[m] for m in self.pairs[name])
+            else:
+                out[name] = h[name]
+        return out
+
+    def validate(self, values: dict) -> dict:
+        """Validate class-level values (defaults filled in); return the update-level dict."""
+        full = {**self.class_defaults, **values}
+        return self.update.validate(self.expand(full))
+
+
+# ------------------------------------------------------------------------------------------
+# The updates
+# ------------------------------------------------------------------------------------------
+
+def _lr(default):
+    return Hyper("lr", default, check_lr)
+
+
+def _weight_decay(default=0.0):
+    return Hyper("weight_decay", default, nonneg("Invalid weight_decay value"))
+
+
+def _maximize():
+    return Hyper("maximize", False, flag("maximize"))
+
+
+def _nesterov_rule(h):
+    if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+SGD_UPDATE = Update(
+    "sgd",
+    hypers=(
+        _lr(1e-3),
+        Hyper("momentum", 0.0, nonneg("Invalid momentum value")),
+        Hyper("dampening", 0.0, real("dampening")),
+        _weight_decay(),
+        Hyper("nesterov", False, flag("nesterov")),
+        _maximize(),
+    ),
+    buffers=(Buffer("momentum_buffer", lambda h: h["momentum"] != 0, "momentum != 0"),),
+    takes_step=True,  # only whether it is the first: the buffer starts as the first gradient
+    rule=_nesterov_rule,
+    title="SGD",
+)
+
+ADAGRAD_UPDATE = Update(
+    "adagrad",
+    hypers=(
+        _lr(1e-2),
+        Hyper("lr_decay", 0.0, nonneg("Invalid lr_decay value")),
+        _weight_decay(),
+        Hyper("initial_accumulator_value", 0.0,
+              nonneg("Invalid initial_accumulator_value value"), functional=False),
+        Hyper("eps", 1e-10, nonneg("Invalid epsilon value")),
+        Hyper("eps_inside_sqrt", False, flag("eps_inside_sqrt")),
+        _maximize(),
+    ),
+    buffers=(Buffer("sum", init="initial_accumulator_value", arg="state_sum"),),
+    takes_step=True,
+    title="Adagrad",
+)
+
+RMSPROP_UPDATE = Update(
+    "rmsprop",
+    hypers=(
+        _lr(1e-2),
+        Hyper("alpha", 0.99, unit("Invalid alpha value")),
+        Hyper("eps", 1e-8, nonneg("Invalid epsilon value")),
+        _weight_decay(),
+        Hyper("momentum", 0.0, nonneg("Invalid momentum value")),
+        Hyper("centered", False, flag("centered")),
+        _maximize(),
+    ),
+    buffers=(
+        Buffer("square_avg"),
+        Buffer("momentum_buffer", lambda h: h["momentum"] > 0, "momentum > 0"),
+        Buffer("grad_avg", lambda h: h["centered"], "centered=True"),
+    ),
+    takes_step=False,
+    title="RMSprop",
+)
+
+ADAM_UPDATE = Update(
+    "adam",
+    hypers=(
+        _lr(1e-3),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.999, beta(1)),
+        Hyper("eps", 1e-8, nonneg("Invalid epsilon value")),
+        _weight_decay(),
+        Hyper("decoupled", False, flag("decoupled")),
+        Hyper("amsgrad", False, flag("amsgrad")),
+        _maximize(),
+    ),
+    buffers=(
+        Buffer("exp_avg"),
+        Buffer("exp_avg_sq"),
+        Buffer("max_exp_avg_sq", lambda h: h["amsgrad"], "amsgrad=True", keyword=True),
+    ),
+    takes_step=True,
+    title="Adam (AdamW with decoupled=True)",
+)
+
+UPDATES = {u.name: u for u in (SGD_UPDATE, ADAGRAD_UPDATE, RMSPROP_UPDATE, ADAM_UPDATE)}
+
+
+# ------------------------------------------------------------------------------------------
+# The optimizers
+# ------------------------------------------------------------------------------------------
+
+_ADAM_TORCH_OLDER = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                         differentiable=False, decoupled_weight_decay=False, fused=None)
+
+OPTIMIZERS = {
+    "SGD": OptimizerSpec(
+        "SGD", SGD_UPDATE,
+        positional=("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+        torch=TorchSpec("SGD", step_state=False,
+                        older=dict(nesterov=False, maximize=False, foreach=None,
+                                   differentiable=False, fused=False)),
+    ),
+    "Adagrad": OptimizerSpec(
+        "Adagrad", ADAGRAD_UPDATE,
+        positional=("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
+        torch=TorchSpec("Adagrad", state_at_init=True, lrfast_only=("eps_inside_sqrt",),
+                        older=dict(foreach=None, maximize=False, differentiable=False,
+                                   fused=None)),
+    ),
+    "RMSprop": OptimizerSpec(
+        "RMSprop", RMSPROP_UPDATE,
+        positional=("lr", "alpha", "eps", "weight_decay", "momentum", "centered"),
+        torch=TorchSpec("RMSprop",
+                        older=dict(momentum=0, centered=False, foreach=None, maximize=False,
+                                   differentiable=False, capturable=False)),
+    ),
+    "Adam": OptimizerSpec(
+        "Adam", ADAM_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay", "amsgrad"),
+        fixed={"decoupled": False},
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec("Adam", renamed={"decoupled_weight_decay": "decoupled"},
+                        older=_ADAM_TORCH_OLDER, tensor_rules=True),
+    ),
+    "AdamW": OptimizerSpec(
+        "AdamW", ADAM_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay", "amsgrad"),
+        defaults={"weight_decay": 1e-2},
+        fixed={"decoupled": True},
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec("AdamW", group={"decoupled_weight_decay": True},
+                        older=_ADAM_TORCH_OLDER, tensor_rules=True),
+    ),
+}

@@ -1,0 +1,147 @@
+# The address table and the split of its elements over threads (see _optim_kernels.pxi).
+
+cdef enum:
+    # Thread spans start on multiples of this many elements, so threads do not share cache lines
+    # of a tensor that they split.
+    SPAN_ALIGN = 64
+    MAX_BUFFERS = 8
+
+# Below this many elements per thread a parallel region costs more than it saves; each operation
+# has its own count (the updates' in _updates.pxi, the reductions' in _reductions.pxi).
+# 0: each operation's own count; > 0: one count for all (for measurements).
+cdef Py_ssize_t _override_per_thread = 0
+
+# {operation: its count}, filled as each operation is defined.
+_MIN_PER_THREAD = {}
+
+
+def get_min_elements_per_thread():
+    """{operation: elements per thread below which it runs on fewer threads}."""
+    if _override_per_thread > 0:
+        return {k: _override_per_thread for k in _MIN_PER_THREAD}
+    return dict(_MIN_PER_THREAD)
+
+
+def set_min_elements_per_thread(overrides):
+    """Use one threshold for every operation (an int >= 1), or the defaults again (None).
+
+    For measurements only: results do not depend on the number of threads.
+    """
+    global _override_per_thread
+    if overrides is None:
+        _override_per_thread = 0
+        return
+    if isinstance(overrides, dict):
+        raise TypeError("pass one int for all operations, or None")
+    if overrides < 1:
+        raise ValueError("the threshold must be at least 1 element")
+    _override_per_thread = overrides
+
+# A segment function updates ``n`` elements of every buffer from the pointers ``ptrs``. It may
+# fold a value into ``acc[0]`` (reductions) and returns a count that the drivers add up
+# (the non-finite check); the optimizer updates return 0 and leave ``acc`` alone.
+ctypedef int (*segment_fn)(char** ptrs, Py_ssize_t n, const void* args,
+                           double* acc) noexcept nogil
+
+# --------------------------------------------------------------------------------------------
+# Work partition
+# --------------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _split(Py_ssize_t total, int part, int nparts) noexcept nogil:
+    """Start of span ``part`` of ``nparts`` over [0, total), aligned to SPAN_ALIGN."""
+    if part >= nparts:
+        return total
+    cdef Py_ssize_t at = <Py_ssize_t>((<double>total * part) / nparts)
+    return at - at % SPAN_ALIGN
+
+
+cdef int _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                   const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
+                   Py_ssize_t begin, Py_ssize_t end, const void* args,
+                   double* acc) noexcept nogil:
+    """Apply ``fn`` to the elements [begin, end) of the concatenated tensors, tensor by
+    tensor in index order; return the sum of its counts."""
+    cdef char* ptrs[MAX_BUFFERS]
+    cdef Py_ssize_t lo_k = 0, hi_k = ntensors, mid, k, a, b, j
+    cdef int count = 0
+    if begin >= end:
+        return 0
+    # The last tensor that starts at or before ``begin``.
+    while hi_k - lo_k > 1:
+        mid = (lo_k + hi_k) // 2
+        if offsets[mid] <= begin:
+            lo_k = mid
+        else:
+            hi_k = mid
+    k = lo_k
+    while k < ntensors and offsets[k] < end:
+        a = begin if begin > offsets[k] else offsets[k]
+        b = end if end < offsets[k + 1] else offsets[k + 1]
+        if b > a:
+            for j in range(nbuf):
+                ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize
+            count += fn(ptrs, b - a, args, acc)
+        k += 1
+    return count
+
+
+cdef int _run_span_env(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                       const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
+                       Py_ssize_t begin, Py_ssize_t end, const void* args,
+                       bint ftz) noexcept nogil:
+    """``_run_span`` with flush-to-zero on in this thread for its duration when ``ftz``."""
+    cdef double unused = 0
+    cdef unsigned long long saved
+    cdef int count
+    if not ftz:
+        return _run_span(fn, table, nbuf, offsets, ntensors, itemsize, begin, end, args, &unused)
+    saved = lrfast_ftz_enter()
+    # ``fn`` is called through a pointer, so no floating-point work moves across these calls.
+    count = _run_span(fn, table, nbuf, offsets, ntensors, itemsize, begin, end, args, &unused)
+    lrfast_ftz_leave(saved)
+    return count
+
+
+cdef int _team_size(Py_ssize_t total, int nthreads, Py_ssize_t min_per_thread) noexcept nogil:
+    """Threads worth starting for ``total`` elements: serial below the work threshold."""
+    cdef Py_ssize_t useful
+    if _override_per_thread > 0:
+        min_per_thread = _override_per_thread
+    useful = total // min_per_thread
+    if useful < 1:
+        useful = 1
+    if nthreads < 1:
+        nthreads = omp_get_max_threads()
+    return <int>(useful if useful < nthreads else nthreads)
+
+
+cdef int _run(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf, const Py_ssize_t* offsets,
+              Py_ssize_t ntensors, Py_ssize_t itemsize, int nthreads, Py_ssize_t min_per_thread,
+              const void* args, bint ftz) noexcept nogil:
+    """Run ``fn`` over all elements, one contiguous span per thread; return the summed counts."""
+    cdef Py_ssize_t total = offsets[ntensors]
+    cdef int team = _team_size(total, nthreads, min_per_thread), tid
+    cdef int count = 0
+    if team == 1:
+        return _run_span_env(fn, table, nbuf, offsets, ntensors, itemsize, 0, total, args, ftz)
+    for tid in prange(team, num_threads=team, schedule='static'):
+        count += _run_span_env(fn, table, nbuf, offsets, ntensors, itemsize,
+                               _split(total, tid, team), _split(total, tid + 1, team), args, ftz)
+    return count
+
+
+cdef int _launch(segment_fn fn, intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64,
+                 int nthreads, Py_ssize_t min_per_thread, const void* args) except -1:
+    cdef Py_ssize_t ntensors = table.shape[1]
+    if table.shape[0] > MAX_BUFFERS:
+        raise ValueError("too many buffers per tensor")
+    if offsets.shape[0] != ntensors + 1:
+        raise ValueError("offsets must have one entry more than the table has columns")
+    if ntensors == 0:
+        return 0
+    with nogil:
+        _run(fn, &table[0, 0], table.shape[0], &offsets[0], ntensors,
+             8 if is64 else 4, nthreads, min_per_thread, args, False)
+    return 0
+
+

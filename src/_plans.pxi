@@ -1,0 +1,281 @@
+# Per-step gradient checks (GIL held, before any kernel runs) and the Plan that runs an update.
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient checks
+# --------------------------------------------------------------------------------------------
+
+# Codes returned by Plan.gather and Plan.step; lrfast._validation turns them into messages.
+GATHER_OK = 0
+GATHER_NOT_ARRAY = 1
+GATHER_DTYPE = 2
+GATHER_SHAPE = 3
+GATHER_NOT_CONTIGUOUS = 4
+GATHER_OVERLAP = 5
+GATHER_MISALIGNED = 6
+# Not a check's code: Plan.step's verdict when it skipped the step because a grad is not finite.
+STEP_SKIPPED_NONFINITE = 7
+
+
+cdef bint _overlaps(intptr_t start, intptr_t end, const intptr_t* wstart, const intptr_t* wend,
+                    Py_ssize_t nw) noexcept nogil:
+    """Does [start, end) meet one of the sorted, disjoint ranges [wstart[i], wend[i])?"""
+    cdef Py_ssize_t lo = 0, hi = nw, mid
+    if end <= start or nw == 0:
+        return False
+    # First written range that starts at or after ``end``; only the one before it can overlap.
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if wstart[mid] < end:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo > 0 and wend[lo - 1] > start
+
+
+cdef int _gather(object grads, int typenum, const Py_ssize_t* ndims, const Py_ssize_t* dims,
+                 intptr_t* out, Py_ssize_t n, const intptr_t* ws, const intptr_t* we,
+                 Py_ssize_t nw, Py_ssize_t* bad) except -1:
+    """Check each of the ``n`` grads and write its data address into ``out``.
+
+    ``grads`` is a list or tuple. Tensor ``k`` must be a NumPy array of type ``typenum``, with
+    ``ndims[k]`` dimensions equal to the next entries of ``dims``, C-contiguous, aligned, and
+    must not overlap any of the ``nw`` sorted, disjoint written ranges ``[ws[i], we[i])``.
+    Returns GATHER_OK, or the code of the first bad grad with its index in ``bad``; ``out``
+    may then be partly written but nothing else is.
+    """
+    cdef Py_ssize_t k, d, pos = 0, nd
+    cdef cnp.ndarray arr
+    cdef object item
+    cdef cnp.npy_intp* shape
+    cdef intptr_t start
+    for k in range(n):
+        bad[0] = k
+        item = grads[k]
+        if not isinstance(item, cnp.ndarray):
+            return GATHER_NOT_ARRAY
+        arr = <cnp.ndarray>item
+        # The type number ignores byte order: a byte-swapped array would be misread.
+        if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISNOTSWAPPED(arr):
+            return GATHER_DTYPE
+        nd = ndims[k]
+        if cnp.PyArray_NDIM(arr) != nd:
+            return GATHER_SHAPE
+        shape = cnp.PyArray_DIMS(arr)
+        for d in range(nd):
+            if shape[d] != dims[pos + d]:
+                return GATHER_SHAPE
+        pos += nd
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+            return GATHER_NOT_CONTIGUOUS
+        if not cnp.PyArray_ISALIGNED(arr):
+            return GATHER_MISALIGNED
+        start = <intptr_t>cnp.PyArray_DATA(arr)
+        if _overlaps(start, start + cnp.PyArray_NBYTES(arr), ws, we, nw):
+            return GATHER_OVERLAP
+        out[k] = start
+    bad[0] = -1
+    return GATHER_OK
+
+
+def collect_arrays(object arrays, intptr_t[::1] addrs, Py_ssize_t[::1] sizes,
+                   int[::1] typenums, bint writeable):
+    """Record each array's data address, size and type number, checking on the way that it is
+    a C-contiguous, aligned (and, if asked, writeable) float32/float64 ndarray.
+
+    Returns -1, or the index of the first array that is not (the caller builds the message).
+    """
+    cdef Py_ssize_t n = len(arrays), k
+    cdef cnp.ndarray arr
+    cdef object item
+    cdef int t
+    if addrs.shape[0] < n or sizes.shape[0] < n or typenums.shape[0] < n:
+        raise ValueError("output arrays are too short")
+    for k in range(n):
+        item = arrays[k]
+        if not isinstance(item, cnp.ndarray):
+            return k
+        arr = <cnp.ndarray>item
+        t = cnp.PyArray_TYPE(arr)
+        if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or not cnp.PyArray_ISNOTSWAPPED(arr):
+            return k
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+            return k
+        if writeable and not cnp.PyArray_ISWRITEABLE(arr):
+            return k
+        addrs[k] = <intptr_t>cnp.PyArray_DATA(arr)
+        sizes[k] = cnp.PyArray_SIZE(arr)
+        typenums[k] = t
+    return -1
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: an update's per-step work in one call
+# --------------------------------------------------------------------------------------------
+
+cdef intptr_t _no_range = 0
+
+
+cdef const Py_ssize_t* _intp_data(object a) except? NULL:
+    cdef cnp.ndarray arr = <cnp.ndarray?>a
+    if arr.dtype != np.intp or not arr.flags.c_contiguous or arr.ndim != 1:
+        raise ValueError("plan arrays must be 1-D C-contiguous np.intp arrays")
+    return <const Py_ssize_t*>cnp.PyArray_DATA(arr) if arr.shape[0] else NULL
+
+
+cdef class Plan:
+    """One storage type's share of a step, held as C values: the address table, what each grad
+    must look like, the memory the step writes, and the update with its hyper-parameters. A
+    step is then one call: check the grads, record their addresses, run the update.
+
+    ``update`` names an entry of UPDATE_IDS; ``storage`` a key of STORAGE_CODES. ``table`` is
+    (buffers, tensors): row 0 the params, row 1 the grads, then the update's state rows;
+    ``offsets`` the prefix sums of the tensor sizes (in elements).
+
+    The grads reach the table in one of two ways. With ``typenum`` >= 0 (the NumPy layers),
+    ``gather`` and ``step`` check each grad (a NumPy array of that type number, the shape given
+    by ``ndims``/``dims``, C-contiguous, aligned, outside the sorted written ranges
+    ``wstart``/``wend``) and record its address. With ``typenum`` -1 (lrfast.torch, where torch
+    has checked the tensors) the caller writes the addresses into row 1 itself and calls ``run``.
+    """
+
+    cdef object _keep
+    cdef intptr_t* table
+    cdef const Py_ssize_t* offsets
+    cdef const Py_ssize_t* ndims
+    cdef const Py_ssize_t* dims
+    cdef const intptr_t* ws
+    cdef const intptr_t* we
+    cdef Py_ssize_t ntensors, nbuf, nw, itemsize
+    cdef int typenum, update, storage
+    cdef double hyper[MAX_HYPER]
+    cdef bint ready, check, ftz
+
+    def __init__(self, str update, cnp.ndarray table, cnp.ndarray offsets, str storage,
+                 int typenum=-1, ndims=None, dims=None, wstart=None, wend=None):
+        if update not in UPDATE_IDS:
+            raise ValueError(f"unknown update {update!r}; known: {sorted(UPDATE_IDS)}")
+        if storage not in UPDATE_STORAGES[update]:
+            raise ValueError(f"the {update} kernel has no loop for {storage} storage "
+                             f"(it has {', '.join(UPDATE_STORAGES[update])})")
+        if table.dtype != np.intp or not table.flags.c_contiguous or table.ndim != 2:
+            raise ValueError("table must be a 2-D C-contiguous np.intp array")
+        if table.shape[1] < 1 or table.shape[0] < 2 or table.shape[0] > MAX_BUFFERS:
+            raise ValueError("table must be (buffers, tensors) with at least one tensor")
+        self.offsets = _intp_data(offsets)
+        if offsets.shape[0] != table.shape[1] + 1:
+            raise ValueError("offsets must have one entry more than the table has columns")
+        self.update = UPDATE_IDS[update]
+        self.storage = STORAGE_CODES[storage]
+        self.itemsize = STORAGE_ITEMSIZE[self.storage]
+        self.table = <intptr_t*>cnp.PyArray_DATA(table)
+        self.ntensors = table.shape[1]
+        self.nbuf = table.shape[0]
+        self.typenum = typenum
+        self.ndims = self.dims = NULL
+        self.ws = self.we = &_no_range
+        self.nw = 0
+        if typenum >= 0:
+            if ndims is None or dims is None or wstart is None or wend is None:
+                raise ValueError("a plan that checks grads needs ndims, dims, wstart and wend")
+            self.ndims = _intp_data(ndims)
+            self.dims = _intp_data(dims)
+            if ndims.shape[0] != self.ntensors or dims.shape[0] != ndims.sum():
+                raise ValueError("ndims and dims must describe every tensor's shape")
+            if wstart.shape[0] != wend.shape[0]:
+                raise ValueError("wstart and wend must have the same length")
+            self.nw = wstart.shape[0]
+            if self.nw:
+                self.ws = <const intptr_t*>_intp_data(wstart)
+                self.we = <const intptr_t*>_intp_data(wend)
+        self._keep = (table, offsets, ndims, dims, wstart, wend)
+        self.ready = False
+
+    def set_hyper(self, values):
+        """Store the update's hyper-parameters (validated by the caller), in the order of
+        ``UPDATE_ARGS[update]``; booleans as 0 or 1."""
+        cdef Py_ssize_t j, n = _UPDATES[self.update].nhyper
+        if len(values) != n:
+            raise ValueError(f"this update takes {n} hyper-parameters, got {len(values)}")
+        for j in range(n):
+            self.hyper[j] = values[j]
+        self.ready = True
+
+    def set_options(self, bint skip_nonfinite, bint flush_subnormals):
+        """``skip_nonfinite``: ``step`` checks the grads first and updates nothing when one is
+        NaN or infinite. ``flush_subnormals``: the update runs with flush-to-zero on."""
+        if flush_subnormals and not LRFAST_HAVE_FTZ:
+            raise ValueError("flush_subnormals is not supported on this CPU architecture")
+        if skip_nonfinite and self.storage == STORE_BF16:
+            raise ValueError("skip_nonfinite has no bfloat16 check yet")
+        self.check = skip_nonfinite
+        self.ftz = flush_subnormals
+
+    def gather(self, grads):
+        """Check the grads and record their addresses: None, or (code, index) of the first bad."""
+        cdef Py_ssize_t bad
+        cdef int code = self._gather(grads, &bad)
+        return (code, bad) if code else None
+
+    def all_finite(self, double inv_scale, int nthreads):
+        """Are all recorded grads, times ``inv_scale``, finite?"""
+        return self._all_finite(inv_scale, nthreads)
+
+    def run(self, double lr, long long step, int nthreads, double inv_scale=1.0):
+        """Run the update with the recorded grads (``step`` is 1-based), unconditionally."""
+        if not self.ready:
+            raise RuntimeError("set_hyper() must be called before the plan runs")
+        self._run(lr, step, nthreads, inv_scale)
+
+    def step(self, grads, double lr, long long step, int nthreads, double inv_scale=1.0):
+        """``gather``, the non-finite check when enabled, then ``run``.
+
+        Returns None when the step ran, ``(code, index)`` for a bad grad, and
+        ``(STEP_SKIPPED_NONFINITE, -1)`` when it was skipped for a non-finite grad; in both of
+        the latter cases nothing was written.
+        """
+        cdef Py_ssize_t bad
+        if not self.ready:
+            raise RuntimeError("set_hyper() must be called before the plan runs")
+        cdef int code = self._gather(grads, &bad)
+        if code:
+            return (code, bad)
+        if self.check and not self._all_finite(inv_scale, nthreads):
+            return (STEP_SKIPPED_NONFINITE, -1)
+        self._run(lr, step, nthreads, inv_scale)
+        return None
+
+    cdef int _gather(self, grads, Py_ssize_t* bad) except -1:
+        if self.typenum < 0:
+            raise RuntimeError("this plan's grads are written into its table by the caller")
+        if len(grads) != self.ntensors:
+            raise ValueError(f"expected {self.ntensors} grads, got {len(grads)}")
+        return _gather(grads, self.typenum, self.ndims, self.dims, self.table + self.ntensors,
+                       self.ntensors, self.ws, self.we, self.nw, bad)
+
+    cdef bint _all_finite(self, double inv_scale, int nthreads) noexcept:
+        cdef FiniteArgs fa
+        cdef int nbad
+        fa.is64 = self.storage == STORE_F64
+        fa.factor = inv_scale
+        fa.row = 1
+        with nogil:
+            nbad = _run(_finite_segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                        self.itemsize, nthreads, MIN_PER_THREAD_FINITE, &fa, False)
+        return nbad == 0
+
+    cdef void _run(self, double lr, long long step, int nthreads, double inv_scale) noexcept:
+        # The one entry into every update: its registry entry derives the loop's arguments from
+        # the hyper-parameters and this step's values, then the driver runs its segment.
+        cdef const UpdateKernel* kernel = &_UPDATES[self.update]
+        cdef StepValues values
+        cdef double block[ARG_BLOCK]
+        cdef bint ftz = self.ftz
+        values.lr = lr
+        values.step = step
+        values.inv_scale = inv_scale
+        values.storage = self.storage
+        with nogil:
+            kernel.prepare(block, self.hyper, &values)
+            _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                 self.itemsize, nthreads, kernel.min_per_thread, block, ftz)

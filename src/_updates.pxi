@@ -1,0 +1,501 @@
+# The optimizer updates. Each is four pieces, in this order:
+#
+#   <Name>Hyper     its hyper-parameters as the Python layer passes them: one double each, in
+#                   the order of the names given to _register (lrfast/_specs.py reads that
+#                   order from UPDATE_ARGS, so the two cannot drift apart; booleans are 0 or 1)
+#   <Name>Args      what the element loop reads, derived once per step by ``_<name>_prepare``
+#                   from the hyper-parameters and the step's values (lr, step, grad scale)
+#   _<name>_loop    the element loop, written once over the storage and math types
+#   _<name>_segment the loop's specialisations, picked by the storage code
+#
+# and one _register call that puts them in the table ``Plan`` runs from (_plans.pxi).
+
+# --------------------------------------------------------------------------------------------
+# Element helpers
+# --------------------------------------------------------------------------------------------
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline floating _lerp(floating start, floating end, floating w, floating one_minus_w,
+                           bint small_w) noexcept nogil:
+    """torch.lerp: start + w*(end-start) for |w| < 0.5, else end - (end-start)*(1-w)."""
+    if small_w:
+        return start + w * (end - start)
+    return end - (end - start) * one_minus_w
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of updates
+# --------------------------------------------------------------------------------------------
+
+# The values of one step that every update may use.
+cdef struct StepValues:
+    double lr
+    long long step  # the 1-based number of this update
+    double inv_scale  # 1/grad_scale: the factor the grads are multiplied by
+    int storage  # STORE_*: what the buffers hold
+
+ctypedef void (*prepare_fn)(void* out, const double* hyper,
+                            const StepValues* s) noexcept nogil
+
+cdef struct UpdateKernel:
+    segment_fn segment
+    prepare_fn prepare
+    Py_ssize_t min_per_thread
+    int nhyper
+    int storages  # bit STORE_x set: the loop has a specialisation for that storage
+
+cdef enum:
+    MAX_UPDATES = 32
+    MAX_HYPER = 16
+    # Room, in doubles, for any update's prepared arguments (checked by _register).
+    ARG_BLOCK = 32
+
+cdef UpdateKernel _UPDATES[MAX_UPDATES]
+cdef int _num_updates = 0
+
+# {update: its index in the table}, {update: names of its hyper-parameters, in order},
+# {update: the storages it has a loop for}.
+UPDATE_IDS = {}
+UPDATE_ARGS = {}
+UPDATE_STORAGES = {}
+
+cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
+                   Py_ssize_t min_per_thread, size_t hyper_size, size_t args_size,
+                   int storages) except -1:
+    global _num_updates
+    if _num_updates == MAX_UPDATES or len(args) > MAX_HYPER:
+        raise SystemError(f"update {name!r}: the registry is full")
+    if hyper_size != len(args) * sizeof(double):
+        raise SystemError(f"update {name!r}: its Hyper struct does not hold the {len(args)} "
+                          "doubles its names say")
+    if args_size > ARG_BLOCK * sizeof(double):
+        raise SystemError(f"update {name!r}: its Args struct exceeds ARG_BLOCK")
+    _UPDATES[_num_updates].segment = segment
+    _UPDATES[_num_updates].prepare = prepare
+    _UPDATES[_num_updates].min_per_thread = min_per_thread
+    _UPDATES[_num_updates].nhyper = len(args)
+    _UPDATES[_num_updates].storages = storages
+    UPDATE_IDS[name] = _num_updates
+    UPDATE_ARGS[name] = args
+    UPDATE_STORAGES[name] = tuple(k for k, code in STORAGE_CODES.items() if storages >> code & 1)
+    _MIN_PER_THREAD[name] = min_per_thread
+    _num_updates += 1
+    return 0
+
+
+cdef enum:
+    FLOAT_STORAGES = (1 << STORE_F32) | (1 << STORE_F64)
+
+# Below this many elements per thread a second thread costs more than it saves. The cheaper the
+# update per element, the more elements it takes to pay for waking a second thread. Measured
+# with bench/thresholds.py on a 2-core x86-64 (float32; float64 has twice the bytes per element,
+# so the same counts are on the safe side): 2 threads win from ~8k elements for Adam, ~16k for
+# Adagrad and RMSprop, ~64k for plain SGD.
+cdef enum:
+    MIN_PER_THREAD_SGD = 32768
+    MIN_PER_THREAD_ADAGRAD = 8192
+    MIN_PER_THREAD_RMSPROP = 8192
+    MIN_PER_THREAD_ADAM = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# SGD (the one update with a bfloat16 storage so far: it shows the storage template at work)
+# --------------------------------------------------------------------------------------------
+
+cdef struct SGDHyper:
+    double momentum
+    double dampening
+    double weight_decay
+    double nesterov
+    double maximize
+
+cdef struct SGDArgs:
+    int storage
+    double grad_factor  # 1/grad_scale, negated when maximizing
+    double neg_lr
+    double weight_decay
+    double momentum
+    double one_minus_dampening
+    bint nesterov
+    bint first_step
+
+
+cdef void _sgd_prepare(void* out, const double* hyper, const StepValues* s) noexcept nogil:
+    cdef SGDHyper h
+    cdef SGDArgs* a = <SGDArgs*>out
+    memcpy(&h, hyper, sizeof(SGDHyper))
+    a.storage = s.storage
+    a.grad_factor = -s.inv_scale if h.maximize != 0 else s.inv_scale
+    a.neg_lr = -s.lr
+    a.weight_decay = h.weight_decay
+    a.momentum = h.momentum
+    a.one_minus_dampening = 1.0 - h.dampening
+    a.nesterov = h.nesterov != 0
+    # torch starts the momentum buffer as the first gradient, without dampening.
+    a.first_step = s.step == 1
+
+
+cdef inline void _sgd_loop(store_t* p, const store_t* g, store_t* buf, Py_ssize_t n,
+                           const SGDArgs* a, floating like, bint has_wd,
+                           bint has_mom) noexcept nogil:
+    # ``has_wd`` and ``has_mom`` arrive as constants (see _sgd_typed), so each variant is its
+    # own loop; gcc unswitches them by itself for float storage, but not around bfloat16's
+    # longer loads and stores, and a loop with branches is left scalar.
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
+    cdef floating wd = <floating>a.weight_decay, mom = <floating>a.momentum
+    cdef floating omd = <floating>a.one_minus_dampening, neg_lr = <floating>a.neg_lr
+    cdef bint first = a.first_step, nesterov = a.nesterov
+    cdef floating gi, bi
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * _load(g, i, like)
+        if has_wd:
+            gi = gi + wd * _load(p, i, like)
+        if has_mom:
+            if first:
+                bi = gi
+            else:
+                bi = _load(buf, i, like) * mom + omd * gi
+            _store(buf, i, bi)
+            if nesterov:
+                gi = gi + mom * bi
+            else:
+                gi = bi
+        _store(p, i, _load(p, i, like) + neg_lr * gi)
+
+
+cdef inline void _sgd_typed(store_t* p, const store_t* g, store_t* buf, Py_ssize_t n,
+                            const SGDArgs* a, floating like) noexcept nogil:
+    if a.weight_decay != 0:
+        if a.momentum != 0:
+            _sgd_loop(p, g, buf, n, a, like, True, True)
+        else:
+            _sgd_loop(p, g, buf, n, a, like, True, False)
+    elif a.momentum != 0:
+        _sgd_loop(p, g, buf, n, a, like, False, True)
+    else:
+        _sgd_loop(p, g, buf, n, a, like, False, False)
+
+
+cdef int _sgd_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+    cdef const SGDArgs* a = <const SGDArgs*>args
+    if a.storage == STORE_F64:
+        _sgd_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a, <double>0)
+    elif a.storage == STORE_BF16:
+        _sgd_typed(<bfloat16*>ptrs[0], <const bfloat16*>ptrs[1], <bfloat16*>ptrs[2], n, a,
+                   <float>0)
+    else:
+        _sgd_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a, <float>0)
+    return 0
+
+
+_register("sgd", ("momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+          _sgd_segment, _sgd_prepare, MIN_PER_THREAD_SGD, sizeof(SGDHyper), sizeof(SGDArgs),
+          FLOAT_STORAGES | (1 << STORE_BF16))
+
+
+# --------------------------------------------------------------------------------------------
+# Adagrad
+# --------------------------------------------------------------------------------------------
+
+cdef struct AdagradHyper:
+    double lr_decay
+    double weight_decay
+    double eps
+    double eps_inside_sqrt
+    double maximize
+
+cdef struct AdagradArgs:
+    int storage
+    double grad_factor  # 1/grad_scale, negated when maximizing
+    double neg_clr
+    double weight_decay
+    double eps
+    bint eps_inside_sqrt
+
+
+cdef void _adagrad_prepare(void* out, const double* hyper, const StepValues* s) noexcept nogil:
+    cdef AdagradHyper h
+    cdef AdagradArgs* a = <AdagradArgs*>out
+    memcpy(&h, hyper, sizeof(AdagradHyper))
+    a.storage = s.storage
+    a.grad_factor = -s.inv_scale if h.maximize != 0 else s.inv_scale
+    a.neg_clr = -(s.lr / (1.0 + (s.step - 1) * h.lr_decay))
+    a.weight_decay = h.weight_decay
+    a.eps = h.eps
+    a.eps_inside_sqrt = h.eps_inside_sqrt != 0
+
+
+cdef inline void _adagrad_loop(floating* p, const floating* g, floating* acc, Py_ssize_t n,
+                               const AdagradArgs* a) noexcept nogil:
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
+    cdef floating wd = <floating>a.weight_decay, eps = <floating>a.eps
+    cdef floating neg_clr = <floating>a.neg_clr
+    cdef bint has_wd = a.weight_decay != 0, inside = a.eps_inside_sqrt
+    cdef floating gi, si, std
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        if has_wd:
+            gi = gi + wd * p[i]
+        si = acc[i] + gi * gi
+        acc[i] = si
+        if inside:
+            std = _sqrt(si + eps)
+        else:
+            std = _sqrt(si) + eps
+        p[i] = p[i] + (neg_clr * gi) / std
+
+
+cdef int _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+    cdef const AdagradArgs* a = <const AdagradArgs*>args
+    if a.storage == STORE_F64:
+        _adagrad_loop(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a)
+    else:
+        _adagrad_loop(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a)
+    return 0
+
+
+_register("adagrad", ("lr_decay", "weight_decay", "eps", "eps_inside_sqrt", "maximize"),
+          _adagrad_segment, _adagrad_prepare, MIN_PER_THREAD_ADAGRAD, sizeof(AdagradHyper),
+          sizeof(AdagradArgs), FLOAT_STORAGES)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSprop
+# --------------------------------------------------------------------------------------------
+
+cdef struct RMSpropHyper:
+    double alpha
+    double eps
+    double weight_decay
+    double momentum
+    double centered
+    double maximize
+
+cdef struct RMSpropArgs:
+    int storage
+    double grad_factor  # 1/grad_scale, negated when maximizing
+    double neg_lr
+    double alpha
+    double eps
+    double weight_decay
+    double momentum
+    bint centered
+
+
+cdef void _rmsprop_prepare(void* out, const double* hyper, const StepValues* s) noexcept nogil:
+    cdef RMSpropHyper h
+    cdef RMSpropArgs* a = <RMSpropArgs*>out
+    memcpy(&h, hyper, sizeof(RMSpropHyper))
+    a.storage = s.storage
+    a.grad_factor = -s.inv_scale if h.maximize != 0 else s.inv_scale
+    a.neg_lr = -s.lr
+    a.alpha = h.alpha
+    a.eps = h.eps
+    a.weight_decay = h.weight_decay
+    a.momentum = h.momentum
+    a.centered = h.centered != 0
+
+
+cdef inline void _rmsprop_loop(floating* p, const floating* g, floating* sq, floating* buf,
+                               floating* gavg, Py_ssize_t n, const RMSpropArgs* a,
+                               bint centered, bint has_mom) noexcept nogil:
+    # ``centered`` and ``has_mom`` are passed as constants so that each of the four variants is
+    # compiled as its own loop: gcc does not unswitch this many invariant branches by itself and
+    # would leave the loop scalar.
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
+    cdef floating wd = <floating>a.weight_decay, eps = <floating>a.eps
+    cdef floating alpha = <floating>a.alpha, neg_lr = <floating>a.neg_lr
+    cdef floating mom = <floating>a.momentum
+    # torch uses (1 - alpha) both as addcmul's value and as lerp's weight.
+    cdef floating w = <floating>(1.0 - a.alpha)
+    cdef floating omw = 1 - w
+    cdef bint small_w = w < 0.5
+    cdef bint has_wd = a.weight_decay != 0
+    cdef floating gi, si, ai, avg
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        if has_wd:
+            gi = gi + wd * p[i]
+        si = sq[i] * alpha + (w * gi) * gi
+        sq[i] = si
+        if centered:
+            ai = _lerp(gavg[i], gi, w, omw, small_w)
+            gavg[i] = ai
+            avg = _sqrt(si + (-ai) * ai) + eps
+        else:
+            avg = _sqrt(si) + eps
+        if has_mom:
+            ai = buf[i] * mom + gi / avg
+            buf[i] = ai
+            p[i] = p[i] + neg_lr * ai
+        else:
+            p[i] = p[i] + (neg_lr * gi) / avg
+
+
+cdef inline void _rmsprop_typed(floating* p, const floating* g, floating* sq, floating* buf,
+                                floating* gavg, Py_ssize_t n, const RMSpropArgs* a) noexcept nogil:
+    cdef bint has_mom = a.momentum > 0
+    if a.centered:
+        if has_mom:
+            _rmsprop_loop(p, g, sq, buf, gavg, n, a, True, True)
+        else:
+            _rmsprop_loop(p, g, sq, buf, gavg, n, a, True, False)
+    elif has_mom:
+        _rmsprop_loop(p, g, sq, buf, gavg, n, a, False, True)
+    else:
+        _rmsprop_loop(p, g, sq, buf, gavg, n, a, False, False)
+
+
+cdef int _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+    cdef const RMSpropArgs* a = <const RMSpropArgs*>args
+    if a.storage == STORE_F64:
+        _rmsprop_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                       <double*>ptrs[3], <double*>ptrs[4], n, a)
+    else:
+        _rmsprop_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                       <float*>ptrs[3], <float*>ptrs[4], n, a)
+    return 0
+
+
+_register("rmsprop", ("alpha", "eps", "weight_decay", "momentum", "centered", "maximize"),
+          _rmsprop_segment, _rmsprop_prepare, MIN_PER_THREAD_RMSPROP, sizeof(RMSpropHyper),
+          sizeof(RMSpropArgs), FLOAT_STORAGES)
+
+
+# --------------------------------------------------------------------------------------------
+# Adam / AdamW
+# --------------------------------------------------------------------------------------------
+
+cdef struct AdamHyper:
+    double beta1
+    double beta2
+    double eps
+    double weight_decay
+    double decoupled
+    double amsgrad
+    double maximize
+
+cdef struct AdamArgs:
+    int storage
+    double grad_factor  # 1/grad_scale, negated when maximizing
+    double beta1
+    double beta2
+    double eps
+    double weight_decay
+    double param_scale
+    double neg_step_size
+    double bc2_sqrt
+    bint decoupled
+    bint amsgrad
+
+
+cdef void _adam_prepare(void* out, const double* hyper, const StepValues* s) noexcept nogil:
+    cdef AdamHyper h
+    cdef AdamArgs* a = <AdamArgs*>out
+    memcpy(&h, hyper, sizeof(AdamHyper))
+    # Bias corrections in double, from the 1-based step, as torch computes them.
+    cdef double bc1 = 1.0 - pow(h.beta1, <double>s.step)
+    cdef double bc2 = 1.0 - pow(h.beta2, <double>s.step)
+    a.storage = s.storage
+    a.grad_factor = -s.inv_scale if h.maximize != 0 else s.inv_scale
+    a.beta1 = h.beta1
+    a.beta2 = h.beta2
+    a.eps = h.eps
+    a.weight_decay = h.weight_decay
+    a.param_scale = 1.0 - s.lr * h.weight_decay
+    a.neg_step_size = -(s.lr / bc1)
+    a.bc2_sqrt = sqrt(bc2)
+    a.decoupled = h.decoupled != 0
+    a.amsgrad = h.amsgrad != 0
+
+
+cdef inline void _adam_loop(floating* p, const floating* g, floating* m, floating* v,
+                            floating* vmax, Py_ssize_t n, const AdamArgs* a,
+                            bint small_w, bint coupled, bint amsgrad) noexcept nogil:
+    # ``small_w``, ``coupled`` and ``amsgrad`` arrive as constants (see _adam_typed), so each
+    # variant is compiled as its own branch-free loop that gcc vectorises.
+    # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
+    cdef floating sign = <floating>a.grad_factor
+    cdef floating wd = <floating>a.weight_decay
+    # Decoupled decay multiplies the param by 1 - lr*wd; otherwise by 1, which is exact.
+    cdef floating scale = <floating>a.param_scale if a.decoupled else 1
+    cdef floating w = <floating>(1.0 - a.beta1)
+    cdef floating omw = 1 - w
+    cdef floating beta2 = <floating>a.beta2, omb2 = <floating>(1.0 - a.beta2)
+    # One division per element instead of two: torch's (-lr/bc1) m / (sqrt(v)/sqrt(bc2) + eps)
+    # equals (-lr sqrt(bc2)/bc1) m / (sqrt(v) + eps sqrt(bc2)), with both factors formed once in
+    # double (Kingma and Ba's own "more efficient" ordering); it agrees with torch to rounding.
+    cdef floating eps = <floating>(a.eps * a.bc2_sqrt)
+    cdef floating neg_ss = <floating>(a.neg_step_size * a.bc2_sqrt)
+    cdef floating gi, pi, mi, vi, vm
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * g[i]
+        pi = p[i] * scale
+        if coupled:
+            gi = gi + wd * pi
+        mi = _lerp(m[i], gi, w, omw, small_w)
+        m[i] = mi
+        vi = v[i] * beta2 + (omb2 * gi) * gi
+        v[i] = vi
+        if amsgrad:
+            # torch.maximum: NaN if either is NaN (vi NaN stays; vm NaN is taken).
+            vm = vmax[i]
+            # (a bitwise | rather than ``or``: no branch, so the loop still vectorises)
+            if (vm > vi) | (vm != vm):
+                vi = vm
+            vmax[i] = vi
+        p[i] = pi + (neg_ss * mi) / (_sqrt(vi) + eps)
+
+
+cdef inline void _adam_typed(floating* p, const floating* g, floating* m, floating* v,
+                             floating* vmax, Py_ssize_t n, const AdamArgs* a) noexcept nogil:
+    cdef bint small_w = <floating>(1.0 - a.beta1) < 0.5
+    cdef bint coupled = a.weight_decay != 0 and not a.decoupled
+    if small_w:
+        if coupled:
+            if a.amsgrad:
+                _adam_loop(p, g, m, v, vmax, n, a, True, True, True)
+            else:
+                _adam_loop(p, g, m, v, vmax, n, a, True, True, False)
+        elif a.amsgrad:
+            _adam_loop(p, g, m, v, vmax, n, a, True, False, True)
+        else:
+            _adam_loop(p, g, m, v, vmax, n, a, True, False, False)
+    elif coupled:
+        if a.amsgrad:
+            _adam_loop(p, g, m, v, vmax, n, a, False, True, True)
+        else:
+            _adam_loop(p, g, m, v, vmax, n, a, False, True, False)
+    elif a.amsgrad:
+        _adam_loop(p, g, m, v, vmax, n, a, False, False, True)
+    else:
+        _adam_loop(p, g, m, v, vmax, n, a, False, False, False)
+
+
+cdef int _adam_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+    cdef const AdamArgs* a = <const AdamArgs*>args
+    if a.storage == STORE_F64:
+        _adam_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                    <double*>ptrs[3], <double*>ptrs[4], n, a)
+    else:
+        _adam_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                    <float*>ptrs[3], <float*>ptrs[4], n, a)
+    return 0
+
+
+_register("adam", ("beta1", "beta2", "eps", "weight_decay", "decoupled", "amsgrad", "maximize"),
+          _adam_segment, _adam_prepare, MIN_PER_THREAD_ADAM, sizeof(AdamHyper), sizeof(AdamArgs),
+          FLOAT_STORAGES)
