@@ -158,6 +158,32 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
         p += (neg_step * m) / (np.sqrt(v) + eps_hat)
 
 
+def bfloat16_to_float32(bits):
+    """bfloat16 bits (uint16) -> float32: the bits are the top half of the float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bfloat16(x):
+    """float32 -> bfloat16 bits, rounded to nearest with ties to even; a NaN stays a (quiet)
+    NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+    quiet = (u >> 16) | np.uint32(0x40)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, quiet, rounded).astype(np.uint16)
+
+
+def _bfloat16_sgd_(param, grad, momentum_buffer=None, **hyper):
+    """:func:`sgd_` over bfloat16 storage with float32 math (the private
+    ``lrfast.functional._bfloat16_sgd_``): load to float32, update, round back each buffer."""
+    p = bfloat16_to_float32(param)
+    buf = None if momentum_buffer is None else bfloat16_to_float32(momentum_buffer)
+    sgd_(p, bfloat16_to_float32(grad), buf, **hyper)
+    param[...] = float32_to_bfloat16(p)
+    if buf is not None:
+        momentum_buffer[...] = float32_to_bfloat16(buf)
+
+
 # ------------------------------------------------------------------------------------------
 # Gradient checks and clipping (lrfast.optim's skip_nonfinite, lrfast.clipping)
 # ------------------------------------------------------------------------------------------
