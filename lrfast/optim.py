@@ -427,6 +427,20 @@ class SGD(Optimizer):
     As torch.optim.SGD (Sutskever et al., 2013, for the momentum form). The buffer starts as the
     first gradient, without dampening.
 
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, 2.0])
+    >>> opt = lrfast.SGD([w], lr=0.1, momentum=0.9)
+    >>> opt.step([np.array([0.5, -1.0])])      # the buffer starts as the gradient
+    True
+    >>> w.tolist()
+    [0.95, 2.1]
+    >>> opt.step([np.array([0.5, -1.0])])      # buffer 0.9 * g + g = 1.9 g
+    True
+    >>> w.round(6).tolist()
+    [0.855, 2.29]
     """
 
     _spec = OPTIMIZERS["SGD"]
@@ -465,6 +479,20 @@ class Adagrad(Optimizer):
 
     Duchi, Hazan and Singer, 2011; formulas as torch.optim.Adagrad.
 
+    Examples
+    --------
+    The first step divides by the gradient's own size, the second by sqrt(4 + 4):
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0])
+    >>> opt = lrfast.Adagrad([w], lr=0.1)
+    >>> opt.step([np.array([2.0])]); w.round(6).tolist()
+    True
+    [0.9]
+    >>> opt.step([np.array([2.0])]); w.round(6).tolist()
+    True
+    [0.829289]
     """
 
     _spec = OPTIMIZERS["Adagrad"]
@@ -505,6 +533,20 @@ class RMSprop(Optimizer):
 
     Hinton's lecture 6e (2012); centered form from Graves (2013); formulas as torch.optim.RMSprop.
 
+    Examples
+    --------
+    A unit gradient: the average of squares is 1 - alpha = 0.01, so the step is
+    lr / sqrt(0.01) = 10 lr:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0])
+    >>> opt = lrfast.RMSprop([w], lr=0.01)
+    >>> opt.step([np.array([1.0])]); w.round(6).tolist()
+    True
+    [0.9]
+    >>> sorted(opt.state_dict()["state"][0])
+    ['square_avg']
     """
 
     _spec = OPTIMIZERS["RMSprop"]
@@ -546,6 +588,21 @@ class Adam(Optimizer):
     the last line evaluated as :math:`\theta - \frac{\eta\sqrt{1-\beta_2^t}}{1-\beta_1^t}
     \frac{m_t}{\sqrt{\hat v_t} + \epsilon\sqrt{1-\beta_2^t}}` (equal, one division per element).
 
+    Examples
+    --------
+    Adam's first step moves each element by about ``lr`` against its gradient's sign, whatever
+    the gradient's size:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = {"w": np.array([1.0, -2.0])}
+    >>> opt = lrfast.Adam(w, lr=0.1)
+    >>> opt.step({"w": np.array([0.5, -3.0])})
+    True
+    >>> w["w"].round(6).tolist()
+    [0.9, -1.9]
+    >>> opt.step_count, opt.last_lr
+    (1, 0.1)
     """
 
     _spec = OPTIMIZERS["Adam"]
@@ -565,6 +622,18 @@ class AdamW(Adam):
     added to the gradient. Default ``weight_decay=1e-2``. Loshchilov and Hutter, 2019; formulas
     as torch.optim.AdamW.
 
+    Examples
+    --------
+    The decay scales the weights by 1 - lr * weight_decay = 0.999 before the Adam step:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = lrfast.AdamW([w], lr=0.1, weight_decay=0.01)
+    >>> opt.step([np.array([0.5, -3.0])])
+    True
+    >>> w.round(6).tolist()
+    [0.899, -1.898]
     """
 
     _spec = OPTIMIZERS["AdamW"]

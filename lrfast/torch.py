@@ -21,6 +21,19 @@ stored, so state dicts keep torch's keys, but lrfast's kernel runs in either cas
 This module imports torch; ``import lrfast`` never does. Its classes are made from the
 optimizer specs (``lrfast._specs.OPTIMIZERS``), one per spec, each with torch.optim's signature
 for the class of its name.
+
+Examples
+--------
+>>> import torch
+>>> import lrfast.torch
+>>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+>>> opt = lrfast.torch.Adam([w], lr=0.1)
+>>> w.grad = torch.tensor([0.5, -3.0])
+>>> opt.step()
+>>> [round(x, 6) for x in w.tolist()]
+[0.9, -1.9]
+>>> sorted(opt.state[w])
+['exp_avg', 'exp_avg_sq', 'step']
 """
 from __future__ import annotations
 
