@@ -132,6 +132,8 @@ def test_docstring_examples(case: Case) -> None:
 # Docstrings known to hold examples: if discovery breaks and finds nothing, this fails.
 DOCUMENTED = [
     "lrfast.flat.FlatParams",
+    "lrfast.clipping.clip_grad_norm_",
+    "lrfast.clipping.grad_norm",
 ]
 
 
