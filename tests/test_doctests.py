@@ -134,6 +134,9 @@ DOCUMENTED = [
     "lrfast.flat.FlatParams",
     "lrfast.clipping.clip_grad_norm_",
     "lrfast.clipping.grad_norm",
+    "lrfast.checkpoint.save_checkpoint",
+    "lrfast.checkpoint.load_checkpoint",
+    "lrfast.checkpoint.CheckpointError",
 ]
 
 
