@@ -137,6 +137,9 @@ DOCUMENTED = [
     "lrfast.checkpoint.save_checkpoint",
     "lrfast.checkpoint.load_checkpoint",
     "lrfast.checkpoint.CheckpointError",
+    "lrfast.set_num_threads",
+    "lrfast.get_num_threads",
+    "lrfast.threads",
 ]
 
 
