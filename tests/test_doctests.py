@@ -30,7 +30,8 @@ OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 # Modules that need an optional dependency (an extra) even to be searched or run.
 NEEDS = {"lrfast.torch": "torch", "lrfast.demo_torch": "torch"}
-# Any public module whose import fails for want of one of these is skipped rather than failed.
+# A public module whose import fails because one of these is not installed is skipped; any
+# other import error fails that module's test.
 OPTIONAL = {"torch", "matplotlib", "jax", "optax", "threadpoolctl", "expecttest"}
 
 
@@ -85,17 +86,13 @@ def collect() -> list[Any]:
             continue
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            missing = (exc.name or "").split(".")[0]
-            if missing in OPTIONAL:
-                params.append(pytest.param(
-                    Case(name), id=name,
-                    marks=pytest.mark.skip(reason=f"{name} needs {missing}")))
-                continue
-            params.append(pytest.param(Case(name, error=repr(exc)), id=name))
-            continue
         except Exception as exc:  # a broken module fails its own test, not the whole file
-            params.append(pytest.param(Case(name, error=repr(exc)), id=name))
+            missing = getattr(exc, "name", None)
+            if isinstance(exc, ModuleNotFoundError) and missing in OPTIONAL:
+                marks = [pytest.mark.skip(reason=f"{name} needs {missing}")]
+                params.append(pytest.param(Case(name), id=name, marks=marks))
+            else:
+                params.append(pytest.param(Case(name, error=repr(exc)), id=name))
             continue
         found = [(t, vars(module)) for t in finder.find(module, name)]
         for public, obj in _exported_from_private(module, seen):
