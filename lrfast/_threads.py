@@ -28,13 +28,31 @@ def _check(n):
 
 
 def set_num_threads(n: int | None) -> None:
-    """Use ``n`` threads in lrfast's kernels; ``None`` goes back to following OpenMP's default."""
+    """Use ``n`` threads in lrfast's kernels; ``None`` goes back to following OpenMP's default.
+
+    Examples
+    --------
+    >>> import lrfast
+    >>> lrfast.set_num_threads(1)
+    >>> lrfast.get_num_threads()
+    1
+    >>> lrfast.set_num_threads(None)  # follow OpenMP again
+    """
     global _requested
     _requested = _check(n)
 
 
 def get_num_threads() -> int:
-    """The number of threads a large step will use."""
+    """The number of threads a large step will use.
+
+    1 when lrfast was built without OpenMP, whatever was asked for.
+
+    Examples
+    --------
+    >>> import lrfast
+    >>> lrfast.get_num_threads() >= 1
+    True
+    """
     if not _openmp.openmp_enabled():
         return 1
     if _requested is not None:
@@ -46,6 +64,16 @@ class threads:
     """Context manager: ``with lrfast.threads(1): ...`` runs the block's steps on ``n`` threads.
 
     The previous setting is restored on exit, also when the block raises.
+
+    Examples
+    --------
+    >>> import lrfast
+    >>> before = lrfast.get_num_threads()
+    >>> with lrfast.threads(1):
+    ...     lrfast.get_num_threads()
+    1
+    >>> lrfast.get_num_threads() == before
+    True
     """
 
     def __init__(self, n: int | None):

@@ -38,7 +38,30 @@ _HEADER = "header"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or does not fit the optimizer it is loaded into."""
+    """A checkpoint file that cannot be read, or does not fit the optimizer it is loaded into.
+
+    A subclass of ValueError. When ``load_checkpoint`` raises it, nothing has been changed.
+
+    Examples
+    --------
+    A file that is not a checkpoint is refused before anything is read into the optimizer:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import lrfast
+    >>> opt = lrfast.SGD([np.zeros(2)], lr=0.1)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "notes.npz")
+    ...     with open(path, "w") as f:
+    ...         _ = f.write("not a checkpoint")
+    ...     lrfast.load_checkpoint(path, opt)
+    Traceback (most recent call last):
+        ...
+    lrfast.checkpoint.CheckpointError: '...notes.npz' is not a readable lrfast checkpoint
+    (truncated or corrupted?): ...
+    >>> issubclass(lrfast.CheckpointError, ValueError)
+    True
+    """
 
 
 def _plateaus(lr, extra) -> list[ReduceLROnPlateau]:
@@ -103,6 +126,41 @@ def save_checkpoint(path, optimizer, *, plateaus=()) -> None:
 
     Plateau controllers that are part of the optimizer's schedule (``schedule * plateau``) are
     found and saved automatically; pass others (driven by hand) in ``plateaus``.
+
+    Examples
+    --------
+    One step of SGD with momentum, saved; then a new optimizer over new arrays, built the
+    same way, is loaded from the file:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import lrfast
+    >>> params = {"w": np.array([1.0, 2.0])}
+    >>> opt = lrfast.SGD(params, lr=0.5, momentum=0.5)
+    >>> opt.step({"w": np.array([1.0, 1.0])})
+    True
+    >>> print(params["w"])
+    [0.5 1.5]
+    >>> new_params = {"w": np.zeros(2)}
+    >>> resumed = lrfast.SGD(new_params, lr=0.5, momentum=0.5)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "run.npz")
+    ...     lrfast.save_checkpoint(path, opt)
+    ...     lrfast.load_checkpoint(path, resumed)
+    >>> resumed.step_count
+    1
+    >>> print(new_params["w"])
+    [0.5 1.5]
+
+    The momentum buffer (1, 1) came back too, so the next step is the same in both: the
+    buffer becomes 0.5 * 1 + 1 = 1.5 and each weight moves by 0.5 * 1.5 = 0.75 (without the
+    buffer it would move by 0.5):
+
+    >>> grads = {"w": np.array([1.0, 1.0])}
+    >>> opt.step(grads), resumed.step(grads)
+    (True, True)
+    >>> print(params["w"], new_params["w"])
+    [-0.25  0.75] [-0.25  0.75]
     """
     _check_optimizer(optimizer)
     plateaus = _plateaus(optimizer.lr, list(plateaus))
@@ -201,6 +259,30 @@ def load_checkpoint(path, optimizer, *, plateaus=()) -> None:
     A plain Python callable as ``lr`` cannot be described in the file, so it is not checked:
     it must simply be the same function of the step count. As ``load_state_dict``, the saved
     hyper-parameters replace the optimizer's.
+
+    Examples
+    --------
+    For the round trip, see ``save_checkpoint``. A checkpoint that does not fit is refused,
+    and the optimizer it was loaded into is left as it was:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import lrfast
+    >>> opt = lrfast.SGD({"w": np.array([1.0, 2.0])}, lr=0.5)
+    >>> opt.step({"w": np.array([1.0, 1.0])})
+    True
+    >>> other = {"w": np.zeros(3)}
+    >>> wrong = lrfast.SGD(other, lr=0.5)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "run.npz")
+    ...     lrfast.save_checkpoint(path, opt)
+    ...     lrfast.load_checkpoint(path, wrong)
+    Traceback (most recent call last):
+        ...
+    lrfast.checkpoint.CheckpointError: ...: parameter 'w' was saved as float64 (2,),
+    this optimizer's is float64 (3,)
+    >>> wrong.step_count, other["w"].tolist()
+    (0, [0.0, 0.0, 0.0])
     """
     _check_optimizer(optimizer)
     plateaus = _plateaus(optimizer.lr, list(plateaus))

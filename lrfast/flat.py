@@ -49,6 +49,39 @@ class FlatParams:
     ----------
     param, grad : 1-D arrays holding every tensor back to back
     params, grads : dict name -> view of the matching part, with its shape
+
+    Examples
+    --------
+    Two tensors, a 2 x 2 weight starting as the identity and a bias starting at zero:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> flat = lrfast.FlatParams({"w": (2, 2), "b": (2,)}, init={"w": np.eye(2)})
+    >>> flat
+    FlatParams(2 tensors, 6 elements, float32)
+    >>> flat.param.tolist()
+    [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+    The backward pass writes into the named gradient views, which share one buffer:
+
+    >>> flat.grads["w"][...] = 1.0
+    >>> flat.grads["b"][...] = 2.0
+    >>> flat.grad.tolist()
+    [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
+
+    An optimizer built over the FlatParams steps the whole buffer at once, with no argument
+    to ``step``; plain SGD with ``lr=0.5`` subtracts half of each gradient:
+
+    >>> opt = lrfast.SGD(flat, lr=0.5)
+    >>> opt.step()
+    True
+    >>> print(flat.params["w"])
+    [[ 0.5 -0.5]
+     [-0.5  0.5]]
+    >>> flat.params["b"].tolist()
+    [-1.0, -1.0]
+    >>> np.shares_memory(flat.params["w"], flat.param)
+    True
     """
 
     def __init__(self, shapes, dtype=np.float32, init=None):
