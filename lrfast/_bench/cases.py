@@ -50,7 +50,7 @@ class Case:
         if self.kind not in ("optim", "flat", "torch"):
             return None
         opt, dtype = cast(str, self.opt), cast(str, self.dtype)  # both set for these kinds
-        return self.elements * OPTIMIZERS[opt][2] * np.dtype(DTYPES[dtype]).itemsize
+        return self.elements * OPTIMIZERS[opt].transfers * np.dtype(DTYPES[dtype]).itemsize
 
     def key(self, impl):
         """Cache key of a peer's measurement: the flat rows share their list twin's peers."""

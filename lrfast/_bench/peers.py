@@ -3,6 +3,7 @@ implementation of a case, a ``(fn, args)`` whose call makes one step (one untime
 before timing, so lazy state is allocated outside the rounds)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -106,8 +107,8 @@ def _peer_skip(c, peer, peers, quick):
                                                                        "torch-foreach"):
         return Skip("--quick")
     if c.kind in ("optim", "flat"):
-        if peer == "torch-fused" and not OPTIMIZERS[c.opt][3]:
-            return Skip(f"torch has no fused {OPTIMIZERS[c.opt][0]}", "n/a")
+        if peer == "torch-fused" and not OPTIMIZERS[c.opt].torch_fused:
+            return Skip(f"torch has no fused {OPTIMIZERS[c.opt].cls}", "n/a")
         if peer == "optax-jit" and c.dtype == "f64" and not peers.x64:
             return Skip("jax x64 disabled")
         if quick and c.size == "16M" and peer in ("torch-loop", "torch-foreach"):
@@ -138,7 +139,7 @@ class Data:
 
 
 def lrfast_step(case, data):
-    cls, hyper, _, _ = OPTIMIZERS[case.opt]
+    o = OPTIMIZERS[case.opt]
     if case.kind == "flat":
         dtype = DTYPES[case.dtype]
         names = [f"p{i}" for i in range(len(data.params))]
@@ -146,68 +147,43 @@ def lrfast_step(case, data):
         for n, p, g in zip(names, data.params, data.grads):
             flat.params[n][...] = p
             flat.grads[n][...] = g
-        opt = getattr(lrfast, cls)(flat, **hyper)
+        opt = getattr(lrfast, o.cls)(flat, **o.hyper)
         return opt.step, ()
     params, grads = data.copies()
-    opt = getattr(lrfast, cls)(params, **hyper)
+    opt = getattr(lrfast, o.cls)(params, **o.hyper)
     return opt.step, (grads,)
 
 
 def _numpy_step(case, data):
+    """lrfast.reference's update for the case's optimizer, called as its OPTIMIZERS entry says."""
+    o = OPTIMIZERS[case.opt]
     params, grads = data.copies()
-    zeros = [np.zeros_like(p) for p in params]
+    state = [[np.zeros_like(p) for p in params] for _ in range(o.ref_buffers)]
+    update, keywords = o.ref_update, o.ref_keywords(o.hyper)
+    if not o.ref_counts_steps:
+        return functools.partial(update, params, grads, *state, **keywords), ()
     count = [0]
-    o, hyper = case.opt, OPTIMIZERS[case.opt][1]
-    if o == "sgd":
-        def step():
-            count[0] += 1
-            reference.sgd_(params, grads, zeros, step=count[0], lr=hyper["lr"],
-                           momentum=hyper["momentum"])
-    elif o == "adagrad":
-        def step():
-            count[0] += 1
-            reference.adagrad_(params, grads, zeros, step=count[0], lr=hyper["lr"])
-    elif o == "rmsprop":
-        def step():
-            reference.rmsprop_(params, grads, zeros, lr=hyper["lr"], alpha=hyper["alpha"],
-                               eps=hyper["eps"])
-    else:
-        exp_avg_sq = [np.zeros_like(p) for p in params]
-        b1, b2 = hyper["betas"]
-        wd = hyper.get("weight_decay", 0.0)
 
-        def step():
-            count[0] += 1
-            reference.adam_(params, grads, zeros, exp_avg_sq, step=count[0], lr=hyper["lr"],
-                            beta1=b1, beta2=b2, eps=hyper["eps"], weight_decay=wd,
-                            decoupled=o == "adamw")
+    def step():
+        count[0] += 1
+        update(params, grads, *state, step=count[0], **keywords)
     return step, ()
 
 
 def _torch_step(case, data, peer, torch):
-    cls, hyper, _, _ = OPTIMIZERS[case.opt]
+    o = OPTIMIZERS[case.opt]
     params, grads = data.copies()
     tensors = [torch.from_numpy(p) for p in params]   # shares memory with the copies
     for t, g in zip(tensors, grads):
         t.grad = torch.from_numpy(g)
-    opt = getattr(torch.optim, cls)(tensors, **hyper, **TORCH_FLAGS[peer])
+    opt = getattr(torch.optim, o.cls)(tensors, **o.hyper, **TORCH_FLAGS[peer])
     return opt.step, ()
 
 
 def _optax_step(case, data, peers):
     jax, jnp, optax = peers.jax, peers.jnp, peers.optax
-    _, hyper, _, _ = OPTIMIZERS[case.opt]
-    lr, o = hyper["lr"], case.opt
-    if o == "sgd":
-        tx = optax.sgd(lr, momentum=hyper["momentum"])
-    elif o == "adagrad":
-        tx = optax.adagrad(lr, initial_accumulator_value=0.0, eps=1e-10)
-    elif o == "rmsprop":
-        tx = optax.rmsprop(lr, decay=hyper["alpha"], eps=hyper["eps"])
-    else:
-        b1, b2 = hyper["betas"]
-        tx = (optax.adamw(lr, b1=b1, b2=b2, eps=hyper["eps"], weight_decay=hyper["weight_decay"])
-              if o == "adamw" else optax.adam(lr, b1=b1, b2=b2, eps=hyper["eps"]))
+    o = OPTIMIZERS[case.opt]
+    tx = o.optax(optax, o.hyper)
     params = [jnp.asarray(p) for p in data.params]
     grads = [jnp.asarray(g) for g in data.grads]
 
@@ -262,7 +238,7 @@ def _torch_api_step(case, impl, peers):
         flags = {}
     else:
         module, flags = torch.optim, TORCH_FLAGS[impl]
-    cls, hyper, _, _ = OPTIMIZERS[case.opt]
+    o = OPTIMIZERS[case.opt]
     gen = torch.Generator().manual_seed(SEED)
     if case.size == "transformer":
         torch.manual_seed(SEED)
@@ -275,7 +251,7 @@ def _torch_api_step(case, impl, peers):
         params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in case.sizes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    opt = getattr(module, cls)(params, **hyper, **flags)
+    opt = getattr(module, o.cls)(params, **o.hyper, **flags)
     return opt.step, ()
 
 
