@@ -1,12 +1,12 @@
 """How much each speed target's statistic moves between runs: the data behind the spreads in
-``lrfast/_bench_spread.py`` (see ``lrfast/_bench_targets.py`` for how a verdict uses them).
+``lrfast/_bench/spread.py`` (see ``lrfast/_bench/verdicts.py`` for how a verdict uses them).
 
 Run the bench several times on one machine, minutes apart, keeping the JSON of each:
 
     for i in 1 2 3 4 5 6 7 8; do python -m lrfast bench --quick --json q$i.json; done
     python -m lrfast bench --json full1.json; python -m lrfast bench --json full2.json
     python bench/target_spread.py q*.json full*.json                # print
-    python bench/target_spread.py q*.json full*.json --write lrfast/_bench_spread.py
+    python bench/target_spread.py q*.json full*.json --write        # into lrfast/_bench/spread.py
 
 For every target part it prints the median each run measured (the centre of that run's
 interval) and their max/min. A part's spread is its max/min, at least MIN_SPREAD, when at least
@@ -17,14 +17,18 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 from collections import defaultdict
 
-from lrfast._bench_targets import TARGETS
+from lrfast._bench.targets import TARGETS
 
 MIN_RUNS = 5
 MIN_SPREAD = 1.1
+# The generated module, in the checkout this script belongs to.
+SPREAD_MODULE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              os.pardir, "lrfast", "_bench", "spread.py"))
 
 
 def load(paths):
@@ -83,7 +87,9 @@ def render(parts, families, runs, machine):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="JSON files written by python -m lrfast bench --json")
-    ap.add_argument("--write", metavar="PY", help="write the spreads as this Python module")
+    ap.add_argument("--write", metavar="PY", nargs="?", const=SPREAD_MODULE,
+                    help="write the spreads as this Python module (without PY: "
+                         "lrfast/_bench/spread.py in this checkout)")
     args = ap.parse_args(argv)
     values, machine = load(args.runs)
     if not values:

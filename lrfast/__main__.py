@@ -35,12 +35,12 @@ def main(argv=None):
                     "torch.optim (for-loop, foreach, fused) and optax under jax.jit, on the same "
                     "data in one process, and compare with a memory-bandwidth floor. Missing "
                     "peers are reported as skipped.")
-    from ._bench import add_arguments as bench_arguments
+    from ._bench.cli import add_arguments as bench_arguments
 
     bench_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "bench":
-        from ._bench import main as bench_main
+        from ._bench.cli import main as bench_main
 
         return bench_main(args)
     if args.command == "plot":

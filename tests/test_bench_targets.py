@@ -1,5 +1,6 @@
-"""How the bench judges its speed targets (lrfast/_bench_targets.py): the median's interval,
-per-round pairing, the verdicts, and the target table's consistency with the bench's cases.
+"""How the bench judges its speed targets (lrfast/_bench/targets.py and verdicts.py): the
+median's interval, per-round pairing, the verdicts, and the target table's consistency with the
+bench's cases.
 
 Expected values are hand calculations (binomial sums, per-round ratios worked out below) or a
 simulation of the interval's coverage; no timing is involved.
@@ -9,10 +10,12 @@ import random
 
 import pytest
 
-from lrfast import _bench, _bench_spread
-from lrfast._bench_targets import (
-    CONFIDENCE, TARGETS, Part, evaluate, estimate, median_ci, paired, parts_of, references,
-    verdict)
+from lrfast._bench import spread as _bench_spread
+from lrfast._bench.cases import Case, all_cases
+from lrfast._bench.peers import PEERS
+from lrfast._bench.targets import TARGETS, Part, parts_of
+from lrfast._bench.verdicts import (
+    CONFIDENCE, evaluate, estimate, median_ci, paired, references, verdict)
 
 
 def ok(samples, rounds=None, **extra):
@@ -27,7 +30,7 @@ def ok(samples, rounds=None, **extra):
 def case(name, **results):
     kind = "threads" if "threads" in name else "flat" if name.endswith("flat") else "optim"
     words = name.split()
-    c = _bench.Case(name, kind, words[0], words[1], words[2])
+    c = Case(name, kind, words[0], words[1], words[2])
     c.results = dict(results)
     return c
 
@@ -188,14 +191,14 @@ def test_a_target_takes_its_worst_part(spread, monkeypatch):
 # ---------------------------------------------------------------------------- the table
 
 def test_every_target_part_names_a_case_the_bench_has():
-    names = {c.name for c in _bench.all_cases(quick=False)}
-    quick = {c.name for c in _bench.all_cases(quick=True)}
+    names = {c.name for c in all_cases(quick=False)}
+    quick = {c.name for c in all_cases(quick=True)}
     for t in TARGETS:
         for p in t.parts:
             assert p.case in names, (t.name, p.case)
             assert p.measure in ("ratio", "floor", "time", "speedup")
             if p.measure == "ratio":
-                assert p.peer in _bench.PEERS or p.peer == "torch-fastest"
+                assert p.peer in PEERS or p.peer == "torch-fastest"
             assert p.spread >= 1.1, p.key
             assert p.family in _bench_spread.FAMILIES
         assert any(p.case in quick for p in t.parts) or "f64 16M" in t.parts[0].case
@@ -211,7 +214,7 @@ def test_parts_of_a_case():
 
 
 def test_more_rounds_only_where_they_can_decide(spread):
-    from lrfast._bench_targets import undecided
+    from lrfast._bench.verdicts import undecided
     part = parts_of("adam f32 1k")[1]            # torch-loop/lrfast >= 25x
 
     def with_ratios(ratios):

@@ -1,0 +1,90 @@
+"""The bench's cases: what each one times (an optimizer, a dtype and a size, or a schedule),
+in run (and table) order."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import cast
+
+import numpy as np
+
+from .optimizers import OPTIMIZERS
+
+DTYPES: dict[str, type[np.floating]] = {"f32": np.float32, "f64": np.float64}
+# The transformer of the torch-API cases: 9 encoder layers of width 32 (4 heads, feed-forward
+# 64) and a linear head, 110 parameter tensors (tests/test_torch_adapter.py trains the same).
+TRANSFORMER_LAYER = (96 * 32, 96, 32 * 32, 32, 64 * 32, 64, 32 * 64, 32, 32, 32, 32, 32)
+SIZES = {"1k": (2**10,), "1M": (2**20,), "16M": (16 * 2**20,),
+         "1000x256": (256,) * 1000, "200x10k": (10_000,) * 200,
+         "transformer": TRANSFORMER_LAYER * 9 + (8 * 32, 8)}
+SCHEDULE_ARGS = (0.0, 0.1, 1000, 10**7)   # warmup_cosine(init, peak, warmup_steps, decay_steps)
+VECTOR_STEPS = 10**7
+SCALAR_STEP = 12345
+MEMORY_BOUND = 2**20          # % of floor is reported from this many elements up
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str                      # optim, flat, torch, schedule-scalar, schedule-vector, threads
+    opt: str | None = None
+    dtype: str | None = None
+    size: str | None = None
+    impls: dict = field(default_factory=dict)    # impl -> None (run) or Skip
+    results: dict = field(default_factory=dict)  # impl -> result dict
+    analysis: dict = field(default_factory=dict)  # ratios, % of floor, speedup
+    wall_s: float | None = None                   # time the case took, set-up included
+    probe: dict | None = None                     # the floor probe's result in this case's rounds
+    rounds: int = 0                               # interleaved rounds the case was timed in
+
+    @property
+    def sizes(self):
+        return SIZES[self.size] if self.size else ()
+
+    @property
+    def elements(self):
+        return sum(self.sizes)
+
+    @property
+    def bytes_per_step(self):
+        if self.kind not in ("optim", "flat", "torch"):
+            return None
+        opt, dtype = cast(str, self.opt), cast(str, self.dtype)  # both set for these kinds
+        return self.elements * OPTIMIZERS[opt].transfers * np.dtype(DTYPES[dtype]).itemsize
+
+    def key(self, impl):
+        """Cache key of a peer's measurement: the flat rows share their list twin's peers."""
+        return (impl, self.kind if self.kind not in ("optim", "flat") else "optim",
+                self.opt, self.dtype, self.size)
+
+
+def all_cases(quick):
+    """Every case, in run (and table) order; quick mode drops float64 at 16M."""
+    cases = []
+    for opt in OPTIMIZERS:
+        for dt in DTYPES:
+            for size in ("1k", "1M", "16M"):
+                if quick and dt == "f64" and size == "16M":
+                    continue
+                cases.append(Case(f"{opt} {dt} {size}", "optim", opt, dt, size))
+    for opt in ("adam", "adamw"):
+        for dt in DTYPES:
+            for size in ("1000x256", "200x10k"):
+                cases.append(Case(f"{opt} {dt} {size}", "optim", opt, dt, size))
+                if opt == "adam":
+                    cases.append(Case(f"{opt} {dt} {size} flat", "flat", opt, dt, size))
+    # lrfast.torch.Adam against torch.optim.Adam, on torch tensors: a model's parameters, and
+    # one large tensor.
+    cases.append(Case("torch-api adam f32 transformer", "torch", "adam", "f32", "transformer"))
+    cases.append(Case("torch-api adam f32 16M", "torch", "adam", "f32", "16M"))
+    cases.append(Case("schedule scalar", "schedule-scalar"))
+    cases.append(Case("schedule vector 1e7", "schedule-vector"))
+    cases.append(Case("adam f32 1M threads 1->2", "threads", "adam", "f32", "1M"))
+    return cases
+
+
+def select(cases, pattern):
+    if not pattern:
+        return cases
+    rx = re.compile(pattern, re.IGNORECASE)
+    return [c for c in cases if rx.search(c.name)]

@@ -1,0 +1,165 @@
+"""What a bench run prints and writes: the text report (table, skips, thread scaling,
+targets), the bar chart of lrfast's speed-ups, and the JSON."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .peers import PEERS
+from .verdicts import evaluate
+
+
+def targets(cases):
+    """(status, name, detail) for each target whose cases ran: PASS, FAIL, NOISE (within noise
+    of the target) or SKIP; see ``verdicts``."""
+    return [row[:3] for row in evaluate(cases)]
+
+
+def fmt_time(s):
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+        if s >= scale or unit == "ns":
+            v = s / scale
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}" if v >= 10 else f"{v:.2f} {unit}"
+
+
+def fmt_ratio(r):
+    return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+
+
+def _cell(res, ratio):
+    st = res.get("status")
+    if st == "ok":
+        return f"{fmt_time(res['median_s'])} {fmt_ratio(ratio)}" if ratio is not None \
+            else fmt_time(res["median_s"])
+    return {"skipped": "skipped", "n/a": "n/a", "error": "ERROR"}.get(st, "-")
+
+
+def report(cases, machine, floor, settings, out=sys.stdout):
+    w = lambda s="": print(s, file=out)            # noqa: E731
+    b = machine["build"]
+    simd = b["simd"] if isinstance(b["simd"], str) else " ".join(b["simd"]) or "(none)"
+    w(f"lrfast bench ({settings['mode']}): medians of {settings['repeats']} interleaved rounds "
+      f"({settings['target_rounds']} to {settings['max_rounds']} in cases a target judges), each "
+      f"a batch of steps lasting >= {settings['min_sample_s'] * 1e3:.0f} ms")
+    w(f"machine: {machine['cpu']}, cpu_count={machine['cpu_count']}, {machine['platform']}")
+    tt = machine["torch_threads"]
+    w(f"threads: lrfast {machine['lrfast_threads']}, torch {tt if tt is not None else '-'}, "
+      f"jax (XLA's own pool); OMP_NUM_THREADS={machine['omp_num_threads_env'] or 'unset'}")
+    w(f"build: lrfast {b['lrfast']}, kernels {b['kernel_build']} (available: "
+      f"{' '.join(b['kernel_builds_available'])}), simd {simd}, openmp {b['openmp']}")
+    other = machine.get("other_processes_cores")
+    if other is not None:
+        w(f"other processes: {other:.2f} cores busy on average during the run" +
+          ("  ** timings are disturbed **" if other > 0.25 else ""))
+    w("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in machine["versions"].items()))
+    if floor:
+        w(f"floor: triad {floor['triad_gbs']:.1f} GB/s (4 transfers/elem), in-place "
+          f"{floor['inplace_gbs']:.1f} GB/s (3 transfers/elem) -> {floor['floor_gbs']:.1f} GB/s "
+          f"({floor['elements'] // 2**20}M float32, {floor['threads']} thread{'s' if floor['threads'] != 1 else ''})")
+    w()
+    table = [c for c in cases if c.kind != "threads"]
+    if table:
+        cols = ["case", "lrfast", *PEERS, "%floor"]
+        rows = []
+        for c in table:
+            a = c.analysis
+            row = [c.name, _cell(c.results.get("lrfast", {}), None)]
+            for p in PEERS:
+                row.append(_cell(c.results.get(p, {}), a.get("ratios", {}).get(p)))
+            row.append(f"{a['pct_floor']:.0f}%" if "pct_floor" in a else "")
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
+        fmt_row = lambda r: "  ".join(v.ljust(wd) if i == 0 else v.rjust(wd)   # noqa: E731
+                                      for i, (v, wd) in enumerate(zip(r, widths))).rstrip()
+        w(fmt_row(cols))
+        w(fmt_row(["-" * wd for wd in widths]))
+        for r in rows:
+            w(fmt_row(r))
+        w()
+        w("Peer cells: median time, then peer/lrfast (>1: lrfast faster). torch-loop is "
+          "foreach=False,")
+        w("  torch's CPU default; in 'schedule scalar' it is CosineAnnealingLR.step().")
+        w("  'flat' rows: lrfast.FlatParams, peers shared with the list row of the same size.")
+        if floor:
+            w("%floor: (bytes moved per step / floor bandwidth) / lrfast median, for 1M+ elements. "
+              "Over 100%")
+            w("  means the triad probe is pessimistic for that size (1M and 200x10k can stay in "
+              "the last-level")
+            w("  cache, the probe's arrays do not), not a step faster than memory.")
+        reasons: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        for c in table:
+            for impl, r in c.results.items():
+                st, why = r.get("status"), r.get("reason")
+                if st not in ("skipped", "n/a", "error") or not why or why.startswith("no "):
+                    continue
+                entry = reasons.setdefault((st, why), ([], []))
+                if impl not in entry[0]:
+                    entry[0].append(impl)
+                entry[1].append(c.name)
+        for (st, why), (impls, names) in reasons.items():
+            where = names[0] if len(set(names)) == 1 else f"{len(set(names))} cases"
+            w(f"{st}: {', '.join(impls)}: {why} [{where}]")
+    for c in cases:
+        if c.kind == "threads":
+            r1, r2 = c.results.get("lrfast-1t", {}), c.results.get("lrfast-2t", {})
+            if r1.get("status") == "ok" and r2.get("status") == "ok":
+                w(f"thread scaling: {c.name}: 1 thread {fmt_time(r1['median_s'])}, "
+                  f"2 threads {fmt_time(r2['median_s'])}, speedup {c.analysis['speedup']:.2f}x")
+            else:
+                w(f"thread scaling: {c.name}: {r1.get('reason') or r2.get('reason') or 'not run'}")
+    tg = targets(cases)
+    if tg:
+        w()
+        w("targets (median of per-round values [95% interval]):")
+        for st, name, detail in tg:
+            w(f"  {st:<5}  {name}: {detail}")
+        w("  PASS: the whole interval meets the target. FAIL: it misses it by more than such a")
+        w("  case varies between runs on this project's machine (x spread). NOISE: neither; this")
+        w("  run cannot tell. Values are per round: lrfast and the peer (or the floor probe) timed")
+        w("  in turn.")
+    return tg
+
+
+def write_plot(cases, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [c for c in cases if c.analysis.get("ratios")]
+    if not rows:
+        raise ValueError("no case has a peer measurement to plot")
+    peers = [p for p in PEERS if any(p in c.analysis["ratios"] for c in rows)]
+    height = 0.8 / max(len(peers), 1)
+    fig = Figure(figsize=(9, 1.0 + 0.32 * len(rows) * max(1, len(peers) / 2.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for j, p in enumerate(peers):
+        ys = [i + (j - (len(peers) - 1) / 2) * height for i in range(len(rows))]
+        vals = [c.analysis["ratios"].get(p, float("nan")) for c in rows]
+        ax.barh(ys, vals, height=height, label=p)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([c.name for c in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("speed-up of lrfast (peer time / lrfast time, log scale; > 1: lrfast faster)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    fig.savefig(path, format=fmt, bbox_inches="tight")
+
+
+def to_json(cases, machine, floor, settings, wall):
+    out_cases = []
+    for c in cases:
+        entry = {"name": c.name, "kind": c.kind, "optimizer": c.opt, "dtype": c.dtype,
+                 "size": c.size, "tensors": len(c.sizes) if c.sizes else None,
+                 "elements": c.elements or None, "bytes_per_step": c.bytes_per_step,
+                 "results": c.results, "floor_probe": c.probe, "rounds": c.rounds,
+                 "wall_s": c.wall_s}
+        entry.update(c.analysis)
+        out_cases.append(entry)
+    return {"lrfast_bench": 1, "settings": settings, "machine": machine, "floor": floor,
+            "cases": out_cases,
+            "targets": [{"status": s, "name": n, "detail": d, "parts": parts}
+                        for s, n, d, parts in evaluate(cases)],
+            "wall_s": wall}

@@ -1,0 +1,158 @@
+"""The speed targets of ``python -m lrfast bench``.
+
+A target is one or more *parts*; a part compares one statistic of one case with a threshold:
+
+* ``ratio``: a peer's time per step / lrfast's (``>=``: lrfast at least that many times
+  faster); the peer ``torch-fastest`` is the torch path with the smallest median in that case;
+* ``floor``: % of the memory-bandwidth floor, (bytes moved per step / probe bandwidth) /
+  lrfast's time per step (``>=``);
+* ``time``: lrfast's seconds per step (``<=``);
+* ``speedup``: lrfast's time on 1 thread / on 2 threads (``>=``).
+
+How a part is judged on a noisy measurement is in ``verdicts``; each part's between-run spread
+in ``spread``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import spread as _spread
+
+
+@dataclass(frozen=True)
+class Part:
+    case: str
+    measure: str                  # ratio, floor, time, speedup
+    threshold: float
+    peer: str | None = None       # for ratio: a peer, or "torch-fastest"
+    label: str | None = None
+    family: str = "16M"           # for a part without its own measured spread
+
+    @property
+    def key(self):
+        return f"{self.case}: {self.name()}"
+
+    @property
+    def spread(self):
+        """Factor by which this part varies between runs (see the module's docstring)."""
+        own = _spread.PARTS.get(self.key)
+        return own if own is not None else _spread.FAMILIES[self.family]
+
+    @property
+    def at_least(self):
+        return self.measure != "time"
+
+    def name(self):
+        if self.label:
+            return self.label
+        return {"ratio": f"{self.peer}/lrfast", "floor": "floor", "time": "lrfast",
+                "speedup": "speedup"}[self.measure]
+
+    def fmt(self, v, threshold=False):
+        if self.measure == "floor":
+            return f"{v:g}%" if threshold else f"{v:.1f}%"
+        if self.measure == "time":
+            return f"{v * 1e6:g} us" if threshold else f"{v * 1e6:.2f} us"
+        return f"{v:g}x" if threshold else f"{v:.2f}x"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    parts: tuple[Part, ...]
+
+
+# Every target: its name, then its parts, one row each (the columns are Part's fields).
+_TABLE: dict[str, tuple[tuple[Any, ...], ...]] = {
+        # case                              measure   threshold   peer            label         family
+    "Adam f32 16M >= 1.0x torch fused, >= 90% floor": (
+        ("adam f32 16M",                   "ratio",   1.0,       "torch-fused",   None,        "16M"),
+        ("adam f32 16M",                   "floor",   90.0,      None,            None,        "16M"),
+    ),
+    "SGD f32 16M >= 1.0x torch's fastest, >= 85% floor": (
+        ("sgd f32 16M",                    "ratio",   1.0,       "torch-fastest", None,        "16M"),
+        ("sgd f32 16M",                    "floor",   85.0,      None,            None,        "16M"),
+    ),
+    "Adagrad f32 16M >= 1.0x torch's fastest, >= 85% floor": (
+        ("adagrad f32 16M",                "ratio",   1.0,       "torch-fastest", None,        "16M"),
+        ("adagrad f32 16M",                "floor",   85.0,      None,            None,        "16M"),
+    ),
+    "RMSprop f32 16M >= 1.0x torch's fastest, >= 85% floor": (
+        ("rmsprop f32 16M",                "ratio",   1.0,       "torch-fastest", None,        "16M"),
+        ("rmsprop f32 16M",                "floor",   85.0,      None,            None,        "16M"),
+    ),
+    "AdamW f32 16M >= 1.0x torch's fastest, >= 85% floor": (
+        ("adamw f32 16M",                  "ratio",   1.0,       "torch-fastest", None,        "16M"),
+        ("adamw f32 16M",                  "floor",   85.0,      None,            None,        "16M"),
+    ),
+    "Adam f32 1000x256 >= 10x torch fused": (
+        ("adam f32 1000x256",              "ratio",   10.0,      "torch-fused",   None,        "multi-tensor"),
+    ),
+    "FlatParams Adam f32 1000x256 >= 30x torch fused": (
+        ("adam f32 1000x256 flat",         "ratio",   30.0,      "torch-fused",   None,        "multi-tensor"),
+    ),
+    "Adam f32 200x10k >= 2x torch fused": (
+        ("adam f32 200x10k",               "ratio",   2.0,       "torch-fused",   None,        "multi-tensor"),
+    ),
+    "Adam.step f32 1k <= 3 us and >= 25x torch for-loop": (
+        ("adam f32 1k",                    "time",    3e-6,      None,            "Adam.step", "1k"),
+        ("adam f32 1k",                    "ratio",   25.0,      "torch-loop",    None,        "1k"),
+    ),
+    "every optimizer f32 16M >= 8x numpy-ref": (
+        ("sgd f32 16M",                    "ratio",   8.0,       "numpy-ref",     "SGD",       "16M"),
+        ("adagrad f32 16M",                "ratio",   8.0,       "numpy-ref",     "Adagrad",   "16M"),
+        ("rmsprop f32 16M",                "ratio",   8.0,       "numpy-ref",     "RMSprop",   "16M"),
+        ("adam f32 16M",                   "ratio",   8.0,       "numpy-ref",     "Adam",      "16M"),
+        ("adamw f32 16M",                  "ratio",   8.0,       "numpy-ref",     "AdamW",     "16M"),
+    ),
+    "Adam f64 16M >= 1.0x torch fused": (
+        ("adam f64 16M",                   "ratio",   1.0,       "torch-fused",   None,        "16M"),
+    ),
+    "SGD f64 16M >= 1.0x torch's fastest": (
+        ("sgd f64 16M",                    "ratio",   1.0,       "torch-fastest", None,        "16M"),
+    ),
+    "Adagrad f64 16M >= 1.0x torch's fastest": (
+        ("adagrad f64 16M",                "ratio",   1.0,       "torch-fastest", None,        "16M"),
+    ),
+    "RMSprop f64 16M >= 1.0x torch's fastest": (
+        ("rmsprop f64 16M",                "ratio",   1.0,       "torch-fastest", None,        "16M"),
+    ),
+    "AdamW f64 16M >= 1.0x torch's fastest": (
+        ("adamw f64 16M",                  "ratio",   1.0,       "torch-fastest", None,        "16M"),
+    ),
+    "Adam f64 1000x256 >= 10x torch fused": (
+        ("adam f64 1000x256",              "ratio",   10.0,      "torch-fused",   None,        "multi-tensor"),
+    ),
+    "FlatParams Adam f64 1000x256 >= 30x torch fused": (
+        ("adam f64 1000x256 flat",         "ratio",   30.0,      "torch-fused",   None,        "multi-tensor"),
+    ),
+    "Adam f64 200x10k >= 2x torch fused": (
+        ("adam f64 200x10k",               "ratio",   2.0,       "torch-fused",   None,        "multi-tensor"),
+    ),
+    "Adam.step f64 1k >= 25x torch for-loop": (
+        ("adam f64 1k",                    "ratio",   25.0,      "torch-loop",    None,        "1k"),
+    ),
+    "every optimizer f64 16M >= 8x numpy-ref": (
+        ("sgd f64 16M",                    "ratio",   8.0,       "numpy-ref",     "SGD",       "16M"),
+        ("adagrad f64 16M",                "ratio",   8.0,       "numpy-ref",     "Adagrad",   "16M"),
+        ("rmsprop f64 16M",                "ratio",   8.0,       "numpy-ref",     "RMSprop",   "16M"),
+        ("adam f64 16M",                   "ratio",   8.0,       "numpy-ref",     "Adam",      "16M"),
+        ("adamw f64 16M",                  "ratio",   8.0,       "numpy-ref",     "AdamW",     "16M"),
+    ),
+    "lrfast.torch.Adam, 110-tensor transformer >= 3x torch fused": (
+        ("torch-api adam f32 transformer", "ratio",   3.0,       "torch-fused",   None,        "torch-api"),
+    ),
+    "lrfast.torch.Adam, one 16M tensor >= 1.0x torch fused": (
+        ("torch-api adam f32 16M",         "ratio",   1.0,       "torch-fused",   None,        "torch-api"),
+    ),
+    "Adam f32 1M 1->2 threads >= 1.7x": (
+        ("adam f32 1M threads 1->2",       "speedup", 1.7,       None,            None,        "threads"),
+    ),
+}
+TARGETS = tuple(Target(name, tuple(Part(*row) for row in rows)) for name, rows in _TABLE.items())
+
+
+def parts_of(case_name):
+    """The target parts measured on one case."""
+    return [p for t in TARGETS for p in t.parts if p.case == case_name]
