@@ -1,75 +1,109 @@
-"""The optimizers the bench times, and all it knows about each one.
+"""The optimizers the bench times, and what it knows about each one.
 
-This table is the bench's only per-optimizer knowledge: the cases are made for each entry (in
-this order), and every peer is built from an entry's fields, with no other code that names an
-optimizer. An entry holds:
+Every optimizer of the spec table (``lrfast._specs.OPTIMIZERS``) is benched, keyed by its
+lower-case name, in the table's order. What an optimizer is (its class, its state buffers, how
+the NumPy reference is called) comes from its spec; this module adds only what the bench itself
+chooses or knows about the peers, in ``PEER_FACTS``:
 
-* ``cls``: the class name in :mod:`lrfast`, :mod:`lrfast.torch` and :mod:`torch.optim` (the
-  lrfast, torch-loop, torch-foreach, torch-fused and torch-API peers are that class built with
-  ``hyper``);
-* ``hyper``: hyper-parameters all three accept, in torch.optim's spelling;
-* ``transfers``: reads + writes of one element per step (bytes a step moves, for % of floor);
+* ``hyper``: the hyper-parameters it is timed with (torch.optim's spelling; default: the class's
+  defaults);
 * ``torch_fused``: whether torch has a fused CPU kernel for it;
-* the numpy-ref peer's call, ``ref_update(params, grads, *buffers, [step=t,] **ref_keywords
-  (hyper))``: ``ref_buffers`` zero-filled state lists after the grads, ``step`` (1-based) only
-  where ``ref_counts_steps``;
-* ``optax``: the optax transformation for ``hyper``, given the imported optax module.
+* ``optax``: the optax transformation for ``hyper``, given the imported optax module (None: no
+  optax peer).
+
+An optimizer with no entry there is benched with its defaults against the NumPy reference and,
+where torch has the class, torch's for-loop and foreach paths.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 from lrfast import reference
+from lrfast._specs import OPTIMIZERS as SPECS
+from lrfast._specs import OptimizerSpec
+
+
+@dataclass(frozen=True)
+class PeerFacts:
+    hyper: dict = field(default_factory=dict)
+    torch_fused: bool = False
+    optax: Optional[Callable[[Any, dict], Any]] = None
+
+
+PEER_FACTS = {
+    "SGD": PeerFacts(dict(lr=1e-2, momentum=0.9), torch_fused=True,
+                     optax=lambda optax, h: optax.sgd(h["lr"], momentum=h["momentum"])),
+    # optax with torch.optim.Adagrad's defaults: the sum starts at 0, eps 1e-10.
+    "Adagrad": PeerFacts(dict(lr=1e-2), torch_fused=True,
+                         optax=lambda optax, h: optax.adagrad(
+                             h["lr"], initial_accumulator_value=0.0, eps=1e-10)),
+    "RMSprop": PeerFacts(dict(lr=1e-2, alpha=0.99, eps=1e-8),
+                         optax=lambda optax, h: optax.rmsprop(h["lr"], decay=h["alpha"],
+                                                              eps=h["eps"])),
+    "Adam": PeerFacts(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8), torch_fused=True,
+                      optax=lambda optax, h: optax.adam(h["lr"], b1=h["betas"][0],
+                                                        b2=h["betas"][1], eps=h["eps"])),
+    "AdamW": PeerFacts(dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2),
+                       torch_fused=True,
+                       optax=lambda optax, h: optax.adamw(h["lr"], b1=h["betas"][0],
+                                                          b2=h["betas"][1], eps=h["eps"],
+                                                          weight_decay=h["weight_decay"])),
+}
 
 
 @dataclass(frozen=True)
 class Benched:
-    cls: str
-    hyper: dict[str, Any]
-    transfers: int
-    torch_fused: bool
-    ref_update: Callable[..., None]
-    ref_buffers: int
-    ref_counts_steps: bool
-    ref_keywords: Callable[[dict[str, Any]], dict[str, Any]]
-    optax: Callable[[Any, dict[str, Any]], Any]
+    spec: OptimizerSpec
+    facts: PeerFacts
 
+    @property
+    def cls(self) -> str:
+        return self.spec.name
 
-def _adam_keywords(h, decoupled):
-    b1, b2 = h["betas"]
-    return dict(lr=h["lr"], beta1=b1, beta2=b2, eps=h["eps"],
-                weight_decay=h.get("weight_decay", 0.0), decoupled=decoupled)
+    @property
+    def hyper(self) -> dict:
+        return self.facts.hyper
+
+    @property
+    def torch_fused(self) -> bool:
+        return self.facts.torch_fused
+
+    @property
+    def optax(self):
+        return self.facts.optax
+
+    @property
+    def in_torch(self) -> bool:
+        return self.spec.torch is not None and self.spec.torch.cls is not None
+
+    @property
+    def transfers(self) -> int:
+        """Reads + writes of one element per step: param (2), grad (1), each state buffer (2)."""
+        return 3 + 2 * len(self.spec.update.state_buffers(self.spec.validate(self.hyper)))
+
+    def reference_step(self, params, grads):
+        """A function doing one lrfast.reference update of ``params`` (state held inside)."""
+        update = self.spec.update
+        values = self.spec.validate(self.hyper)
+        state = {b: [np.zeros_like(p) for p in params] for b in update.state_buffers(values)}
+        args = [params, grads] + [state.get(b.name) for b in update.buffers if not b.keyword]
+        kwargs = {h.name: values[h.name] for h in update.hypers if h.functional}
+        kwargs.update({b.argname: state.get(b.name) for b in update.buffers if b.keyword})
+        fn = getattr(reference, update.name + "_")
+        if not update.takes_step:
+            return functools.partial(fn, *args, **kwargs)
+        count = [0]
+
+        def step():
+            count[0] += 1
+            fn(*args, step=count[0], **kwargs)
+        return step
 
 
 OPTIMIZERS: dict[str, Benched] = {
-    "sgd": Benched(
-        "SGD", dict(lr=1e-2, momentum=0.9), transfers=5, torch_fused=True,
-        ref_update=reference.sgd_, ref_buffers=1, ref_counts_steps=True,
-        ref_keywords=lambda h: dict(lr=h["lr"], momentum=h["momentum"]),
-        optax=lambda optax, h: optax.sgd(h["lr"], momentum=h["momentum"])),
-    "adagrad": Benched(
-        "Adagrad", dict(lr=1e-2), transfers=5, torch_fused=True,
-        ref_update=reference.adagrad_, ref_buffers=1, ref_counts_steps=True,
-        ref_keywords=lambda h: dict(lr=h["lr"]),
-        # torch.optim.Adagrad's defaults: the sum starts at 0, eps 1e-10.
-        optax=lambda optax, h: optax.adagrad(h["lr"], initial_accumulator_value=0.0, eps=1e-10)),
-    "rmsprop": Benched(
-        "RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8), transfers=5, torch_fused=False,
-        ref_update=reference.rmsprop_, ref_buffers=1, ref_counts_steps=False,
-        ref_keywords=lambda h: dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"]),
-        optax=lambda optax, h: optax.rmsprop(h["lr"], decay=h["alpha"], eps=h["eps"])),
-    "adam": Benched(
-        "Adam", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8), transfers=7, torch_fused=True,
-        ref_update=reference.adam_, ref_buffers=2, ref_counts_steps=True,
-        ref_keywords=lambda h: _adam_keywords(h, decoupled=False),
-        optax=lambda optax, h: optax.adam(h["lr"], b1=h["betas"][0], b2=h["betas"][1],
-                                          eps=h["eps"])),
-    "adamw": Benched(
-        "AdamW", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2), transfers=7,
-        torch_fused=True,
-        ref_update=reference.adam_, ref_buffers=2, ref_counts_steps=True,
-        ref_keywords=lambda h: _adam_keywords(h, decoupled=True),
-        optax=lambda optax, h: optax.adamw(h["lr"], b1=h["betas"][0], b2=h["betas"][1],
-                                           eps=h["eps"], weight_decay=h["weight_decay"])),
+    name.lower(): Benched(spec, PEER_FACTS.get(name, PeerFacts())) for name, spec in SPECS.items()
 }

@@ -107,6 +107,10 @@ def _peer_skip(c, peer, peers, quick):
                                                                        "torch-foreach"):
         return Skip("--quick")
     if c.kind in ("optim", "flat"):
+        if torch_peer and not OPTIMIZERS[c.opt].in_torch:
+            return Skip(f"torch has no {OPTIMIZERS[c.opt].cls}", "n/a")
+        if peer == "optax-jit" and OPTIMIZERS[c.opt].optax is None:
+            return Skip(f"no optax peer for {OPTIMIZERS[c.opt].cls}", "n/a")
         if peer == "torch-fused" and not OPTIMIZERS[c.opt].torch_fused:
             return Skip(f"torch has no fused {OPTIMIZERS[c.opt].cls}", "n/a")
         if peer == "optax-jit" and c.dtype == "f64" and not peers.x64:
@@ -155,19 +159,9 @@ def lrfast_step(case, data):
 
 
 def _numpy_step(case, data):
-    """lrfast.reference's update for the case's optimizer, called as its OPTIMIZERS entry says."""
-    o = OPTIMIZERS[case.opt]
+    """lrfast.reference's update for the case's optimizer, called as its spec says."""
     params, grads = data.copies()
-    state = [[np.zeros_like(p) for p in params] for _ in range(o.ref_buffers)]
-    update, keywords = o.ref_update, o.ref_keywords(o.hyper)
-    if not o.ref_counts_steps:
-        return functools.partial(update, params, grads, *state, **keywords), ()
-    count = [0]
-
-    def step():
-        count[0] += 1
-        update(params, grads, *state, step=count[0], **keywords)
-    return step, ()
+    return OPTIMIZERS[case.opt].reference_step(params, grads), ()
 
 
 def _torch_step(case, data, peer, torch):
