@@ -17,7 +17,7 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
-from . import _dispatch
+from . import _dispatch, _layout
 from ._threads import get_num_threads
 from ._validation import _real, as_named, check_array, check_bool, check_disjoint, label
 from .flat import FlatParams
@@ -92,9 +92,7 @@ def _banks(arrays, labels, writeable):
         mask = is64 == flag
         if not mask.any():
             continue
-        table = addrs[mask].reshape(1, -1).copy()
-        offsets = np.zeros(table.shape[1] + 1, dtype=np.intp)
-        np.cumsum(sizes[mask], out=offsets[1:])
+        table, offsets = _layout.table([addrs[mask]], sizes[mask])
         out.append((flag, table, offsets))
     return out
 
