@@ -2,9 +2,9 @@
 
     python bench/thresholds.py [--repeats 31] [--min-log2 9] [--max-log2 20]
 
-For float32 single tensors of 2**9 ... 2**20 elements, times one step of Adam, Adagrad, RMSprop and
-plain SGD (the cheapest update, where threading pays off last) with 1 and with 2 threads, through the raw
-kernel call so that Python-side checks do not blur the small sizes. The kernels' threshold is
+For float32 single tensors of 2**9 ... 2**20 elements, times one step of every update (with its
+defaults: plain SGD is the cheapest, where threading pays off last) with 1 and with 2 threads,
+through the kernel's plan so that Python-side checks do not blur the small sizes. The kernels' threshold is
 lowered to 1 element per thread for the measurement, so the 2-thread column really runs two
 threads at every size. 1- and 2-thread samples are interleaved, so slow drift hits both. Prints
 medians, speedups, the crossover for each update, and the per-thread threshold it implies.
@@ -28,34 +28,35 @@ if _BUILT and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))  # the checkout, built in place (not just its .pyi stubs)
 
 import lrfast  # noqa: E402
-from lrfast import _dispatch, _openmp  # noqa: E402
+from lrfast import _dispatch, _layout, _openmp  # noqa: E402
+from lrfast._specs import UPDATES  # noqa: E402
 
-KERNELS = {
-    "adam": ("adam_step", 5, dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                  decoupled=False, amsgrad=False, maximize=False, step=10)),
-    "sgd": ("sgd_step", 3, dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                                nesterov=False, maximize=False, first_step=False)),
-    "adagrad": ("adagrad_step", 3, dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-                                        eps_inside_sqrt=False, maximize=False, step=10)),
-    "rmsprop": ("rmsprop_step", 5, dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                                        momentum=0.0, centered=False, maximize=False)),
-}
+# Every update of the spec table, with its defaults (SGD: no momentum, the cheapest update).
+KERNELS = tuple(UPDATES)
 ELEMENTS_PER_SAMPLE = 2**18  # each sample repeats the step to cover about this many elements
 
 
 def problem(kind, n, rng):
     """The kernel call for one float32 tensor of ``n`` elements, its state zero."""
-    name, rows, hyper = KERNELS[kind]
+    update = UPDATES[kind]
+    h = update.validate({})
+    used = update.state_buffers(h)
     arrays = [rng.standard_normal(n, dtype=np.float32) for _ in range(2)]
-    arrays += [np.zeros(n, np.float32) for _ in range(rows - 2)]
-    table = np.array([[a.__array_interface__["data"][0]] for a in arrays], dtype=np.intp)
-    offsets = np.array([0, n], dtype=np.intp)
-    fn = getattr(_dispatch.kernels, name)
+    rows = [[_layout.address(a)] for a in arrays]
+    for b in update.buffers:
+        if b.name in used:
+            arrays.append(np.zeros(n, np.float32))
+            rows.append([_layout.address(arrays[-1])])
+        else:
+            rows.append(None)
+    table, offsets = _layout.table(rows, [n])
+    plan = _layout.plan(kind, table, offsets, "float32")
+    plan.set_hyper(update.kernel_values(h, _dispatch.kernels))
 
     def call(nthreads):
-        return lambda: fn(table, offsets, False, nthreads, **hyper)
+        return lambda: plan.run(h["lr"], 10, nthreads)
 
-    return call, arrays
+    return call, (arrays, table, offsets)
 
 
 def sample(fn, inner):
