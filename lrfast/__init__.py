@@ -22,6 +22,7 @@ from .clipping import clip_grad_norm, clip_grad_norm_, grad_norm  # noqa: E402
 from ._config import show_config  # noqa: E402
 from ._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 from .flat import FlatParams  # noqa: E402
+from . import optim  # noqa: E402
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
 from .schedules import ReduceLROnPlateau  # noqa: E402
 
@@ -49,3 +50,7 @@ __all__ = [
     "threads",
     "show_config",
 ]
+
+# Every optimizer class of the spec table, including any the import above does not name.
+globals().update({name: getattr(optim, name) for name in optim.__all__})
+__all__ += [name for name in optim.__all__ if name not in __all__]

@@ -48,7 +48,7 @@ from ._validation import (
 )
 from ._optim import STEP_SKIPPED_NONFINITE
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+__all__ = ["Optimizer", *OPTIMIZERS]  # a class per optimizer of the spec table
 
 
 class Optimizer:

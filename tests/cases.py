@@ -37,6 +37,10 @@ CONFIGS = [
     ("AdamW", dict(lr=0.01), True),
     ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True), True),
 ]
+# Every optimizer of the spec table is covered: one without a configuration above runs with
+# lr=0.01 and its other defaults (compared with torch.optim where torch has the class).
+CONFIGS += [(name, dict(lr=0.01), spec.torch is not None and spec.torch.cls is not None)
+            for name, spec in SPECS.items() if name not in {c[0] for c in CONFIGS}]
 
 
 def config_id(case):

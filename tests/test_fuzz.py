@@ -41,7 +41,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import lrfast  # noqa: E402
 from lrfast import _dispatch  # noqa: E402
-from cases import OPTIMIZERS, ReferenceRun, snapshot, tolerances  # noqa: E402
+from cases import OPTIMIZERS, SPECS, ReferenceRun, snapshot, tolerances  # noqa: E402
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 NAMES = sorted(OPTIMIZERS)
@@ -103,7 +103,7 @@ def configs(draw, names=None):
         h.update(alpha=draw(st.one_of(st.floats(0.0, 0.999), st.sampled_from([0.0, 0.5, 1.0]))),
                  eps=eps(1e-8), momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
                  centered=draw(st.booleans()))
-    else:
+    elif "betas" in HYPER_NAMES[name]:
         unit = st.one_of(st.floats(0.0, 0.999), st.sampled_from([0.0, 0.5, 0.9, 0.999]))
         h.update(betas=(draw(unit), draw(unit)), eps=eps(1e-8), amsgrad=draw(st.booleans()))
     return name, h
@@ -307,15 +307,10 @@ BOUNDARY = [-1.0, -1e-300, -0.0, 0.0, 5e-324, 0.999999, 1.0, 1.0 + 2 ** -52, 2.0
             math.inf, math.nan, True, False, np.bool_(True), np.bool_(False), 0, 1]
 weird_or_boundary = st.one_of(st.sampled_from(BOUNDARY), weird, st.sampled_from(BOUNDARY))
 
-HYPER_NAMES = {
-    "SGD": ["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"],
-    "Adagrad": ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
-                "eps_inside_sqrt", "maximize"],
-    "RMSprop": ["lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize"],
-    "Adam": ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"],
-    "AdamW": ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"],
-}
-BOOL_HYPER = {"nesterov", "maximize", "eps_inside_sqrt", "centered", "amsgrad"}
+# Each optimizer's hyper-parameter arguments and the boolean ones, from the spec table.
+HYPER_NAMES = {name: list(spec.arguments) for name, spec in SPECS.items()}
+BOOL_HYPER = {name for spec in SPECS.values() for name in spec.arguments
+              if isinstance(spec.default(name), bool)}
 
 # Byte-swapped float32/float64 (e.g. '>f4' here) share the native type numbers, so a check on
 # type numbers alone lets them through (steps misread them before 20ecd9b).
