@@ -81,14 +81,25 @@ class ReferenceRun:
 
     def step(self, grads):
         self.t += 1
+        self.call(reference, grads)
+
+    def call(self, module, grads, single=False):
+        """``module``'s function for the update (lrfast.reference or lrfast.functional), on this
+        run's params and state at step ``self.t``; ``single``: on the first tensor's arrays
+        rather than on lists."""
         update = self.spec.update
-        args = [self.params, grads] + [self.state.get(b.name) for b in update.buffers
-                                       if not b.keyword]
+
+        def arrays(lst):
+            return None if lst is None else (lst[0] if single else lst)
+
+        args = [arrays(self.params), grads] + [arrays(self.state.get(b.name))
+                                               for b in update.buffers if not b.keyword]
         kwargs = {h.name: self.values[h.name] for h in update.hypers if h.functional}
-        kwargs.update({b.argname: self.state.get(b.name) for b in update.buffers if b.keyword})
+        kwargs.update({b.argname: arrays(self.state.get(b.name))
+                       for b in update.buffers if b.keyword})
         if update.takes_step:
             kwargs["step"] = self.t
-        getattr(reference, update.name + "_")(*args, **kwargs)
+        getattr(module, update.name + "_")(*args, **kwargs)
 
 
 def tolerances(dtype):

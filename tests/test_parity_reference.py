@@ -55,30 +55,9 @@ def test_functional_matches_reference_single_tensor(case, dtype):
 
 def _functional_step(run, g):
     """One lrfast.functional call on single arrays, with the hyper-parameters of ``run``."""
-    from lrfast import functional as F
+    from lrfast import functional
 
-    h, s, p = run.h, run.state, run.params[0]
-    common = dict(lr=h["lr"], weight_decay=h["weight_decay"], maximize=h["maximize"])
-
-    def one(name):
-        return s[name][0] if name in s else None
-
-    if run.name == "SGD":
-        F.sgd_(p, g, one("momentum_buffer"), step=run.t, momentum=h.get("momentum", 0.0),
-               dampening=h.get("dampening", 0.0), nesterov=h.get("nesterov", False), **common)
-    elif run.name == "Adagrad":
-        F.adagrad_(p, g, one("sum"), step=run.t, lr_decay=h.get("lr_decay", 0.0),
-                   eps=h.get("eps", 1e-10), eps_inside_sqrt=h.get("eps_inside_sqrt", False),
-                   **common)
-    elif run.name == "RMSprop":
-        F.rmsprop_(p, g, one("square_avg"), one("momentum_buffer"), one("grad_avg"),
-                   alpha=h.get("alpha", 0.99), eps=h.get("eps", 1e-8),
-                   momentum=h.get("momentum", 0.0), centered=h.get("centered", False), **common)
-    else:
-        b1, b2 = h.get("betas", (0.9, 0.999))
-        F.adam_(p, g, one("exp_avg"), one("exp_avg_sq"), step=run.t, beta1=b1, beta2=b2,
-                eps=h.get("eps", 1e-8), decoupled=run.name == "AdamW",
-                amsgrad=h.get("amsgrad", False), max_exp_avg_sq=one("max_exp_avg_sq"), **common)
+    run.call(functional, g, single=True)
 
 
 def assert_close_runs(fast, ref, dtype):
