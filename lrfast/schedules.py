@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._dispatch import schedule_kernels as _schedules
+from ._validation import check_bool, check_choice, check_count, check_increasing, check_real
 
 if TYPE_CHECKING:
     # Both builds share one API (the same .pxi): type against the portable build's stub.
@@ -45,59 +46,11 @@ __all__ = [
 
 _NIP = _schedules.N_INT_PARAMS
 _NFP = _schedules.N_FLOAT_PARAMS
-_MAX_STEP = 2**62
 
 
 # ------------------------------------------------------------------------------------------
-# Parameter checks (once, at construction)
+# Parameter checks (once, at construction; the generic ones are in lrfast._validation)
 # ------------------------------------------------------------------------------------------
-
-def _value(name, v, *, low=None, high=None, low_open=False):
-    """A real number (not bool) within the bounds; ValueError names the parameter."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if low is not None and (v <= low if low_open else v < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
-    if high is not None and v > high:
-        raise ValueError(f"{name} must be <= {high}, got {v}")
-    return v
-
-
-def _count(name, v, *, low=1):
-    """An int step count >= low (and <= 2**62)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    if v > _MAX_STEP:
-        raise ValueError(f"{name} must be <= 2**62, got {v}")
-    return v
-
-
-def _flag(name, v):
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return bool(v)
-
-
-def _choice(name, v, options):
-    if v not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
-    return v
-
-
-def _increasing(name, values, *, low=0):
-    """Strictly increasing ints >= low."""
-    values = [_count(f"{name}[{i}]", b, low=low) for i, b in enumerate(values)]
-    for i in range(1, len(values)):
-        if values[i] <= values[i - 1]:
-            raise ValueError(f"{name} must be strictly increasing, got {values}")
-    return values
-
 
 def _schedule(name, s):
     if not isinstance(s, Schedule):
@@ -241,7 +194,7 @@ class _Constant(_Simple):
     kind = "constant"
 
     def __init__(self, value):
-        self._params = {"value": _value("value", value, low=0)}
+        self._params = {"value": check_real(value, "value", low=0)}
         self._compile()
 
     def _emit(self, b):
@@ -259,12 +212,12 @@ class _Exponential(_Simple):
     def __init__(self, init_value, decay_rate, transition_steps=1, staircase=False,
                  transition_begin=0, end_value=None):
         p = {
-            "init_value": _value("init_value", init_value, low=0),
-            "decay_rate": _value("decay_rate", decay_rate, low=0, low_open=True),
-            "transition_steps": _count("transition_steps", transition_steps),
-            "staircase": _flag("staircase", staircase),
-            "transition_begin": _count("transition_begin", transition_begin, low=0),
-            "end_value": None if end_value is None else _value("end_value", end_value, low=0),
+            "init_value": check_real(init_value, "init_value", low=0),
+            "decay_rate": check_real(decay_rate, "decay_rate", low=0, low_open=True),
+            "transition_steps": check_count(transition_steps, "transition_steps"),
+            "staircase": check_bool(staircase, "staircase"),
+            "transition_begin": check_count(transition_begin, "transition_begin", low=0),
+            "end_value": None if end_value is None else check_real(end_value, "end_value", low=0),
         }
         self._params = p
         self._compile()
@@ -300,8 +253,8 @@ class _NaturalExp(_Simple):
     kind = "natural_exp_decay"
 
     def __init__(self, init_value, decay_rate):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "decay_rate": _value("decay_rate", decay_rate, low=0)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "decay_rate": check_real(decay_rate, "decay_rate", low=0)}
         self._compile()
 
     def _emit(self, b):
@@ -318,10 +271,10 @@ class _InverseTime(_Simple):
     kind = "inverse_time_decay"
 
     def __init__(self, init_value, decay_rate, decay_steps=1, staircase=False):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "decay_rate": _value("decay_rate", decay_rate, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "staircase": _flag("staircase", staircase)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "decay_rate": check_real(decay_rate, "decay_rate", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "staircase": check_bool(staircase, "staircase")}
         self._compile()
 
     def _emit(self, b):
@@ -340,12 +293,13 @@ class _Polynomial(_Simple):
 
     def __init__(self, init_value, end_value, decay_steps, power=1.0, transition_begin=0,
                  cycle=False):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "power": _value("power", power, low=0, low_open=True),
-                        "transition_begin": _count("transition_begin", transition_begin, low=0),
-                        "cycle": _flag("cycle", cycle)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "power": check_real(power, "power", low=0, low_open=True),
+                        "transition_begin": check_count(transition_begin, "transition_begin",
+                                                        low=0),
+                        "cycle": check_bool(cycle, "cycle")}
         self._compile()
 
     def _emit(self, b):
@@ -371,8 +325,8 @@ def linear(init_value, end_value, transition_steps, transition_begin=0):
 def linear_factor(base_lr, start_factor=1.0 / 3, end_factor=1.0, total_iters=5):
     """torch ``LinearLR``: ``base_lr`` times a factor going linearly from ``start_factor`` to
     ``end_factor`` over ``total_iters`` steps."""
-    _value("start_factor", start_factor, low=0, low_open=True, high=1.0)
-    _value("end_factor", end_factor, low=0, high=1.0)
+    check_real(start_factor, "start_factor", low=0, low_open=True, high=1.0)
+    check_real(end_factor, "end_factor", low=0, high=1.0)
     return _Polynomial(base_lr * start_factor, base_lr * end_factor, total_iters, 1.0)
 
 
@@ -380,11 +334,11 @@ class _Cosine(_Simple):
     kind = "cosine_decay"
 
     def __init__(self, init_value, decay_steps, end_value=0.0, exponent=1.0, periodic=False):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "exponent": _value("exponent", exponent, low=0, low_open=True),
-                        "periodic": _flag("periodic", periodic)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "exponent": check_real(exponent, "exponent", low=0, low_open=True),
+                        "periodic": check_bool(periodic, "periodic")}
         self._compile()
 
     def _emit(self, b):
@@ -401,8 +355,8 @@ def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0, end_value=Non
     ``CosineDecay``). ``periodic=True`` continues the cosine past T instead of clamping, as
     torch ``CosineAnnealingLR(T_max=T, eta_min=end)`` does.
     """
-    alpha = _value("alpha", alpha, low=0, high=1.0)
-    end = alpha * _value("init_value", init_value, low=0) if end_value is None else end_value
+    alpha = check_real(alpha, "alpha", low=0, high=1.0)
+    end = alpha * check_real(init_value, "init_value", low=0) if end_value is None else end_value
     return _Cosine(init_value, decay_steps, end, exponent, periodic)
 
 
@@ -410,11 +364,11 @@ class _CosineRestarts(_Simple):
     kind = "cosine_restarts"
 
     def __init__(self, init_value, first_period, period_mult=1.0, min_value=0.0, peak_decay=1.0):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "first_period": _count("first_period", first_period),
-                        "period_mult": _value("period_mult", period_mult, low=1.0),
-                        "min_value": _value("min_value", min_value, low=0),
-                        "peak_decay": _value("peak_decay", peak_decay, low=0, high=1.0)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "first_period": check_count(first_period, "first_period"),
+                        "period_mult": check_real(period_mult, "period_mult", low=1.0),
+                        "min_value": check_real(min_value, "min_value", low=0),
+                        "peak_decay": check_real(peak_decay, "peak_decay", low=0, high=1.0)}
         self._compile()
 
     def _emit(self, b):
@@ -440,14 +394,14 @@ class _OneCycle(_Simple):
 
     def __init__(self, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
                  div_factor=25.0, final_div_factor=1e4, three_phase=False):
-        p = {"max_lr": _value("max_lr", max_lr, low=0),
-             "total_steps": _count("total_steps", total_steps, low=2),
-             "pct_start": _value("pct_start", pct_start, low=0, low_open=True, high=1.0),
-             "anneal_strategy": _choice("anneal_strategy", anneal_strategy, ("cos", "linear")),
-             "div_factor": _value("div_factor", div_factor, low=0, low_open=True),
-             "final_div_factor": _value("final_div_factor", final_div_factor, low=0,
-                                        low_open=True),
-             "three_phase": _flag("three_phase", three_phase)}
+        p = {"max_lr": check_real(max_lr, "max_lr", low=0),
+             "total_steps": check_count(total_steps, "total_steps", low=2),
+             "pct_start": check_real(pct_start, "pct_start", low=0, low_open=True, high=1.0),
+             "anneal_strategy": check_choice(anneal_strategy, "anneal_strategy", ("cos", "linear")),
+             "div_factor": check_real(div_factor, "div_factor", low=0, low_open=True),
+             "final_div_factor": check_real(final_div_factor, "final_div_factor", low=0,
+                                            low_open=True),
+             "three_phase": check_bool(three_phase, "three_phase")}
         end1 = float(p["pct_start"] * p["total_steps"]) - 1
         end2 = float(2 * p["pct_start"] * p["total_steps"]) - 2
         if end1 <= 0:
@@ -484,13 +438,13 @@ class _Cyclic(_Simple):
     def __init__(self, base_lr, max_lr, step_size_up=2000, step_size_down=None,
                  mode="triangular", gamma=1.0):
         self._params = {
-            "base_lr": _value("base_lr", base_lr, low=0),
-            "max_lr": _value("max_lr", max_lr, low=0),
-            "step_size_up": _count("step_size_up", step_size_up),
-            "step_size_down": None if step_size_down is None else _count("step_size_down",
-                                                                         step_size_down),
-            "mode": _choice("mode", mode, ("triangular", "triangular2", "exp_range")),
-            "gamma": _value("gamma", gamma, low=0, low_open=True, high=1.0),
+            "base_lr": check_real(base_lr, "base_lr", low=0),
+            "max_lr": check_real(max_lr, "max_lr", low=0),
+            "step_size_up": check_count(step_size_up, "step_size_up"),
+            "step_size_down": None if step_size_down is None else check_count(
+                step_size_down, "step_size_down"),
+            "mode": check_choice(mode, "mode", ("triangular", "triangular2", "exp_range")),
+            "gamma": check_real(gamma, "gamma", low=0, low_open=True, high=1.0),
         }
         self._compile()
 
@@ -513,13 +467,13 @@ class _PiecewiseConstant(_Simple):
     kind = "piecewise_constant"
 
     def __init__(self, boundaries, values, boundary="ge"):
-        boundaries = _increasing("boundaries", list(boundaries))
-        values = [_value(f"values[{i}]", v, low=0) for i, v in enumerate(values)]
+        boundaries = check_increasing(list(boundaries), "boundaries")
+        values = [check_real(v, f"values[{i}]", low=0) for i, v in enumerate(values)]
         if len(values) != len(boundaries) + 1:
             raise ValueError(f"values must have one more entry than boundaries: got "
                              f"{len(values)} values for {len(boundaries)} boundaries")
         self._params = {"boundaries": boundaries, "values": values,
-                        "boundary": _choice("boundary", boundary, ("ge", "gt"))}
+                        "boundary": check_choice(boundary, "boundary", ("ge", "gt"))}
         self._compile()
 
     def _emit(self, b):
@@ -537,9 +491,9 @@ def piecewise_constant(boundaries, values, boundary="ge"):
 
 def multistep(init_value, milestones, gamma=0.1):
     """torch ``MultiStepLR``: multiplied by ``gamma`` at each milestone (switch at t >= m)."""
-    milestones = _increasing("milestones", list(milestones))
-    gamma = _value("gamma", gamma, low=0)
-    values = [_value("init_value", init_value, low=0)]
+    milestones = check_increasing(list(milestones), "milestones")
+    gamma = check_real(gamma, "gamma", low=0)
+    values = [check_real(init_value, "init_value", low=0)]
     for _ in milestones:
         values.append(values[-1] * gamma)
     return _PiecewiseConstant(milestones, values)
@@ -549,14 +503,14 @@ class _PiecewiseInterpolate(_Simple):
     kind = "piecewise_interpolate"
 
     def __init__(self, boundaries, values, interpolation="linear"):
-        boundaries = _increasing("boundaries", list(boundaries))
-        values = [_value(f"values[{i}]", v, low=0) for i, v in enumerate(values)]
+        boundaries = check_increasing(list(boundaries), "boundaries")
+        values = [check_real(v, f"values[{i}]", low=0) for i, v in enumerate(values)]
         if len(values) != len(boundaries) or not values:
             raise ValueError(f"values and boundaries must have the same, non-zero length: got "
                              f"{len(values)} and {len(boundaries)}")
         self._params = {"boundaries": boundaries, "values": values,
-                        "interpolation": _choice("interpolation", interpolation,
-                                                 ("linear", "cosine"))}
+                        "interpolation": check_choice(interpolation, "interpolation",
+                                                      ("linear", "cosine"))}
         self._compile()
 
     def _emit(self, b):
@@ -576,16 +530,16 @@ def _onecycle_points(transition_steps, peak_value, pct_start, div_factor, final_
                      pct_final=None):
     """optax's one-cycle points: (0, peak/div), (int(pct_start T), peak), optionally
     (int(pct_final T), peak/div), (T, peak/(div * final_div))."""
-    transition_steps = _count("transition_steps", transition_steps, low=2)
-    peak = _value("peak_value", peak_value, low=0)
-    pct = _value("pct_start", pct_start, low=0, low_open=True, high=1.0)
-    div = _value("div_factor", div_factor, low=0, low_open=True)
-    final = _value("final_div_factor", final_div_factor, low=0, low_open=True)
+    transition_steps = check_count(transition_steps, "transition_steps", low=2)
+    peak = check_real(peak_value, "peak_value", low=0)
+    pct = check_real(pct_start, "pct_start", low=0, low_open=True, high=1.0)
+    div = check_real(div_factor, "div_factor", low=0, low_open=True)
+    final = check_real(final_div_factor, "final_div_factor", low=0, low_open=True)
     init = peak / div
     points = [0, int(pct * transition_steps)]
     values = [init, init * div]
     if pct_final is not None:
-        pct_final = _value("pct_final", pct_final, low=0, low_open=True, high=1.0)
+        pct_final = check_real(pct_final, "pct_final", low=0, low_open=True, high=1.0)
         points.append(int(pct_final * transition_steps))
         values.append(values[-1] / div)
     points.append(transition_steps)
@@ -619,8 +573,8 @@ class _InverseSqrt(_Simple):
     kind = "inverse_sqrt"
 
     def __init__(self, init_value, timescale=1):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "timescale": _count("timescale", timescale)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "timescale": check_count(timescale, "timescale")}
         self._compile()
 
     def _emit(self, b):
@@ -638,9 +592,9 @@ class _SqrtDecay(_Simple):
     kind = "sqrt_decay"
 
     def __init__(self, init_value, end_value, decay_steps):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps")}
         self._compile()
 
     def _emit(self, b):
@@ -659,13 +613,13 @@ class _Join(Schedule):
         schedules = [_schedule(f"schedules[{i}]", s) for i, s in enumerate(schedules)]
         if not schedules:
             raise ValueError("schedules must not be empty")
-        boundaries = _increasing("boundaries", list(boundaries), low=1)
+        boundaries = check_increasing(list(boundaries), "boundaries", low=1)
         if len(boundaries) != len(schedules) - 1:
             raise ValueError(f"boundaries must have one entry fewer than schedules: got "
                              f"{len(boundaries)} for {len(schedules)} schedules")
         if isinstance(local, (bool, np.bool_)):
             local = [bool(local)] * len(schedules)
-        local = [_flag(f"local[{i}]", f) for i, f in enumerate(local)]
+        local = [check_bool(f, f"local[{i}]") for i, f in enumerate(local)]
         if len(local) != len(schedules):
             raise ValueError("local must be a bool or one bool per schedule")
         self._params = {"schedules": schedules, "boundaries": boundaries, "local": local}
@@ -709,15 +663,15 @@ class _Product(Schedule):
 
 def scale(schedule, factor):
     """``factor * schedule(t)``."""
-    return _Product(_schedule("schedule", schedule), constant(_value("factor", factor, low=0)))
+    return _Product(_schedule("schedule", schedule), constant(check_real(factor, "factor", low=0)))
 
 
 class _Clamp(Schedule):
     kind = "clamp"
 
     def __init__(self, schedule, min_value=0.0, max_value=None):
-        lo = _value("min_value", min_value, low=0)
-        hi = None if max_value is None else _value("max_value", max_value, low=0)
+        lo = check_real(min_value, "min_value", low=0)
+        hi = None if max_value is None else check_real(max_value, "max_value", low=0)
         if hi is not None and hi < lo:
             raise ValueError(f"max_value must be >= min_value, got {hi} < {lo}")
         self._params = {"schedule": _schedule("schedule", schedule), "min_value": lo,
@@ -745,9 +699,9 @@ class _Warmup(Schedule):
 
     def __init__(self, schedule, warmup_steps, start_value=0.0, overlap=False):
         self._params = {"schedule": _schedule("schedule", schedule),
-                        "warmup_steps": _count("warmup_steps", warmup_steps),
-                        "start_value": _value("start_value", start_value, low=0),
-                        "overlap": _flag("overlap", overlap)}
+                        "warmup_steps": check_count(warmup_steps, "warmup_steps"),
+                        "start_value": check_real(start_value, "start_value", low=0),
+                        "overlap": check_bool(overlap, "overlap")}
         self._compile()
 
     @classmethod
@@ -783,13 +737,13 @@ class _WarmupCosine(_Simple):
 
     def __init__(self, init_value, peak_value, warmup_steps, decay_steps, end_value=0.0,
                  exponent=1.0, decay_includes_warmup=True):
-        p = {"init_value": _value("init_value", init_value, low=0),
-             "peak_value": _value("peak_value", peak_value, low=0),
-             "warmup_steps": _count("warmup_steps", warmup_steps, low=0),
-             "decay_steps": _count("decay_steps", decay_steps),
-             "end_value": _value("end_value", end_value, low=0),
-             "exponent": _value("exponent", exponent, low=0, low_open=True),
-             "decay_includes_warmup": _flag("decay_includes_warmup", decay_includes_warmup)}
+        p = {"init_value": check_real(init_value, "init_value", low=0),
+             "peak_value": check_real(peak_value, "peak_value", low=0),
+             "warmup_steps": check_count(warmup_steps, "warmup_steps", low=0),
+             "decay_steps": check_count(decay_steps, "decay_steps"),
+             "end_value": check_real(end_value, "end_value", low=0),
+             "exponent": check_real(exponent, "exponent", low=0, low_open=True),
+             "decay_includes_warmup": check_bool(decay_includes_warmup, "decay_includes_warmup")}
         if p["decay_includes_warmup"] and p["decay_steps"] <= p["warmup_steps"]:
             raise ValueError(f"warmup_steps ({p['warmup_steps']}) must be shorter than "
                              f"decay_steps ({p['decay_steps']}), which include the warmup")
@@ -825,14 +779,14 @@ class _WSD(_Simple):
 
     def __init__(self, peak_value, warmup_steps, stable_steps, decay_steps, init_value=0.0,
                  end_value=0.0, decay_shape="linear"):
-        self._params = {"peak_value": _value("peak_value", peak_value, low=0),
-                        "warmup_steps": _count("warmup_steps", warmup_steps, low=0),
-                        "stable_steps": _count("stable_steps", stable_steps, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "init_value": _value("init_value", init_value, low=0),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "decay_shape": _choice("decay_shape", decay_shape,
-                                               ("linear", "cosine", "sqrt"))}
+        self._params = {"peak_value": check_real(peak_value, "peak_value", low=0),
+                        "warmup_steps": check_count(warmup_steps, "warmup_steps", low=0),
+                        "stable_steps": check_count(stable_steps, "stable_steps", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "init_value": check_real(init_value, "init_value", low=0),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "decay_shape": check_choice(decay_shape, "decay_shape",
+                                                    ("linear", "cosine", "sqrt"))}
         self._compile()
 
     def _emit(self, b) -> int:
@@ -895,24 +849,24 @@ class ReduceLROnPlateau:
     def __init__(self, mode="min", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, counting="torch",
                  increase_factor=None, increase_patience=5, max_lr=None):
-        self.mode = _choice("mode", mode, ("min", "max"))
-        self.factor = _value("factor", factor, low=0, low_open=True)
+        self.mode = check_choice(mode, "mode", ("min", "max"))
+        self.factor = check_real(factor, "factor", low=0, low_open=True)
         if self.factor >= 1.0:
             raise ValueError(f"factor must be < 1.0, got {factor}")
-        self.patience = _count("patience", patience, low=0)
-        self.threshold = _value("threshold", threshold, low=0)
-        self.threshold_mode = _choice("threshold_mode", threshold_mode, ("rel", "abs"))
-        self.cooldown = _count("cooldown", cooldown, low=0)
-        self.min_lr = _value("min_lr", min_lr, low=0)
-        self.eps = _value("eps", eps, low=0)
-        self.counting = _choice("counting", counting, ("torch", "keras"))
+        self.patience = check_count(patience, "patience", low=0)
+        self.threshold = check_real(threshold, "threshold", low=0)
+        self.threshold_mode = check_choice(threshold_mode, "threshold_mode", ("rel", "abs"))
+        self.cooldown = check_count(cooldown, "cooldown", low=0)
+        self.min_lr = check_real(min_lr, "min_lr", low=0)
+        self.eps = check_real(eps, "eps", low=0)
+        self.counting = check_choice(counting, "counting", ("torch", "keras"))
         if increase_factor is not None:
-            increase_factor = _value("increase_factor", increase_factor, low=1.0, low_open=True)
+            increase_factor = check_real(increase_factor, "increase_factor", low=1.0, low_open=True)
             if max_lr is None:
                 raise ValueError("max_lr is required with increase_factor (it caps the rate)")
         self.increase_factor = increase_factor
-        self.increase_patience = _count("increase_patience", increase_patience)
-        self.max_lr = None if max_lr is None else _value("max_lr", max_lr, low=0)
+        self.increase_patience = check_count(increase_patience, "increase_patience")
+        self.max_lr = None if max_lr is None else check_real(max_lr, "max_lr", low=0)
         if self.max_lr is not None and self.max_lr < self.min_lr:
             raise ValueError(f"max_lr must be >= min_lr, got {max_lr} < {min_lr}")
         self._cell = PlateauCell()
@@ -1015,7 +969,7 @@ class ReduceLROnPlateau:
         if lr is None:
             significant = old - new > self.eps
         else:
-            lr = _value("lr", lr, low=0)
+            lr = check_real(lr, "lr", low=0)
             significant = lr - max(lr * self.factor, self.min_lr) > self.eps
         if significant:
             self._cell.scale = new
@@ -1034,9 +988,9 @@ class ReduceLROnPlateau:
             raise ValueError(f"a plateau state dict has the keys {keys}")
         if state["config"] != self.config():
             raise ValueError("the state was saved by a ReduceLROnPlateau with another configuration")
-        counters = [_count(k, state[k], low=0) for k in keys[2:6]]
+        counters = [check_count(state[k], k, low=0) for k in keys[2:6]]
         best = float(state["best"])
-        scale = _value("scale", state["scale"], low=0, low_open=True)
+        scale = check_real(state["scale"], "scale", low=0, low_open=True)
         self.best = best
         self.num_bad, self.num_good, self.cooldown_counter, self.num_steps = counters
         self._cell.scale = scale
