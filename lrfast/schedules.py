@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._dispatch import schedule_kernels as _schedules
+from ._threads import get_num_threads
 from ._validation import check_bool, check_choice, check_count, check_increasing, check_real
 
 if TYPE_CHECKING:
@@ -113,6 +114,11 @@ class Schedule(NativeSchedule):
 
     def _emit(self, b):  # pragma: no cover - every concrete schedule overrides it
         raise NotImplementedError
+
+    def _num_threads(self):
+        """The thread count ``s(steps)`` evaluates with: lrfast's setting (``lrfast.threads``,
+        ``set_num_threads``), chosen here and passed to the kernel as an argument."""
+        return get_num_threads()
 
     # -- description --------------------------------------------------------------------------
 
