@@ -48,6 +48,28 @@ class ReduceLROnPlateau:
     never letting the rate exceed ``max_lr``. A reduction that would lower the rate by ``eps``
     or less is skipped, as in torch, when ``step`` is given the rate in force
     (``plateau.step(loss, lr=opt.last_lr)``); otherwise ``eps`` applies to the factor.
+
+    Examples
+    --------
+    Halve the rate after two evaluations in a row without improvement (``patience=1``):
+
+    >>> from lrfast import ReduceLROnPlateau
+    >>> from lrfast.schedules import constant
+    >>> plateau = ReduceLROnPlateau(factor=0.5, patience=1)
+    >>> s = constant(0.1) * plateau
+    >>> [plateau.step(loss) for loss in (1.0, 0.9, 0.95, 0.95)]
+    [1.0, 1.0, 1.0, 0.5]
+    >>> s(0)
+    0.05
+
+    ``min_lr`` floors the rate once it has been lowered:
+
+    >>> plateau = ReduceLROnPlateau(factor=0.5, patience=0, min_lr=0.02)
+    >>> s = plateau.wrap(constant(0.1))
+    >>> [plateau.step(1.0) for _ in range(4)]
+    [1.0, 0.5, 0.25, 0.125]
+    >>> s(0)
+    0.02
     """
 
     _CONFIG = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr",

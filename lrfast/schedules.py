@@ -17,6 +17,16 @@ a pure-NumPy twin in :mod:`lrfast.reference` (``reference.schedule_values(spec, 
 
 Boundary conventions are stated per schedule; ``docs/schedules.md`` has the table against
 torch.optim.lr_scheduler, optax, keras and timm.
+
+Examples
+--------
+>>> import numpy as np
+>>> from lrfast.schedules import linear
+>>> s = linear(0.0, 1.0, 4)
+>>> s(2)
+0.5
+>>> s(np.arange(6)).tolist()
+[0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 """
 from __future__ import annotations
 
@@ -164,7 +174,19 @@ def _to_json(v):
 
 
 def from_dict(spec):
-    """Rebuild a schedule from ``Schedule.to_dict()`` output (or the same JSON)."""
+    """Rebuild a schedule from ``Schedule.to_dict()`` output (or the same JSON).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant, from_dict
+    >>> spec = constant(0.1).to_dict()
+    >>> spec
+    {'type': 'constant', 'value': 0.1}
+    >>> from_dict(spec)
+    constant(value=0.1)
+    >>> from_dict(spec) == constant(0.1)
+    True
+    """
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError(f"a schedule spec is a dict with a 'type', got {spec!r}")
     kind = spec["type"]
@@ -207,7 +229,15 @@ class _Constant(_Simple):
 
 
 def constant(value):
-    """``value`` at every step."""
+    """``value`` at every step.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant
+    >>> s = constant(0.1)
+    >>> s(0), s(1_000_000)
+    (0.1, 0.1)
+    """
     return _Constant(value)
 
 
@@ -243,6 +273,24 @@ def exponential_decay(init_value, decay_rate, transition_steps=1, staircase=Fals
     ``staircase`` floors the exponent; before ``transition_begin`` the value is ``init``;
     ``end_value`` bounds the result (a floor when decaying, a ceiling when ``rate > 1``).
     torch ``ExponentialLR(gamma)`` is ``exponential_decay(lr, gamma)``.
+
+    Examples
+    --------
+    Halved at each step; with ``staircase``, halved every 10 steps:
+
+    >>> from lrfast.schedules import exponential_decay
+    >>> s = exponential_decay(1.0, 0.5)
+    >>> [s(t) for t in (0, 1, 3)]
+    [1.0, 0.5, 0.125]
+    >>> s = exponential_decay(1.0, 0.5, transition_steps=10, staircase=True)
+    >>> [s(t) for t in (0, 9, 10, 25)]
+    [1.0, 1.0, 0.5, 0.25]
+
+    ``end_value`` stops the decay:
+
+    >>> s = exponential_decay(1.0, 0.5, end_value=0.2)
+    >>> [s(t) for t in (1, 2, 3, 100)]
+    [0.5, 0.25, 0.2, 0.2]
     """
     return _Exponential(init_value, decay_rate, transition_steps, staircase, transition_begin,
                         end_value)
@@ -250,7 +298,15 @@ def exponential_decay(init_value, decay_rate, transition_steps=1, staircase=Fals
 
 def step_decay(init_value, gamma, step_size):
     """``init * gamma^floor(t / step_size)`` (torch ``StepLR``; the seeds' step decay with t
-    counted from 0)."""
+    counted from 0).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import step_decay
+    >>> s = step_decay(0.1, 0.5, 10)
+    >>> [s(t) for t in (0, 9, 10, 25)]
+    [0.1, 0.1, 0.05, 0.025]
+    """
     return _Exponential(init_value, gamma, step_size, staircase=True)
 
 
@@ -268,7 +324,20 @@ class _NaturalExp(_Simple):
 
 
 def natural_exp_decay(init_value, decay_rate):
-    """``init * exp(-k t)``: the seeds' continuous exponential decay."""
+    """``init * exp(-k t)``: the seeds' continuous exponential decay.
+
+    Examples
+    --------
+    With ``k = 0.1``, step 10 is ``exp(-1)``:
+
+    >>> import math
+    >>> from lrfast.schedules import natural_exp_decay
+    >>> s = natural_exp_decay(1.0, 0.1)
+    >>> s(0)
+    1.0
+    >>> round(s(10), 6), round(math.exp(-1.0), 6)
+    (0.367879, 0.367879)
+    """
     return _NaturalExp(init_value, decay_rate)
 
 
@@ -289,7 +358,18 @@ class _InverseTime(_Simple):
 
 
 def inverse_time_decay(init_value, decay_rate, decay_steps=1, staircase=False):
-    """``init / (1 + k t / T)``, ``staircase`` floors ``t / T`` (keras ``InverseTimeDecay``)."""
+    """``init / (1 + k t / T)``, ``staircase`` floors ``t / T`` (keras ``InverseTimeDecay``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import inverse_time_decay
+    >>> s = inverse_time_decay(1.0, 1.0, decay_steps=10)
+    >>> [s(t) for t in (0, 10, 30)]
+    [1.0, 0.5, 0.25]
+    >>> s = inverse_time_decay(1.0, 1.0, decay_steps=10, staircase=True)
+    >>> [s(t) for t in (5, 10, 15)]
+    [1.0, 0.5, 0.5]
+    """
     return _InverseTime(init_value, decay_rate, decay_steps, staircase)
 
 
@@ -317,19 +397,45 @@ def polynomial_decay(init_value, end_value, decay_steps, power=1.0, transition_b
                      cycle=False):
     """``(init - end) (1 - s/T)^power + end`` with ``s = clip(t - begin, 0, T)``: optax
     ``polynomial_schedule``, torch ``PolynomialLR`` (end 0). ``cycle=True`` is keras'
-    ``PolynomialDecay(cycle=True)``: T becomes the next multiple of T at or above t."""
+    ``PolynomialDecay(cycle=True)``: T becomes the next multiple of T at or above t.
+
+    Examples
+    --------
+    A quadratic decay over 10 steps, then flat:
+
+    >>> from lrfast.schedules import polynomial_decay
+    >>> s = polynomial_decay(1.0, 0.0, 10, power=2.0)
+    >>> [s(t) for t in (0, 5, 10, 20)]
+    [1.0, 0.25, 0.0, 0.0]
+    """
     return _Polynomial(init_value, end_value, decay_steps, power, transition_begin, cycle)
 
 
 def linear(init_value, end_value, transition_steps, transition_begin=0):
     """From ``init_value`` to ``end_value`` in ``transition_steps``, then flat (optax
-    ``linear_schedule``)."""
+    ``linear_schedule``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import linear
+    >>> s = linear(0.0, 1.0, 4)
+    >>> [s(t) for t in (0, 1, 2, 4, 100)]
+    [0.0, 0.25, 0.5, 1.0, 1.0]
+    """
     return _Polynomial(init_value, end_value, transition_steps, 1.0, transition_begin)
 
 
 def linear_factor(base_lr, start_factor=1.0 / 3, end_factor=1.0, total_iters=5):
     """torch ``LinearLR``: ``base_lr`` times a factor going linearly from ``start_factor`` to
-    ``end_factor`` over ``total_iters`` steps."""
+    ``end_factor`` over ``total_iters`` steps.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import linear_factor
+    >>> s = linear_factor(1.0, start_factor=0.5, end_factor=1.0, total_iters=4)
+    >>> [s(t) for t in (0, 2, 4, 10)]
+    [0.5, 0.75, 1.0, 1.0]
+    """
     check_real(start_factor, "start_factor", low=0, low_open=True, high=1.0)
     check_real(end_factor, "end_factor", low=0, high=1.0)
     return _Polynomial(base_lr * start_factor, base_lr * end_factor, total_iters, 1.0)
@@ -359,6 +465,22 @@ def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0, end_value=Non
     ``end = alpha * init`` unless ``end_value`` is given (optax ``cosine_decay_schedule``, keras
     ``CosineDecay``). ``periodic=True`` continues the cosine past T instead of clamping, as
     torch ``CosineAnnealingLR(T_max=T, eta_min=end)`` does.
+
+    Examples
+    --------
+    Step 25 is a quarter of the way: ``(1 + cos(pi / 4)) / 2``. The cosine is exact to about one
+    unit in the last place, so the values are shown rounded:
+
+    >>> from lrfast.schedules import cosine_decay
+    >>> s = cosine_decay(1.0, 100)
+    >>> [round(s(t), 6) for t in (0, 25, 50, 100, 200)]
+    [1.0, 0.853553, 0.5, 0.0, 0.0]
+    >>> s = cosine_decay(1.0, 100, alpha=0.1)
+    >>> [round(s(t), 6) for t in (50, 100, 200)]
+    [0.55, 0.1, 0.1]
+    >>> s = cosine_decay(1.0, 100, periodic=True)
+    >>> [round(s(t), 6) for t in (100, 150, 200)]
+    [0.0, 0.5, 1.0]
     """
     alpha = check_real(alpha, "alpha", low=0, high=1.0)
     end = alpha * check_real(init_value, "init_value", low=0) if end_value is None else end_value
@@ -390,6 +512,15 @@ def cosine_restarts(init_value, first_period, period_mult=1.0, min_value=0.0, pe
     ``CosineDecayRestarts(first_decay_steps, t_mul, m_mul, alpha)`` when alpha = 0 or m_mul = 1
     (keras shrinks only the part above its floor, ``alpha * init``, by ``m_mul^k``; here the
     peak itself is multiplied); timm ``CosineLRScheduler(cycle_mul, cycle_decay)``.
+
+    Examples
+    --------
+    Periods of 10, 20, 40 steps (starting at steps 0, 10, 30), the peak halved at each restart:
+
+    >>> from lrfast.schedules import cosine_restarts
+    >>> s = cosine_restarts(1.0, 10, period_mult=2.0, peak_decay=0.5)
+    >>> [round(s(t), 6) for t in (0, 5, 10, 20, 30)]
+    [1.0, 0.5, 0.5, 0.25, 0.25]
     """
     return _CosineRestarts(init_value, first_period, period_mult, min_value, peak_decay)
 
@@ -432,7 +563,18 @@ class _OneCycle(_Simple):
 def one_cycle(max_lr, total_steps, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
               final_div_factor=1e4, three_phase=False):
     """torch ``OneCycleLR`` (Smith and Topin, 2018), same parameters and phase boundaries; steps
-    from ``total_steps - 1`` on keep the final value (torch raises past ``total_steps``)."""
+    from ``total_steps - 1`` on keep the final value (torch raises past ``total_steps``).
+
+    Examples
+    --------
+    100 steps with torch's defaults: up from ``1.0 / 25`` to 1.0 at step ``0.3 * 100 - 1``, then
+    down to ``1.0 / 25 / 1e4`` at step 99:
+
+    >>> from lrfast.schedules import one_cycle
+    >>> s = one_cycle(1.0, 100)
+    >>> [round(s(t), 6) for t in (0, 29, 99, 500)]
+    [0.04, 1.0, 4e-06, 4e-06]
+    """
     return _OneCycle(max_lr, total_steps, pct_start, anneal_strategy, div_factor,
                      final_div_factor, three_phase)
 
@@ -464,7 +606,18 @@ class _Cyclic(_Simple):
 def cyclic(base_lr, max_lr, step_size_up=2000, step_size_down=None, mode="triangular",
            gamma=1.0):
     """torch ``CyclicLR`` (Smith, 2017): triangular, triangular2 (amplitude halved each cycle)
-    or exp_range (amplitude times ``gamma^t``)."""
+    or exp_range (amplitude times ``gamma^t``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import cyclic
+    >>> s = cyclic(0.0, 1.0, step_size_up=4)
+    >>> [s(t) for t in (0, 2, 4, 6, 8, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0, 0.5]
+    >>> s = cyclic(0.0, 1.0, step_size_up=4, mode="triangular2")
+    >>> [s(t) for t in (4, 12, 20)]
+    [1.0, 0.5, 0.25]
+    """
     return _Cyclic(base_lr, max_lr, step_size_up, step_size_down, mode, gamma)
 
 
@@ -490,12 +643,31 @@ class _PiecewiseConstant(_Simple):
 
 def piecewise_constant(boundaries, values, boundary="ge"):
     """``values[j]`` once ``j`` boundaries are passed. ``boundary='ge'`` switches at
-    ``t >= b`` (torch, optax); ``'gt'`` at ``t > b`` (keras ``PiecewiseConstantDecay``)."""
+    ``t >= b`` (torch, optax); ``'gt'`` at ``t > b`` (keras ``PiecewiseConstantDecay``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import piecewise_constant
+    >>> s = piecewise_constant([10, 20], [1.0, 0.5, 0.25])
+    >>> [s(t) for t in (9, 10, 20)]
+    [1.0, 0.5, 0.25]
+    >>> s = piecewise_constant([10, 20], [1.0, 0.5, 0.25], boundary="gt")
+    >>> [s(t) for t in (10, 11, 20, 21)]
+    [1.0, 0.5, 0.5, 0.25]
+    """
     return _PiecewiseConstant(boundaries, values, boundary)
 
 
 def multistep(init_value, milestones, gamma=0.1):
-    """torch ``MultiStepLR``: multiplied by ``gamma`` at each milestone (switch at t >= m)."""
+    """torch ``MultiStepLR``: multiplied by ``gamma`` at each milestone (switch at t >= m).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import multistep
+    >>> s = multistep(1.0, [10, 20], gamma=0.5)
+    >>> [s(t) for t in (9, 10, 20)]
+    [1.0, 0.5, 0.25]
+    """
     milestones = check_increasing(list(milestones), "milestones")
     gamma = check_real(gamma, "gamma", low=0)
     values = [check_real(init_value, "init_value", low=0)]
@@ -527,7 +699,18 @@ class _PiecewiseInterpolate(_Simple):
 
 def piecewise_interpolate(boundaries, values, interpolation="linear"):
     """Through the points ``(boundaries[j], values[j])``, linearly or along a half cosine; flat
-    before the first and after the last point."""
+    before the first and after the last point.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import piecewise_interpolate
+    >>> s = piecewise_interpolate([10, 20], [0.0, 1.0])
+    >>> [s(t) for t in (0, 10, 15, 20, 30)]
+    [0.0, 0.0, 0.5, 1.0, 1.0]
+    >>> s = piecewise_interpolate([10, 20], [0.0, 1.0], interpolation="cosine")
+    >>> round(s(15), 6)
+    0.5
+    """
     return _PiecewiseInterpolate(boundaries, values, interpolation)
 
 
@@ -558,7 +741,17 @@ def _onecycle_points(transition_steps, peak_value, pct_start, div_factor, final_
 def cosine_onecycle(transition_steps, peak_value, pct_start=0.3, div_factor=25.0,
                     final_div_factor=1e4):
     """optax ``cosine_onecycle_schedule``: up from ``peak/div`` to ``peak`` by step
-    ``int(pct_start * T)``, then down to ``peak/(div*final_div)`` by step T, along half cosines."""
+    ``int(pct_start * T)``, then down to ``peak/(div*final_div)`` by step T, along half cosines.
+
+    Examples
+    --------
+    Over 100 steps: 0.04 (``1.0 / 25``) at step 0, 1.0 at step 30, ``1.0 / 25 / 1e4`` at step 100:
+
+    >>> from lrfast.schedules import cosine_onecycle
+    >>> s = cosine_onecycle(100, 1.0)
+    >>> [round(s(t), 6) for t in (0, 15, 30, 100)]
+    [0.04, 0.52, 1.0, 4e-06]
+    """
     b, v = _onecycle_points(transition_steps, peak_value, pct_start, div_factor,
                             final_div_factor)
     return _PiecewiseInterpolate(b, v, "cosine")
@@ -568,7 +761,18 @@ def linear_onecycle(transition_steps, peak_value, pct_start=0.3, pct_final=0.85,
                     div_factor=25.0, final_div_factor=1e4):
     """optax ``linear_onecycle_schedule``: straight lines from ``peak/div`` up to ``peak`` by step
     ``int(pct_start * T)``, back to ``peak/div`` by ``int(pct_final * T)``, then down to
-    ``peak/(div*final_div)`` by step T."""
+    ``peak/(div*final_div)`` by step T.
+
+    Examples
+    --------
+    Over 100 steps: 0.04 (``1.0 / 25``) at step 0, 1.0 at step 30, 0.04 again at step 85,
+    ``0.04 / 1e4`` at step 100:
+
+    >>> from lrfast.schedules import linear_onecycle
+    >>> s = linear_onecycle(100, 1.0)
+    >>> [s(t) for t in (0, 30, 85, 100)]
+    [0.04, 1.0, 0.04, 4e-06]
+    """
     b, v = _onecycle_points(transition_steps, peak_value, pct_start, div_factor,
                             final_div_factor, pct_final)
     return _PiecewiseInterpolate(b, v, "linear")
@@ -589,7 +793,15 @@ class _InverseSqrt(_Simple):
 
 def inverse_sqrt(init_value, timescale=1):
     """``init / sqrt(max(t, T) / T)``: flat until T, then proportional to 1/sqrt(t) (the
-    Transformer's decay; put ``warmup`` in front for the fairseq form)."""
+    Transformer's decay; put ``warmup`` in front for the fairseq form).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import inverse_sqrt
+    >>> s = inverse_sqrt(1.0, timescale=4)
+    >>> [s(t) for t in (0, 4, 16, 64)]
+    [1.0, 1.0, 0.5, 0.25]
+    """
     return _InverseSqrt(init_value, timescale)
 
 
@@ -645,7 +857,21 @@ class _Join(Schedule):
 def join(schedules, boundaries, local=True):
     """``schedules[j]`` from ``boundaries[j-1]`` on. With ``local=True`` (optax
     ``join_schedules``) each piece sees the steps since its boundary; with ``False`` the global
-    step. ``local`` may also be a list, one flag per piece."""
+    step. ``local`` may also be a list, one flag per piece.
+
+    Examples
+    --------
+    1.0 for 5 steps, then a linear decay that starts at its own step 0 (``local=True``) or at
+    the global step 5 (``local=False``):
+
+    >>> from lrfast.schedules import constant, join, linear
+    >>> s = join([constant(1.0), linear(1.0, 0.0, 10)], [5])
+    >>> [s(t) for t in (4, 5, 10, 15)]
+    [1.0, 1.0, 0.5, 0.0]
+    >>> s = join([constant(1.0), linear(1.0, 0.0, 10)], [5], local=False)
+    >>> [s(t) for t in (4, 5, 10)]
+    [1.0, 0.5, 0.0]
+    """
     return _Join(schedules, boundaries, local)
 
 
@@ -667,7 +893,22 @@ class _Product(Schedule):
 
 
 def scale(schedule, factor):
-    """``factor * schedule(t)``."""
+    """``factor * schedule(t)``.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant, linear, scale
+    >>> scale(constant(2.0), 0.25)(0)
+    0.5
+    >>> (0.25 * constant(2.0))(0)
+    0.5
+
+    ``*`` of two schedules multiplies their values:
+
+    >>> s = linear(0.0, 1.0, 4) * constant(0.5)
+    >>> [s(t) for t in (0, 2, 4)]
+    [0.0, 0.25, 0.5]
+    """
     return _Product(_schedule("schedule", schedule), constant(check_real(factor, "factor", low=0)))
 
 
@@ -695,7 +936,15 @@ class _Clamp(Schedule):
 
 
 def clamp(schedule, min_value=0.0, max_value=None):
-    """``schedule(t)`` limited to ``[min_value, max_value]`` (``max_value=None``: no ceiling)."""
+    """``schedule(t)`` limited to ``[min_value, max_value]`` (``max_value=None``: no ceiling).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import clamp, linear
+    >>> s = clamp(linear(1.0, 0.0, 10), 0.2, 0.8)
+    >>> [s(t) for t in (0, 5, 10)]
+    [0.8, 0.5, 0.2]
+    """
     return _Clamp(schedule, min_value, max_value)
 
 
@@ -733,6 +982,19 @@ def warmup(schedule, warmup_steps, start_value=0.0, overlap=False):
     ``schedule(warmup_steps)``, so the curve is continuous, and the schedule keeps the global
     step. (timm's default ramps to the base rate instead and then jumps to the schedule:
     ``join([linear(start, base, W), s], [W], local=[True, False])``.)
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant, cosine_decay, warmup
+    >>> s = warmup(constant(1.0), 4)
+    >>> [s(t) for t in (0, 2, 4, 100)]
+    [0.0, 0.5, 1.0, 1.0]
+
+    As a prefix, the cosine starts after the ramp and ends 10 steps later than on its own:
+
+    >>> s = warmup(cosine_decay(1.0, 100), 10)
+    >>> [round(s(t), 6) for t in (5, 10, 60, 110)]
+    [0.5, 1.0, 0.5, 0.0]
     """
     return _Warmup(schedule, warmup_steps, start_value, overlap)
 
@@ -774,6 +1036,13 @@ def warmup_cosine(init_value, peak_value, warmup_steps, decay_steps, end_value=0
     ``decay_includes_warmup=True`` counts ``decay_steps`` from step 0, warmup included (optax
     ``warmup_cosine_decay_schedule``); ``False`` counts them after the warmup (keras
     ``CosineDecay(warmup_steps=...)``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import warmup_cosine
+    >>> s = warmup_cosine(0.0, 1.0, warmup_steps=10, decay_steps=110)
+    >>> [round(s(t), 6) for t in (0, 5, 10, 60, 110)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
     """
     return _WarmupCosine(init_value, peak_value, warmup_steps, decay_steps, end_value, exponent,
                          decay_includes_warmup)
@@ -820,7 +1089,17 @@ class _WSD(_Simple):
 def wsd(peak_value, warmup_steps, stable_steps, decay_steps, init_value=0.0, end_value=0.0,
         decay_shape="linear"):
     """Warmup-stable-decay: linear warmup to ``peak_value``, ``stable_steps`` at the peak, then
-    a ``decay_shape`` decay ('linear', 'cosine', or 'sqrt' = 1 - sqrt) to ``end_value``."""
+    a ``decay_shape`` decay ('linear', 'cosine', or 'sqrt' = 1 - sqrt) to ``end_value``.
+
+    Examples
+    --------
+    10 steps of warmup, 80 at the peak, a linear decay over the last 10:
+
+    >>> from lrfast.schedules import wsd
+    >>> s = wsd(1.0, 10, 80, 10)
+    >>> [s(t) for t in (0, 5, 10, 89, 90, 95, 100)]
+    [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0]
+    """
     return _WSD(peak_value, warmup_steps, stable_steps, decay_steps, init_value, end_value,
                 decay_shape)
 
