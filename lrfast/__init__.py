@@ -24,7 +24,7 @@ from ._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 from .flat import FlatParams  # noqa: E402
 from . import optim  # noqa: E402
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
-from .schedules import ReduceLROnPlateau  # noqa: E402
+from .plateau import ReduceLROnPlateau  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -1,7 +1,9 @@
-"""Input checks shared by the optimizer classes and lrfast.functional.
+"""Input checks shared by the optimizer classes, lrfast.functional and the schedules.
 
 Everything here runs before a kernel writes a byte: a call that raises has changed nothing.
-Hyper-parameter messages are torch.optim's, so they read as users expect.
+Hyper-parameter messages are torch.optim's, so they read as users expect. Schedule and plateau
+parameters are checked once, at construction, by the functions of the last section; their
+messages name the parameter.
 """
 from __future__ import annotations
 
@@ -177,3 +179,58 @@ def raise_gather_error(code, grad, param, what):
             "a gradient must be a separate array"
         )
     raise RuntimeError(f"unknown gradient check code {code} for {what}")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------
+# Schedule and plateau parameters (lrfast.schedules, lrfast.plateau)
+# ------------------------------------------------------------------------------------------
+
+# The largest step count a schedule takes: steps up to it give finite, exact values.
+MAX_STEP = 2**62
+
+
+def check_real(value, name, *, low=None, high=None, low_open=False):
+    """A finite float (not a bool) with ``low <= value <= high`` (``low < value`` when
+    ``low_open``); a bound of None is no bound.
+
+    Unlike ``_real``, a number that ``float`` cannot hold is not caught: ``float`` raises its
+    own OverflowError, as the schedules always have.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v}")
+    return v
+
+
+def check_count(value, name, *, low=1):
+    """An int (not a bool) from ``low`` to ``MAX_STEP``: a step count or a number of steps."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    v = int(value)
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    if v > MAX_STEP:
+        raise ValueError(f"{name} must be <= 2**62, got {v}")
+    return v
+
+
+def check_choice(value, name, options):
+    """One of ``options`` (compared with ==), returned as given."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+    return value
+
+
+def check_increasing(values, name, *, low=0):
+    """A list of strictly increasing counts, each checked by ``check_count`` as ``name[i]``."""
+    values = [check_count(b, f"{name}[{i}]", low=low) for i, b in enumerate(values)]
+    for i in range(1, len(values)):
+        if values[i] <= values[i - 1]:
+            raise ValueError(f"{name} must be strictly increasing, got {values}")
+    return values

@@ -28,7 +28,8 @@ import zipfile
 import numpy as np
 
 from .optim import Optimizer
-from .schedules import ReduceLROnPlateau, Schedule
+from .plateau import ReduceLROnPlateau
+from .schedules import Schedule
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 

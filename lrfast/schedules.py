@@ -17,6 +17,16 @@ a pure-NumPy twin in :mod:`lrfast.reference` (``reference.schedule_values(spec, 
 
 Boundary conventions are stated per schedule; ``docs/schedules.md`` has the table against
 torch.optim.lr_scheduler, optax, keras and timm.
+
+Examples
+--------
+>>> import numpy as np
+>>> from lrfast.schedules import linear
+>>> s = linear(0.0, 1.0, 4)
+>>> s(2)
+0.5
+>>> s(np.arange(6)).tolist()
+[0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 """
 from __future__ import annotations
 
@@ -27,13 +37,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._dispatch import schedule_kernels as _schedules
+from ._threads import get_num_threads
+from ._validation import check_bool, check_choice, check_count, check_increasing, check_real
 
 if TYPE_CHECKING:
     # Both builds share one API (the same .pxi): type against the portable build's stub.
-    from ._schedules import NativeSchedule, PlateauCell
+    from ._schedules import NativeSchedule
 else:
     NativeSchedule = _schedules.NativeSchedule
-    PlateauCell = _schedules.PlateauCell
 
 __all__ = [
     "Schedule", "constant", "step_decay", "multistep", "exponential_decay", "natural_exp_decay",
@@ -45,59 +56,11 @@ __all__ = [
 
 _NIP = _schedules.N_INT_PARAMS
 _NFP = _schedules.N_FLOAT_PARAMS
-_MAX_STEP = 2**62
 
 
 # ------------------------------------------------------------------------------------------
-# Parameter checks (once, at construction)
+# Parameter checks (once, at construction; the generic ones are in lrfast._validation)
 # ------------------------------------------------------------------------------------------
-
-def _value(name, v, *, low=None, high=None, low_open=False):
-    """A real number (not bool) within the bounds; ValueError names the parameter."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if low is not None and (v <= low if low_open else v < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
-    if high is not None and v > high:
-        raise ValueError(f"{name} must be <= {high}, got {v}")
-    return v
-
-
-def _count(name, v, *, low=1):
-    """An int step count >= low (and <= 2**62)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    if v > _MAX_STEP:
-        raise ValueError(f"{name} must be <= 2**62, got {v}")
-    return v
-
-
-def _flag(name, v):
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return bool(v)
-
-
-def _choice(name, v, options):
-    if v not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
-    return v
-
-
-def _increasing(name, values, *, low=0):
-    """Strictly increasing ints >= low."""
-    values = [_count(f"{name}[{i}]", b, low=low) for i, b in enumerate(values)]
-    for i in range(1, len(values)):
-        if values[i] <= values[i - 1]:
-            raise ValueError(f"{name} must be strictly increasing, got {values}")
-    return values
-
 
 def _schedule(name, s):
     if not isinstance(s, Schedule):
@@ -162,6 +125,11 @@ class Schedule(NativeSchedule):
     def _emit(self, b):  # pragma: no cover - every concrete schedule overrides it
         raise NotImplementedError
 
+    def _num_threads(self):
+        """The thread count ``s(steps)`` evaluates with: lrfast's setting (``lrfast.threads``,
+        ``set_num_threads``), chosen here and passed to the kernel as an argument."""
+        return get_num_threads()
+
     # -- description --------------------------------------------------------------------------
 
     def to_dict(self):
@@ -206,7 +174,19 @@ def _to_json(v):
 
 
 def from_dict(spec):
-    """Rebuild a schedule from ``Schedule.to_dict()`` output (or the same JSON)."""
+    """Rebuild a schedule from ``Schedule.to_dict()`` output (or the same JSON).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant, from_dict
+    >>> spec = constant(0.1).to_dict()
+    >>> spec
+    {'type': 'constant', 'value': 0.1}
+    >>> from_dict(spec)
+    constant(value=0.1)
+    >>> from_dict(spec) == constant(0.1)
+    True
+    """
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError(f"a schedule spec is a dict with a 'type', got {spec!r}")
     kind = spec["type"]
@@ -241,7 +221,7 @@ class _Constant(_Simple):
     kind = "constant"
 
     def __init__(self, value):
-        self._params = {"value": _value("value", value, low=0)}
+        self._params = {"value": check_real(value, "value", low=0)}
         self._compile()
 
     def _emit(self, b):
@@ -249,7 +229,15 @@ class _Constant(_Simple):
 
 
 def constant(value):
-    """``value`` at every step."""
+    """``value`` at every step.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant
+    >>> s = constant(0.1)
+    >>> s(0), s(1_000_000)
+    (0.1, 0.1)
+    """
     return _Constant(value)
 
 
@@ -259,12 +247,12 @@ class _Exponential(_Simple):
     def __init__(self, init_value, decay_rate, transition_steps=1, staircase=False,
                  transition_begin=0, end_value=None):
         p = {
-            "init_value": _value("init_value", init_value, low=0),
-            "decay_rate": _value("decay_rate", decay_rate, low=0, low_open=True),
-            "transition_steps": _count("transition_steps", transition_steps),
-            "staircase": _flag("staircase", staircase),
-            "transition_begin": _count("transition_begin", transition_begin, low=0),
-            "end_value": None if end_value is None else _value("end_value", end_value, low=0),
+            "init_value": check_real(init_value, "init_value", low=0),
+            "decay_rate": check_real(decay_rate, "decay_rate", low=0, low_open=True),
+            "transition_steps": check_count(transition_steps, "transition_steps"),
+            "staircase": check_bool(staircase, "staircase"),
+            "transition_begin": check_count(transition_begin, "transition_begin", low=0),
+            "end_value": None if end_value is None else check_real(end_value, "end_value", low=0),
         }
         self._params = p
         self._compile()
@@ -285,6 +273,24 @@ def exponential_decay(init_value, decay_rate, transition_steps=1, staircase=Fals
     ``staircase`` floors the exponent; before ``transition_begin`` the value is ``init``;
     ``end_value`` bounds the result (a floor when decaying, a ceiling when ``rate > 1``).
     torch ``ExponentialLR(gamma)`` is ``exponential_decay(lr, gamma)``.
+
+    Examples
+    --------
+    Halved at each step; with ``staircase``, halved every 10 steps:
+
+    >>> from lrfast.schedules import exponential_decay
+    >>> s = exponential_decay(1.0, 0.5)
+    >>> [s(t) for t in (0, 1, 3)]
+    [1.0, 0.5, 0.125]
+    >>> s = exponential_decay(1.0, 0.5, transition_steps=10, staircase=True)
+    >>> [s(t) for t in (0, 9, 10, 25)]
+    [1.0, 1.0, 0.5, 0.25]
+
+    ``end_value`` stops the decay:
+
+    >>> s = exponential_decay(1.0, 0.5, end_value=0.2)
+    >>> [s(t) for t in (1, 2, 3, 100)]
+    [0.5, 0.25, 0.2, 0.2]
     """
     return _Exponential(init_value, decay_rate, transition_steps, staircase, transition_begin,
                         end_value)
@@ -292,7 +298,15 @@ def exponential_decay(init_value, decay_rate, transition_steps=1, staircase=Fals
 
 def step_decay(init_value, gamma, step_size):
     """``init * gamma^floor(t / step_size)`` (torch ``StepLR``; the seeds' step decay with t
-    counted from 0)."""
+    counted from 0).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import step_decay
+    >>> s = step_decay(0.1, 0.5, 10)
+    >>> [s(t) for t in (0, 9, 10, 25)]
+    [0.1, 0.1, 0.05, 0.025]
+    """
     return _Exponential(init_value, gamma, step_size, staircase=True)
 
 
@@ -300,8 +314,8 @@ class _NaturalExp(_Simple):
     kind = "natural_exp_decay"
 
     def __init__(self, init_value, decay_rate):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "decay_rate": _value("decay_rate", decay_rate, low=0)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "decay_rate": check_real(decay_rate, "decay_rate", low=0)}
         self._compile()
 
     def _emit(self, b):
@@ -310,7 +324,20 @@ class _NaturalExp(_Simple):
 
 
 def natural_exp_decay(init_value, decay_rate):
-    """``init * exp(-k t)``: the seeds' continuous exponential decay."""
+    """``init * exp(-k t)``: the seeds' continuous exponential decay.
+
+    Examples
+    --------
+    With ``k = 0.1``, step 10 is ``exp(-1)``:
+
+    >>> import math
+    >>> from lrfast.schedules import natural_exp_decay
+    >>> s = natural_exp_decay(1.0, 0.1)
+    >>> s(0)
+    1.0
+    >>> round(s(10), 6), round(math.exp(-1.0), 6)
+    (0.367879, 0.367879)
+    """
     return _NaturalExp(init_value, decay_rate)
 
 
@@ -318,10 +345,10 @@ class _InverseTime(_Simple):
     kind = "inverse_time_decay"
 
     def __init__(self, init_value, decay_rate, decay_steps=1, staircase=False):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "decay_rate": _value("decay_rate", decay_rate, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "staircase": _flag("staircase", staircase)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "decay_rate": check_real(decay_rate, "decay_rate", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "staircase": check_bool(staircase, "staircase")}
         self._compile()
 
     def _emit(self, b):
@@ -331,7 +358,18 @@ class _InverseTime(_Simple):
 
 
 def inverse_time_decay(init_value, decay_rate, decay_steps=1, staircase=False):
-    """``init / (1 + k t / T)``, ``staircase`` floors ``t / T`` (keras ``InverseTimeDecay``)."""
+    """``init / (1 + k t / T)``, ``staircase`` floors ``t / T`` (keras ``InverseTimeDecay``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import inverse_time_decay
+    >>> s = inverse_time_decay(1.0, 1.0, decay_steps=10)
+    >>> [s(t) for t in (0, 10, 30)]
+    [1.0, 0.5, 0.25]
+    >>> s = inverse_time_decay(1.0, 1.0, decay_steps=10, staircase=True)
+    >>> [s(t) for t in (5, 10, 15)]
+    [1.0, 0.5, 0.5]
+    """
     return _InverseTime(init_value, decay_rate, decay_steps, staircase)
 
 
@@ -340,12 +378,13 @@ class _Polynomial(_Simple):
 
     def __init__(self, init_value, end_value, decay_steps, power=1.0, transition_begin=0,
                  cycle=False):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "power": _value("power", power, low=0, low_open=True),
-                        "transition_begin": _count("transition_begin", transition_begin, low=0),
-                        "cycle": _flag("cycle", cycle)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "power": check_real(power, "power", low=0, low_open=True),
+                        "transition_begin": check_count(transition_begin, "transition_begin",
+                                                        low=0),
+                        "cycle": check_bool(cycle, "cycle")}
         self._compile()
 
     def _emit(self, b):
@@ -358,21 +397,47 @@ def polynomial_decay(init_value, end_value, decay_steps, power=1.0, transition_b
                      cycle=False):
     """``(init - end) (1 - s/T)^power + end`` with ``s = clip(t - begin, 0, T)``: optax
     ``polynomial_schedule``, torch ``PolynomialLR`` (end 0). ``cycle=True`` is keras'
-    ``PolynomialDecay(cycle=True)``: T becomes the next multiple of T at or above t."""
+    ``PolynomialDecay(cycle=True)``: T becomes the next multiple of T at or above t.
+
+    Examples
+    --------
+    A quadratic decay over 10 steps, then flat:
+
+    >>> from lrfast.schedules import polynomial_decay
+    >>> s = polynomial_decay(1.0, 0.0, 10, power=2.0)
+    >>> [s(t) for t in (0, 5, 10, 20)]
+    [1.0, 0.25, 0.0, 0.0]
+    """
     return _Polynomial(init_value, end_value, decay_steps, power, transition_begin, cycle)
 
 
 def linear(init_value, end_value, transition_steps, transition_begin=0):
     """From ``init_value`` to ``end_value`` in ``transition_steps``, then flat (optax
-    ``linear_schedule``)."""
+    ``linear_schedule``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import linear
+    >>> s = linear(0.0, 1.0, 4)
+    >>> [s(t) for t in (0, 1, 2, 4, 100)]
+    [0.0, 0.25, 0.5, 1.0, 1.0]
+    """
     return _Polynomial(init_value, end_value, transition_steps, 1.0, transition_begin)
 
 
 def linear_factor(base_lr, start_factor=1.0 / 3, end_factor=1.0, total_iters=5):
     """torch ``LinearLR``: ``base_lr`` times a factor going linearly from ``start_factor`` to
-    ``end_factor`` over ``total_iters`` steps."""
-    _value("start_factor", start_factor, low=0, low_open=True, high=1.0)
-    _value("end_factor", end_factor, low=0, high=1.0)
+    ``end_factor`` over ``total_iters`` steps.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import linear_factor
+    >>> s = linear_factor(1.0, start_factor=0.5, end_factor=1.0, total_iters=4)
+    >>> [s(t) for t in (0, 2, 4, 10)]
+    [0.5, 0.75, 1.0, 1.0]
+    """
+    check_real(start_factor, "start_factor", low=0, low_open=True, high=1.0)
+    check_real(end_factor, "end_factor", low=0, high=1.0)
     return _Polynomial(base_lr * start_factor, base_lr * end_factor, total_iters, 1.0)
 
 
@@ -380,11 +445,11 @@ class _Cosine(_Simple):
     kind = "cosine_decay"
 
     def __init__(self, init_value, decay_steps, end_value=0.0, exponent=1.0, periodic=False):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "exponent": _value("exponent", exponent, low=0, low_open=True),
-                        "periodic": _flag("periodic", periodic)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "exponent": check_real(exponent, "exponent", low=0, low_open=True),
+                        "periodic": check_bool(periodic, "periodic")}
         self._compile()
 
     def _emit(self, b):
@@ -400,9 +465,25 @@ def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0, end_value=Non
     ``end = alpha * init`` unless ``end_value`` is given (optax ``cosine_decay_schedule``, keras
     ``CosineDecay``). ``periodic=True`` continues the cosine past T instead of clamping, as
     torch ``CosineAnnealingLR(T_max=T, eta_min=end)`` does.
+
+    Examples
+    --------
+    Step 25 is a quarter of the way: ``(1 + cos(pi / 4)) / 2``. The cosine is exact to about one
+    unit in the last place, so the values are shown rounded:
+
+    >>> from lrfast.schedules import cosine_decay
+    >>> s = cosine_decay(1.0, 100)
+    >>> [round(s(t), 6) for t in (0, 25, 50, 100, 200)]
+    [1.0, 0.853553, 0.5, 0.0, 0.0]
+    >>> s = cosine_decay(1.0, 100, alpha=0.1)
+    >>> [round(s(t), 6) for t in (50, 100, 200)]
+    [0.55, 0.1, 0.1]
+    >>> s = cosine_decay(1.0, 100, periodic=True)
+    >>> [round(s(t), 6) for t in (100, 150, 200)]
+    [0.0, 0.5, 1.0]
     """
-    alpha = _value("alpha", alpha, low=0, high=1.0)
-    end = alpha * _value("init_value", init_value, low=0) if end_value is None else end_value
+    alpha = check_real(alpha, "alpha", low=0, high=1.0)
+    end = alpha * check_real(init_value, "init_value", low=0) if end_value is None else end_value
     return _Cosine(init_value, decay_steps, end, exponent, periodic)
 
 
@@ -410,11 +491,11 @@ class _CosineRestarts(_Simple):
     kind = "cosine_restarts"
 
     def __init__(self, init_value, first_period, period_mult=1.0, min_value=0.0, peak_decay=1.0):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "first_period": _count("first_period", first_period),
-                        "period_mult": _value("period_mult", period_mult, low=1.0),
-                        "min_value": _value("min_value", min_value, low=0),
-                        "peak_decay": _value("peak_decay", peak_decay, low=0, high=1.0)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "first_period": check_count(first_period, "first_period"),
+                        "period_mult": check_real(period_mult, "period_mult", low=1.0),
+                        "min_value": check_real(min_value, "min_value", low=0),
+                        "peak_decay": check_real(peak_decay, "peak_decay", low=0, high=1.0)}
         self._compile()
 
     def _emit(self, b):
@@ -431,6 +512,15 @@ def cosine_restarts(init_value, first_period, period_mult=1.0, min_value=0.0, pe
     ``CosineDecayRestarts(first_decay_steps, t_mul, m_mul, alpha)`` when alpha = 0 or m_mul = 1
     (keras shrinks only the part above its floor, ``alpha * init``, by ``m_mul^k``; here the
     peak itself is multiplied); timm ``CosineLRScheduler(cycle_mul, cycle_decay)``.
+
+    Examples
+    --------
+    Periods of 10, 20, 40 steps (starting at steps 0, 10, 30), the peak halved at each restart:
+
+    >>> from lrfast.schedules import cosine_restarts
+    >>> s = cosine_restarts(1.0, 10, period_mult=2.0, peak_decay=0.5)
+    >>> [round(s(t), 6) for t in (0, 5, 10, 20, 30)]
+    [1.0, 0.5, 0.5, 0.25, 0.25]
     """
     return _CosineRestarts(init_value, first_period, period_mult, min_value, peak_decay)
 
@@ -440,14 +530,14 @@ class _OneCycle(_Simple):
 
     def __init__(self, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
                  div_factor=25.0, final_div_factor=1e4, three_phase=False):
-        p = {"max_lr": _value("max_lr", max_lr, low=0),
-             "total_steps": _count("total_steps", total_steps, low=2),
-             "pct_start": _value("pct_start", pct_start, low=0, low_open=True, high=1.0),
-             "anneal_strategy": _choice("anneal_strategy", anneal_strategy, ("cos", "linear")),
-             "div_factor": _value("div_factor", div_factor, low=0, low_open=True),
-             "final_div_factor": _value("final_div_factor", final_div_factor, low=0,
-                                        low_open=True),
-             "three_phase": _flag("three_phase", three_phase)}
+        p = {"max_lr": check_real(max_lr, "max_lr", low=0),
+             "total_steps": check_count(total_steps, "total_steps", low=2),
+             "pct_start": check_real(pct_start, "pct_start", low=0, low_open=True, high=1.0),
+             "anneal_strategy": check_choice(anneal_strategy, "anneal_strategy", ("cos", "linear")),
+             "div_factor": check_real(div_factor, "div_factor", low=0, low_open=True),
+             "final_div_factor": check_real(final_div_factor, "final_div_factor", low=0,
+                                            low_open=True),
+             "three_phase": check_bool(three_phase, "three_phase")}
         end1 = float(p["pct_start"] * p["total_steps"]) - 1
         end2 = float(2 * p["pct_start"] * p["total_steps"]) - 2
         if end1 <= 0:
@@ -473,7 +563,18 @@ class _OneCycle(_Simple):
 def one_cycle(max_lr, total_steps, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
               final_div_factor=1e4, three_phase=False):
     """torch ``OneCycleLR`` (Smith and Topin, 2018), same parameters and phase boundaries; steps
-    from ``total_steps - 1`` on keep the final value (torch raises past ``total_steps``)."""
+    from ``total_steps - 1`` on keep the final value (torch raises past ``total_steps``).
+
+    Examples
+    --------
+    100 steps with torch's defaults: up from ``1.0 / 25`` to 1.0 at step ``0.3 * 100 - 1``, then
+    down to ``1.0 / 25 / 1e4`` at step 99:
+
+    >>> from lrfast.schedules import one_cycle
+    >>> s = one_cycle(1.0, 100)
+    >>> [round(s(t), 6) for t in (0, 29, 99, 500)]
+    [0.04, 1.0, 4e-06, 4e-06]
+    """
     return _OneCycle(max_lr, total_steps, pct_start, anneal_strategy, div_factor,
                      final_div_factor, three_phase)
 
@@ -484,13 +585,13 @@ class _Cyclic(_Simple):
     def __init__(self, base_lr, max_lr, step_size_up=2000, step_size_down=None,
                  mode="triangular", gamma=1.0):
         self._params = {
-            "base_lr": _value("base_lr", base_lr, low=0),
-            "max_lr": _value("max_lr", max_lr, low=0),
-            "step_size_up": _count("step_size_up", step_size_up),
-            "step_size_down": None if step_size_down is None else _count("step_size_down",
-                                                                         step_size_down),
-            "mode": _choice("mode", mode, ("triangular", "triangular2", "exp_range")),
-            "gamma": _value("gamma", gamma, low=0, low_open=True, high=1.0),
+            "base_lr": check_real(base_lr, "base_lr", low=0),
+            "max_lr": check_real(max_lr, "max_lr", low=0),
+            "step_size_up": check_count(step_size_up, "step_size_up"),
+            "step_size_down": None if step_size_down is None else check_count(
+                step_size_down, "step_size_down"),
+            "mode": check_choice(mode, "mode", ("triangular", "triangular2", "exp_range")),
+            "gamma": check_real(gamma, "gamma", low=0, low_open=True, high=1.0),
         }
         self._compile()
 
@@ -505,7 +606,18 @@ class _Cyclic(_Simple):
 def cyclic(base_lr, max_lr, step_size_up=2000, step_size_down=None, mode="triangular",
            gamma=1.0):
     """torch ``CyclicLR`` (Smith, 2017): triangular, triangular2 (amplitude halved each cycle)
-    or exp_range (amplitude times ``gamma^t``)."""
+    or exp_range (amplitude times ``gamma^t``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import cyclic
+    >>> s = cyclic(0.0, 1.0, step_size_up=4)
+    >>> [s(t) for t in (0, 2, 4, 6, 8, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0, 0.5]
+    >>> s = cyclic(0.0, 1.0, step_size_up=4, mode="triangular2")
+    >>> [s(t) for t in (4, 12, 20)]
+    [1.0, 0.5, 0.25]
+    """
     return _Cyclic(base_lr, max_lr, step_size_up, step_size_down, mode, gamma)
 
 
@@ -513,13 +625,13 @@ class _PiecewiseConstant(_Simple):
     kind = "piecewise_constant"
 
     def __init__(self, boundaries, values, boundary="ge"):
-        boundaries = _increasing("boundaries", list(boundaries))
-        values = [_value(f"values[{i}]", v, low=0) for i, v in enumerate(values)]
+        boundaries = check_increasing(list(boundaries), "boundaries")
+        values = [check_real(v, f"values[{i}]", low=0) for i, v in enumerate(values)]
         if len(values) != len(boundaries) + 1:
             raise ValueError(f"values must have one more entry than boundaries: got "
                              f"{len(values)} values for {len(boundaries)} boundaries")
         self._params = {"boundaries": boundaries, "values": values,
-                        "boundary": _choice("boundary", boundary, ("ge", "gt"))}
+                        "boundary": check_choice(boundary, "boundary", ("ge", "gt"))}
         self._compile()
 
     def _emit(self, b):
@@ -531,15 +643,34 @@ class _PiecewiseConstant(_Simple):
 
 def piecewise_constant(boundaries, values, boundary="ge"):
     """``values[j]`` once ``j`` boundaries are passed. ``boundary='ge'`` switches at
-    ``t >= b`` (torch, optax); ``'gt'`` at ``t > b`` (keras ``PiecewiseConstantDecay``)."""
+    ``t >= b`` (torch, optax); ``'gt'`` at ``t > b`` (keras ``PiecewiseConstantDecay``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import piecewise_constant
+    >>> s = piecewise_constant([10, 20], [1.0, 0.5, 0.25])
+    >>> [s(t) for t in (9, 10, 20)]
+    [1.0, 0.5, 0.25]
+    >>> s = piecewise_constant([10, 20], [1.0, 0.5, 0.25], boundary="gt")
+    >>> [s(t) for t in (10, 11, 20, 21)]
+    [1.0, 0.5, 0.5, 0.25]
+    """
     return _PiecewiseConstant(boundaries, values, boundary)
 
 
 def multistep(init_value, milestones, gamma=0.1):
-    """torch ``MultiStepLR``: multiplied by ``gamma`` at each milestone (switch at t >= m)."""
-    milestones = _increasing("milestones", list(milestones))
-    gamma = _value("gamma", gamma, low=0)
-    values = [_value("init_value", init_value, low=0)]
+    """torch ``MultiStepLR``: multiplied by ``gamma`` at each milestone (switch at t >= m).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import multistep
+    >>> s = multistep(1.0, [10, 20], gamma=0.5)
+    >>> [s(t) for t in (9, 10, 20)]
+    [1.0, 0.5, 0.25]
+    """
+    milestones = check_increasing(list(milestones), "milestones")
+    gamma = check_real(gamma, "gamma", low=0)
+    values = [check_real(init_value, "init_value", low=0)]
     for _ in milestones:
         values.append(values[-1] * gamma)
     return _PiecewiseConstant(milestones, values)
@@ -549,14 +680,14 @@ class _PiecewiseInterpolate(_Simple):
     kind = "piecewise_interpolate"
 
     def __init__(self, boundaries, values, interpolation="linear"):
-        boundaries = _increasing("boundaries", list(boundaries))
-        values = [_value(f"values[{i}]", v, low=0) for i, v in enumerate(values)]
+        boundaries = check_increasing(list(boundaries), "boundaries")
+        values = [check_real(v, f"values[{i}]", low=0) for i, v in enumerate(values)]
         if len(values) != len(boundaries) or not values:
             raise ValueError(f"values and boundaries must have the same, non-zero length: got "
                              f"{len(values)} and {len(boundaries)}")
         self._params = {"boundaries": boundaries, "values": values,
-                        "interpolation": _choice("interpolation", interpolation,
-                                                 ("linear", "cosine"))}
+                        "interpolation": check_choice(interpolation, "interpolation",
+                                                      ("linear", "cosine"))}
         self._compile()
 
     def _emit(self, b):
@@ -568,7 +699,18 @@ class _PiecewiseInterpolate(_Simple):
 
 def piecewise_interpolate(boundaries, values, interpolation="linear"):
     """Through the points ``(boundaries[j], values[j])``, linearly or along a half cosine; flat
-    before the first and after the last point."""
+    before the first and after the last point.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import piecewise_interpolate
+    >>> s = piecewise_interpolate([10, 20], [0.0, 1.0])
+    >>> [s(t) for t in (0, 10, 15, 20, 30)]
+    [0.0, 0.0, 0.5, 1.0, 1.0]
+    >>> s = piecewise_interpolate([10, 20], [0.0, 1.0], interpolation="cosine")
+    >>> round(s(15), 6)
+    0.5
+    """
     return _PiecewiseInterpolate(boundaries, values, interpolation)
 
 
@@ -576,16 +718,16 @@ def _onecycle_points(transition_steps, peak_value, pct_start, div_factor, final_
                      pct_final=None):
     """optax's one-cycle points: (0, peak/div), (int(pct_start T), peak), optionally
     (int(pct_final T), peak/div), (T, peak/(div * final_div))."""
-    transition_steps = _count("transition_steps", transition_steps, low=2)
-    peak = _value("peak_value", peak_value, low=0)
-    pct = _value("pct_start", pct_start, low=0, low_open=True, high=1.0)
-    div = _value("div_factor", div_factor, low=0, low_open=True)
-    final = _value("final_div_factor", final_div_factor, low=0, low_open=True)
+    transition_steps = check_count(transition_steps, "transition_steps", low=2)
+    peak = check_real(peak_value, "peak_value", low=0)
+    pct = check_real(pct_start, "pct_start", low=0, low_open=True, high=1.0)
+    div = check_real(div_factor, "div_factor", low=0, low_open=True)
+    final = check_real(final_div_factor, "final_div_factor", low=0, low_open=True)
     init = peak / div
     points = [0, int(pct * transition_steps)]
     values = [init, init * div]
     if pct_final is not None:
-        pct_final = _value("pct_final", pct_final, low=0, low_open=True, high=1.0)
+        pct_final = check_real(pct_final, "pct_final", low=0, low_open=True, high=1.0)
         points.append(int(pct_final * transition_steps))
         values.append(values[-1] / div)
     points.append(transition_steps)
@@ -599,7 +741,17 @@ def _onecycle_points(transition_steps, peak_value, pct_start, div_factor, final_
 def cosine_onecycle(transition_steps, peak_value, pct_start=0.3, div_factor=25.0,
                     final_div_factor=1e4):
     """optax ``cosine_onecycle_schedule``: up from ``peak/div`` to ``peak`` by step
-    ``int(pct_start * T)``, then down to ``peak/(div*final_div)`` by step T, along half cosines."""
+    ``int(pct_start * T)``, then down to ``peak/(div*final_div)`` by step T, along half cosines.
+
+    Examples
+    --------
+    Over 100 steps: 0.04 (``1.0 / 25``) at step 0, 1.0 at step 30, ``1.0 / 25 / 1e4`` at step 100:
+
+    >>> from lrfast.schedules import cosine_onecycle
+    >>> s = cosine_onecycle(100, 1.0)
+    >>> [round(s(t), 6) for t in (0, 15, 30, 100)]
+    [0.04, 0.52, 1.0, 4e-06]
+    """
     b, v = _onecycle_points(transition_steps, peak_value, pct_start, div_factor,
                             final_div_factor)
     return _PiecewiseInterpolate(b, v, "cosine")
@@ -609,7 +761,18 @@ def linear_onecycle(transition_steps, peak_value, pct_start=0.3, pct_final=0.85,
                     div_factor=25.0, final_div_factor=1e4):
     """optax ``linear_onecycle_schedule``: straight lines from ``peak/div`` up to ``peak`` by step
     ``int(pct_start * T)``, back to ``peak/div`` by ``int(pct_final * T)``, then down to
-    ``peak/(div*final_div)`` by step T."""
+    ``peak/(div*final_div)`` by step T.
+
+    Examples
+    --------
+    Over 100 steps: 0.04 (``1.0 / 25``) at step 0, 1.0 at step 30, 0.04 again at step 85,
+    ``0.04 / 1e4`` at step 100:
+
+    >>> from lrfast.schedules import linear_onecycle
+    >>> s = linear_onecycle(100, 1.0)
+    >>> [s(t) for t in (0, 30, 85, 100)]
+    [0.04, 1.0, 0.04, 4e-06]
+    """
     b, v = _onecycle_points(transition_steps, peak_value, pct_start, div_factor,
                             final_div_factor, pct_final)
     return _PiecewiseInterpolate(b, v, "linear")
@@ -619,8 +782,8 @@ class _InverseSqrt(_Simple):
     kind = "inverse_sqrt"
 
     def __init__(self, init_value, timescale=1):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "timescale": _count("timescale", timescale)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "timescale": check_count(timescale, "timescale")}
         self._compile()
 
     def _emit(self, b):
@@ -630,7 +793,15 @@ class _InverseSqrt(_Simple):
 
 def inverse_sqrt(init_value, timescale=1):
     """``init / sqrt(max(t, T) / T)``: flat until T, then proportional to 1/sqrt(t) (the
-    Transformer's decay; put ``warmup`` in front for the fairseq form)."""
+    Transformer's decay; put ``warmup`` in front for the fairseq form).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import inverse_sqrt
+    >>> s = inverse_sqrt(1.0, timescale=4)
+    >>> [s(t) for t in (0, 4, 16, 64)]
+    [1.0, 1.0, 0.5, 0.25]
+    """
     return _InverseSqrt(init_value, timescale)
 
 
@@ -638,9 +809,9 @@ class _SqrtDecay(_Simple):
     kind = "sqrt_decay"
 
     def __init__(self, init_value, end_value, decay_steps):
-        self._params = {"init_value": _value("init_value", init_value, low=0),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps)}
+        self._params = {"init_value": check_real(init_value, "init_value", low=0),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps")}
         self._compile()
 
     def _emit(self, b):
@@ -659,13 +830,13 @@ class _Join(Schedule):
         schedules = [_schedule(f"schedules[{i}]", s) for i, s in enumerate(schedules)]
         if not schedules:
             raise ValueError("schedules must not be empty")
-        boundaries = _increasing("boundaries", list(boundaries), low=1)
+        boundaries = check_increasing(list(boundaries), "boundaries", low=1)
         if len(boundaries) != len(schedules) - 1:
             raise ValueError(f"boundaries must have one entry fewer than schedules: got "
                              f"{len(boundaries)} for {len(schedules)} schedules")
         if isinstance(local, (bool, np.bool_)):
             local = [bool(local)] * len(schedules)
-        local = [_flag(f"local[{i}]", f) for i, f in enumerate(local)]
+        local = [check_bool(f, f"local[{i}]") for i, f in enumerate(local)]
         if len(local) != len(schedules):
             raise ValueError("local must be a bool or one bool per schedule")
         self._params = {"schedules": schedules, "boundaries": boundaries, "local": local}
@@ -686,7 +857,21 @@ class _Join(Schedule):
 def join(schedules, boundaries, local=True):
     """``schedules[j]`` from ``boundaries[j-1]`` on. With ``local=True`` (optax
     ``join_schedules``) each piece sees the steps since its boundary; with ``False`` the global
-    step. ``local`` may also be a list, one flag per piece."""
+    step. ``local`` may also be a list, one flag per piece.
+
+    Examples
+    --------
+    1.0 for 5 steps, then a linear decay that starts at its own step 0 (``local=True``) or at
+    the global step 5 (``local=False``):
+
+    >>> from lrfast.schedules import constant, join, linear
+    >>> s = join([constant(1.0), linear(1.0, 0.0, 10)], [5])
+    >>> [s(t) for t in (4, 5, 10, 15)]
+    [1.0, 1.0, 0.5, 0.0]
+    >>> s = join([constant(1.0), linear(1.0, 0.0, 10)], [5], local=False)
+    >>> [s(t) for t in (4, 5, 10)]
+    [1.0, 0.5, 0.0]
+    """
     return _Join(schedules, boundaries, local)
 
 
@@ -708,16 +893,31 @@ class _Product(Schedule):
 
 
 def scale(schedule, factor):
-    """``factor * schedule(t)``."""
-    return _Product(_schedule("schedule", schedule), constant(_value("factor", factor, low=0)))
+    """``factor * schedule(t)``.
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant, linear, scale
+    >>> scale(constant(2.0), 0.25)(0)
+    0.5
+    >>> (0.25 * constant(2.0))(0)
+    0.5
+
+    ``*`` of two schedules multiplies their values:
+
+    >>> s = linear(0.0, 1.0, 4) * constant(0.5)
+    >>> [s(t) for t in (0, 2, 4)]
+    [0.0, 0.25, 0.5]
+    """
+    return _Product(_schedule("schedule", schedule), constant(check_real(factor, "factor", low=0)))
 
 
 class _Clamp(Schedule):
     kind = "clamp"
 
     def __init__(self, schedule, min_value=0.0, max_value=None):
-        lo = _value("min_value", min_value, low=0)
-        hi = None if max_value is None else _value("max_value", max_value, low=0)
+        lo = check_real(min_value, "min_value", low=0)
+        hi = None if max_value is None else check_real(max_value, "max_value", low=0)
         if hi is not None and hi < lo:
             raise ValueError(f"max_value must be >= min_value, got {hi} < {lo}")
         self._params = {"schedule": _schedule("schedule", schedule), "min_value": lo,
@@ -736,7 +936,15 @@ class _Clamp(Schedule):
 
 
 def clamp(schedule, min_value=0.0, max_value=None):
-    """``schedule(t)`` limited to ``[min_value, max_value]`` (``max_value=None``: no ceiling)."""
+    """``schedule(t)`` limited to ``[min_value, max_value]`` (``max_value=None``: no ceiling).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import clamp, linear
+    >>> s = clamp(linear(1.0, 0.0, 10), 0.2, 0.8)
+    >>> [s(t) for t in (0, 5, 10)]
+    [0.8, 0.5, 0.2]
+    """
     return _Clamp(schedule, min_value, max_value)
 
 
@@ -745,9 +953,9 @@ class _Warmup(Schedule):
 
     def __init__(self, schedule, warmup_steps, start_value=0.0, overlap=False):
         self._params = {"schedule": _schedule("schedule", schedule),
-                        "warmup_steps": _count("warmup_steps", warmup_steps),
-                        "start_value": _value("start_value", start_value, low=0),
-                        "overlap": _flag("overlap", overlap)}
+                        "warmup_steps": check_count(warmup_steps, "warmup_steps"),
+                        "start_value": check_real(start_value, "start_value", low=0),
+                        "overlap": check_bool(overlap, "overlap")}
         self._compile()
 
     @classmethod
@@ -774,6 +982,19 @@ def warmup(schedule, warmup_steps, start_value=0.0, overlap=False):
     ``schedule(warmup_steps)``, so the curve is continuous, and the schedule keeps the global
     step. (timm's default ramps to the base rate instead and then jumps to the schedule:
     ``join([linear(start, base, W), s], [W], local=[True, False])``.)
+
+    Examples
+    --------
+    >>> from lrfast.schedules import constant, cosine_decay, warmup
+    >>> s = warmup(constant(1.0), 4)
+    >>> [s(t) for t in (0, 2, 4, 100)]
+    [0.0, 0.5, 1.0, 1.0]
+
+    As a prefix, the cosine starts after the ramp and ends 10 steps later than on its own:
+
+    >>> s = warmup(cosine_decay(1.0, 100), 10)
+    >>> [round(s(t), 6) for t in (5, 10, 60, 110)]
+    [0.5, 1.0, 0.5, 0.0]
     """
     return _Warmup(schedule, warmup_steps, start_value, overlap)
 
@@ -783,13 +1004,13 @@ class _WarmupCosine(_Simple):
 
     def __init__(self, init_value, peak_value, warmup_steps, decay_steps, end_value=0.0,
                  exponent=1.0, decay_includes_warmup=True):
-        p = {"init_value": _value("init_value", init_value, low=0),
-             "peak_value": _value("peak_value", peak_value, low=0),
-             "warmup_steps": _count("warmup_steps", warmup_steps, low=0),
-             "decay_steps": _count("decay_steps", decay_steps),
-             "end_value": _value("end_value", end_value, low=0),
-             "exponent": _value("exponent", exponent, low=0, low_open=True),
-             "decay_includes_warmup": _flag("decay_includes_warmup", decay_includes_warmup)}
+        p = {"init_value": check_real(init_value, "init_value", low=0),
+             "peak_value": check_real(peak_value, "peak_value", low=0),
+             "warmup_steps": check_count(warmup_steps, "warmup_steps", low=0),
+             "decay_steps": check_count(decay_steps, "decay_steps"),
+             "end_value": check_real(end_value, "end_value", low=0),
+             "exponent": check_real(exponent, "exponent", low=0, low_open=True),
+             "decay_includes_warmup": check_bool(decay_includes_warmup, "decay_includes_warmup")}
         if p["decay_includes_warmup"] and p["decay_steps"] <= p["warmup_steps"]:
             raise ValueError(f"warmup_steps ({p['warmup_steps']}) must be shorter than "
                              f"decay_steps ({p['decay_steps']}), which include the warmup")
@@ -815,6 +1036,13 @@ def warmup_cosine(init_value, peak_value, warmup_steps, decay_steps, end_value=0
     ``decay_includes_warmup=True`` counts ``decay_steps`` from step 0, warmup included (optax
     ``warmup_cosine_decay_schedule``); ``False`` counts them after the warmup (keras
     ``CosineDecay(warmup_steps=...)``).
+
+    Examples
+    --------
+    >>> from lrfast.schedules import warmup_cosine
+    >>> s = warmup_cosine(0.0, 1.0, warmup_steps=10, decay_steps=110)
+    >>> [round(s(t), 6) for t in (0, 5, 10, 60, 110)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
     """
     return _WarmupCosine(init_value, peak_value, warmup_steps, decay_steps, end_value, exponent,
                          decay_includes_warmup)
@@ -825,14 +1053,14 @@ class _WSD(_Simple):
 
     def __init__(self, peak_value, warmup_steps, stable_steps, decay_steps, init_value=0.0,
                  end_value=0.0, decay_shape="linear"):
-        self._params = {"peak_value": _value("peak_value", peak_value, low=0),
-                        "warmup_steps": _count("warmup_steps", warmup_steps, low=0),
-                        "stable_steps": _count("stable_steps", stable_steps, low=0),
-                        "decay_steps": _count("decay_steps", decay_steps),
-                        "init_value": _value("init_value", init_value, low=0),
-                        "end_value": _value("end_value", end_value, low=0),
-                        "decay_shape": _choice("decay_shape", decay_shape,
-                                               ("linear", "cosine", "sqrt"))}
+        self._params = {"peak_value": check_real(peak_value, "peak_value", low=0),
+                        "warmup_steps": check_count(warmup_steps, "warmup_steps", low=0),
+                        "stable_steps": check_count(stable_steps, "stable_steps", low=0),
+                        "decay_steps": check_count(decay_steps, "decay_steps"),
+                        "init_value": check_real(init_value, "init_value", low=0),
+                        "end_value": check_real(end_value, "end_value", low=0),
+                        "decay_shape": check_choice(decay_shape, "decay_shape",
+                                                    ("linear", "cosine", "sqrt"))}
         self._compile()
 
     def _emit(self, b) -> int:
@@ -861,219 +1089,27 @@ class _WSD(_Simple):
 def wsd(peak_value, warmup_steps, stable_steps, decay_steps, init_value=0.0, end_value=0.0,
         decay_shape="linear"):
     """Warmup-stable-decay: linear warmup to ``peak_value``, ``stable_steps`` at the peak, then
-    a ``decay_shape`` decay ('linear', 'cosine', or 'sqrt' = 1 - sqrt) to ``end_value``."""
+    a ``decay_shape`` decay ('linear', 'cosine', or 'sqrt' = 1 - sqrt) to ``end_value``.
+
+    Examples
+    --------
+    10 steps of warmup, 80 at the peak, a linear decay over the last 10:
+
+    >>> from lrfast.schedules import wsd
+    >>> s = wsd(1.0, 10, 80, 10)
+    >>> [s(t) for t in (0, 5, 10, 89, 90, 95, 100)]
+    [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0]
+    """
     return _WSD(peak_value, warmup_steps, stable_steps, decay_steps, init_value, end_value,
                 decay_shape)
 
 
 # ------------------------------------------------------------------------------------------
-# Plateau control
+# Plateau control: lrfast.plateau
 # ------------------------------------------------------------------------------------------
 
-class ReduceLROnPlateau:
-    """A multiplicative factor driven by a metric; composes with any schedule.
-
-    ``schedule * plateau`` (or ``plateau.wrap(schedule)``) is a schedule whose value is
-    ``schedule(t) * factor``, floored at ``min_lr`` while the factor is below 1 and capped at
-    ``max_lr`` while it is above 1. Call ``plateau.step(metric)`` once per evaluation.
-
-    Defaults follow torch's ``ReduceLROnPlateau``: the factor is multiplied by ``factor`` on the
-    (patience+1)-th evaluation in a row without improvement (``counting='keras'``: on the
-    patience-th), then ``cooldown`` evaluations are ignored. An improvement beats the best so
-    far by ``threshold``: relative (``best * (1 -/+ threshold)`` for positive metrics; lrfast
-    scales by ``|best|`` so negative metrics work too) or absolute. A NaN metric is never an
-    improvement. ``increase_factor`` (the seed articles' performance scheduling, no peer has
-    it): after ``increase_patience`` improvements in a row the factor is multiplied by it,
-    never letting the rate exceed ``max_lr``. A reduction that would lower the rate by ``eps``
-    or less is skipped, as in torch, when ``step`` is given the rate in force
-    (``plateau.step(loss, lr=opt.last_lr)``); otherwise ``eps`` applies to the factor.
-    """
-
-    _CONFIG = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr",
-               "eps", "counting", "increase_factor", "increase_patience", "max_lr")
-
-    def __init__(self, mode="min", factor=0.1, patience=10, threshold=1e-4,
-                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, counting="torch",
-                 increase_factor=None, increase_patience=5, max_lr=None):
-        self.mode = _choice("mode", mode, ("min", "max"))
-        self.factor = _value("factor", factor, low=0, low_open=True)
-        if self.factor >= 1.0:
-            raise ValueError(f"factor must be < 1.0, got {factor}")
-        self.patience = _count("patience", patience, low=0)
-        self.threshold = _value("threshold", threshold, low=0)
-        self.threshold_mode = _choice("threshold_mode", threshold_mode, ("rel", "abs"))
-        self.cooldown = _count("cooldown", cooldown, low=0)
-        self.min_lr = _value("min_lr", min_lr, low=0)
-        self.eps = _value("eps", eps, low=0)
-        self.counting = _choice("counting", counting, ("torch", "keras"))
-        if increase_factor is not None:
-            increase_factor = _value("increase_factor", increase_factor, low=1.0, low_open=True)
-            if max_lr is None:
-                raise ValueError("max_lr is required with increase_factor (it caps the rate)")
-        self.increase_factor = increase_factor
-        self.increase_patience = _count("increase_patience", increase_patience)
-        self.max_lr = None if max_lr is None else _value("max_lr", max_lr, low=0)
-        if self.max_lr is not None and self.max_lr < self.min_lr:
-            raise ValueError(f"max_lr must be >= min_lr, got {max_lr} < {min_lr}")
-        self._cell = PlateauCell()
-        self._cell.min_lr = self.min_lr
-        self._cell.max_lr = math.inf if self.max_lr is None else self.max_lr
-        self._reset()
-
-    def _reset(self):
-        self.best = math.inf if self.mode == "min" else -math.inf
-        self.num_bad = 0
-        self.num_good = 0
-        self.cooldown_counter = 0
-        self.num_steps = 0
-        self._cell.scale = 1.0
-
-    @property
-    def scale(self):
-        """The current factor (1.0 until the first reduction)."""
-        return self._cell.scale
-
-    def config(self):
-        return {"type": "plateau", **{k: getattr(self, k) for k in self._CONFIG}}
-
-    def wrap(self, schedule):
-        """The schedule ``schedule(t) * factor`` (with the min_lr / max_lr bounds)."""
-        return _WithPlateau(schedule, self)
-
-    def __mul__(self, other):
-        if isinstance(other, Schedule):
-            return _WithPlateau(other, self)
-        if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _WithPlateau(constant(other), self)
-        return NotImplemented
-
-    __rmul__ = __mul__
-
-    def _better(self, a, best):
-        if math.isnan(a):
-            return False
-        if self.counting == "keras":
-            # keras: min_delta is absolute.
-            return a < best - self.threshold if self.mode == "min" else a > best + self.threshold
-        if math.isinf(best):
-            return a < best if self.mode == "min" else a > best
-        delta = self.threshold * abs(best) if self.threshold_mode == "rel" else self.threshold
-        return a < best - delta if self.mode == "min" else a > best + delta
-
-    def step(self, metric, lr=None):
-        """Record one evaluation of the metric; returns the factor now in force.
-
-        ``lr``: the learning rate in force (e.g. ``optimizer.last_lr``). When given, a reduction
-        is skipped if it would lower the *rate* by ``eps`` or less, exactly as torch does;
-        without it, ``eps`` applies to the factor.
-        """
-        if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
-            metric = float(np.asarray(metric).item()) if isinstance(metric, np.ndarray) and \
-                metric.size == 1 else metric
-            if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
-                raise TypeError(f"metric must be a real number, got {type(metric).__name__}")
-        a = float(metric)
-        self.num_steps += 1
-        improved = self._better(a, self.best)
-        if self.counting == "torch":
-            if improved:
-                self.best = a
-                self.num_bad = 0
-                self.num_good += 1
-            else:
-                self.num_bad += 1
-                self.num_good = 0
-            if self.cooldown_counter > 0:
-                self.cooldown_counter -= 1
-                self.num_bad = 0
-            if self.num_bad > self.patience:
-                self._reduce(lr)
-        else:
-            # keras: the cooldown counter is decremented first, and "in cooldown" is judged
-            # after that, so the last cooldown evaluation already counts.
-            if self.cooldown_counter > 0:
-                self.cooldown_counter -= 1
-                self.num_bad = 0
-            if improved:
-                self.best = a
-                self.num_bad = 0
-                self.num_good += 1
-            else:
-                self.num_good = 0
-                if self.cooldown_counter == 0:
-                    self.num_bad += 1
-                    if self.num_bad >= self.patience:
-                        self._reduce(lr)
-        if self.increase_factor is not None and self.num_good >= self.increase_patience:
-            self._cell.scale = self._cell.scale * self.increase_factor
-            self.num_good = 0
-        return self._cell.scale
-
-    def _reduce(self, lr=None):
-        old = self._cell.scale
-        new = old * self.factor
-        if lr is None:
-            significant = old - new > self.eps
-        else:
-            lr = _value("lr", lr, low=0)
-            significant = lr - max(lr * self.factor, self.min_lr) > self.eps
-        if significant:
-            self._cell.scale = new
-        self.cooldown_counter = self.cooldown
-        self.num_bad = 0
-
-    def state_dict(self):
-        return {"config": self.config(), "best": self.best, "num_bad": self.num_bad,
-                "num_good": self.num_good, "cooldown_counter": self.cooldown_counter,
-                "num_steps": self.num_steps, "scale": self._cell.scale}
-
-    def load_state_dict(self, state):
-        """Restore ``state_dict()``; the configuration must match this controller's."""
-        keys = ("config", "best", "num_bad", "num_good", "cooldown_counter", "num_steps", "scale")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
-            raise ValueError(f"a plateau state dict has the keys {keys}")
-        if state["config"] != self.config():
-            raise ValueError("the state was saved by a ReduceLROnPlateau with another configuration")
-        counters = [_count(k, state[k], low=0) for k in keys[2:6]]
-        best = float(state["best"])
-        scale = _value("scale", state["scale"], low=0, low_open=True)
-        self.best = best
-        self.num_bad, self.num_good, self.cooldown_counter, self.num_steps = counters
-        self._cell.scale = scale
-
-    def __repr__(self):
-        return "ReduceLROnPlateau(" + ", ".join(
-            f"{k}={getattr(self, k)!r}" for k in self._CONFIG) + f"; scale={self.scale!r})"
-
-
-class _WithPlateau(Schedule):
-    kind = "with_plateau"
-
-    def __init__(self, schedule, plateau):
-        if not isinstance(plateau, ReduceLROnPlateau):
-            raise TypeError(f"plateau must be a ReduceLROnPlateau, got {type(plateau).__name__}")
-        self._params = {"schedule": _schedule("schedule", schedule), "plateau": plateau}
-        self._compile()
-
-    @property
-    def plateau(self):
-        return self._params["plateau"]
-
-    def to_dict(self):
-        d = super().to_dict()
-        d["scale"] = self.plateau.scale
-        return d
-
-    @classmethod
-    def _from_params(cls, params):
-        cfg = dict(params["plateau"])
-        cfg.pop("type", None)
-        plateau = ReduceLROnPlateau(**cfg)
-        plateau._cell.scale = float(params.get("scale", 1.0))
-        return cls(_from_json(params["schedule"]), plateau)
-
-    def _emit(self, b):
-        child = self._params["schedule"]._emit(b)
-        cell = self.plateau._cell
-        b.keep.append(cell)
-        return b.node("plateau", ip=[child, cell.address])
+# The controller and its composed schedule are defined in lrfast.plateau, which subclasses
+# Schedule and so imports this module; importing them here, once everything above exists,
+# keeps ``lrfast.schedules.ReduceLROnPlateau`` working, lets ``schedule * plateau`` and
+# ``to_dict`` refer to them, and registers the "with_plateau" kind for ``from_dict``.
+from .plateau import ReduceLROnPlateau, _WithPlateau  # noqa: E402

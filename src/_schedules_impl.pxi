@@ -610,7 +610,7 @@ cdef class NativeSchedule:
         if out is not None:
             if not isinstance(t, cnp.ndarray):
                 raise TypeError("out is only used with an array of steps")
-            return self._vector(t, out)
+            return self._vector(t, out, self._num_threads())
         if type(t) is int:
             if t < 0:
                 raise ValueError(f"step must be >= 0, got {t}")
@@ -621,14 +621,23 @@ cdef class NativeSchedule:
                 raise RuntimeError("schedule has no program")
             return _eval(&self.prog, self.root, step)
         if isinstance(t, cnp.ndarray):
-            return self._vector(t, None)
+            return self._vector(t, None, self._num_threads())
         if isinstance(t, np.integer):
             return self(int(t))
         if isinstance(t, bool) or not isinstance(t, int):
             raise TypeError(f"step must be an int or an integer NumPy array, got {type(t).__name__}")
         return self(int(t))
 
-    cdef _vector(self, cnp.ndarray steps, object out_arg):
+    def _num_threads(self):
+        """The thread count that ``s(steps)`` passes to ``_vector``: here 0, OpenMP's default.
+        lrfast.schedules.Schedule overrides it with lrfast's own setting (lrfast.threads), so
+        this module needs nothing from the Python package."""
+        return 0
+
+    def _vector(self, cnp.ndarray steps, object out_arg, int nthreads):
+        """The array path: ``steps`` evaluated on at most ``nthreads`` threads (``<= 0``: as
+        many as OpenMP's default, ``omp_get_max_threads()``), fewer for short arrays. The
+        values do not depend on the thread count."""
         if steps.dtype.kind not in "iu":
             raise TypeError(f"steps must be an integer array, got dtype {steps.dtype}")
         if steps.dtype.kind == "u" and steps.dtype.itemsize == 8 and steps.size and \
@@ -662,8 +671,7 @@ cdef class NativeSchedule:
                 raise ValueError(f"steps must be >= 0, got {smallest}")
         if self._arrays is None:
             raise RuntimeError("schedule has no program")
-        from ._threads import get_num_threads
-        cdef int team = get_num_threads()
+        cdef int team = nthreads if nthreads > 0 else omp_get_max_threads()
         if n // MIN_STEPS_PER_THREAD < team:
             team = <int>(n // MIN_STEPS_PER_THREAD) if n >= MIN_STEPS_PER_THREAD else 1
         cdef const Program* P = &self.prog
