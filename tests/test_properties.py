@@ -5,7 +5,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from cases import OPTIMIZERS, ReferenceRun, assert_state_close  # noqa: E402
+from cases import OPTIMIZERS, SPECS, ReferenceRun, assert_state_close  # noqa: E402
 
 unit = st.floats(0.0, 0.999)
 positive = st.floats(1e-6, 0.5)
@@ -29,7 +29,7 @@ def configs(draw):
     elif name == "RMSprop":
         h.update(alpha=draw(st.floats(0.0, 0.999)), eps=draw(st.floats(1e-8, 1e-3)),
                  momentum=draw(st.sampled_from([0.0, 0.5, 0.9])), centered=draw(st.booleans()))
-    else:
+    elif "betas" in SPECS[name].arguments:
         h.update(betas=(draw(unit), draw(unit)), eps=draw(st.floats(1e-8, 1e-3)),
                  amsgrad=draw(st.booleans()))
     return name, h
