@@ -303,6 +303,14 @@ def _maximize():
     return Hyper("maximize", False, flag("maximize"))
 
 
+def _eps(default):
+    return Hyper("eps", default, nonneg("Invalid epsilon value"))
+
+
+def _momentum():
+    return Hyper("momentum", 0.0, nonneg("Invalid momentum value"))
+
+
 def _nesterov_rule(h):
     if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
@@ -312,7 +320,7 @@ SGD_UPDATE = Update(
     "sgd",
     hypers=(
         _lr(1e-3),
-        Hyper("momentum", 0.0, nonneg("Invalid momentum value")),
+        _momentum(),
         Hyper("dampening", 0.0, real("dampening")),
         _weight_decay(),
         Hyper("nesterov", False, flag("nesterov")),
@@ -332,7 +340,7 @@ ADAGRAD_UPDATE = Update(
         _weight_decay(),
         Hyper("initial_accumulator_value", 0.0,
               nonneg("Invalid initial_accumulator_value value"), functional=False),
-        Hyper("eps", 1e-10, nonneg("Invalid epsilon value")),
+        _eps(1e-10),
         Hyper("eps_inside_sqrt", False, flag("eps_inside_sqrt")),
         _maximize(),
     ),
@@ -346,9 +354,9 @@ RMSPROP_UPDATE = Update(
     hypers=(
         _lr(1e-2),
         Hyper("alpha", 0.99, unit("Invalid alpha value")),
-        Hyper("eps", 1e-8, nonneg("Invalid epsilon value")),
+        _eps(1e-8),
         _weight_decay(),
-        Hyper("momentum", 0.0, nonneg("Invalid momentum value")),
+        _momentum(),
         Hyper("centered", False, flag("centered")),
         _maximize(),
     ),
@@ -367,7 +375,7 @@ ADAM_UPDATE = Update(
         _lr(1e-3),
         Hyper("beta1", 0.9, beta(0)),
         Hyper("beta2", 0.999, beta(1)),
-        Hyper("eps", 1e-8, nonneg("Invalid epsilon value")),
+        _eps(1e-8),
         _weight_decay(),
         Hyper("decoupled", False, flag("decoupled")),
         Hyper("amsgrad", False, flag("amsgrad")),
