@@ -130,7 +130,11 @@ def test_missing_peers_are_skipped(tmp_path):
     assert data["machine"]["versions"]["torch"] is None
     assert cases["adam f32 1M threads 1->2"]["speedup"] > 0
     target = next(t for t in data["targets"] if t["name"].startswith("Adam.step f32 1k"))
-    assert target["status"] in ("SKIP", "FAIL") and "torch-loop/lrfast skipped" in target["detail"]
+    # The torch part is skipped, so the target cannot pass; its other part (lrfast's own time)
+    # decides between SKIP, FAIL and, on a busy machine, NOISE.
+    assert "torch-loop/lrfast skipped" in target["detail"]
+    assert [p["status"] for p in target["parts"] if p["label"].startswith("torch")] == ["SKIP"]
+    assert target["status"] in ("SKIP", "FAIL", "NOISE")
 
 
 def test_flatparams_case(tmp_path):
