@@ -79,5 +79,14 @@ class Plan:
         self, grads: Sequence[Any], lr: float, step: int, nthreads: int, inv_scale: float = 1.0
     ) -> tuple[int, int] | None: ...
 
+def step_plans(
+    plans: Sequence[Plan],
+    grads: Sequence[Sequence[Any]],
+    lr: float,
+    step: int,
+    nthreads: int,
+    inv_scale: float = 1.0,
+) -> tuple[int, int, int] | None: ...
+
 # Only in the portable build: the CPU probe used to pick a kernel build at import.
 def cpu_has_avx2() -> bool: ...

@@ -25,4 +25,5 @@ from ._optim import (
     triad as triad,
     _debug_index as _debug_index,
     Plan as Plan,
+    step_plans as step_plans,
 )

@@ -100,17 +100,15 @@ def _run(update: Update, named, h: dict, step: int) -> None:
     banks = _layout.banks(params, [None if name == "grad" else arrays for name, arrays in rows],
                           written)
     covers_all = len(banks) == 1
-    plans = []
-    for bank in banks:  # every grad is checked before any kernel runs
-        plan = bank.plan(update.name)
-        plan.set_hyper(values)
-        bad = plan.gather(bank.grads_of(grads, covers_all))
-        if bad is not None:
-            bank.raise_bad_grad(bad, grads, params, grad_labels, covers_all)
-        plans.append(plan)
-    nthreads = get_num_threads()
+    plans = [bank.plan(update.name) for bank in banks]
     for plan in plans:
-        plan.run(h["lr"], step, nthreads)
+        plan.set_hyper(values)
+    # Every grad is checked before any kernel runs.
+    bad = _dispatch.kernels.step_plans(plans, [bank.grads_of(grads, covers_all) for bank in banks],
+                                       h["lr"], step, get_num_threads())
+    if bad is not None:
+        i, code, k = bad
+        banks[i].raise_bad_grad((code, k), grads, params, grad_labels, covers_all)
 
 
 def _signature(update: Update) -> inspect.Signature:

@@ -264,16 +264,16 @@ class Optimizer:
                         return False
                     self._banks[0].raise_bad_grad(bad, grads, self._params, self._labels, True)
             else:
-                for bank, plan in zip(self._banks, self._plans):
-                    bad = plan.gather(bank.grads_of(grads, False))
-                    if bad is not None:
-                        bank.raise_bad_grad(bad, grads, self._params, self._labels, False)
-                if self._skip_nonfinite and not all(
-                        plan.all_finite(inv_scale, nthreads) for plan in self._plans):
-                    self._skipped += 1
-                    return False
-                for plan in self._plans:
-                    plan.run(lr, t, nthreads, inv_scale)
+                bad = _dispatch.kernels.step_plans(
+                    self._plans, [bank.grads_of(grads, False) for bank in self._banks],
+                    lr, t, nthreads, inv_scale)
+                if bad is not None:
+                    i, code, k = bad
+                    if code == STEP_SKIPPED_NONFINITE:
+                        self._skipped += 1
+                        return False
+                    self._banks[i].raise_bad_grad((code, k), grads, self._params, self._labels,
+                                                  False)
             self._step_count = t
             self._last_lr = lr
             return True

@@ -228,22 +228,14 @@ cdef class Plan:
         self._run(lr, step, nthreads, inv_scale)
 
     def step(self, grads, double lr, long long step, int nthreads, double inv_scale=1.0):
-        """``gather``, the non-finite check when enabled, then ``run``.
+        """``gather``, the non-finite check when enabled, then ``run`` (see ``step_plans``).
 
         Returns None when the step ran, ``(code, index)`` for a bad grad, and
         ``(STEP_SKIPPED_NONFINITE, -1)`` when it was skipped for a non-finite grad; in both of
         the latter cases nothing was written.
         """
-        cdef Py_ssize_t bad
-        if not self.ready:
-            raise RuntimeError("set_hyper() must be called before the plan runs")
-        cdef int code = self._gather(grads, &bad)
-        if code:
-            return (code, bad)
-        if self.check and not self._all_finite(inv_scale, nthreads):
-            return (STEP_SKIPPED_NONFINITE, -1)
-        self._run(lr, step, nthreads, inv_scale)
-        return None
+        out = _step_plans((self,), (grads,), lr, step, nthreads, inv_scale)
+        return None if out is None else out[1:]
 
     cdef int _gather(self, grads, Py_ssize_t* bad) except -1:
         if self.typenum < 0:
@@ -279,3 +271,43 @@ cdef class Plan:
             kernel.prepare(block, self.hyper, &values)
             _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
                  self.itemsize, nthreads, kernel.min_per_thread, block, ftz)
+
+
+def step_plans(plans, grads, double lr, long long step, int nthreads, double inv_scale=1.0):
+    """One step over several plans (an optimizer's dtypes) as one: every plan's grads
+    (``grads[i]`` for ``plans[i]``) are checked and recorded, then, when a plan skips non-finite
+    steps, every grad is checked for NaN and infinity, and only then does any update run.
+
+    Returns None when the step ran, ``(i, code, index)`` for the first bad grad (of plan ``i``)
+    and ``(-1, STEP_SKIPPED_NONFINITE, -1)`` when the step was skipped; in both of the latter
+    cases nothing was written.
+    """
+    if len(grads) != len(plans):
+        raise ValueError("step_plans needs one list of grads per plan")
+    return _step_plans(plans, grads, lr, step, nthreads, inv_scale)
+
+
+cdef object _step_plans(plans, grads, double lr, long long step, int nthreads,
+                        double inv_scale):
+    # The step order, written once: check and record every grad, the finite check, the updates.
+    cdef Plan plan
+    cdef Py_ssize_t i, n = len(plans), bad
+    cdef int code
+    cdef bint check = False
+    for i in range(n):
+        plan = <Plan?>plans[i]
+        if not plan.ready:
+            raise RuntimeError("set_hyper() must be called before the plan runs")
+        code = plan._gather(grads[i], &bad)
+        if code:
+            return (i, code, bad)
+        check = check or plan.check
+    if check:
+        for i in range(n):
+            plan = <Plan>plans[i]
+            if not plan._all_finite(inv_scale, nthreads):
+                return (-1, STEP_SKIPPED_NONFINITE, -1)
+    for i in range(n):
+        plan = <Plan>plans[i]
+        plan._run(lr, step, nthreads, inv_scale)
+    return None
