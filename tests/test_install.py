@@ -15,9 +15,17 @@ import lrfast
 PKG_DIR = os.path.dirname(os.path.abspath(lrfast.__file__))
 
 
+# An editable install (``pip install -e .``) puts a finder on sys.meta_path that maps lrfast's
+# submodules to the checkout, so a copied package would import the checkout's compiled modules;
+# the child drops that finder to see only the copy.
+_IMPORT = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+           "if not str(getattr(f, '__module__', '')).startswith('__editable__')]; "
+           "import lrfast")
+
+
 def _import_from(parent):
     with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run([sys.executable, "-c", "import lrfast"], cwd=cwd, check=False,
+        return subprocess.run([sys.executable, "-c", _IMPORT], cwd=cwd, check=False,
                               env=dict(os.environ, PYTHONPATH=parent), capture_output=True,
                               text=True, timeout=120)
 
