@@ -64,7 +64,6 @@ class Bank:
 
     def __init__(self, dtype, indices, rows, written):
         self.dtype = np.dtype(dtype)
-        self.is64 = self.dtype == np.float64
         self.typenum = self.dtype.num
         self.indices = list(indices)
         params = rows[0]

@@ -24,6 +24,7 @@ src/_updates.pxi, its function in ``lrfast.reference`` and its class in ``lrfast
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -128,16 +129,16 @@ class Update:
                 return h
         raise KeyError(name)
 
-    @property
-    def names(self) -> tuple:
-        return tuple(h.name for h in self.hypers)
+    @functools.cached_property
+    def _known(self) -> frozenset:
+        return frozenset(h.name for h in self.hypers)
 
     def validate(self, values: dict) -> dict:
         """Check every hyper-parameter (missing ones take their defaults); return the validated
         values in the spec's order. Unknown names are an error."""
-        unknown = set(values) - set(self.names)
-        if unknown:
-            raise TypeError(f"{self.name}: unknown hyper-parameters {sorted(unknown)}")
+        if not self._known.issuperset(values):
+            unknown = sorted(set(values) - self._known)
+            raise TypeError(f"{self.name}: unknown hyper-parameters {unknown}")
         out = {}
         for h in self.hypers:
             v = values.get(h.name, h.default)

@@ -132,31 +132,43 @@ def _signature(update: Update) -> inspect.Signature:
     return inspect.Signature(params)
 
 
+def _apply(update: Update, a: dict) -> None:
+    """The body of every generated function: ``a`` holds its arguments by name."""
+    h = update.validate({h.name: a[h.name] for h in update.hypers if h.functional})
+    step = check_step(a["step"]) if update.takes_step else 1
+    if callable(h["lr"]):
+        raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
+    named = [("param", a["param"]), ("grad", a["grad"])]
+    for b in update.buffers:
+        value = a[b.argname]
+        if not b.is_used(h):
+            value = None
+        elif value is None:
+            raise ValueError(update.missing_buffer_message(b))
+        named.append((b.argname, value))
+    _run(update, named, h, step)
+
+
 def _make(update: Update) -> Callable[..., None]:
-    sig = _signature(update)
-    hyper_names = [h.name for h in update.hypers if h.functional]
-
-    def fn(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        h = update.validate({name: a[name] for name in hyper_names})
-        step = check_step(a["step"]) if update.takes_step else 1
-        if callable(h["lr"]):
-            raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
-        named = [("param", a["param"]), ("grad", a["grad"])]
-        for b in update.buffers:
-            value = a[b.argname]
-            if not b.is_used(h):
-                value = None
-            elif value is None:
-                raise ValueError(update.missing_buffer_message(b))
-            named.append((b.argname, value))
-        _run(update, named, h, step)
-
-    fn.__name__ = fn.__qualname__ = update.name + "_"
+    """A real Python function with the spec's signature (so Python binds the arguments and
+    words the errors, at no per-call cost), whose body hands them to :func:`_apply`. Made from
+    source, the technique of collections.namedtuple and dataclasses."""
+    name = update.name + "_"
+    defaults: dict[str, Any] = {}
+    parts: list[str] = []
+    for p in _signature(update).parameters.values():
+        if p.kind is p.KEYWORD_ONLY and "*" not in parts:
+            parts.append("*")
+        if p.default is REQUIRED:
+            parts.append(p.name)
+        else:  # the default object itself, looked up when the function is defined
+            defaults[p.name] = p.default
+            parts.append(f"{p.name}=_defaults[{p.name!r}]")
+    source = f"def {name}({', '.join(parts)}):\n    _apply(_update, locals())\n"
+    namespace: dict[str, Any] = {"_apply": _apply, "_update": update, "_defaults": defaults}
+    exec(source, namespace)
+    fn = namespace[name]
     fn.__module__ = __name__
-    fn.__signature__ = sig  # type: ignore[attr-defined]
     fn.__doc__ = (f"{update.title} update in place; the formula is in "
                   f":func:`lrfast.reference.{update.name}_` and the optimizer class.")
     return fn

@@ -434,23 +434,23 @@ class _Optimizer(torch.optim.Optimizer):
                 keys.append(key)
             # A non-contiguous param is gathered into a contiguous copy, updated there, and
             # scattered back; its group is laid out anew at every step (never the others).
-            work = [p if p.is_contiguous() else p.contiguous() for p in params]
-            gathered = any(w is not p for w, p in zip(work, params))
+            targets = [p if p.is_contiguous() else p.contiguous() for p in params]
+            gathered = any(w is not p for w, p in zip(targets, params))
             count = self._counts_steps
-            plan = _Plan(self, group, needs, work, states, [None] * len(params) if count
+            plan = _Plan(self, group, needs, targets, states, [None] * len(params) if count
                          else keys, count)
             gptrs = [g.data_ptr() for _, g in grads]
             if not plan.run(values, lr, nthreads, gptrs):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
-                plan = _Plan(self, group, needs, work, states, keys, False)
+                plan = _Plan(self, group, needs, targets, states, keys, False)
                 plan.run(values, lr, nthreads, gptrs)
                 for st in states:
                     st["step"].add_(1)
             elif plan.reusable and not gathered:
                 self._plans[gi] = plan
-            for w, p in zip(work, params):
+            for w, p in zip(targets, params):
                 if w is not p:
                     p.copy_(w)
         return loss
