@@ -21,13 +21,13 @@ STEP_SKIPPED_NONFINITE: Final = 7
 NORM_BLOCK_SIZE: Final = 4096
 
 # The registry of updates (src/_updates.pxi): each update's index, the names of its
-# hyper-parameters in the order Plan.set_hyper takes them, and the storages it has a loop for.
+# hyper-parameters in the order Plan.set_hyper takes them.
 UPDATE_IDS: dict[str, int]
 UPDATE_ARGS: dict[str, tuple[str, ...]]
-UPDATE_STORAGES: dict[str, tuple[str, ...]]
-# Element types of the storage template (src/_storage.pxi): name -> code, code -> bytes.
+# Element types (src/_storage.pxi): name -> code, code -> bytes; rounding modes.
 STORAGE_CODES: dict[str, int]
 STORAGE_ITEMSIZE: dict[int, int]
+ROUNDING_MODES: tuple[str, ...]
 
 def get_min_elements_per_thread() -> dict[str, int]: ...
 def set_min_elements_per_thread(overrides: int | None) -> None: ...
@@ -55,6 +55,20 @@ def triad(
     a: NDArray[_Float], b: NDArray[_Float], c: NDArray[_Float], s: float, nthreads: int
 ) -> None: ...
 def _debug_index(a: NDArray[np.intp], i: int) -> int: ...
+def _convert(
+    src: NDArray[np.float32],
+    dst: NDArray[np.uint16],
+    storage: str,
+    rounding: str = "nearest",
+    seed: int = 0,
+    step: int = 0,
+    stream: int = 0,
+    first: int = 0,
+) -> None: ...
+def _widen_to(src: NDArray[np.uint16], dst: NDArray[np.float32], storage: str) -> None: ...
+def _row_types(
+    storage: str, nrows: int, rows: Sequence[str | None] | None, out: str | None
+) -> list[int]: ...
 
 @disjoint_base
 class Plan:
@@ -69,9 +83,16 @@ class Plan:
         dims: NDArray[np.intp] | None = None,
         wstart: NDArray[np.intp] | None = None,
         wend: NDArray[np.intp] | None = None,
+        rows: Sequence[str | None] | None = None,
+        out: str | None = None,
     ) -> None: ...
+    @property
+    def storages(self) -> tuple[str, ...]: ...
     def set_hyper(self, values: Sequence[float]) -> None: ...
-    def set_options(self, skip_nonfinite: bool, flush_subnormals: bool) -> None: ...
+    def set_options(
+        self, skip_nonfinite: bool, flush_subnormals: bool, rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None: ...
     def gather(self, grads: Sequence[Any]) -> tuple[int, int] | None: ...
     def all_finite(self, inv_scale: float, nthreads: int) -> bool: ...
     def run(self, lr: float, step: int, nthreads: int, inv_scale: float = 1.0) -> None: ...

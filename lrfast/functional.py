@@ -182,31 +182,3 @@ if TYPE_CHECKING:  # what the loop above defines, for type checkers
     rmsprop_: Callable[..., None]
     adam_: Callable[..., None]
 
-
-def _bfloat16_sgd_(param, grad, momentum_buffer=None, **hyper) -> None:
-    """Private: :func:`sgd_` over bfloat16 storage with float32 math, for one tensor.
-
-    ``param``, ``grad`` and ``momentum_buffer`` are uint16 arrays holding bfloat16 bits (the
-    top half of a float32). This runs the one SGD element loop of src/_updates.pxi in its
-    (bfloat16 storage, float32 math) specialisation: the proof of the storage template that
-    bfloat16/float16 support will build on. Not public API.
-    """
-    update = UPDATES["sgd"]
-    step = check_step(hyper.pop("step"))
-    h = update.validate(hyper)
-    arrays = [("param", param), ("grad", grad)]
-    if update.state_buffers(h):
-        if momentum_buffer is None:
-            raise ValueError(update.missing_buffer_message(update.buffers[0]))
-        arrays.append(("momentum_buffer", momentum_buffer))
-    for name, a in arrays:
-        if not isinstance(a, np.ndarray) or a.dtype != np.uint16 or not a.flags.c_contiguous:
-            raise TypeError(f"{name} must be a C-contiguous uint16 array of bfloat16 bits")
-        if a.shape != param.shape:
-            raise ValueError(f"{name} has shape {a.shape}, but param has shape {param.shape}")
-    check_disjoint([a for _, a in arrays], [name for name, _ in arrays])
-    rows = [[_layout.address(a)] for _, a in arrays] + [None] * (3 - len(arrays))
-    table, offsets = _layout.table(rows, [param.size])
-    plan = _layout.plan(update.name, table, offsets, "bfloat16")
-    plan.set_hyper(update.kernel_values(h, _dispatch.kernels))
-    plan.run(h["lr"], step, get_num_threads())

@@ -13,13 +13,14 @@ The second half mirrors :mod:`lrfast.schedules`: one NumPy function per schedule
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "all_finite", "grad_norm", "clip_grad_norm_",
-           "schedule_values"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "widen", "narrow", "random_bits", "mixed_",
+           "all_finite", "grad_norm", "clip_grad_norm_", "schedule_values"]
 
 
 def _tensors(*arrays):
@@ -158,30 +159,129 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
         p += (neg_step * m) / (np.sqrt(v) + eps_hat)
 
 
-def bfloat16_to_float32(bits):
-    """bfloat16 bits (uint16) -> float32: the bits are the top half of the float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+# ------------------------------------------------------------------------------------------
+# Element types: half precision in, float32 math, rounded back (src/_storage.pxi)
+# ------------------------------------------------------------------------------------------
+#
+# Half-precision buffers are passed here as their uint16 bits with the type's name. An update
+# over half buffers is the float32 update on the widened values, each written buffer rounded
+# back; ``mixed_`` runs any function of this module that way.
+
+_U32 = np.uint32
 
 
-def float32_to_bfloat16(x):
-    """float32 -> bfloat16 bits, rounded to nearest with ties to even; a NaN stays a (quiet)
-    NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
-    quiet = (u >> 16) | np.uint32(0x40)
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    return np.where(nan, quiet, rounded).astype(np.uint16)
+def widen(bits, storage):
+    """float32 values of half-precision ``bits`` (uint16) of ``storage`` (exact)."""
+    bits = np.asarray(bits, dtype=np.uint16)
+    if storage == "bfloat16":
+        return (bits.astype(_U32) << 16).view(np.float32)
+    if storage == "float16":
+        return bits.view(np.float16).astype(np.float32)
+    raise ValueError(f"storage must be bfloat16 or float16, got {storage!r}")
 
 
-def _bfloat16_sgd_(param, grad, momentum_buffer=None, **hyper):
-    """:func:`sgd_` over bfloat16 storage with float32 math (the private
-    ``lrfast.functional._bfloat16_sgd_``): load to float32, update, round back each buffer."""
-    p = bfloat16_to_float32(param)
-    buf = None if momentum_buffer is None else bfloat16_to_float32(momentum_buffer)
-    sgd_(p, bfloat16_to_float32(grad), buf, **hyper)
-    param[...] = float32_to_bfloat16(p)
-    if buf is not None:
-        momentum_buffer[...] = float32_to_bfloat16(buf)
+def _mix32(x):
+    x = x ^ (x >> _U32(16))
+    x = x * _U32(0x7FEB352D)
+    x = x ^ (x >> _U32(15))
+    x = x * _U32(0x846CA68B)
+    return x ^ (x >> _U32(16))
+
+
+def random_bits(index, *, seed, step, stream):
+    """The 32 random bits stochastic rounding uses for elements ``index`` (int array: positions
+    in the concatenated tensors of one plan) of buffer ``stream`` (its table row; the half copy
+    of the params is 255) at ``step``: a hash of all four, so any thread count draws the same."""
+    with np.errstate(over="ignore"):
+        h = np.array([0x9E3779B9], dtype=_U32)
+        for word in (seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, step >> 32, stream):
+            h = _mix32(h ^ _U32(word))
+        k1, k2 = h, _mix32(h ^ _U32(0x85EBCA6B))
+        i = np.asarray(index, dtype=np.uint64)
+        lo = (i & np.uint64(0xFFFFFFFF)).astype(_U32)
+        hi = (i >> np.uint64(32)).astype(_U32)
+        return _mix32(_mix32(lo + k1 + hi * _U32(0x85EBCA77)) ^ k2)
+
+
+def narrow(x, storage, rounding="nearest", *, seed=0, step=0, stream=0, first=0):
+    """float32 ``x`` (1-D) rounded to ``storage``, as uint16 bits.
+
+    ``nearest``: to nearest, ties to even (NaN stays a quiet NaN). ``stochastic``: rounded up
+    with probability (distance to the value below) / (gap between the two), the threshold drawn
+    from :func:`random_bits` for elements ``first, first + 1, ...``.
+    """
+    u = np.ascontiguousarray(x, dtype=np.float32).view(_U32)
+    nan = (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000)
+    stochastic = rounding == "stochastic"
+    if stochastic:
+        r = random_bits(np.arange(first, first + u.size, dtype=np.uint64), seed=seed,
+                        step=step, stream=stream)
+    elif rounding != "nearest":
+        raise ValueError(f"rounding must be nearest or stochastic, got {rounding!r}")
+    with np.errstate(over="ignore"):
+        if storage == "bfloat16":
+            if stochastic:
+                rounded = (u + (r & _U32(0xFFFF))) >> _U32(16)
+            else:
+                rounded = (u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16)
+            return np.where(nan, (u >> _U32(16)) | _U32(0x40), rounded).astype(np.uint16)
+        if storage != "float16":
+            raise ValueError(f"storage must be bfloat16 or float16, got {storage!r}")
+        if not stochastic:  # NumPy's cast, with NaN as the quiet NaN 0x7e00 and its sign
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = u.view(np.float32).astype(np.float16).view(np.uint16)
+            quiet = ((u >> _U32(16)) & _U32(0x8000)) | _U32(0x7E00)
+            return np.where(nan, quiet, cast).astype(np.uint16)
+        # float16 keeps 10 of float32's 23 mantissa bits for normal results (13 cut); a
+        # subnormal result keeps the significand's bits above 2^-24 (s = 126 - exponent cut;
+        # beyond 31 the significand is shifted first, so values below ~2^-48 become zero).
+        sign = (u >> _U32(16)) & _U32(0x8000)
+        a = u & _U32(0x7FFFFFFF)
+        ex = a >> _U32(23)
+        special = np.where(a > _U32(0x7F800000), _U32(0x7E00), _U32(0x7C00))
+        normal = (a - _U32(112 << 23) + (r & _U32(0x1FFF))) >> _U32(13)
+        sig = (a & _U32(0x7FFFFF)) | np.where(ex != 0, _U32(0x800000), _U32(0))
+        s = np.where(ex < 113, _U32(126) - ex, _U32(14))
+        pre = np.where(s > 31, s - _U32(31), _U32(0))
+        cut = np.minimum(s, _U32(31))
+        sig = np.where(pre < 32, sig >> np.minimum(pre, _U32(31)), _U32(0))
+        small = (sig + (r & ((_U32(1) << cut) - _U32(1)))) >> cut
+        out = np.where(a >= _U32(143 << 23), special,
+                       np.where(a < _U32(113 << 23), small, normal))
+        return (out | sign).astype(np.uint16)
+
+
+def mixed_(fn, *arrays, storages, rounding="nearest", seed=0, step, out=None, out_storage=None,
+           **hyper):
+    """``fn`` (an update of this module) over buffers of mixed element types, as the kernels'
+    mixed-type driver runs it: every half buffer widened to float32, ``fn`` run on the float32
+    values, every buffer but the grads rounded back.
+
+    ``arrays`` are ``fn``'s positional buffers in its order (param, grad, state...; None for an
+    unused one), each a list of arrays: float32 ones are updated in place, half ones are uint16
+    bits of the type ``storages[i]`` names. Tensor ``k``'s elements are numbered from the sum of
+    the sizes before it (the plan's concatenated index), buffer ``i`` is random stream ``i``.
+    ``out`` (uint16 bits of ``out_storage``) receives the rounded copy of the updated params
+    (stream 255). ``step`` is passed on to ``fn`` when it takes one.
+    """
+    wide = [None if a is None else [widen(x, s) if s != "float32" else x for x in a]
+            for a, s in zip(arrays, storages)]
+    kwargs = dict(hyper)
+    if "step" in inspect.signature(fn).parameters:
+        kwargs["step"] = step
+    fn(*wide, **kwargs)
+    sizes = [p.size for p in arrays[0]]
+    firsts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    for r, (a, w, s) in enumerate(zip(arrays, wide, storages)):
+        if a is None or r == 1 or s == "float32":
+            continue
+        for x, y, first in zip(a, w, firsts):
+            x.reshape(-1)[...] = narrow(y.reshape(-1), s, rounding, seed=seed, step=step,
+                                        stream=r, first=int(first))
+    if out is not None:
+        for x, y, first in zip(out, wide[0], firsts):
+            x.reshape(-1)[...] = narrow(y.reshape(-1), out_storage, rounding, seed=seed,
+                                        step=step, stream=255, first=int(first))
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 # bitwise the same results. It only gathers the parts, one file per concern:
 #
 #   _partition.pxi   the address table, the split of its elements over threads, the drivers
-#   _storage.pxi     element types: how a stored element is loaded into and stored from the math
+#   _storage.pxi     element types: half-precision conversions and the mixed-type tile driver
 #   _updates.pxi     the optimizer updates, one element loop each, and the registry of updates
 #   _reductions.pxi  read-mostly passes: the non-finite check, the gradient norm, scaling
 #   _plans.pxi       per-step gradient checks and the Plan that runs an update
@@ -33,7 +33,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport fabs, pow, sqrt, sqrtf
-from libc.stdint cimport int64_t, intptr_t, uint16_t, uint32_t
+from libc.stdint cimport int64_t, intptr_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from _fpenv cimport LRFAST_HAVE_FTZ, lrfast_ftz_enter, lrfast_ftz_leave

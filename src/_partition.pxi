@@ -37,11 +37,22 @@ def set_min_elements_per_thread(overrides):
         raise ValueError("the threshold must be at least 1 element")
     _override_per_thread = overrides
 
-# A segment function updates ``n`` elements of every buffer from the pointers ``ptrs``. It may
-# fold a value into ``acc[0]`` (reductions) and returns a count that the drivers add up
+# A segment function updates ``n`` elements of every buffer from the pointers ``ptrs``; element
+# 0 is element ``first`` of the concatenated tensors (only stochastic rounding needs to know).
+# It may fold a value into ``acc[0]`` (reductions) and returns a count that the drivers add up
 # (the non-finite check); the optimizer updates return 0 and leave ``acc`` alone.
-ctypedef int (*segment_fn)(char** ptrs, Py_ssize_t n, const void* args,
-                           double* acc) noexcept nogil
+ctypedef int (*segment_fn)(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                           Py_ssize_t first) noexcept nogil
+
+# Per-row element sizes for tables whose rows all hold one type.
+cdef Py_ssize_t[MAX_BUFFERS] _SIZES4 = [4, 4, 4, 4, 4, 4, 4, 4]
+cdef Py_ssize_t[MAX_BUFFERS] _SIZES8 = [8, 8, 8, 8, 8, 8, 8, 8]
+
+
+cdef inline const Py_ssize_t* _sizes(bint is64) noexcept nogil:
+    if is64:
+        return _SIZES8
+    return _SIZES4
 
 # --------------------------------------------------------------------------------------------
 # Work partition
@@ -56,7 +67,7 @@ cdef inline Py_ssize_t _split(Py_ssize_t total, int part, int nparts) noexcept n
 
 
 cdef int _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
-                   const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
+                   const Py_ssize_t* offsets, Py_ssize_t ntensors, const Py_ssize_t* itemsize,
                    Py_ssize_t begin, Py_ssize_t end, const void* args,
                    double* acc) noexcept nogil:
     """Apply ``fn`` to the elements [begin, end) of the concatenated tensors, tensor by
@@ -79,15 +90,15 @@ cdef int _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
         b = end if end < offsets[k + 1] else offsets[k + 1]
         if b > a:
             for j in range(nbuf):
-                ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize
-            count += fn(ptrs, b - a, args, acc)
+                ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize[j]
+            count += fn(ptrs, b - a, args, acc, a)
         k += 1
     return count
 
 
 cdef int _run_span_env(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
-                       const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t itemsize,
-                       Py_ssize_t begin, Py_ssize_t end, const void* args,
+                       const Py_ssize_t* offsets, Py_ssize_t ntensors,
+                       const Py_ssize_t* itemsize, Py_ssize_t begin, Py_ssize_t end, const void* args,
                        bint ftz) noexcept nogil:
     """``_run_span`` with flush-to-zero on in this thread for its duration when ``ftz``."""
     cdef double unused = 0
@@ -116,7 +127,8 @@ cdef int _team_size(Py_ssize_t total, int nthreads, Py_ssize_t min_per_thread) n
 
 
 cdef int _run(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf, const Py_ssize_t* offsets,
-              Py_ssize_t ntensors, Py_ssize_t itemsize, int nthreads, Py_ssize_t min_per_thread,
+              Py_ssize_t ntensors, const Py_ssize_t* itemsize, int nthreads,
+              Py_ssize_t min_per_thread,
               const void* args, bint ftz) noexcept nogil:
     """Run ``fn`` over all elements, one contiguous span per thread; return the summed counts."""
     cdef Py_ssize_t total = offsets[ntensors]
@@ -141,7 +153,7 @@ cdef int _launch(segment_fn fn, intptr_t[:, ::1] table, Py_ssize_t[::1] offsets,
         return 0
     with nogil:
         _run(fn, &table[0, 0], table.shape[0], &offsets[0], ntensors,
-             8 if is64 else 4, nthreads, min_per_thread, args, False)
+             _sizes(is64), nthreads, min_per_thread, args, False)
     return 0
 
 

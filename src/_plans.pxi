@@ -124,13 +124,21 @@ cdef const Py_ssize_t* _intp_data(object a) except? NULL:
 
 
 cdef class Plan:
-    """One storage type's share of a step, held as C values: the address table, what each grad
-    must look like, the memory the step writes, and the update with its hyper-parameters. A
-    step is then one call: check the grads, record their addresses, run the update.
+    """One group of tensors' share of a step, held as C values: the address table, what each
+    grad must look like, the memory the step writes, the element type of each buffer, and the
+    update with its hyper-parameters. A step is then one call: check the grads, record their
+    addresses, run the update.
 
-    ``update`` names an entry of UPDATE_IDS; ``storage`` a key of STORAGE_CODES. ``table`` is
-    (buffers, tensors): row 0 the params, row 1 the grads, then the update's state rows;
-    ``offsets`` the prefix sums of the tensor sizes (in elements).
+    ``update`` names an entry of UPDATE_IDS. ``table`` is (buffers, tensors): row 0 the params,
+    row 1 the grads, then the update's state rows, and, when ``out`` is given, a last row for
+    the half copy of the updated params; ``offsets`` are the prefix sums of the tensor sizes
+    (in elements).
+
+    Element types (keys of STORAGE_CODES): ``storage`` is the params'; ``rows``, when given,
+    names one per row of the update (params, grads, state; None for a row the update does not
+    read), else every row is ``storage``. A float64 plan is float64 throughout; otherwise each
+    row is float32, bfloat16 or float16 and the update computes in float32. ``out`` (bfloat16
+    or float16, float32 params only) asks for the half copy, written in the same pass.
 
     The grads reach the table in one of two ways. With ``typenum`` >= 0 (the NumPy layers),
     ``gather`` and ``step`` check each grad (a NumPy array of that type number, the shape given
@@ -146,18 +154,20 @@ cdef class Plan:
     cdef const Py_ssize_t* dims
     cdef const intptr_t* ws
     cdef const intptr_t* we
-    cdef Py_ssize_t ntensors, nbuf, nw, itemsize
-    cdef int typenum, update, storage
+    cdef Py_ssize_t ntensors, nbuf, nw
+    cdef Py_ssize_t sizes[MAX_BUFFERS]
+    cdef int types[MAX_BUFFERS]
+    cdef int typenum, update, math, nrows, out_type
+    cdef unsigned long long seed
     cdef double hyper[MAX_HYPER]
-    cdef bint ready, check, ftz
+    cdef bint ready, check, ftz, mixed, stochastic
 
     def __init__(self, str update, cnp.ndarray table, cnp.ndarray offsets, str storage,
-                 int typenum=-1, ndims=None, dims=None, wstart=None, wend=None):
+                 int typenum=-1, ndims=None, dims=None, wstart=None, wend=None, rows=None,
+                 out=None):
+        cdef Py_ssize_t r
         if update not in UPDATE_IDS:
             raise ValueError(f"unknown update {update!r}; known: {sorted(UPDATE_IDS)}")
-        if storage not in UPDATE_STORAGES[update]:
-            raise ValueError(f"the {update} kernel has no loop for {storage} storage "
-                             f"(it has {', '.join(UPDATE_STORAGES[update])})")
         if table.dtype != np.intp or not table.flags.c_contiguous or table.ndim != 2:
             raise ValueError("table must be a 2-D C-contiguous np.intp array")
         if table.shape[1] < 1 or table.shape[0] < 2 or table.shape[0] > MAX_BUFFERS:
@@ -165,12 +175,19 @@ cdef class Plan:
         self.offsets = _intp_data(offsets)
         if offsets.shape[0] != table.shape[1] + 1:
             raise ValueError("offsets must have one entry more than the table has columns")
+        self.nbuf = table.shape[0]
+        self.nrows = self.nbuf - (out is not None)
+        types = _row_types(storage, self.nrows, rows, out)
+        self.math = STORE_F64 if types[0] == STORE_F64 else STORE_F32
+        self.mixed = False
+        for r in range(self.nbuf):
+            self.types[r] = STORE_F32 if types[r] < 0 else types[r]
+            self.sizes[r] = _ITEMSIZE[self.types[r]]
+            self.mixed = self.mixed or self.types[r] != self.math
+        self.out_type = types[self.nrows] if out is not None else -1
         self.update = UPDATE_IDS[update]
-        self.storage = STORAGE_CODES[storage]
-        self.itemsize = STORAGE_ITEMSIZE[self.storage]
         self.table = <intptr_t*>cnp.PyArray_DATA(table)
         self.ntensors = table.shape[1]
-        self.nbuf = table.shape[0]
         self.typenum = typenum
         self.ndims = self.dims = NULL
         self.ws = self.we = &_no_range
@@ -190,6 +207,8 @@ cdef class Plan:
                 self.we = <const intptr_t*>_intp_data(wend)
         self._keep = (table, offsets, ndims, dims, wstart, wend)
         self.ready = False
+        self.check = self.ftz = self.stochastic = False
+        self.seed = 0
 
     def set_hyper(self, values):
         """Store the update's hyper-parameters (validated by the caller), in the order of
@@ -201,15 +220,28 @@ cdef class Plan:
             self.hyper[j] = values[j]
         self.ready = True
 
-    def set_options(self, bint skip_nonfinite, bint flush_subnormals):
+    def set_options(self, bint skip_nonfinite, bint flush_subnormals, str rounding="nearest",
+                    seed=0):
         """``skip_nonfinite``: ``step`` checks the grads first and updates nothing when one is
-        NaN or infinite. ``flush_subnormals``: the update runs with flush-to-zero on."""
+        NaN or infinite. ``flush_subnormals``: the update runs with flush-to-zero on.
+        ``rounding`` ("nearest" or "stochastic") and ``seed`` (0 <= seed < 2**64): how values
+        are rounded into half-precision buffers (no effect on float32/float64 ones)."""
         if flush_subnormals and not LRFAST_HAVE_FTZ:
             raise ValueError("flush_subnormals is not supported on this CPU architecture")
-        if skip_nonfinite and self.storage == STORE_BF16:
-            raise ValueError("skip_nonfinite has no bfloat16 check yet")
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
         self.check = skip_nonfinite
         self.ftz = flush_subnormals
+        self.stochastic = rounding == "stochastic"
+        self.seed = seed
+
+    @property
+    def storages(self):
+        """The element type of each table row (including the half copy's)."""
+        names = {code: name for name, code in STORAGE_CODES.items()}
+        return tuple(names[self.types[r]] for r in range(self.nbuf))
 
     def gather(self, grads):
         """Check the grads and record their addresses: None, or (code, index) of the first bad."""
@@ -248,29 +280,82 @@ cdef class Plan:
     cdef bint _all_finite(self, double inv_scale, int nthreads) noexcept:
         cdef FiniteArgs fa
         cdef int nbad
-        fa.is64 = self.storage == STORE_F64
+        fa.storage = self.types[1]
         fa.factor = inv_scale
         fa.row = 1
         with nogil:
             nbad = _run(_finite_segment, self.table, self.nbuf, self.offsets, self.ntensors,
-                        self.itemsize, nthreads, MIN_PER_THREAD_FINITE, &fa, False)
+                        self.sizes, nthreads, MIN_PER_THREAD_FINITE, &fa, False)
         return nbad == 0
 
     cdef void _run(self, double lr, long long step, int nthreads, double inv_scale) noexcept:
         # The one entry into every update: its registry entry derives the loop's arguments from
-        # the hyper-parameters and this step's values, then the driver runs its segment.
+        # the hyper-parameters and this step's values, then the driver runs its segment, through
+        # the mixed-type tiles when a buffer is not of the math type.
         cdef const UpdateKernel* kernel = &_UPDATES[self.update]
         cdef StepValues values
         cdef double block[ARG_BLOCK]
+        cdef MixedArgs mixed
         cdef bint ftz = self.ftz
+        cdef int r
         values.lr = lr
         values.step = step
         values.inv_scale = inv_scale
-        values.storage = self.storage
+        values.storage = self.math
         with nogil:
             kernel.prepare(block, self.hyper, &values)
-            _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
-                 self.itemsize, nthreads, kernel.min_per_thread, block, ftz)
+            if not self.mixed:
+                _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                     self.sizes, nthreads, kernel.min_per_thread, block, ftz)
+            else:
+                mixed.inner = kernel.segment
+                mixed.inner_args = block
+                mixed.nrows = self.nrows
+                mixed.out_type = self.out_type
+                mixed.stochastic = self.stochastic
+                for r in range(self.nbuf):
+                    mixed.types[r] = self.types[r]
+                    _stream_keys(self.seed, <uint64_t>step,
+                                 OUT_STREAM if r == self.nrows else <uint32_t>r,
+                                 &mixed.k1[r], &mixed.k2[r])
+                _run(_mixed_segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                     self.sizes, nthreads, kernel.min_per_thread, &mixed, ftz)
+
+
+def _row_types(str storage, Py_ssize_t nrows, rows, out):
+    """Each row's STORAGE code (-1: not read), the half copy's last; raises on a combination
+    the kernels do not run."""
+    known = ", ".join(STORAGE_CODES)
+    if storage not in STORAGE_CODES:
+        raise ValueError(f"unknown element type {storage!r}; known: {known}")
+    if rows is None:
+        rows = (storage,) * nrows
+    if len(rows) != nrows:
+        raise ValueError(f"rows names {len(rows)} element types for {nrows} rows")
+    if rows[0] != storage:
+        raise ValueError("rows[0] is the params' element type and must equal storage")
+    types = []
+    for r, name in enumerate(rows):
+        if name is None:
+            if r < 2:
+                raise ValueError("the params' and grads' rows are always read")
+            types.append(-1)
+        elif name not in STORAGE_CODES:
+            raise ValueError(f"unknown element type {name!r}; known: {known}")
+        else:
+            types.append(STORAGE_CODES[name])
+    wide = storage == "float64"
+    for r, name in enumerate(rows):
+        if name is not None and (name == "float64") != wide:
+            raise ValueError("float64 does not mix with other element types in one plan "
+                             f"(params {storage}, row {r} {name})")
+    if out is not None:
+        if out not in ("bfloat16", "float16"):
+            raise ValueError(f"the half copy must be bfloat16 or float16, got {out!r}")
+        if storage != "float32":
+            raise ValueError(f"a half copy is written from float32 params, not {storage}")
+        types.append(STORAGE_CODES[out])
+    return types
 
 
 def step_plans(plans, grads, double lr, long long step, int nthreads, double inv_scale=1.0):

@@ -23,7 +23,7 @@ cdef enum:
     STREAMS = 8
 
 cdef struct FiniteArgs:
-    bint is64
+    int storage  # STORE_* of the grads
     double factor  # the factor the update multiplies the grads by (1/grad_scale)
     Py_ssize_t row  # which buffer of the table holds the grads
 
@@ -81,14 +81,46 @@ cdef inline int _finite_bits64(const int64_t* g, Py_ssize_t n) noexcept nogil:
     return top < 0x7ff0000000000000LL
 
 
-cdef int _finite_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+cdef inline int _finite_bits16(const uint16_t* g, Py_ssize_t n, uint16_t inf) noexcept nogil:
+    # The half form of _finite_bits32: ``inf`` is the type's infinity (bfloat16 0x7f80,
+    # float16 0x7c00); a value is NaN or infinite when its bits without the sign reach it.
+    cdef uint16_t x, top = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        x = g[i] & 0x7fffu
+        top = x if x > top else top
+    return top < inf
+
+
+cdef inline int _finite_half(const uint16_t* g, Py_ssize_t n, int storage,
+                             float factor) noexcept nogil:
+    # factor > 1: widen a tile at a time and check the unscaled products in float32.
+    cdef float tile[TILE]
+    cdef Py_ssize_t start = 0, m
+    cdef int ok = 1
+    while start < n:
+        m = n - start if n - start < TILE else TILE
+        _widen(<const char*>(g + start), storage, tile, m)
+        ok = ok & _finite_loop(<const float*>tile, m, factor)
+        start += m
+    return ok
+
+
+cdef int _finite_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                         Py_ssize_t first) noexcept nogil:
     """1 when a grad element of the segment (times the factor) is NaN or infinite, else 0."""
     cdef const FiniteArgs* a = <const FiniteArgs*>args
+    cdef int t = a.storage
+    if t == STORE_BF16 or t == STORE_F16:
+        if a.factor <= 1.0:
+            return 1 - _finite_bits16(<const uint16_t*>ptrs[a.row], n,
+                                      0x7f80u if t == STORE_BF16 else 0x7c00u)
+        return 1 - _finite_half(<const uint16_t*>ptrs[a.row], n, t, <float>a.factor)
     if a.factor <= 1.0:
-        if a.is64:
+        if t == STORE_F64:
             return 1 - _finite_bits64(<const int64_t*>ptrs[a.row], n)
         return 1 - _finite_bits32(<const uint32_t*>ptrs[a.row], n)
-    if a.is64:
+    if t == STORE_F64:
         return 1 - _finite_loop(<const double*>ptrs[a.row], n, <double>a.factor)
     return 1 - _finite_loop(<const float*>ptrs[a.row], n, <float>a.factor)
 
@@ -170,7 +202,8 @@ cdef inline double _norm_loop(const floating* x, Py_ssize_t n, int kind, double 
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-cdef int _norm_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+cdef int _norm_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                  Py_ssize_t first) noexcept nogil:
     cdef const NormArgs* a = <const NormArgs*>args
     cdef double part
     if a.is64:
@@ -195,7 +228,8 @@ cdef inline void _scale_loop(floating* x, Py_ssize_t n, floating c) noexcept nog
         x[i] = x[i] * c
 
 
-cdef int _scale_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+cdef int _scale_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                  Py_ssize_t first) noexcept nogil:
     cdef const ScaleArgs* a = <const ScaleArgs*>args
     if a.is64:
         _scale_loop(<double*>ptrs[0], n, <double>a.factor)
@@ -241,11 +275,12 @@ def grad_norm_reduce(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, bint is64,
     a.kind = norm_kind(norm_type)
     a.p = norm_type
     team = _team_size(total, nthreads, MIN_PER_THREAD_NORM)
+    cdef const Py_ssize_t* sizes = _sizes(is64)
     with nogil:
         for blk in prange(nblocks, num_threads=team, schedule='static'):
             partials[blk] = 0
             end = (blk + 1) * NORM_BLOCK
-            _run_span(_norm_segment, &table[0, 0], 1, &offsets[0], ntensors, 8 if is64 else 4,
+            _run_span(_norm_segment, &table[0, 0], 1, &offsets[0], ntensors, sizes,
                       blk * NORM_BLOCK, end if end < total else total, &a, &partials[blk])
         for blk in range(nblocks):
             if a.kind == NORM_MAX:

@@ -1,69 +1,280 @@
-# Element types: how an update's element loop reads and writes the tensors it is given.
+# Element types: what the buffers hold, and how the update loops, written over the math types
+# float32 and float64 only, run over buffers of other types.
 #
-# An update's loop is written once, over a fused *storage* type (what the buffers hold) and the
-# fused ``floating`` *math* type (what the arithmetic runs in); ``_load`` and ``_store`` convert
-# between the two and compile to nothing when they are the same type. Each (storage, math) pair
-# the segment function asks for is its own specialisation of the same source, so a new element
-# type is a new member of ``store_t`` with its two conversions here, never a copied loop:
+#   float32   math float32, read and written in place
+#   float64   math float64, read and written in place (a float64 step is float64 throughout)
+#   bfloat16  math float32: the 16 bits are the top half of a float32
+#   float16   math float32: IEEE binary16
 #
-#   float32 storage   float32 math    (identity)
-#   float64 storage   float64 math    (identity)
-#   bfloat16 storage  float32 math    (load: the 16 bits are the top half of a float32;
-#                                       store: round to nearest even, NaN stays a quiet NaN)
+# A step whose buffers are not all its math type (bf16/fp16 params or state, half grads into
+# float32 master weights, a half copy of the params written out) runs through
+# ``_mixed_segment``: the span is cut into tiles of TILE elements; each half buffer's tile is
+# widened into a float32 scratch tile on the stack (L1-resident: the wide copy never reaches
+# memory), the update's own float32 loop runs on the tile, and the written buffers are narrowed
+# back, rounded to nearest even or stochastically. float32 buffers are passed through in place.
+# So every update, present and future, takes every element type without a loop of its own, and
+# its arithmetic is exactly its float32 loop's.
 #
-# Which storage a call has travels as a code in its argument block (STORE_*), with the element
-# size the driver steps by.
+# Stochastic rounding draws its bits from a counter-based hash of (seed, step, buffer, element
+# index in the plan), never from a generator's state: a run is reproducible for any number of
+# threads and any tiling. lrfast.reference.random_bits is the same function in NumPy.
 
 cdef enum:
     STORE_F32 = 0
     STORE_F64 = 1
     STORE_BF16 = 2
+    STORE_F16 = 3
+    NUM_STORAGES = 4
+    # Elements per scratch tile: 8 buffers x 256 x 4 bytes fit in L1 with room to spare.
+    TILE = 256
+    # The stream of the half copy of the params (buffer rows use their row number).
+    OUT_STREAM = 255
 
-STORAGE_CODES = {"float32": STORE_F32, "float64": STORE_F64, "bfloat16": STORE_BF16}
-STORAGE_ITEMSIZE = {STORE_F32: 4, STORE_F64: 8, STORE_BF16: 2}
+STORAGE_CODES = {"float32": STORE_F32, "float64": STORE_F64, "bfloat16": STORE_BF16,
+                 "float16": STORE_F16}
+STORAGE_ITEMSIZE = {STORE_F32: 4, STORE_F64: 8, STORE_BF16: 2, STORE_F16: 2}
+cdef Py_ssize_t[NUM_STORAGES] _ITEMSIZE = [4, 8, 2, 2]
 
-
-# bfloat16 as stored: the upper 16 bits of a float32. A struct, so that it is a type of its own
-# for the fused type (a bare uint16_t would be any 16-bit integer).
-cdef struct bfloat16:
-    uint16_t bits
-
-
-ctypedef fused store_t:
-    float
-    double
-    bfloat16
+ROUNDING_MODES = ("nearest", "stochastic")
 
 
-cdef inline float _bf16_to_f32(uint16_t b) noexcept nogil:
-    cdef uint32_t u = (<uint32_t>b) << 16
+cdef inline uint32_t _bits(float f) noexcept nogil:
+    cdef uint32_t u
+    memcpy(&u, &f, 4)
+    return u
+
+
+cdef inline float _float(uint32_t u) noexcept nogil:
     cdef float f
     memcpy(&f, &u, 4)
     return f
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16
+# --------------------------------------------------------------------------------------------
+
+cdef inline float _bf16_to_f32(uint16_t b) noexcept nogil:
+    return _float((<uint32_t>b) << 16)
 
 
 cdef inline uint16_t _f32_to_bf16(float f) noexcept nogil:
     # Round to nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate. A NaN
     # keeps its top bits with the quiet bit set (rounding could otherwise carry it to inf). Both
     # results are formed and one selected, so the loop around this stays branch-free.
-    cdef uint32_t u
-    memcpy(&u, &f, 4)
+    cdef uint32_t u = _bits(f)
     cdef uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16
     cdef uint32_t quiet = (u >> 16) | 0x40u
     return <uint16_t>(quiet if (u & 0x7fffffffu) > 0x7f800000u else rounded)
 
 
-cdef inline floating _load(const store_t* x, Py_ssize_t i, floating like) noexcept nogil:
-    """Element ``i`` of ``x`` in the math type (``like`` only selects that type)."""
-    if store_t is bfloat16:
-        return <floating>_bf16_to_f32(x[i].bits)
-    else:
-        return <floating>x[i]
+cdef inline uint16_t _f32_to_bf16_sr(float f, uint32_t r) noexcept nogil:
+    # Stochastic: add 16 uniform bits below the cut and truncate. Rounds up with probability
+    # (distance to the lower neighbour) / (gap), so the result is unbiased. inf has zeros below
+    # the cut and stays inf; the largest finite values may round up to inf.
+    cdef uint32_t u = _bits(f)
+    cdef uint32_t rounded = (u + (r & 0xffffu)) >> 16
+    cdef uint32_t quiet = (u >> 16) | 0x40u
+    return <uint16_t>(quiet if (u & 0x7fffffffu) > 0x7f800000u else rounded)
 
 
-cdef inline void _store(store_t* x, Py_ssize_t i, floating v) noexcept nogil:
-    """Write ``v`` to element ``i`` of ``x``, rounded to the storage type."""
-    if store_t is bfloat16:
-        x[i].bits = _f32_to_bf16(<float>v)
+# --------------------------------------------------------------------------------------------
+# float16 (IEEE binary16), in integer and float32 operations only: no F16C needed, and no
+# float32 subnormal is formed, so flush-to-zero does not change the conversions
+# --------------------------------------------------------------------------------------------
+
+cdef inline float _f16_to_f32(uint16_t h) noexcept nogil:
+    # Exponent and mantissa moved into float32 position and the exponent rebiased (+112).
+    # inf/NaN get the rest of the rebias (+112 again, to 255); zero and subnormals are
+    # renormalised by a float subtraction: (2^-14 + m 2^-24) - 2^-14 = m 2^-24, exactly.
+    cdef uint32_t em = (<uint32_t>h & 0x7fffu) << 13
+    cdef uint32_t e = em & 0x0f800000u
+    cdef uint32_t sign = (<uint32_t>h & 0x8000u) << 16
+    cdef uint32_t normal = em + (112u << 23)
+    cdef uint32_t special = normal + (112u << 23)
+    cdef uint32_t small = _bits(_float(normal + (1u << 23)) - _float(113u << 23))
+    cdef uint32_t out = special if e == 0x0f800000u else (small if e == 0 else normal)
+    return _float(out | sign)
+
+
+cdef inline uint16_t _f32_to_f16(float f) noexcept nogil:
+    # Round to nearest, ties to even. Three regions of |f|:
+    #   >= 2^16 (and inf, NaN): inf, or the quiet NaN 0x7e00;
+    #   < 2^-14: the result is subnormal; adding 0.5 (ulp 2^-24) rounds |f| to a multiple of
+    #            2^-24 in hardware, and the bits above 0.5's are the half's mantissa;
+    #   else:    rebias the exponent, add 0xfff plus the lowest kept bit, truncate 13 bits
+    #            (a carry into the exponent, up to inf, is the correct rounding).
+    cdef uint32_t u = _bits(f)
+    cdef uint32_t sign = (u >> 16) & 0x8000u
+    cdef uint32_t a = u & 0x7fffffffu
+    cdef uint32_t special = 0x7e00u if a > 0x7f800000u else 0x7c00u
+    cdef uint32_t small = _bits(_float(a) + <float>0.5) - 0x3f000000u
+    cdef uint32_t normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13
+    cdef uint32_t out = special if a >= (143u << 23) else (small if a < (113u << 23) else normal)
+    return <uint16_t>(out | sign)
+
+
+cdef inline uint16_t _f32_to_f16_sr(float f, uint32_t r) noexcept nogil:
+    # Stochastic: as _f32_to_f16 but adding uniform bits below the cut instead of a half.
+    # Normal results cut 13 bits. Subnormal results are the 24-bit significand shifted right by
+    # s = 126 - exponent bits (>= 14); past 31 it is pre-shifted, so values below ~2^-48 round
+    # to zero (the bias this leaves is below 2^-24 of the smallest subnormal).
+    cdef uint32_t u = _bits(f)
+    cdef uint32_t sign = (u >> 16) & 0x8000u
+    cdef uint32_t a = u & 0x7fffffffu
+    cdef uint32_t special = 0x7e00u if a > 0x7f800000u else 0x7c00u
+    cdef uint32_t ex = a >> 23
+    cdef uint32_t sig = (a & 0x7fffffu) | (0x800000u if ex != 0 else 0u)
+    cdef uint32_t s = 126u - ex if ex < 113u else 14u
+    cdef uint32_t pre = s - 31u if s > 31u else 0u
+    cdef uint32_t cut = s if s < 31u else 31u
+    cdef uint32_t small
+    sig = sig >> pre if pre < 32u else 0u
+    small = (sig + (r & ((1u << cut) - 1u))) >> cut
+    cdef uint32_t normal = (a - (112u << 23) + (r & 0x1fffu)) >> 13
+    cdef uint32_t out = special if a >= (143u << 23) else (small if a < (113u << 23) else normal)
+    return <uint16_t>(out | sign)
+
+
+# --------------------------------------------------------------------------------------------
+# Random bits for stochastic rounding: a counter-based hash
+# --------------------------------------------------------------------------------------------
+
+cdef inline uint32_t _mix32(uint32_t x) noexcept nogil:
+    # A 32-bit integer finaliser (xor-shift-multiply, two rounds): each input bit flips about
+    # half the output bits.
+    x = x ^ (x >> 16)
+    x = x * 0x7feb352du
+    x = x ^ (x >> 15)
+    x = x * 0x846ca68bu
+    x = x ^ (x >> 16)
+    return x
+
+
+cdef inline void _stream_keys(uint64_t seed, uint64_t step, uint32_t stream,
+                              uint32_t* k1, uint32_t* k2) noexcept nogil:
+    """The two keys of one buffer's stream at one step."""
+    cdef uint32_t h = 0x9e3779b9u
+    h = _mix32(h ^ <uint32_t>seed)
+    h = _mix32(h ^ <uint32_t>(seed >> 32))
+    h = _mix32(h ^ <uint32_t>step)
+    h = _mix32(h ^ <uint32_t>(step >> 32))
+    h = _mix32(h ^ stream)
+    k1[0] = h
+    k2[0] = _mix32(h ^ 0x85ebca6bu)
+
+
+cdef inline uint32_t _random_bits(uint64_t i, uint32_t k1, uint32_t k2) noexcept nogil:
+    """32 random bits for element ``i`` of a stream."""
+    return _mix32(_mix32(<uint32_t>i + k1 + <uint32_t>(i >> 32) * 0x85ebca77u) ^ k2)
+
+
+# --------------------------------------------------------------------------------------------
+# Widening and narrowing loops (each vectorises: no branches, no calls)
+# --------------------------------------------------------------------------------------------
+
+cdef void _widen(const char* src, int storage, float* dst, Py_ssize_t n) noexcept nogil:
+    cdef const uint16_t* h = <const uint16_t*>src
+    cdef Py_ssize_t i
+    if storage == STORE_BF16:
+        for i in range(n):
+            dst[i] = _bf16_to_f32(h[i])
     else:
-        x[i] = <store_t>v
+        for i in range(n):
+            dst[i] = _f16_to_f32(h[i])
+
+
+cdef void _narrow(const float* src, char* dst, int storage, Py_ssize_t n, bint stochastic,
+                  uint64_t first, uint32_t k1, uint32_t k2) noexcept nogil:
+    """Round ``src`` into the half buffer ``dst``; ``first`` is the index of element 0 in the
+    plan (the counter of the random bits)."""
+    cdef uint16_t* h = <uint16_t*>dst
+    cdef Py_ssize_t i
+    if storage == STORE_BF16:
+        if stochastic:
+            for i in range(n):
+                h[i] = _f32_to_bf16_sr(src[i], _random_bits(first + <uint64_t>i, k1, k2))
+        else:
+            for i in range(n):
+                h[i] = _f32_to_bf16(src[i])
+    elif stochastic:
+        for i in range(n):
+            h[i] = _f32_to_f16_sr(src[i], _random_bits(first + <uint64_t>i, k1, k2))
+    else:
+        for i in range(n):
+            h[i] = _f32_to_f16(src[i])
+
+
+# --------------------------------------------------------------------------------------------
+# The mixed-type driver: an update's float32 loop over tiles of other element types
+# --------------------------------------------------------------------------------------------
+
+cdef struct MixedArgs:
+    segment_fn inner       # the update's segment (its float32 loop)
+    const void* inner_args
+    int nrows              # the rows the update sees: params, grads, state
+    int types[MAX_BUFFERS]  # each row's storage (STORE_F32 for rows the update does not read)
+    int out_type           # the half copy's storage, or -1; its row is ``nrows``
+    bint stochastic
+    uint32_t k1[MAX_BUFFERS + 1]  # the rows' random streams this step; [nrows]: the copy's
+    uint32_t k2[MAX_BUFFERS + 1]
+
+
+cdef int _mixed_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                        Py_ssize_t first) noexcept nogil:
+    cdef const MixedArgs* a = <const MixedArgs*>args
+    cdef float scratch[MAX_BUFFERS * TILE]
+    cdef char* rows[MAX_BUFFERS]
+    cdef Py_ssize_t start = 0, m, r
+    cdef int t
+    while start < n:
+        m = n - start if n - start < TILE else TILE
+        for r in range(a.nrows):
+            t = a.types[r]
+            if t == STORE_F32:
+                rows[r] = ptrs[r] + start * 4
+            else:
+                _widen(ptrs[r] + start * 2, t, &scratch[r * TILE], m)
+                rows[r] = <char*>&scratch[r * TILE]
+        a.inner(rows, m, a.inner_args, acc, first + start)
+        # Row 1, the grads, is read only; every other row the update may have written.
+        for r in range(a.nrows):
+            t = a.types[r]
+            if r != 1 and t != STORE_F32:
+                _narrow(<const float*>rows[r], ptrs[r] + start * 2, t, m, a.stochastic,
+                        <uint64_t>(first + start), a.k1[r], a.k2[r])
+        if a.out_type >= 0:
+            _narrow(<const float*>rows[0], ptrs[a.nrows] + start * 2, a.out_type, m,
+                    a.stochastic, <uint64_t>(first + start), a.k1[a.nrows], a.k2[a.nrows])
+        start += m
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Python access to the conversions, for the tests and the reference's cross-check
+# --------------------------------------------------------------------------------------------
+
+def _convert(const float[::1] src, uint16_t[::1] dst, str storage, str rounding="nearest",
+             uint64_t seed=0, uint64_t step=0, uint32_t stream=0, uint64_t first=0):
+    """Round float32 ``src`` into the half ``dst`` as the kernels do (testing only)."""
+    cdef uint32_t k1, k2
+    cdef int code = STORAGE_CODES[storage]
+    if code not in (STORE_BF16, STORE_F16) or rounding not in ROUNDING_MODES:
+        raise ValueError("storage must be bfloat16 or float16, rounding nearest or stochastic")
+    if src.shape[0] != dst.shape[0]:
+        raise ValueError("src and dst must have the same length")
+    _stream_keys(seed, step, stream, &k1, &k2)
+    if src.shape[0]:
+        _narrow(&src[0], <char*>&dst[0], code, src.shape[0], rounding == "stochastic", first,
+                k1, k2)
+
+
+def _widen_to(const uint16_t[::1] src, float[::1] dst, str storage):
+    """Widen the half ``src`` into float32 ``dst`` as the kernels do (testing only)."""
+    cdef int code = STORAGE_CODES[storage]
+    if code not in (STORE_BF16, STORE_F16):
+        raise ValueError("storage must be bfloat16 or float16")
+    if src.shape[0] != dst.shape[0]:
+        raise ValueError("src and dst must have the same length")
+    if src.shape[0]:
+        _widen(<const char*>&src[0], code, &dst[0], src.shape[0])

@@ -38,7 +38,7 @@ cdef struct StepValues:
     double lr
     long long step  # the 1-based number of this update
     double inv_scale  # 1/grad_scale: the factor the grads are multiplied by
-    int storage  # STORE_*: what the buffers hold
+    int storage  # the math type the loop runs in: STORE_F32 or STORE_F64
 
 ctypedef void (*prepare_fn)(void* out, const double* hyper,
                             const StepValues* s) noexcept nogil
@@ -48,7 +48,6 @@ cdef struct UpdateKernel:
     prepare_fn prepare
     Py_ssize_t min_per_thread
     int nhyper
-    int storages  # bit STORE_x set: the loop has a specialisation for that storage
 
 cdef enum:
     MAX_UPDATES = 32
@@ -59,15 +58,14 @@ cdef enum:
 cdef UpdateKernel _UPDATES[MAX_UPDATES]
 cdef int _num_updates = 0
 
-# {update: its index in the table}, {update: names of its hyper-parameters, in order},
-# {update: the storages it has a loop for}.
+# {update: its index in the table}, {update: names of its hyper-parameters, in order}.
+# Every update has a float32 and a float64 loop; other element types run through the float32
+# loop (_storage.pxi), so there is no per-update list of storages.
 UPDATE_IDS = {}
 UPDATE_ARGS = {}
-UPDATE_STORAGES = {}
 
 cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
-                   Py_ssize_t min_per_thread, size_t hyper_size, size_t args_size,
-                   int storages) except -1:
+                   Py_ssize_t min_per_thread, size_t hyper_size, size_t args_size) except -1:
     global _num_updates
     if _num_updates == MAX_UPDATES or len(args) > MAX_HYPER:
         raise SystemError(f"update {name!r}: the registry is full")
@@ -80,17 +78,12 @@ cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
     _UPDATES[_num_updates].prepare = prepare
     _UPDATES[_num_updates].min_per_thread = min_per_thread
     _UPDATES[_num_updates].nhyper = len(args)
-    _UPDATES[_num_updates].storages = storages
     UPDATE_IDS[name] = _num_updates
     UPDATE_ARGS[name] = args
-    UPDATE_STORAGES[name] = tuple(k for k, code in STORAGE_CODES.items() if storages >> code & 1)
     _MIN_PER_THREAD[name] = min_per_thread
     _num_updates += 1
     return 0
 
-
-cdef enum:
-    FLOAT_STORAGES = (1 << STORE_F32) | (1 << STORE_F64)
 
 # Below this many elements per thread a second thread costs more than it saves. The cheaper the
 # update per element, the more elements it takes to pay for waking a second thread. Measured
@@ -105,7 +98,7 @@ cdef enum:
 
 
 # --------------------------------------------------------------------------------------------
-# SGD (the one update with a bfloat16 storage so far: it shows the storage template at work)
+# SGD
 # --------------------------------------------------------------------------------------------
 
 cdef struct SGDHyper:
@@ -141,12 +134,10 @@ cdef void _sgd_prepare(void* out, const double* hyper, const StepValues* s) noex
     a.first_step = s.step == 1
 
 
-cdef inline void _sgd_loop(store_t* p, const store_t* g, store_t* buf, Py_ssize_t n,
-                           const SGDArgs* a, floating like, bint has_wd,
-                           bint has_mom) noexcept nogil:
+cdef inline void _sgd_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,
+                           const SGDArgs* a, bint has_wd, bint has_mom) noexcept nogil:
     # ``has_wd`` and ``has_mom`` arrive as constants (see _sgd_typed), so each variant is its
-    # own loop; gcc unswitches them by itself for float storage, but not around bfloat16's
-    # longer loads and stores, and a loop with branches is left scalar.
+    # own branch-free loop.
     # The gradient's factor: 1/grad_scale (unscaling, 1 by default: exact), negated to maximize.
     cdef floating sign = <floating>a.grad_factor
     cdef floating wd = <floating>a.weight_decay, mom = <floating>a.momentum
@@ -155,50 +146,47 @@ cdef inline void _sgd_loop(store_t* p, const store_t* g, store_t* buf, Py_ssize_
     cdef floating gi, bi
     cdef Py_ssize_t i
     for i in range(n):
-        gi = sign * _load(g, i, like)
+        gi = sign * g[i]
         if has_wd:
-            gi = gi + wd * _load(p, i, like)
+            gi = gi + wd * p[i]
         if has_mom:
             if first:
                 bi = gi
             else:
-                bi = _load(buf, i, like) * mom + omd * gi
-            _store(buf, i, bi)
+                bi = buf[i] * mom + omd * gi
+            buf[i] = bi
             if nesterov:
                 gi = gi + mom * bi
             else:
                 gi = bi
-        _store(p, i, _load(p, i, like) + neg_lr * gi)
+        p[i] = p[i] + neg_lr * gi
 
 
-cdef inline void _sgd_typed(store_t* p, const store_t* g, store_t* buf, Py_ssize_t n,
-                            const SGDArgs* a, floating like) noexcept nogil:
+cdef inline void _sgd_typed(floating* p, const floating* g, floating* buf, Py_ssize_t n,
+                            const SGDArgs* a) noexcept nogil:
     if a.weight_decay != 0:
         if a.momentum != 0:
-            _sgd_loop(p, g, buf, n, a, like, True, True)
+            _sgd_loop(p, g, buf, n, a, True, True)
         else:
-            _sgd_loop(p, g, buf, n, a, like, True, False)
+            _sgd_loop(p, g, buf, n, a, True, False)
     elif a.momentum != 0:
-        _sgd_loop(p, g, buf, n, a, like, False, True)
+        _sgd_loop(p, g, buf, n, a, False, True)
     else:
-        _sgd_loop(p, g, buf, n, a, like, False, False)
+        _sgd_loop(p, g, buf, n, a, False, False)
 
 
-cdef int _sgd_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+cdef int _sgd_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                  Py_ssize_t first) noexcept nogil:
     cdef const SGDArgs* a = <const SGDArgs*>args
     if a.storage == STORE_F64:
-        _sgd_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a, <double>0)
-    elif a.storage == STORE_BF16:
-        _sgd_typed(<bfloat16*>ptrs[0], <const bfloat16*>ptrs[1], <bfloat16*>ptrs[2], n, a,
-                   <float>0)
+        _sgd_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a)
     else:
-        _sgd_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a, <float>0)
+        _sgd_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a)
     return 0
 
 
 _register("sgd", ("momentum", "dampening", "weight_decay", "nesterov", "maximize"),
-          _sgd_segment, _sgd_prepare, MIN_PER_THREAD_SGD, sizeof(SGDHyper), sizeof(SGDArgs),
-          FLOAT_STORAGES | (1 << STORE_BF16))
+          _sgd_segment, _sgd_prepare, MIN_PER_THREAD_SGD, sizeof(SGDHyper), sizeof(SGDArgs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +243,8 @@ cdef inline void _adagrad_loop(floating* p, const floating* g, floating* acc, Py
         p[i] = p[i] + (neg_clr * gi) / std
 
 
-cdef int _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+cdef int _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                  Py_ssize_t first) noexcept nogil:
     cdef const AdagradArgs* a = <const AdagradArgs*>args
     if a.storage == STORE_F64:
         _adagrad_loop(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a)
@@ -266,7 +255,7 @@ cdef int _adagrad_segment(char** ptrs, Py_ssize_t n, const void* args, double* a
 
 _register("adagrad", ("lr_decay", "weight_decay", "eps", "eps_inside_sqrt", "maximize"),
           _adagrad_segment, _adagrad_prepare, MIN_PER_THREAD_ADAGRAD, sizeof(AdagradHyper),
-          sizeof(AdagradArgs), FLOAT_STORAGES)
+          sizeof(AdagradArgs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +347,8 @@ cdef inline void _rmsprop_typed(floating* p, const floating* g, floating* sq, fl
         _rmsprop_loop(p, g, sq, buf, gavg, n, a, False, False)
 
 
-cdef int _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+cdef int _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                  Py_ssize_t first) noexcept nogil:
     cdef const RMSpropArgs* a = <const RMSpropArgs*>args
     if a.storage == STORE_F64:
         _rmsprop_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
@@ -371,7 +361,7 @@ cdef int _rmsprop_segment(char** ptrs, Py_ssize_t n, const void* args, double* a
 
 _register("rmsprop", ("alpha", "eps", "weight_decay", "momentum", "centered", "maximize"),
           _rmsprop_segment, _rmsprop_prepare, MIN_PER_THREAD_RMSPROP, sizeof(RMSpropHyper),
-          sizeof(RMSpropArgs), FLOAT_STORAGES)
+          sizeof(RMSpropArgs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,7 +475,8 @@ cdef inline void _adam_typed(floating* p, const floating* g, floating* m, floati
         _adam_loop(p, g, m, v, vmax, n, a, False, False, False)
 
 
-cdef int _adam_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc) noexcept nogil:
+cdef int _adam_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                  Py_ssize_t first) noexcept nogil:
     cdef const AdamArgs* a = <const AdamArgs*>args
     if a.storage == STORE_F64:
         _adam_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
@@ -497,5 +488,4 @@ cdef int _adam_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc)
 
 
 _register("adam", ("beta1", "beta2", "eps", "weight_decay", "decoupled", "amsgrad", "maximize"),
-          _adam_segment, _adam_prepare, MIN_PER_THREAD_ADAM, sizeof(AdamHyper), sizeof(AdamArgs),
-          FLOAT_STORAGES)
+          _adam_segment, _adam_prepare, MIN_PER_THREAD_ADAM, sizeof(AdamHyper), sizeof(AdamArgs))

@@ -1,0 +1,109 @@
+"""Element types of the NumPy API, and the options that choose them.
+
+The kernels know four element types (src/_storage.pxi): float32, float64, bfloat16 and float16.
+NumPy has float16 natively; bfloat16 arrive either as ``ml_dtypes.bfloat16`` arrays (the dtype
+JAX and TensorFlow use; detected by name, so ml_dtypes is never required) or as uint16 arrays
+holding bfloat16 bit patterns, which an optimizer or function reads as bfloat16 only when told
+so with ``bfloat16_bits=True``.
+
+The options every optimizer (and lrfast.functional) takes, checked here once:
+
+``state_dtype``   the state buffers' element type: None (the params'), or float32 for
+                  bfloat16/float16 params (fp32 state, as DeepSpeed's fp32_optimizer_states)
+``half_out``      arrays (like the params) receiving a bfloat16/float16 copy of the updated
+                  float32 params, written in the same pass
+``rounding``      "nearest" (to nearest, ties to even) or "stochastic", for every value
+                  rounded into a half-precision buffer
+``seed``          the stochastic rounding's seed, 0 <= seed < 2**64
+``bfloat16_bits`` uint16 arrays hold bfloat16 bits
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+STORAGES = ("float32", "float64", "bfloat16", "float16")
+HALF = ("bfloat16", "float16")
+ROUNDINGS = ("nearest", "stochastic")
+
+_NATIVE = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64",
+           np.dtype(np.float16): "float16"}
+_UINT16 = np.dtype(np.uint16)
+
+
+def storage_of(dtype, bfloat16_bits=False):
+    """The kernels' name for arrays of ``dtype``, or None when lrfast cannot update them."""
+    dtype = np.dtype(dtype)
+    name = _NATIVE.get(dtype)
+    if name is not None:
+        return name
+    if dtype.name == "bfloat16" and dtype.itemsize == 2:
+        return "bfloat16"
+    if bfloat16_bits and dtype == _UINT16:
+        return "bfloat16"
+    return None
+
+
+def dtype_message(what, dtype):
+    hint = (" (pass bfloat16_bits=True if they hold bfloat16 bits)"
+            if np.dtype(dtype) == _UINT16 else "")
+    return (f"{what} has dtype {dtype}; lrfast updates float32, float64, float16 and bfloat16 "
+            f"(ml_dtypes.bfloat16, or uint16 bits with bfloat16_bits=True) arrays{hint}")
+
+
+def bits(arr):
+    """The array as the kernels read it: half types as their uint16 bits."""
+    return arr.view(np.uint16) if arr.dtype.itemsize == 2 else arr
+
+
+def full(n, value, dtype):
+    """A 1-D buffer of ``n`` elements of ``dtype``, all ``value`` rounded to nearest even
+    (uint16: bfloat16 bits)."""
+    dtype = np.dtype(dtype)
+    if dtype == _UINT16:
+        from .reference import narrow
+        return np.full(n, narrow(np.float32([value]), "bfloat16")[0], dtype=_UINT16)
+    return np.full(n, value, dtype=dtype)
+
+
+def state_storage(state_dtype, param_storage):
+    """The state's element type for params of ``param_storage`` (validated ``state_dtype``)."""
+    if state_dtype is None:
+        return param_storage
+    if state_dtype != param_storage and not (state_dtype == "float32" and param_storage in HALF):
+        raise ValueError(f"state_dtype={state_dtype} is not available for {param_storage} "
+                         "params: state is kept in the params' type, or in float32 for "
+                         "bfloat16/float16 params")
+    return state_dtype
+
+
+def check_state_dtype(value):
+    """None, or the element type named by a string, NumPy dtype or torch dtype."""
+    if value is None:
+        return None
+    text = str(value).removeprefix("torch.")
+    if isinstance(value, str) or text in STORAGES:
+        name = text
+    else:
+        try:
+            name = storage_of(value) or ""
+        except TypeError:
+            name = ""
+    if name not in STORAGES:
+        raise ValueError(f"state_dtype must be None or one of {', '.join(STORAGES)}, "
+                         f"got {value!r}")
+    return name
+
+
+def check_rounding(value):
+    if value not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {value!r}")
+    return value
+
+
+def check_seed(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not 0 <= value < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {value!r}")
+    return int(value)
