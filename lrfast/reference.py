@@ -251,35 +251,37 @@ def narrow(x, storage, rounding="nearest", *, seed=0, step=0, stream=0, first=0)
         return (out | sign).astype(np.uint16)
 
 
-def mixed_(fn, *arrays, storages, rounding="nearest", seed=0, step, out=None, out_storage=None,
-           **hyper):
+def mixed_(fn, buffers, storages, *, step, rounding="nearest", seed=0, out=None,
+           out_storage=None, **hyper):
     """``fn`` (an update of this module) over buffers of mixed element types, as the kernels'
     mixed-type driver runs it: every half buffer widened to float32, ``fn`` run on the float32
     values, every buffer but the grads rounded back.
 
-    ``arrays`` are ``fn``'s positional buffers in its order (param, grad, state...; None for an
-    unused one), each a list of arrays: float32 ones are updated in place, half ones are uint16
-    bits of the type ``storages[i]`` names. Tensor ``k``'s elements are numbered from the sum of
-    the sizes before it (the plan's concatenated index), buffer ``i`` is random stream ``i``.
-    ``out`` (uint16 bits of ``out_storage``) receives the rounded copy of the updated params
-    (stream 255). ``step`` is passed on to ``fn`` when it takes one.
+    ``buffers`` maps ``fn``'s buffer arguments, in the kernel's row order (``param``, ``grad``,
+    then the state; None for one not used), to lists of arrays; ``storages`` gives each one's
+    element type: float32 arrays are updated in place, half ones are uint16 bits. Tensor ``k``'s
+    elements are numbered from the sum of the sizes before it (the plan's concatenated index),
+    and row ``r`` is random stream ``r``. ``out`` (uint16 bits of ``out_storage``) receives the
+    rounded copy of the updated params (stream 255). ``step`` is passed on when ``fn`` takes it.
     """
-    wide = [None if a is None else [widen(x, s) if s != "float32" else x for x in a]
-            for a, s in zip(arrays, storages)]
-    kwargs = dict(hyper)
+    names = list(buffers)
+    wide = {name: None if a is None else
+            [widen(x, storages[name]) if storages[name] != "float32" else x for x in a]
+            for name, a in buffers.items()}
+    kwargs = dict(hyper, **wide)
     if "step" in inspect.signature(fn).parameters:
         kwargs["step"] = step
-    fn(*wide, **kwargs)
-    sizes = [p.size for p in arrays[0]]
-    firsts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
-    for r, (a, w, s) in enumerate(zip(arrays, wide, storages)):
-        if a is None or r == 1 or s == "float32":
+    fn(**kwargs)
+    sizes = [p.size for p in buffers[names[0]]]
+    firsts = np.concatenate([[0], np.cumsum(sizes)])[:-1].astype(int)
+    for r, name in enumerate(names):
+        if buffers[name] is None or r == 1 or storages[name] == "float32":
             continue
-        for x, y, first in zip(a, w, firsts):
-            x.reshape(-1)[...] = narrow(y.reshape(-1), s, rounding, seed=seed, step=step,
-                                        stream=r, first=int(first))
+        for x, y, first in zip(buffers[name], wide[name], firsts):
+            x.reshape(-1)[...] = narrow(y.reshape(-1), storages[name], rounding, seed=seed,
+                                        step=step, stream=r, first=int(first))
     if out is not None:
-        for x, y, first in zip(out, wide[0], firsts):
+        for x, y, first in zip(out, wide[names[0]], firsts):
             x.reshape(-1)[...] = narrow(y.reshape(-1), out_storage, rounding, seed=seed,
                                         step=step, stream=255, first=int(first))
 

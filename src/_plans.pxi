@@ -309,6 +309,7 @@ cdef class Plan:
                      self.sizes, nthreads, kernel.min_per_thread, block, ftz)
             else:
                 mixed.inner = kernel.segment
+                mixed.fast = kernel.fast
                 mixed.inner_args = block
                 mixed.nrows = self.nrows
                 mixed.out_type = self.out_type

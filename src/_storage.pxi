@@ -63,9 +63,12 @@ cdef inline uint16_t _f32_to_bf16(float f) noexcept nogil:
     # keeps its top bits with the quiet bit set (rounding could otherwise carry it to inf). Both
     # results are formed and one selected, so the loop around this stays branch-free.
     cdef uint32_t u = _bits(f)
-    cdef uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16
-    cdef uint32_t quiet = (u >> 16) | 0x40u
-    return <uint16_t>(quiet if (u & 0x7fffffffu) > 0x7f800000u else rounded)
+    # A NaN is truncated instead, with the quiet bit set (rounding could carry it to inf). The
+    # test is a float comparison (f != f: NaN), which needs no constants: this loop runs inside
+    # the updates' loops, where a few more vector constants spill registers.
+    cdef uint32_t nan = 0xffffffffu if f != f else 0u
+    cdef uint32_t bias = (0x7fffu + ((u >> 16) & 1u)) & ~nan
+    return <uint16_t>(((u + bias) >> 16) | (nan & 0x40u))
 
 
 cdef inline uint16_t _f32_to_bf16_sr(float f, uint32_t r) noexcept nogil:
@@ -206,11 +209,87 @@ cdef void _narrow(const float* src, char* dst, int storage, Py_ssize_t n, bint s
 
 
 # --------------------------------------------------------------------------------------------
+# Element types for fused loops: an update may also have loops written over these, which load
+# and convert in registers instead of through the tiles (its ``fast`` entry, see _updates.pxi)
+# --------------------------------------------------------------------------------------------
+
+# The half types as stored: structs, so that each is a type of its own for the fused types (a
+# bare uint16_t would be any 16-bit integer).
+cdef struct bfloat16:
+    uint16_t bits
+
+cdef struct float16:
+    uint16_t bits
+
+# One fused type per role, so that a loop's params, grads, state and half copy can each be of
+# their own type. Cython specialises a function for every combination; the C compiler only
+# compiles those a dispatcher calls.
+ctypedef fused param_t:
+    float
+    bfloat16
+    float16
+
+ctypedef fused grad_t:
+    float
+    bfloat16
+    float16
+
+ctypedef fused state_t:
+    float
+    bfloat16
+    float16
+
+ctypedef fused out_t:
+    bfloat16
+    float16
+
+ctypedef fused any_t:
+    float
+    bfloat16
+    float16
+
+
+cdef inline float _ld(const any_t* x, Py_ssize_t i) noexcept nogil:
+    """Element ``i`` of ``x`` as a float32."""
+    if any_t is bfloat16:
+        return _bf16_to_f32(x[i].bits)
+    elif any_t is float16:
+        return _f16_to_f32(x[i].bits)
+    else:
+        return x[i]
+
+
+cdef inline void _st(any_t* x, Py_ssize_t i, float v) noexcept nogil:
+    """Write ``v`` to element ``i`` of ``x``, rounded to nearest even."""
+    if any_t is bfloat16:
+        x[i].bits = _f32_to_bf16(v)
+    elif any_t is float16:
+        x[i].bits = _f32_to_f16(v)
+    else:
+        x[i] = v
+
+
+cdef inline void _st_out(out_t* x, Py_ssize_t i, float v) noexcept nogil:
+    if out_t is bfloat16:
+        x[i].bits = _f32_to_bf16(v)
+    else:
+        x[i].bits = _f32_to_f16(v)
+
+
+# --------------------------------------------------------------------------------------------
 # The mixed-type driver: an update's float32 loop over tiles of other element types
 # --------------------------------------------------------------------------------------------
 
+# A fused loop over rows of the types ``types`` (and a half copy of type ``out_type`` >= 0 in
+# row ``nrows``): returns 1 when the update has one for this combination and its arguments,
+# 0 to run through the tiles.
+ctypedef int (*fast_fn)(char** ptrs, Py_ssize_t n, const void* args, const int* types,
+                        int nrows, int out_type) noexcept nogil
+
+
 cdef struct MixedArgs:
     segment_fn inner       # the update's segment (its float32 loop)
+    fast_fn fast           # its fused loops, or NULL
     const void* inner_args
     int nrows              # the rows the update sees: params, grads, state
     int types[MAX_BUFFERS]  # each row's storage (STORE_F32 for rows the update does not read)
@@ -227,6 +306,9 @@ cdef int _mixed_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc
     cdef char* rows[MAX_BUFFERS]
     cdef Py_ssize_t start = 0, m, r
     cdef int t
+    if a.fast != NULL and not a.stochastic:
+        if a.fast(ptrs, n, a.inner_args, a.types, a.nrows, a.out_type):
+            return 0
     while start < n:
         m = n - start if n - start < TILE else TILE
         for r in range(a.nrows):

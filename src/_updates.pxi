@@ -45,6 +45,7 @@ ctypedef void (*prepare_fn)(void* out, const double* hyper,
 
 cdef struct UpdateKernel:
     segment_fn segment
+    fast_fn fast  # fused loops for some mixed-type combinations, or NULL
     prepare_fn prepare
     Py_ssize_t min_per_thread
     int nhyper
@@ -65,7 +66,8 @@ UPDATE_IDS = {}
 UPDATE_ARGS = {}
 
 cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
-                   Py_ssize_t min_per_thread, size_t hyper_size, size_t args_size) except -1:
+                   Py_ssize_t min_per_thread, size_t hyper_size, size_t args_size,
+                   fast_fn fast=NULL) except -1:
     global _num_updates
     if _num_updates == MAX_UPDATES or len(args) > MAX_HYPER:
         raise SystemError(f"update {name!r}: the registry is full")
@@ -75,6 +77,7 @@ cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
     if args_size > ARG_BLOCK * sizeof(double):
         raise SystemError(f"update {name!r}: its Args struct exceeds ARG_BLOCK")
     _UPDATES[_num_updates].segment = segment
+    _UPDATES[_num_updates].fast = fast
     _UPDATES[_num_updates].prepare = prepare
     _UPDATES[_num_updates].min_per_thread = min_per_thread
     _UPDATES[_num_updates].nhyper = len(args)
@@ -487,5 +490,104 @@ cdef int _adam_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
     return 0
 
 
+# Fused loops for the combinations of offloaded and half-precision training (round to nearest):
+# bf16/fp16 params, grads and state; bf16/fp16 params with float32 state; float32 master
+# weights with bf16/fp16 (or float32) grads and a bf16/fp16 copy written out. Each element is
+# widened in registers, updated by the arithmetic of _adam_loop (bitwise the same), and rounded
+# on its way out, so the step moves only the bytes the types need. Other combinations, AMSGrad
+# and 1 - beta1 >= 0.5 run through the tiles.
+
+cdef inline void _adam_fused_loop(param_t* p, const grad_t* g, state_t* m, state_t* v,
+                                  out_t* out, Py_ssize_t n, const AdamArgs* a, bint coupled,
+                                  bint has_out) noexcept nogil:
+    cdef float sign = <float>a.grad_factor
+    cdef float wd = <float>a.weight_decay
+    cdef float scale = <float>a.param_scale if a.decoupled else 1
+    cdef float w = <float>(1.0 - a.beta1)
+    cdef float beta2 = <float>a.beta2, omb2 = <float>(1.0 - a.beta2)
+    cdef float eps = <float>(a.eps * a.bc2_sqrt)
+    cdef float neg_ss = <float>(a.neg_step_size * a.bc2_sqrt)
+    cdef float gi, pi, mi, vi
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = sign * _ld(g, i)
+        pi = _ld(p, i) * scale
+        if coupled:
+            gi = gi + wd * pi
+        mi = _ld(m, i)
+        mi = mi + w * (gi - mi)
+        _st(m, i, mi)
+        vi = _ld(v, i) * beta2 + (omb2 * gi) * gi
+        _st(v, i, vi)
+        pi = pi + (neg_ss * mi) / (sqrtf(vi) + eps)
+        _st(p, i, pi)
+        if has_out:
+            _st_out(out, i, pi)
+
+
+cdef inline void _adam_fused(param_t* p, const grad_t* g, state_t* m, state_t* v, out_t* out,
+                             Py_ssize_t n, const AdamArgs* a, bint has_out) noexcept nogil:
+    if a.weight_decay != 0 and not a.decoupled:
+        _adam_fused_loop(p, g, m, v, out, n, a, True, has_out)
+    else:
+        _adam_fused_loop(p, g, m, v, out, n, a, False, has_out)
+
+
+cdef int _adam_fast(char** ptrs, Py_ssize_t n, const void* args, const int* types, int nrows,
+                    int out_type) noexcept nogil:
+    cdef const AdamArgs* a = <const AdamArgs*>args
+    cdef int pt = types[0], gt = types[1], st = types[2]
+    cdef char* o = ptrs[nrows] if out_type >= 0 else NULL
+    if a.storage != STORE_F32 or a.amsgrad or not (<float>(1.0 - a.beta1) < 0.5) \
+            or types[3] != st:
+        return 0
+    if out_type < 0:
+        if pt == gt and pt == st and pt == STORE_BF16:
+            _adam_fused(<bfloat16*>ptrs[0], <bfloat16*>ptrs[1], <bfloat16*>ptrs[2],
+                        <bfloat16*>ptrs[3], <bfloat16*>o, n, a, False)
+        elif pt == gt and pt == st and pt == STORE_F16:
+            _adam_fused(<float16*>ptrs[0], <float16*>ptrs[1], <float16*>ptrs[2],
+                        <float16*>ptrs[3], <bfloat16*>o, n, a, False)
+        elif pt == gt and pt == STORE_BF16 and st == STORE_F32:
+            _adam_fused(<bfloat16*>ptrs[0], <bfloat16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <bfloat16*>o, n, a, False)
+        elif pt == gt and pt == STORE_F16 and st == STORE_F32:
+            _adam_fused(<float16*>ptrs[0], <float16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <bfloat16*>o, n, a, False)
+        elif pt == STORE_F32 and st == STORE_F32 and gt == STORE_BF16:
+            _adam_fused(<float*>ptrs[0], <bfloat16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <bfloat16*>o, n, a, False)
+        elif pt == STORE_F32 and st == STORE_F32 and gt == STORE_F16:
+            _adam_fused(<float*>ptrs[0], <float16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <bfloat16*>o, n, a, False)
+        else:
+            return 0
+        return 1
+    if pt != STORE_F32 or st != STORE_F32:
+        return 0
+    if out_type == STORE_BF16:
+        if gt == STORE_BF16:
+            _adam_fused(<float*>ptrs[0], <bfloat16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <bfloat16*>o, n, a, True)
+        elif gt == STORE_F16:
+            _adam_fused(<float*>ptrs[0], <float16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <bfloat16*>o, n, a, True)
+        else:
+            _adam_fused(<float*>ptrs[0], <float*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <bfloat16*>o, n, a, True)
+    else:
+        if gt == STORE_BF16:
+            _adam_fused(<float*>ptrs[0], <bfloat16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <float16*>o, n, a, True)
+        elif gt == STORE_F16:
+            _adam_fused(<float*>ptrs[0], <float16*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <float16*>o, n, a, True)
+        else:
+            _adam_fused(<float*>ptrs[0], <float*>ptrs[1], <float*>ptrs[2],
+                        <float*>ptrs[3], <float16*>o, n, a, True)
+    return 1
+
+
 _register("adam", ("beta1", "beta2", "eps", "weight_decay", "decoupled", "amsgrad", "maximize"),
-          _adam_segment, _adam_prepare, MIN_PER_THREAD_ADAM, sizeof(AdamHyper), sizeof(AdamArgs))
+          _adam_segment, _adam_prepare, MIN_PER_THREAD_ADAM, sizeof(AdamHyper), sizeof(AdamArgs),
+          _adam_fast)
