@@ -181,7 +181,8 @@ cdef class Plan:
         self.math = STORE_F64 if types[0] == STORE_F64 else STORE_F32
         self.mixed = False
         for r in range(self.nbuf):
-            self.types[r] = STORE_F32 if types[r] < 0 else types[r]
+            # A row the update does not read counts as the math type: nothing to convert.
+            self.types[r] = self.math if types[r] < 0 else types[r]
             self.sizes[r] = _ITEMSIZE[self.types[r]]
             self.mixed = self.mixed or self.types[r] != self.math
         self.out_type = types[self.nrows] if out is not None else -1
