@@ -1,7 +1,8 @@
-"""Address tables and plans: what one native call needs to update many tensors of one dtype.
+"""Address tables and plans: what one native call needs to update many tensors.
 
 Every layer that runs a kernel over many tensors builds its table here: the optimizer classes
-and lrfast.functional from NumPy arrays (a :class:`Bank` per dtype, whose :meth:`Bank.plan` is
+and lrfast.functional from NumPy arrays (a :class:`Bank` per combination of element types,
+whose :meth:`Bank.plan` is
 the native ``Plan`` that checks the grads and runs the update), lrfast.torch from tensors'
 addresses (:func:`table`, then :func:`plan`), and clipping from the addresses its native check
 collected (:func:`table`).
@@ -23,14 +24,6 @@ def address(arr):
     return arr.__array_interface__["data"][0]
 
 
-def group_by_dtype(arrays) -> dict[np.dtype, list[int]]:
-    """{dtype: [indices]} in first-seen order."""
-    groups: dict = {}
-    for i, a in enumerate(arrays):
-        groups.setdefault(a.dtype, []).append(i)
-    return groups
-
-
 def table(rows, sizes):
     """(table, offsets) from ``rows`` (one sequence of addresses per buffer, or None for a row
     filled later, e.g. the grads) and the tensors' sizes in elements."""
@@ -44,28 +37,33 @@ def table(rows, sizes):
     return out, offsets
 
 
-def plan(update, table, offsets, storage):
-    """A native plan whose grads the caller writes into ``table[GRAD_ROW]`` before each run."""
-    return _dispatch.kernels.Plan(update, table, offsets, storage)
+def plan(update, table, offsets, storage, rows=None, out=None):
+    """A native plan whose grads the caller writes into ``table[GRAD_ROW]`` before each run
+    (``rows``, ``out``: the rows' element types and the half copy's, as Plan takes them)."""
+    return _dispatch.kernels.Plan(update, table, offsets, storage, rows=rows, out=out)
 
 
 class Bank:
-    """The NumPy tensors of one dtype, laid out for one kernel call.
+    """NumPy tensors whose buffers share element types, laid out for one kernel call.
 
     Parameters
     ----------
-    dtype : numpy dtype (float32 or float64)
     indices : list of int, positions of these tensors in the caller's list
-    rows : list of (list of arrays or None); ``rows[r][k]`` is buffer ``r`` of tensor ``k``.
-        Row ``GRAD_ROW`` is None: a plan fills it at each step.
-    written : list of arrays whose memory the step writes (params and state): a grad must not
-        overlap any of them.
+    rows : list of (list of arrays or None); ``rows[r][k]`` is buffer ``r`` of tensor ``k``
+        (params, grads, the update's state rows, then the half copy's row when ``out``).
+        Row ``GRAD_ROW`` may be None: a plan fills it at each step.
+    storages : the element type of each of the update's rows (None: a row it does not read)
+    grad_dtype : the NumPy dtype the grads must have
+    written : list of arrays whose memory the step writes (params, state, half copies): a grad
+        must not overlap any of them.
+    out : the half copy's element type, or None
     """
 
-    def __init__(self, dtype, indices, rows, written):
-        self.dtype = np.dtype(dtype)
-        self.typenum = self.dtype.num
+    def __init__(self, indices, rows, storages, grad_dtype, written, out=None):
         self.indices = list(indices)
+        self.storages = tuple(storages)
+        self.grad_dtype = np.dtype(grad_dtype)
+        self.out = out
         params = rows[0]
         self.table, self.offsets = table(
             [None if arrays is None else [address(a) for a in arrays] for arrays in rows],
@@ -76,11 +74,17 @@ class Bank:
         self.wstart = np.array([r[0] for r in ranges], dtype=np.intp)
         self.wend = np.array([r[1] for r in ranges], dtype=np.intp)
 
-    def plan(self, update):
-        """The native plan running ``update`` over this bank, checking its grads each step."""
-        return _dispatch.kernels.Plan(update, self.table, self.offsets, self.dtype.name,
-                                      self.typenum, self.ndims, self.dims, self.wstart,
-                                      self.wend)
+    def plan(self, update, grad_dtype=None, grad_storage=None):
+        """The native plan running ``update`` over this bank, checking its grads each step
+        (of ``grad_dtype``, element type ``grad_storage``; by default the bank's own)."""
+        storages = self.storages
+        if grad_dtype is None:
+            grad_dtype = self.grad_dtype
+        else:
+            storages = (storages[0], grad_storage) + storages[2:]
+        return _dispatch.kernels.Plan(update, self.table, self.offsets, storages[0],
+                                      np.dtype(grad_dtype).num, self.ndims, self.dims,
+                                      self.wstart, self.wend, rows=storages, out=self.out)
 
     def grads_of(self, grads, covers_all):
         """This bank's share of the caller's list of grads."""
@@ -93,10 +97,25 @@ class Bank:
         raise_gather_error(code, self.grads_of(grads, covers_all)[k], params[i], labels[i])
 
 
-def banks(params, rows, written):
-    """One :class:`Bank` per dtype of ``params``; ``rows`` as for Bank but over all tensors."""
-    out = []
-    for dtype, indices in group_by_dtype(params).items():
+def banks(rows, storages, written, grad_dtypes, out=None, out_storages=None):
+    """One :class:`Bank` per combination of element types over all tensors.
+
+    ``rows`` as for Bank but over all tensors (row GRAD_ROW None), ``storages[r][k]`` the
+    element type of buffer ``r`` of tensor ``k`` (None for rows not used), ``grad_dtypes[k]``
+    the dtype tensor ``k``'s grads must have, ``out`` the half copies (a list, or None) and
+    ``out_storages`` their element types.
+    """
+    n = len(rows[0])
+    groups: dict = {}
+    for k in range(n):
+        key = (tuple(None if s is None else s[k] for s in storages),
+               np.dtype(grad_dtypes[k]), None if out is None else out_storages[k],
+               rows[0][k].dtype)
+        groups.setdefault(key, []).append(k)
+    result = []
+    for (row_storages, grad_dtype, out_storage, _), indices in groups.items():
         bank_rows = [None if arrays is None else [arrays[i] for i in indices] for arrays in rows]
-        out.append(Bank(dtype, indices, bank_rows, written))
-    return out
+        if out is not None:
+            bank_rows.append([out[i] for i in indices])
+        result.append(Bank(indices, bank_rows, row_storages, grad_dtype, written, out_storage))
+    return result

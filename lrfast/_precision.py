@@ -45,11 +45,33 @@ def storage_of(dtype, bfloat16_bits=False):
     return None
 
 
+def numpy_dtype(value, bfloat16_bits=False, what="dtype"):
+    """(NumPy dtype, element type) for ``value``: a dtype-like, or the name "bfloat16", which
+    is ``ml_dtypes.bfloat16`` when ml_dtypes is installed and uint16 bits with
+    ``bfloat16_bits=True``."""
+    if isinstance(value, str) and value == "bfloat16":
+        if bfloat16_bits:
+            return _UINT16, "bfloat16"
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError(f"{what}='bfloat16' needs the ml_dtypes package (pip install "
+                            "ml_dtypes), or bfloat16_bits=True for uint16 arrays of bfloat16 "
+                            "bits") from None
+        return np.dtype(ml_dtypes.bfloat16), "bfloat16"
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a NumPy dtype or 'bfloat16', got {value!r}") from None
+    storage = storage_of(dtype, bfloat16_bits)
+    if storage is None:
+        raise TypeError(f"{what} must be float32, float64, float16 or bfloat16, got {dtype}")
+    return dtype, storage
+
+
 def dtype_message(what, dtype):
-    hint = (" (pass bfloat16_bits=True if they hold bfloat16 bits)"
-            if np.dtype(dtype) == _UINT16 else "")
     return (f"{what} has dtype {dtype}; lrfast updates float32, float64, float16 and bfloat16 "
-            f"(ml_dtypes.bfloat16, or uint16 bits with bfloat16_bits=True) arrays{hint}")
+            "arrays (bfloat16: ml_dtypes.bfloat16, or uint16 bits with bfloat16_bits=True)")
 
 
 def bits(arr):

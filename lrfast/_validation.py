@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from . import _optim
+from . import _optim, _precision
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -99,21 +99,22 @@ def label(kind, key):
     return f"{kind}[{key!r}]"
 
 
-def check_array(arr, what, *, writeable):
-    """A float32/float64, C-contiguous, aligned NumPy array (writeable when it will be written)."""
+def check_array(arr, what, *, writeable, bfloat16_bits=False):
+    """A C-contiguous, aligned NumPy array of an element type the kernels take (float32,
+    float64, float16, bfloat16; see lrfast._precision), writeable when it will be written.
+    Returns its element type's name."""
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{what} must be a numpy.ndarray, got {type(arr).__name__}")
-    if arr.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{what} has dtype {arr.dtype}; lrfast updates float32 and float64 arrays only"
-        )
+    storage = _precision.storage_of(arr.dtype, bfloat16_bits)
+    if storage is None:
+        raise TypeError(_precision.dtype_message(what, arr.dtype))
     if not arr.flags.c_contiguous:
         raise ValueError(f"{what} is not C-contiguous; pass np.ascontiguousarray({what.split('[')[0]})")
     if not arr.flags.aligned:
         raise ValueError(f"{what} is not aligned to its dtype; copy it into a fresh array")
     if writeable and not arr.flags.writeable:
         raise ValueError(f"{what} is read-only; lrfast updates it in place")
-    return arr
+    return storage
 
 
 def check_same_layout(arr, ref, what, ref_what):

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _dispatch, _layout
 from ._threads import get_num_threads
+from ._precision import HALF
 from ._validation import _real, as_named, check_array, check_bool, check_disjoint, label
 from .flat import FlatParams
 
@@ -76,7 +77,10 @@ def _banks(arrays, labels, writeable):
     typenums = np.empty(n, dtype=np.intc)
     bad = _dispatch.kernels.collect_arrays(arrays, addrs, sizes, typenums, writeable)
     if bad >= 0:
-        check_array(arrays[bad], labels[bad], writeable=writeable)
+        if check_array(arrays[bad], labels[bad], writeable=writeable) in HALF:
+            raise TypeError(f"{labels[bad]} has dtype {arrays[bad].dtype}: gradient clipping "
+                            "takes float32 and float64 grads (half-precision ones are not "
+                            "clipped yet; clip their float32 master copies)")
         raise AssertionError("collect_arrays and check_array disagree")  # pragma: no cover
     is64 = typenums == np.dtype(np.float64).num
     if writeable:

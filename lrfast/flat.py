@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from ._validation import SUPPORTED_DTYPES
+from ._precision import HALF, numpy_dtype
+from ._validation import check_bool
 
 __all__ = ["FlatParams"]
 
@@ -41,14 +42,26 @@ class FlatParams:
     ----------
     shapes : dict name -> shape
         The tensors, in order. Names are strings; shapes tuples of ints (0-size allowed).
-    dtype : float32 or float64, default float32
+    dtype : float32 (default), float64, float16 or "bfloat16" (``ml_dtypes.bfloat16``, or
+        uint16 bits with ``bfloat16_bits=True``)
     init : dict name -> array, optional
         Initial values (copied in); tensors not named start at zero.
+
+    half : "bfloat16" or float16, optional
+        Also keep a half twin of float32 params (``half``, ``halves``): optimizers over this
+        FlatParams write the updated params into it, rounded, in the same pass (offloaded
+        training's copy for the accelerator).
+    grad_dtype : optional
+        The grads' dtype: the params' (default), or for float32 params a half-precision one
+        (float32 master weights with bf16/fp16 grads, widened inside the update).
+    bfloat16_bits : bool, default False
+        "bfloat16" buffers are uint16 arrays of bfloat16 bits (no ml_dtypes needed).
 
     Attributes
     ----------
     param, grad : 1-D arrays holding every tensor back to back
     params, grads : dict name -> view of the matching part, with its shape
+    half, halves : the half twin and its views (None without ``half``)
 
     Examples
     --------
@@ -84,12 +97,22 @@ class FlatParams:
     True
     """
 
-    def __init__(self, shapes, dtype=np.float32, init=None):
+    def __init__(self, shapes, dtype=np.float32, init=None, *, half=None, grad_dtype=None,
+                 bfloat16_bits=False):
         if not isinstance(shapes, dict) or not shapes:
             raise ValueError("shapes must be a non-empty dict name -> shape")
-        dtype = np.dtype(dtype)
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.bfloat16_bits = check_bool(bfloat16_bits, "bfloat16_bits")
+        dtype, storage = numpy_dtype(dtype, self.bfloat16_bits, "dtype")
+        grad_dtype, grad_storage = (dtype, storage) if grad_dtype is None else numpy_dtype(
+            grad_dtype, self.bfloat16_bits, "grad_dtype")
+        if grad_storage != storage and (storage != "float32" or grad_storage not in HALF):
+            raise TypeError(f"grad_dtype {grad_dtype} with {dtype} params: grads have the "
+                            "params' dtype, or a half-precision one for float32 params")
+        if half is not None:
+            half, half_storage = numpy_dtype(half, self.bfloat16_bits, "half")
+            if half_storage not in HALF or storage != "float32":
+                raise TypeError(f"half={half}: the half twin is bfloat16 or float16, of "
+                                "float32 params")
         self.shapes = {}
         for name, shape in shapes.items():
             if not isinstance(name, str):
@@ -103,9 +126,12 @@ class FlatParams:
             at += int(np.prod(shape, dtype=np.int64))
         self.size = at
         self.param = np.zeros(at, dtype=dtype)
-        self.grad = np.zeros(at, dtype=dtype)
+        self.grad = np.zeros(at, dtype=grad_dtype)
         self.params = self._views(self.param)
         self.grads = self._views(self.grad)
+        # The half twin: the params rounded to half precision by each optimizer step.
+        self.half = None if half is None else np.zeros(at, dtype=half)
+        self.halves = None if half is None else self._views(self.half)
         if init is not None:
             self.assign(init)
 
@@ -173,10 +199,14 @@ class FlatParams:
 
     def save(self, path):
         """Write names, shapes, dtype and parameters to an ``.npz`` file (no pickle)."""
+        bf16 = self.dtype.name == "bfloat16" or self.bfloat16_bits and self.dtype == np.uint16
         header = json.dumps({"format": _FORMAT, "shapes": {k: list(v) for k, v in
                                                             self.shapes.items()},
-                             "dtype": self.dtype.name})
-        np.savez(path, header=np.array(header), param=self.param)
+                             "dtype": "bfloat16" if bf16 else self.dtype.name,
+                             "bfloat16_bits": self.bfloat16_bits})
+        # bfloat16 is written as its uint16 bits: .npz has no bfloat16 type.
+        np.savez(path, header=np.array(header),
+                 param=self.param.view(np.uint16) if bf16 else self.param)
 
     @classmethod
     def load(cls, path):
@@ -191,6 +221,9 @@ class FlatParams:
             raise ValueError(f"{path} is not a FlatParams file: {exc}") from None
         if header.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a FlatParams file")
-        flat = cls({k: tuple(v) for k, v in header["shapes"].items()}, header["dtype"])
+        flat = cls({k: tuple(v) for k, v in header["shapes"].items()}, header["dtype"],
+                   bfloat16_bits=bool(header.get("bfloat16_bits", False)))
+        if header["dtype"] == "bfloat16" and param.dtype == np.uint16:
+            param = param.view(flat.dtype)
         flat.load_state_dict({**header, "param": param})
         return flat

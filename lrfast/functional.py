@@ -11,6 +11,12 @@ increment): the first update is ``step=1``. Bias corrections (Adam), the learnin
 
 All inputs are checked before anything is written: a call that raises has changed nothing.
 
+Element types are the optimizer classes' (see :mod:`lrfast.optim`): float32, float64, float16
+and bfloat16 arrays; state in the params' dtype or float32 for half params; half grads for
+float32 params. The keyword-only options ``half_out`` (arrays receiving the updated float32
+params rounded to bfloat16/float16), ``rounding``, ``seed`` (the step is the ``step``
+argument, 1 for updates that do not take one) and ``bfloat16_bits`` mean what they mean there.
+
 The functions are made from the update specs (``lrfast._specs.UPDATES``): one per update, named
 after it with a trailing underscore, its signature and checks read from the spec.
 
@@ -36,12 +42,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from . import _dispatch, _layout
+from . import _dispatch, _layout, _precision
 from ._specs import REQUIRED, UPDATES, Update
 from ._threads import get_num_threads
-from ._validation import check_array, check_disjoint, check_same_layout, check_step
+from ._validation import check_array, check_bool, check_disjoint, check_step
 
 __all__ = [name + "_" for name in UPDATES]
+
+# The element-type options every function takes (see lrfast.optim: as the classes').
+_OPTIONS = {"half_out": None, "rounding": "nearest", "seed": 0, "bfloat16_bits": False}
 
 
 def _as_lists(named) -> tuple[list[tuple[str, Any]], bool]:
@@ -73,8 +82,14 @@ def _as_lists(named) -> tuple[list[tuple[str, Any]], bool]:
     return out, single
 
 
-def _run(update: Update, named, h: dict, step: int) -> None:
+def _run(update: Update, named, h: dict, step: int, options: dict) -> None:
     """Validate ``named`` = [("param", ...), ("grad", ...), state...] and run the update."""
+    bits = check_bool(options["bfloat16_bits"], "bfloat16_bits")
+    rounding = _precision.check_rounding(options["rounding"])
+    seed = _precision.check_seed(options["seed"])
+    half_out = options["half_out"]
+    if half_out is not None:
+        named = named + [("half_out", half_out)]
     rows, single = _as_lists(named)
 
     def what(name, k):
@@ -82,13 +97,17 @@ def _run(update: Update, named, h: dict, step: int) -> None:
 
     params = rows[0][1]
     written, written_labels = [], []
+    storages = {}
     for name, arrays in rows:
         if arrays is None or name == "grad":
             continue
+        storages[name] = []
         for k, (a, p) in enumerate(zip(arrays, params)):
-            check_array(a, what(name, k), writeable=True)
+            storage = check_array(a, what(name, k), writeable=True, bfloat16_bits=bits)
             if name != "param":
-                check_same_layout(a, p, what(name, k), what("param", k))
+                _check_buffer(name, storage, a, p, storages["param"][k], what(name, k),
+                              what("param", k))
+            storages[name].append(storage)
             written.append(a)
             written_labels.append(what(name, k))
     if not params:
@@ -96,19 +115,45 @@ def _run(update: Update, named, h: dict, step: int) -> None:
     check_disjoint(written, written_labels)
     grads = rows[1][1]
     grad_labels = [what("grad", k) for k in range(len(params))]
-    values = update.kernel_values(h, _dispatch.kernels)
-    banks = _layout.banks(params, [None if name == "grad" else arrays for name, arrays in rows],
-                          written)
+    # The grads' dtypes pick the plans (fp32 params may take half grads); a grad that is not
+    # an array, or of a dtype its param does not take, is reported by the plan's check.
+    grad_dtypes, grad_storages = [], []
+    for k, (g, p, st) in enumerate(zip(grads, params, storages["param"])):
+        gst = _precision.storage_of(g.dtype, bits) if isinstance(g, np.ndarray) else None
+        ok = gst == st and g.dtype == p.dtype or st == "float32" and gst in _precision.HALF
+        grad_dtypes.append(g.dtype if ok else p.dtype)
+        grad_storages.append(gst if ok else st)
+    state_names = [name for name, _ in rows[2:] if name != "half_out"]
+    row_arrays = [params, None] + [arrays for name, arrays in rows[2:] if name != "half_out"]
+    row_storages = [storages["param"], grad_storages] + [storages.get(name) for name in state_names]
+    banks = _layout.banks(row_arrays, row_storages, written, grad_dtypes,
+                          None if half_out is None else rows[-1][1],
+                          None if half_out is None else storages["half_out"])
     covers_all = len(banks) == 1
     plans = [bank.plan(update.name) for bank in banks]
+    values = update.kernel_values(h, _dispatch.kernels)
     for plan in plans:
         plan.set_hyper(values)
+        plan.set_options(False, False, rounding, seed)
     # Every grad is checked before any kernel runs.
     bad = _dispatch.kernels.step_plans(plans, [bank.grads_of(grads, covers_all) for bank in banks],
                                        h["lr"], step, get_num_threads())
     if bad is not None:
         i, code, k = bad
         banks[i].raise_bad_grad((code, k), grads, params, grad_labels, covers_all)
+
+
+def _check_buffer(name, storage, a, p, param_storage, what, param_what):
+    """A state buffer or half copy laid out as its param, of a type the kernels take with it."""
+    if a.shape != p.shape:
+        raise ValueError(f"{what} has shape {a.shape}, but {param_what} has shape {p.shape}")
+    if name == "half_out":
+        if storage not in _precision.HALF or param_storage != "float32":
+            raise TypeError(f"{what} has dtype {a.dtype}: a half copy is bfloat16 or float16, "
+                            f"of float32 params ({param_what} is {p.dtype})")
+    elif a.dtype != p.dtype and not (storage == "float32" and param_storage in _precision.HALF):
+        raise TypeError(f"{what} has dtype {a.dtype}, but {param_what} has dtype {p.dtype} "
+                        "(state is kept in the params' dtype, or in float32 for half params)")
 
 
 def _signature(update: Update) -> inspect.Signature:
@@ -129,6 +174,8 @@ def _signature(update: Update) -> inspect.Signature:
     for b in update.buffers:
         if b.keyword:
             params.append(P(b.argname, P.KEYWORD_ONLY, default=None))
+    for name, default in _OPTIONS.items():
+        params.append(P(name, P.KEYWORD_ONLY, default=default))
     return inspect.Signature(params)
 
 
@@ -146,7 +193,7 @@ def _apply(update: Update, a: dict) -> None:
         elif value is None:
             raise ValueError(update.missing_buffer_message(b))
         named.append((b.argname, value))
-    _run(update, named, h, step)
+    _run(update, named, h, step, {name: a[name] for name in _OPTIONS})
 
 
 def _make(update: Update) -> Callable[..., None]:

@@ -20,6 +20,27 @@ Options every optimizer takes (keyword-only):
     threads (restored afterwards; the rest of the process is unaffected). Subnormal gradients
     and moments then read and write as zero, which avoids the slow path some CPUs take on them.
 
+``state_dtype`` (default None: the params' type)
+    The state buffers' element type: float32 keeps float32 state for bfloat16/float16 params.
+``half_out`` (default None)
+    Arrays laid out as the params (list or dict; a FlatParams' half twin is used by itself), of
+    dtype bfloat16 or float16, that receive the updated float32 params rounded to half
+    precision in the same pass: the copy offloaded training sends back to the accelerator.
+``rounding`` (default "nearest"), ``seed`` (default 0)
+    How values are rounded into half-precision buffers (params, state, ``half_out``): to
+    nearest, ties to even (as torch), or "stochastic": up with probability equal to the
+    fraction of the gap, which keeps small updates to bfloat16 weights from being rounded
+    away. The random bits are a hash of the seed, the step, the buffer and the element's index,
+    so a run is reproducible for any number of threads.
+``bfloat16_bits`` (default False)
+    uint16 arrays (params, grads, state, ``half_out``) hold bfloat16 bit patterns.
+
+Element types: params may be float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``
+arrays, or uint16 arrays of bfloat16 bits with ``bfloat16_bits=True``); half-precision updates
+compute in float32 and round each stored value. Grads have their params' dtype, or, for float32
+params, a half-precision dtype (fp32 master weights with bf16/fp16 grads: each grad is widened
+inside the update, never copied).
+
 ``step(grads, grad_scale=s)`` divides the gradients by a loss scale as part of the update (they
 are multiplied by ``1/s``, computed in double and rounded to the gradient's dtype, as a
 GradScaler's unscale does); the gradient arrays themselves are not modified.
@@ -33,7 +54,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _dispatch, _layout
+from . import _dispatch, _layout, _precision
+from ._precision import HALF
 from ._specs import OPTIMIZERS, OptimizerSpec
 from .flat import FlatParams
 from ._threads import get_num_threads
@@ -46,7 +68,7 @@ from ._validation import (
     label,
     lr_value,
 )
-from ._optim import STEP_SKIPPED_NONFINITE
+from ._optim import GATHER_DTYPE, STEP_SKIPPED_NONFINITE
 
 __all__ = ["Optimizer", *OPTIMIZERS]  # a class per optimizer of the spec table
 
@@ -62,29 +84,41 @@ class Optimizer:
 
     _spec: OptimizerSpec
 
-    def __init__(self, params, arguments, *, skip_nonfinite=False, flush_subnormals=False):
-        """``arguments``: the subclass's arguments by name (its ``locals()``); the spec's
-        hyper-parameter names are read from it."""
+    def __init__(self, params, arguments):
+        """``arguments``: the subclass's arguments by name (its ``locals()``): the spec's
+        hyper-parameters and the options every optimizer takes are read from it."""
         hyper = self._validate({name: arguments[name] for name in self._spec.arguments})
-        skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite")
-        flush_subnormals = check_bool(flush_subnormals, "flush_subnormals")
+        skip_nonfinite = check_bool(arguments["skip_nonfinite"], "skip_nonfinite")
+        flush_subnormals = check_bool(arguments["flush_subnormals"], "flush_subnormals")
         if flush_subnormals and not _dispatch.kernels.has_flush_to_zero():
             raise ValueError("flush_subnormals is not supported on this CPU architecture")
+        self._bits = check_bool(arguments["bfloat16_bits"], "bfloat16_bits")
+        self._state_dtype = _precision.check_state_dtype(arguments["state_dtype"])
+        self._rounding = _precision.check_rounding(arguments["rounding"])
+        self._seed = _precision.check_seed(arguments["seed"])
         self._skip_nonfinite = skip_nonfinite
         self._flush_subnormals = flush_subnormals
         self._skipped = 0
         self._flat = params if isinstance(params, FlatParams) else None
+        half_out = arguments["half_out"]
         if self._flat is not None:
             # One tensor: the whole flat buffer, updated by a single loop.
             keys, arrays, is_dict = ["param"], [self._flat.param], False
+            self._bits = self._bits or self._flat.bfloat16_bits
+            if half_out is None and self._flat.half is not None:
+                half_out = [self._flat.half]
         else:
             keys, arrays, is_dict = as_named(params, "params")
         if not arrays:
             raise ValueError("optimizer got an empty parameter list")
         labels = [label("params", k) for k in keys]
-        for a, what in zip(arrays, labels):
-            check_array(a, what, writeable=True)
-        check_disjoint(arrays, labels)
+        self._storages = [check_array(a, what, writeable=True, bfloat16_bits=self._bits)
+                          for a, what in zip(arrays, labels)]
+        for st in self._storages:
+            _precision.state_storage(self._state_dtype, st)
+        self._half_out = self._check_half_out(half_out, keys, arrays, is_dict)
+        check_disjoint(arrays + (self._half_out or []),
+                       labels + [label("half_out", k) for k in keys] * bool(self._half_out))
         self._hyper = hyper
         self._keys = keys
         self._params = arrays
@@ -94,6 +128,33 @@ class Optimizer:
         self._last_lr = None
         self._busy = threading.Lock()
         self._allocate()
+
+    def _check_half_out(self, half_out, keys, arrays, is_dict):
+        """The half copies as a list in the params' order (None when not asked for)."""
+        if half_out is None:
+            return None
+        if self._flat is not None and isinstance(half_out, (list, tuple)) and len(half_out) == 1:
+            outs = list(half_out)
+        elif is_dict:
+            if not isinstance(half_out, Mapping) or set(half_out) != set(keys):
+                raise ValueError("half_out must be a dict with the params' keys")
+            outs = [half_out[k] for k in keys]
+        else:
+            outs = as_named(half_out, "half_out")[1]
+            if len(outs) != len(arrays):
+                raise ValueError(f"half_out has {len(outs)} arrays for {len(arrays)} params")
+        for k, o, p, st in zip(keys, outs, arrays, self._storages):
+            what = label("half_out", k)
+            if check_array(o, what, writeable=True, bfloat16_bits=self._bits) not in HALF:
+                raise TypeError(f"{what} has dtype {o.dtype}; half_out arrays are bfloat16 or "
+                                "float16")
+            if st != "float32":
+                raise TypeError(f"{what}: a half copy is written from float32 params, but "
+                                f"{label('params', k)} is {p.dtype}")
+            if o.shape != p.shape:
+                raise ValueError(f"{what} has shape {o.shape}, but its parameter has shape "
+                                 f"{p.shape}")
+        return outs
 
     # -- from the spec ----------------------------------------------------------------------
 
@@ -113,43 +174,81 @@ class Optimizer:
     # -- layout -----------------------------------------------------------------------------
 
     def _allocate(self) -> None:
-        """Allocate state (one contiguous buffer per dtype and state name) and address tables."""
+        """Allocate state (one contiguous buffer per group of element types and state name)
+        and the address tables."""
         update = self._spec.update
         h = self._update_values(self._hyper)
         active = update.state_buffers(h)
         self._views: list[dict[str, np.ndarray]] = [dict() for _ in self._params]
-        written = list(self._params)
-        layouts = []
-        for dtype, indices in _layout.group_by_dtype(self._params).items():
-            params = [self._params[i] for i in indices]
-            rows = [params, None]
-            for buf in update.buffers:
-                if buf.name not in active:
-                    rows.append(None)
-                    continue
-                flat = np.full(sum(p.size for p in params), update.initial_value(buf.name, h),
-                               dtype=dtype)
+        written = list(self._params) + list(self._half_out or [])
+        # The state's dtype per param: the param's own, or float32 (state_dtype).
+        state_dtypes = [self._state_dtype_of(p) for p in self._params]
+        rows: list = [self._params, None]
+        storages: list = [self._storages, self._storages]
+        for buf in update.buffers:
+            if buf.name not in active:
+                rows.append(None)
+                storages.append(None)
+                continue
+            views = [None] * len(self._params)
+            for dtype in dict.fromkeys(state_dtypes):
+                idx = [i for i, d in enumerate(state_dtypes) if d == dtype]
+                flat = _precision.full(sum(self._params[i].size for i in idx),
+                                       update.initial_value(buf.name, h), dtype)
                 written.append(flat)
-                views, at = [], 0
-                for i, p in zip(indices, params):
-                    views.append(flat[at:at + p.size].reshape(p.shape))
-                    self._views[i][buf.name] = views[-1]
+                at = 0
+                for i in idx:
+                    p = self._params[i]
+                    views[i] = flat[at:at + p.size].reshape(p.shape)
+                    self._views[i][buf.name] = views[i]
                     at += p.size
-                rows.append(views)
-            layouts.append((dtype, indices, rows))
+            rows.append(views)
+            storages.append([_precision.storage_of(d, self._bits) for d in state_dtypes])
+        out_storages = None if self._half_out is None else [
+            _precision.storage_of(o.dtype, self._bits) for o in self._half_out]
         # Every bank's gradients are checked against all memory the step writes.
-        self._banks = [_layout.Bank(dtype, indices, rows, written)
-                       for dtype, indices, rows in layouts]
+        self._banks = _layout.banks(rows, storages, written, [p.dtype for p in self._params],
+                                    self._half_out, out_storages)
         self._single_bank = len(self._banks) == 1
         self._plans = [b.plan(update.name) for b in self._banks]
+        # {(bank, grad dtype): plan}: the plans for grads of another type than the params'
+        self._grad_plans = {(i, b.grad_dtype): plan
+                            for i, (b, plan) in enumerate(zip(self._banks, self._plans))}
         self._sync_plans()
+
+    def _state_dtype_of(self, param) -> np.dtype:
+        """The dtype of ``param``'s state buffers: its own, or float32 (state_dtype)."""
+        storage = _precision.storage_of(param.dtype, self._bits)
+        if _precision.state_storage(self._state_dtype, storage) == storage:
+            return param.dtype
+        return np.dtype(np.float32)
 
     def _sync_plans(self):
         values = self._spec.update.kernel_values(self._update_values(self._hyper),
                                                  _dispatch.kernels)
-        for plan in self._plans:
+        for plan in self._grad_plans.values():
             plan.set_hyper(values)
-            plan.set_options(self._skip_nonfinite, self._flush_subnormals)
+            plan.set_options(self._skip_nonfinite, self._flush_subnormals, self._rounding,
+                             self._seed)
+
+    def _switch_grad_plan(self, i, grad) -> bool:
+        """Bank ``i``'s first grad has another dtype than its plan takes: use the plan for that
+        dtype (made on first use) if the bank's params take it. False if they do not."""
+        bank = self._banks[i]
+        if not isinstance(grad, np.ndarray):
+            return False
+        key = (i, grad.dtype)
+        plan = self._grad_plans.get(key)
+        if plan is None:
+            storage = _precision.storage_of(grad.dtype, self._bits)
+            if bank.storages[0] != "float32" or storage not in HALF:
+                return False
+            plan = self._grad_plans[key] = bank.plan(self._spec.update.name, grad.dtype, storage)
+            self._sync_plans()
+        if plan is self._plans[i]:
+            return False
+        self._plans[i] = plan
+        return True
 
     # -- public API -------------------------------------------------------------------------
 
@@ -256,24 +355,26 @@ class Optimizer:
                 lr = lr_value(lr, self._step_count)
             t = self._step_count + 1
             nthreads = get_num_threads()
-            if self._single_bank:
-                bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale)
-                if bad is not None:
-                    if bad[0] == STEP_SKIPPED_NONFINITE:
-                        self._skipped += 1
-                        return False
-                    self._banks[0].raise_bad_grad(bad, grads, self._params, self._labels, True)
-            else:
-                bad = _dispatch.kernels.step_plans(
-                    self._plans, [bank.grads_of(grads, False) for bank in self._banks],
-                    lr, t, nthreads, inv_scale)
-                if bad is not None:
-                    i, code, k = bad
-                    if code == STEP_SKIPPED_NONFINITE:
-                        self._skipped += 1
-                        return False
+            while True:
+                if self._single_bank:
+                    bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale)
+                    i, bad = 0, None if bad is None else (0, *bad)
+                else:
+                    bad = _dispatch.kernels.step_plans(
+                        self._plans, [bank.grads_of(grads, False) for bank in self._banks],
+                        lr, t, nthreads, inv_scale)
+                if bad is None:
+                    break
+                i, code, k = bad
+                if code == STEP_SKIPPED_NONFINITE:
+                    self._skipped += 1
+                    return False
+                # Grads of another element type than the last step's (fp32 params with half
+                # grads): switch plans and check again; anything else is an error.
+                if not (code == GATHER_DTYPE and k == 0 and self._switch_grad_plan(
+                        i, self._banks[i].grads_of(grads, self._single_bank)[0])):
                     self._banks[i].raise_bad_grad((code, k), grads, self._params, self._labels,
-                                                  False)
+                                                  self._single_bank)
             self._step_count = t
             self._last_lr = lr
             return True
@@ -356,6 +457,7 @@ class Optimizer:
         active = self._active_state(hyper)
         for key, p, _ in entries:
             entry = state[key]
+            want = self._state_dtype_of(p)
             if not isinstance(entry, Mapping) or set(entry) != set(active):
                 raise ValueError(
                     f"state_dict['state'][{key!r}] must hold {sorted(active)}, "
@@ -368,8 +470,9 @@ class Optimizer:
                     raise TypeError(f"{what} must be a numpy.ndarray, got {type(arr).__name__}")
                 if arr.shape != p.shape:
                     raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape {p.shape}")
-                if arr.dtype != p.dtype:
-                    raise TypeError(f"{what} has dtype {arr.dtype}, but the parameter has dtype {p.dtype}")
+                if arr.dtype != want:
+                    raise TypeError(f"{what} has dtype {arr.dtype}, but this optimizer keeps "
+                                    f"it as {want}")
         return hyper, active, state, int(steps), int(skipped)
 
     def _commit_state(self, checked):
@@ -405,14 +508,15 @@ class SGD(Optimizer):
 
     Parameters
     ----------
-    params : list, tuple or dict of float32/float64 arrays, updated in place
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
     lr : float or callable, default 1e-3
     momentum : float, default 0
     dampening : float, default 0
     weight_decay : float, default 0 (L2 penalty added to the gradient)
     nesterov : bool, default False
     maximize : bool, default False
-    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
 
     Notes
     -----
@@ -447,9 +551,9 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False,
-                 skip_nonfinite=False, flush_subnormals=False):
-        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
-                         flush_subnormals=flush_subnormals)
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
 
 
 class Adagrad(Optimizer):
@@ -457,7 +561,7 @@ class Adagrad(Optimizer):
 
     Parameters
     ----------
-    params : list, tuple or dict of float32/float64 arrays, updated in place
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
     lr : float or callable, default 1e-2
     lr_decay : float, default 0
     weight_decay : float, default 0
@@ -467,7 +571,8 @@ class Adagrad(Optimizer):
         False: :math:`\sqrt{s_t} + \epsilon` as torch; True: :math:`\sqrt{s_t + \epsilon}` as the
         seed articles' AdaGrad and optax.
     maximize : bool, default False
-    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
 
     Notes
     -----
@@ -500,9 +605,9 @@ class Adagrad(Optimizer):
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, eps_inside_sqrt=False,
                  maximize=False,
-                 skip_nonfinite=False, flush_subnormals=False):
-        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
-                         flush_subnormals=flush_subnormals)
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
 
 
 class RMSprop(Optimizer):
@@ -510,7 +615,7 @@ class RMSprop(Optimizer):
 
     Parameters
     ----------
-    params : list, tuple or dict of float32/float64 arrays, updated in place
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
     lr : float or callable, default 1e-2
     alpha : float, default 0.99 (smoothing constant, in [0, 1])
     eps : float, default 1e-8 (added outside the square root, as torch)
@@ -518,7 +623,8 @@ class RMSprop(Optimizer):
     momentum : float, default 0
     centered : bool, default False
     maximize : bool, default False
-    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
 
     Notes
     -----
@@ -553,9 +659,9 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False,
-                 skip_nonfinite=False, flush_subnormals=False):
-        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
-                         flush_subnormals=flush_subnormals)
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
 
 
 class Adam(Optimizer):
@@ -563,14 +669,15 @@ class Adam(Optimizer):
 
     Parameters
     ----------
-    params : list, tuple or dict of float32/float64 arrays, updated in place
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
     lr : float or callable, default 1e-3
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8 (added to the bias-corrected square root, as torch)
     weight_decay : float, default 0 (added to the gradient; see AdamW for decoupled decay)
     amsgrad : bool, default False
     maximize : bool, default False
-    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
 
     Notes
     -----
@@ -609,9 +716,9 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False,
-                 skip_nonfinite=False, flush_subnormals=False):
-        super().__init__(params, locals(), skip_nonfinite=skip_nonfinite,
-                         flush_subnormals=flush_subnormals)
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
 
 
 class AdamW(Adam):
@@ -640,6 +747,6 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False,
-                 skip_nonfinite=False, flush_subnormals=False):
-        Optimizer.__init__(self, params, locals(), skip_nonfinite=skip_nonfinite,
-                           flush_subnormals=flush_subnormals)
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        Optimizer.__init__(self, params, locals())

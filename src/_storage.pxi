@@ -110,10 +110,14 @@ cdef inline uint16_t _f32_to_f16(float f) noexcept nogil:
     cdef uint32_t u = _bits(f)
     cdef uint32_t sign = (u >> 16) & 0x8000u
     cdef uint32_t a = u & 0x7fffffffu
-    cdef uint32_t special = 0x7e00u if a > 0x7f800000u else 0x7c00u
+    # (|f|'s bits are below 2^31, so they compare as signed integers: one vector instruction
+    # where an unsigned comparison takes two)
+    cdef int32_t ia = <int32_t>a
+    cdef uint32_t special = 0x7e00u if ia > <int32_t>0x7f800000 else 0x7c00u
     cdef uint32_t small = _bits(_float(a) + <float>0.5) - 0x3f000000u
     cdef uint32_t normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13
-    cdef uint32_t out = special if a >= (143u << 23) else (small if a < (113u << 23) else normal)
+    cdef uint32_t out = (special if ia >= <int32_t>(143u << 23) else
+                         (small if ia < <int32_t>(113u << 23) else normal))
     return <uint16_t>(out | sign)
 
 

@@ -77,8 +77,10 @@ BAD_CONSTRUCTORS = [
      r"params\[0\] has dtype int64"),
     ("complex-param", lambda: lrfast.Adam([np.zeros(3, np.complex128)]), TypeError,
      "has dtype complex128"),
-    ("float16-param", lambda: lrfast.SGD([np.zeros(3, np.float16)]), TypeError,
-     "has dtype float16; lrfast updates float32 and float64 arrays only"),
+    ("int32-param", lambda: lrfast.SGD([np.zeros(3, np.int32)]), TypeError,
+     "has dtype int32; lrfast updates float32, float64, float16 and bfloat16 arrays"),
+    ("uint16-param", lambda: lrfast.SGD([np.zeros(3, np.uint16)]), TypeError,
+     "uint16 bits with bfloat16_bits=True"),
     ("noncontig-param", lambda: lrfast.Adam([noncontig((4,))]), ValueError, "is not C-contiguous"),
     ("readonly-param", lambda: lrfast.Adam([readonly(np.zeros(3))]), ValueError, "is read-only"),
 ]
@@ -237,7 +239,7 @@ BAD_STATE_DICTS = [
     ("wrong-shape", _edit(lambda sd: sd["state"][2].update(exp_avg=np.zeros(39_999, np.float32))),
      ValueError, "has shape (39999,), but the parameter has shape (40000,)"),
     ("wrong-dtype", _edit(lambda sd: sd["state"][0].update(exp_avg=np.zeros(5))), TypeError,
-     "has dtype float64, but the parameter has dtype float32"),
+     "has dtype float64, but this optimizer keeps it as float32"),
     ("not-array", _edit(lambda sd: sd["state"][0].update(exp_avg=[0.0] * 5)), TypeError,
      "must be a numpy.ndarray"),
 ]

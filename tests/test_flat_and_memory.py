@@ -86,7 +86,8 @@ def test_flat_save_and_load(tmp_path):
     (lambda: lrfast.FlatParams({"a": (2, -1)}), ValueError, "ints >= 0"),
     (lambda: lrfast.FlatParams({"a": (2.5,)}), ValueError, "ints >= 0"),
     (lambda: lrfast.FlatParams({1: (2,)}), TypeError, "names must be strings"),
-    (lambda: lrfast.FlatParams({"a": (2,)}, np.int32), TypeError, "float32 or float64"),
+    (lambda: lrfast.FlatParams({"a": (2,)}, np.int32), TypeError,
+     "dtype must be float32, float64, float16 or bfloat16, got int32"),
     (lambda: lrfast.FlatParams({"a": (2,)}, init={"a": np.zeros(3)}), ValueError, "shape"),
     (lambda: lrfast.FlatParams({"a": (2,)}, init={"b": np.zeros(2)}), KeyError, "unknown"),
 ])

@@ -9,7 +9,11 @@ import lrfast
 from lrfast import _dispatch, functional, reference
 from lrfast._specs import OPTIMIZERS, REQUIRED, TORCH_FLAGS, UPDATES
 
-OPTIONS = (("skip_nonfinite", False), ("flush_subnormals", False))
+OPTIONS = (("skip_nonfinite", False), ("flush_subnormals", False), ("state_dtype", None),
+           ("half_out", None), ("rounding", "nearest"), ("seed", 0), ("bfloat16_bits", False))
+# lrfast.functional's element-type options (lrfast.reference runs other element types through
+# reference.mixed_, so its functions do not take them).
+FUNCTIONAL_OPTIONS = {"half_out": None, "rounding": "nearest", "seed": 0, "bfloat16_bits": False}
 
 
 def _split(sig):
@@ -46,6 +50,8 @@ def test_functional_and_reference_signatures_are_the_spec(name):
     ref = getattr(reference, name + "_")
     f_pos, f_kw, f_all = _split(inspect.signature(fn))
     r_pos, r_kw, r_all = _split(inspect.signature(ref))
+    for arg, default in FUNCTIONAL_OPTIONS.items():
+        assert _same(f_kw.pop(arg), default) and f_all.pop(arg) == default, arg
     assert f_pos == r_pos
     assert f_kw.keys() == r_kw.keys()
     for arg in f_all:
