@@ -48,7 +48,7 @@ from ._specs import OPTIMIZERS, TORCH_FLAGS, TORCH_REFUSED, OptimizerSpec
 from ._precision import check_rounding, check_seed
 from ._threads import get_num_threads
 
-__all__ = list(OPTIMIZERS)
+__all__ = list(OPTIMIZERS) + ["CPUAdam"]
 
 # The dtypes updated, and the kernel storage each runs as. A complex param is updated on its
 # real view (``torch.view_as_real``: the real and imaginary parts as two real elements), as
@@ -688,3 +688,84 @@ if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures 
     RMSprop: Any
     Adam: Any
     AdamW: Any
+
+
+class CPUAdam(_Optimizer):
+    """A drop-in for DeepSpeed's ``deepspeed.ops.adam.DeepSpeedCPUAdam``, run by lrfast's Adam
+    kernel: its constructor, defaults, group entries and state names (``step``, ``exp_avg``,
+    ``exp_avg_sq``).
+
+    ``adamw_mode=True`` decays the weights decoupled (AdamW), False adds ``weight_decay * p``
+    to the gradient (Adam). ``fp32_optimizer_states=True`` keeps bfloat16/float16 params'
+    state in float32, False in the params' dtype. ``bias_correction=False`` runs the update
+    without bias corrections (the kernel is told a step so large that ``1 - beta**step`` is
+    exactly 1). ``amsgrad=True`` is refused, as DeepSpeed refuses it. Unlike DeepSpeed,
+    ``state['step']`` is a tensor (torch's convention; DeepSpeed's int loads), a gradient of
+    another dtype than its param is refused unless the param is float32 and the gradient
+    bfloat16/float16 (widened as read), and a non-contiguous param is updated.
+
+    ``step(closure=None, fp16_param_groups=None)``: ``fp16_param_groups``, as older DeepSpeed
+    versions took it, is one list per param group of bfloat16/float16 tensors (one per param
+    of the group, by position); each receives the updated float32 param rounded to its type,
+    written by the same kernel pass that updates the param (a ZeRO-Offload step: float32
+    master weights on the CPU, half copies for the device).
+    """
+
+    _spec = OPTIMIZERS["Adam"]
+
+    def __init__(self, model_params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999),
+                 eps=1e-8, weight_decay=0, amsgrad=False, adamw_mode=True,
+                 fp32_optimizer_states=True):
+        if amsgrad:
+            raise RuntimeError("DeepSpeedCPUAdam does not support the AMSGrad variant.")
+        self._adamw_mode = bool(adamw_mode)
+        self.adam_w_mode = self._adamw_mode  # DeepSpeed's attribute name
+        self.fp32_optimizer_states = bool(fp32_optimizer_states)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, amsgrad=amsgrad)
+        _Optimizer.__init__(self, model_params, defaults,
+                            state_dtype=torch.float32 if fp32_optimizer_states else None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_adamw_mode=self._adamw_mode, adam_w_mode=self._adamw_mode,
+                     fp32_optimizer_states=self.fp32_optimizer_states)
+        return state
+
+    def _state_dtype_for(self, p: torch.Tensor, where: str = "a parameter") -> torch.dtype:
+        # float32 state for half params only (DeepSpeed's fp32_optimizer_states)
+        return torch.float32 if self._state_dtype is not None and p.dtype in _HALF else p.dtype
+
+    def _check_flags(self, group: dict[str, Any]) -> None:
+        if group.get("amsgrad"):
+            raise RuntimeError("DeepSpeedCPUAdam does not support the AMSGrad variant.")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        self._check_flags(group)
+        raw = self._spec.expand({n: group[n] for n in ("lr", "betas", "eps", "weight_decay")})
+        raw = {name: _scalar(value) for name, value in raw.items()}
+        raw["decoupled"] = self._adamw_mode
+        return self._spec.update.validate(raw)
+
+    @torch.no_grad()
+    def step(self, closure=None, fp16_param_groups=None):
+        """Update every param that has a gradient; write the half copies when
+        ``fp16_param_groups`` is given (see the class). Returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        outs = None
+        if fp16_param_groups is not None:
+            outs = list(fp16_param_groups)
+            if len(outs) != len(self.param_groups):
+                raise ValueError(f"fp16_param_groups has {len(outs)} lists for "
+                                 f"{len(self.param_groups)} param groups")
+            outs = [list(o) if isinstance(o, (list, tuple)) else [o] for o in outs]
+        # Without bias correction 1 - beta**step must be 1: a step past which beta**step is 0
+        # in double for every beta < 1 (beta**(2**62) underflows), the same in every step.
+        ksteps = [None if g.get("bias_correction", True) else 2**62 for g in self.param_groups]
+        if all(k is None for k in ksteps):
+            ksteps = None
+        self._step_groups(outs, ksteps)
+        return loss
