@@ -8,15 +8,48 @@ lr schedulers. ``step()`` runs lrfast's native kernels directly on the tensors' 
 copies, one native call per (group, dtype) for all of that group's tensors, instead of torch's
 per-tensor loops or kernels.
 
-What runs here: dense float32/float64 parameters on the CPU, and complex64/complex128 ones on
-their real view (as torch does). A non-contiguous parameter is updated through a contiguous
-copy, gathered and written back at each step; contiguous ones are updated in place. Anything
-else is refused when the parameter is added (a CUDA or meta tensor, bfloat16/float16, a sparse
-parameter) or at the step that meets it (a sparse gradient), with a message that says so,
-never computed wrongly. ``capturable=True`` and ``differentiable=True`` (which
-need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` are accepted and
-stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case. A param whose
-``.grad`` is None is skipped, as torch skips it. Threads: ``lrfast.set_num_threads``.
+What runs here: dense float32, float64, bfloat16 and float16 parameters on the CPU, and
+complex64/complex128 ones on their real view (as torch does); FSDP2's DTensor parameters on
+their local shards (each process updates its shard; the state stays DTensors of the param's
+placements, as torch.optim keeps it). A non-contiguous parameter is updated through a
+contiguous copy, gathered and written back at each step; contiguous ones are updated in place.
+Anything else is refused when the parameter is added (a CUDA or meta tensor, another dtype, a
+sparse parameter, a fake tensor) or at the step that meets it (a sparse gradient), with a
+message that says so, never computed wrongly. ``capturable=True`` and ``differentiable=True``
+(which need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` are
+accepted and stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case.
+A param whose ``.grad`` is None is skipped, as torch skips it. Threads:
+``lrfast.set_num_threads``.
+
+Half precision. bfloat16/float16 params are computed as torch's fused CPU kernels compute
+them: each value loaded and widened to float32, the update in float32, every written buffer
+rounded back (to nearest, ties to even). The state is kept in the param dtype by default
+(torch's fused behaviour: state dicts match torch's), or in float32 with the lrfast-only
+keyword ``state_dtype=torch.float32`` (valid values: None, the params' dtype, or float32 for
+bfloat16/float16 params; a state dict saved either way loads either way, and float32 state is
+not cast to the param dtype on load as torch would). A float32 param may have a
+bfloat16/float16 gradient (torch 2.13's ``p.grad_dtype = torch.bfloat16`` makes autograd
+produce one): the kernel widens it as it reads it. Params are grouped into one native call per
+(param dtype, grad dtype, state dtype) within a group. Against torch's fused kernels (Adam,
+AdamW, Adagrad) one step agrees to rounding: bit for bit nearly everywhere, else 1 ulp of the
+half type (torch fuses multiply-adds) and torch's fused Adagrad rounds its lr to the half
+type. torch 2.13's fused CPU SGD is wrong on half params of 16 elements or more; lrfast's
+SGD matches lrfast.reference (and torch's for-loop SGD to rounding).
+
+``rounding="stochastic"`` (lrfast-only, with ``seed=0``) rounds every value stored into a
+half buffer (params, state, CPUAdam's half copies) up or down with probability given by its
+distance, the random bits a hash of (seed, step, buffer row, element index within the
+group's dtype bucket), so a run reproduces for any thread count. The step is the update's
+(``state['step']``); SGD, which keeps no step, uses 1 at a momentum buffer's first step and
+the optimizer's count of ``step()`` calls plus one otherwise (that count is not in the state
+dict: a resumed SGD run draws other bits than an uninterrupted one).
+
+:class:`CPUAdam` is a drop-in for DeepSpeed's ``DeepSpeedCPUAdam`` (its constructor and
+semantics, and older DeepSpeed's ``step(closure, fp16_param_groups)``, whose half copies of
+the updated float32 params are written in the same kernel pass). torchao's
+``CPUOffloadOptimizer(params, optimizer_class=lrfast.torch.AdamW)`` runs lrfast.torch's class
+per offloaded param; tested only on CPU under a stand-in accelerator (no real host-device
+transfer was tested).
 
 This module imports torch; ``import lrfast`` never does. Its classes are made from the
 optimizer specs (``lrfast._specs.OPTIMIZERS``), one per spec, each with torch.optim's signature
