@@ -8,15 +8,48 @@ lr schedulers. ``step()`` runs lrfast's native kernels directly on the tensors' 
 copies, one native call per (group, dtype) for all of that group's tensors, instead of torch's
 per-tensor loops or kernels.
 
-What runs here: dense float32/float64 parameters on the CPU, and complex64/complex128 ones on
-their real view (as torch does). A non-contiguous parameter is updated through a contiguous
-copy, gathered and written back at each step; contiguous ones are updated in place. Anything
-else is refused when the parameter is added (a CUDA or meta tensor, bfloat16/float16, a sparse
-parameter) or at the step that meets it (a sparse gradient), with a message that says so,
-never computed wrongly. ``capturable=True`` and ``differentiable=True`` (which
-need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` are accepted and
-stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case. A param whose
-``.grad`` is None is skipped, as torch skips it. Threads: ``lrfast.set_num_threads``.
+What runs here: dense float32, float64, bfloat16 and float16 parameters on the CPU, and
+complex64/complex128 ones on their real view (as torch does); FSDP2's DTensor parameters on
+their local shards (each process updates its shard; the state stays DTensors of the param's
+placements, as torch.optim keeps it). A non-contiguous parameter is updated through a
+contiguous copy, gathered and written back at each step; contiguous ones are updated in place.
+Anything else is refused when the parameter is added (a CUDA or meta tensor, another dtype, a
+sparse parameter, a fake tensor) or at the step that meets it (a sparse gradient), with a
+message that says so, never computed wrongly. ``capturable=True`` and ``differentiable=True``
+(which need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` are
+accepted and stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case.
+A param whose ``.grad`` is None is skipped, as torch skips it. Threads:
+``lrfast.set_num_threads``.
+
+Half precision. bfloat16/float16 params are computed as torch's fused CPU kernels compute
+them: each value loaded and widened to float32, the update in float32, every written buffer
+rounded back (to nearest, ties to even). The state is kept in the param dtype by default
+(torch's fused behaviour: state dicts match torch's), or in float32 with the lrfast-only
+keyword ``state_dtype=torch.float32`` (valid values: None, the params' dtype, or float32 for
+bfloat16/float16 params; a state dict saved either way loads either way, and float32 state is
+not cast to the param dtype on load as torch would). A float32 param may have a
+bfloat16/float16 gradient (torch 2.13's ``p.grad_dtype = torch.bfloat16`` makes autograd
+produce one): the kernel widens it as it reads it. Params are grouped into one native call per
+(param dtype, grad dtype, state dtype) within a group. Against torch's fused kernels (Adam,
+AdamW, Adagrad) one step agrees to rounding: bit for bit nearly everywhere, else 1 ulp of the
+half type (torch fuses multiply-adds) and torch's fused Adagrad rounds its lr to the half
+type. torch 2.13's fused CPU SGD is wrong on half params of 16 elements or more; lrfast's
+SGD matches lrfast.reference (and torch's for-loop SGD to rounding).
+
+``rounding="stochastic"`` (lrfast-only, with ``seed=0``) rounds every value stored into a
+half buffer (params, state, CPUAdam's half copies) up or down with probability given by its
+distance, the random bits a hash of (seed, step, buffer row, element index within the
+group's dtype bucket), so a run reproduces for any thread count. The step is the update's
+(``state['step']``); SGD, which keeps no step, uses 1 at a momentum buffer's first step and
+the optimizer's count of ``step()`` calls plus one otherwise (that count is not in the state
+dict: a resumed SGD run draws other bits than an uninterrupted one).
+
+:class:`CPUAdam` is a drop-in for DeepSpeed's ``DeepSpeedCPUAdam`` (its constructor and
+semantics, and older DeepSpeed's ``step(closure, fp16_param_groups)``, whose half copies of
+the updated float32 params are written in the same kernel pass). torchao's
+``CPUOffloadOptimizer(params, optimizer_class=lrfast.torch.AdamW)`` runs lrfast.torch's class
+per offloaded param; tested only on CPU under a stand-in accelerator (no real host-device
+transfer was tested).
 
 This module imports torch; ``import lrfast`` never does. Its classes are made from the
 optimizer specs (``lrfast._specs.OPTIMIZERS``), one per spec, each with torch.optim's signature
@@ -45,15 +78,30 @@ import torch
 
 from . import _dispatch, _layout
 from ._specs import OPTIMIZERS, TORCH_FLAGS, TORCH_REFUSED, OptimizerSpec
+from ._precision import check_rounding, check_seed
 from ._threads import get_num_threads
 
-__all__ = list(OPTIMIZERS)
+__all__ = list(OPTIMIZERS) + ["CPUAdam"]
 
 # The dtypes updated, and the kernel storage each runs as. A complex param is updated on its
 # real view (``torch.view_as_real``: the real and imaginary parts as two real elements), as
 # torch's optimizers do, so its state buffers are complex too and the state dicts torch's.
 _STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.complex64: "float32",
-            torch.complex128: "float64"}
+            torch.complex128: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_HALF = (torch.bfloat16, torch.float16)
+_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The lrfast-only keywords every class takes after torch's arguments (see the module docstring).
+_LRFAST_KEYWORDS = {"state_dtype": None, "rounding": "nearest", "seed": 0}
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = type(t)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local shard (a view of its memory), any other tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _scalar(value: Any) -> Any:
@@ -73,6 +121,11 @@ def _scalar_dtype() -> torch.dtype:
 def _check_param(p: Any, where: str) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
+    if _is_dtensor(p):
+        # FSDP2's sharded params: each process updates its local shard, which is memory of
+        # its own; the state follows the param (DTensors of the same placements, as torch's).
+        _check_param(p.to_local(), where + " (its local shard)")
+        return
     if getattr(type(p), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
         # A DTensor (FSDP2's sharded params), a fake or functional tensor: its data is not
         # this tensor's own memory (a DTensor's data_ptr() is 0), so the kernels cannot write
@@ -89,9 +142,9 @@ def _check_param(p: Any, where: str) -> None:
         raise ValueError(f"{where} has no memory of its own (data_ptr() is 0): lrfast.torch "
                          "cannot update it")
     if p.dtype not in _STORAGE:
-        raise TypeError(f"{where} has dtype {p.dtype}: lrfast.torch updates float32 and float64 "
-                        "tensors, and complex64/complex128 on their real view (use torch.optim "
-                        "for other dtypes)")
+        raise TypeError(f"{where} has dtype {p.dtype}: lrfast.torch updates float32, float64, "
+                        "bfloat16 and float16 tensors, and complex64/complex128 on their real "
+                        "view (use torch.optim for other dtypes)")
     # A non-contiguous param (a view such as w[..., 0] or w.t()) is updated through a
     # contiguous copy, gathered and scattered back at each step (see _Optimizer.step).
 
@@ -119,13 +172,16 @@ class _Plan:
 
     Built from the group's params that have a gradient: their state (created if new), their
     ``state['step']`` tensors re-homed as 0-d views of one buffer (read with one call, advanced
-    with another; torch keeps one tensor per param), and one address table per (dtype, key)
-    bucket holding the param and state addresses. A later step reuses it while the same params
-    have gradients and the params' memory and state tensors are the same objects; it then only
+    with another; torch keeps one tensor per param), and one address table per bucket holding
+    the param and state addresses. A bucket is one native plan: the tensors of one (param
+    dtype, grad dtype, state dtypes, half copy dtype, key), each table row read and written in
+    its own element type. A later step reuses it while the same params have gradients of the
+    same dtypes and the params' memory and state tensors are the same objects; it then only
     reads the gradients' addresses into the tables.
     """
 
-    def __init__(self, opt, group, needs, params, states, keys, count_steps):
+    def __init__(self, opt, group, needs, params, states, keys, count_steps, gdtypes,
+                 outs=None):
         self.params = params
         self.positions = [k for k, p in enumerate(group["params"]) if p.grad is not None]
         self.ngroup = len(group["params"])
@@ -136,36 +192,59 @@ class _Plan:
         self.steps = None
         # Does the step number change the kernel's arguments?
         self.key_splits = opt._spec.update.takes_step
+        self.stochastic = opt._rounding == "stochastic"
         if count_steps:
             values = [float(st["step"]) for st in states]
             self.steps = torch.tensor(values, dtype=_scalar_dtype())
             for i, st in enumerate(states):
                 st["step"] = self.steps[i]
         # What ``grad_pointers`` checks each step, per param of the group (None: no gradient
-        # when the plan was made): the param's address, its state dict, and the identities of
-        # the state tensors the tables point into.
+        # when the plan was made): the param's address, its grad's dtype, its state dict, and
+        # the identities of the state tensors the tables point into.
         names = needs + (("step",) if self.steps is not None else ())
         self.same = _identity_check(names)
         self.group_params = list(group["params"])
         entries: list[Any] = [None] * len(self.group_params)
         for i, k in enumerate(self.positions):
-            entries[k] = (self.param_ptrs[i], states[i], tuple(states[i][n] for n in names))
+            entries[k] = (self.param_ptrs[i], gdtypes[i], states[i],
+                          tuple(states[i][n] for n in names))
         self.entries = entries
-        # Buckets by dtype and key (SGD: first step of the momentum buffer or not).
+        update = opt._spec.update
+        # The state buffers' local memory (a DTensor's shard)
+        local = [{n: _local(states[i][n]) for n in needs} for i in range(len(params))]
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            groups.setdefault((p.dtype, keys[i]), []).append(i)
-        update = opt._spec.update
+            sdt = tuple(local[i][n].dtype for n in needs)
+            odt = outs[i].dtype if outs is not None else None
+            groups.setdefault((p.dtype, gdtypes[i], sdt, odt, keys[i]), []).append(i)
         self.buckets = []
-        for (dtype, key), idx in groups.items():
+        for (dtype, gdtype, sdt, odt, key), idx in groups.items():
+            storage = _STORAGE[dtype]
             rows: list[Any] = [[self.param_ptrs[i] for i in idx], None]
+            types: list[Any] = [storage, _STORAGE[gdtype]]
             for b in update.buffers:
-                rows.append([states[i][b.name].data_ptr() for i in idx]
-                            if b.name in needs else None)
+                if b.name in needs:
+                    rows.append([local[i][b.name].data_ptr() for i in idx])
+                    types.append(_STORAGE[local[idx[0]][b.name].dtype])
+                else:
+                    rows.append(None)
+                    types.append(None)
+            if odt is not None:
+                rows.append([outs[i].data_ptr() for i in idx])
             # real elements: a complex param is two per element (see _STORAGE)
             table, offsets = _layout.table(
                 rows, [params[i].numel() * (2 if params[i].is_complex() else 1) for i in idx])
-            plan = _layout.plan(update.name, table, offsets, _STORAGE[dtype])
+            # Row types (None: a row the update does not read, which the mixed-type driver
+            # then leaves alone) for half params or when a read row differs from the params'
+            # type; else none, every row is the params' type and the plan stays off the
+            # mixed-type driver.
+            mixed = storage in ("bfloat16", "float16") or any(
+                t is not None and t != storage for t in types)
+            plan = _dispatch.kernels.Plan(update.name, table, offsets, storage,
+                                          rows=types if mixed else None,
+                                          out=None if odt is None else _STORAGE[odt])
+            if opt._rounding != "nearest":
+                plan.set_options(False, False, opt._rounding, opt._seed)
             self.buckets.append((plan, key, idx, table))
         self.single = len(self.buckets) == 1
         # A plan whose keys change after this step (SGD's first step) is used once.
@@ -188,21 +267,24 @@ class _Plan:
                     if g is not None:
                         return None
                     continue
-                ptr, st, tensors = entry
-                if (g is None or p.data_ptr() != ptr or not g.is_contiguous()
-                        or state.get(p) is not st or not same(st, tensors)):
+                ptr, gdtype, st, tensors = entry
+                if (g is None or p.data_ptr() != ptr or g.dtype is not gdtype
+                        or not g.is_contiguous() or state.get(p) is not st
+                        or not same(st, tensors)):
                     return None
                 append(g.data_ptr())
         except (RuntimeError, KeyError):  # a sparse gradient; a state buffer removed
             return None
         return out
 
-    def run(self, values, lr, nthreads, gptrs):
+    def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None):
         """Run the update (hyper-parameters ``values`` in the kernel's order) with these
         gradient addresses. False (nothing done) when the params' step counts no longer fall
-        into this plan's buckets."""
+        into this plan's buckets. ``calls``: the optimizer's count of steps, the stochastic
+        rounding's step where torch keeps none (SGD); ``kernel_step``: the step the kernel is
+        told whatever the counts (CPUAdam without bias correction)."""
         steps = self.steps.tolist() if self.steps is not None else None
-        calls = []
+        calls_ = []
         for plan, key, idx, table in self.buckets:
             if steps is not None and self.key_splits:
                 if self.single:
@@ -213,11 +295,22 @@ class _Plan:
                 if hi != lo:
                     return False
                 key = int(lo) + 1  # this update's 1-based step
-            calls.append((plan, key, idx, table))
-        for plan, key, idx, table in calls:
+            calls_.append((plan, key, idx, table))
+        for plan, key, idx, table in calls_:
             table[_layout.GRAD_ROW] = gptrs if self.single else [gptrs[i] for i in idx]
             plan.set_hyper(values)
-            plan.run(lr, 1 if key is None else key, nthreads)
+            step = 1 if key is None else key
+            if kernel_step is not None:
+                step = kernel_step
+            elif self.stochastic:
+                # The rounding's random bits change every step also where the update ignores
+                # the step (RMSprop: its count) or torch keeps none (SGD, which reads only
+                # "first step of the momentum buffer or not": the optimizer's count of steps).
+                if steps is None:
+                    step = 1 if key == 1 else calls + 1
+                elif not self.key_splits:
+                    step = int(max(steps[i] for i in idx)) + 1
+            plan.run(lr, step, nthreads)
         if self.steps is not None:
             self.steps.add_(1)
         return True
@@ -230,12 +323,39 @@ class _Optimizer(torch.optim.Optimizer):
 
     _spec: OptimizerSpec
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, state_dtype=None, rounding="nearest", seed=0):
         self._plans: dict[int, _Plan] = {}
         # The hyper-parameters are checked before ``params`` is read, as torch does: a bad
         # value is reported as such whatever ``params`` is.
         self._check_defaults(defaults)
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            raise ValueError("state_dtype must be None (the params' dtype) or one of "
+                             f"{', '.join(map(str, _STATE_DTYPES))}, got {state_dtype!r}")
+        # lrfast-only options of the whole optimizer (not in param_groups, so state dicts
+        # keep torch's format; kept by pickling and deepcopy through __getstate__)
+        self._state_dtype = state_dtype
+        self._rounding = check_rounding(rounding)
+        self._seed = check_seed(seed)
+        self._calls = 0  # step() calls: the stochastic rounding's step where torch keeps none
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_state_dtype=self._state_dtype, _rounding=self._rounding,
+                     _seed=self._seed, _calls=self._calls)
+        return state
+
+    def _state_dtype_for(self, p: torch.Tensor, where: str = "a parameter") -> torch.dtype:
+        """The dtype of ``p``'s state buffers: its own, or float32 for a half-precision param
+        when ``state_dtype=torch.float32``."""
+        sd = self._state_dtype
+        if sd is None or sd == p.dtype:
+            return p.dtype
+        if sd == torch.float32 and p.dtype in _HALF:
+            return sd
+        raise ValueError(f"state_dtype={sd} is not available for {where} of dtype {p.dtype}: "
+                         "the state is kept in the param's dtype, or in torch.float32 for "
+                         "torch.bfloat16/torch.float16 params")
 
     @property
     def _name(self) -> str:
@@ -278,7 +398,9 @@ class _Optimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             for k, p in enumerate(group["params"]):
-                _check_param(p, f"parameter {k} of group {len(self.param_groups) - 1}")
+                where = f"parameter {k} of group {len(self.param_groups) - 1}"
+                _check_param(p, where)
+                self._state_dtype_for(p, where)
             self._hyper(group)
         except Exception:
             self.param_groups.pop()
@@ -305,23 +427,32 @@ class _Optimizer(torch.optim.Optimizer):
         shape, dtype, device and layout must be its param's. On a mismatch nothing is kept."""
         saved = ({p: dict(st) for p, st in self.state.items()},
                  [{k: v for k, v in g.items()} for g in self.param_groups])
+        # torch casts every loaded buffer to its param's dtype; where lrfast keeps float32
+        # state for a half param, the buffer is taken again from the saved one, widened.
+        saved_ids = [i for g in state_dict.get("param_groups", ()) for i in g.get("params", ())]
         super().load_state_dict(state_dict)
         try:
+            loaded = dict(zip((p for g in self.param_groups for p in g["params"]), saved_ids))
             for gi, group in enumerate(self.param_groups):
                 self._hyper(group)
                 for k, p in enumerate(group["params"]):
-                    for name, buf in self.state.get(p, {}).items():
+                    want = self._state_dtype_for(p)
+                    for name, buf in list(self.state.get(p, {}).items()):
                         if name == "step":
                             continue
                         if not isinstance(buf, torch.Tensor):
                             raise ValueError(f"state {name!r} of parameter {k} of group {gi} "
                                              f"is a {type(buf).__name__}, not a tensor")
-                        if (buf.shape != p.shape or buf.dtype != p.dtype
+                        if want != p.dtype and buf.dtype == p.dtype:
+                            src = state_dict["state"][loaded[p]][name]
+                            buf = src.to(device=p.device, dtype=want, copy=True)
+                            self.state[p][name] = buf
+                        if (buf.shape != p.shape or buf.dtype != want
                                 or buf.device != p.device or buf.layout is not torch.strided):
                             raise ValueError(
                                 f"state {name!r} of parameter {k} of group {gi} does not match "
                                 f"its parameter: {tuple(buf.shape)} {buf.dtype} on {buf.device}"
-                                f" versus {tuple(p.shape)} {p.dtype}")
+                                f" versus {tuple(p.shape)} {p.dtype} (state in {want})")
                         if not buf.is_contiguous():
                             # (torch keeps a transposed param's state transposed; the kernels
                             # read buffers in element order, so lrfast keeps them contiguous)
@@ -367,11 +498,12 @@ class _Optimizer(torch.optim.Optimizer):
         # the kernels read a buffer in the order of a contiguous param, or of the contiguous
         # copy a non-contiguous param is updated through.
         value = self._spec.update.initial_value(name, hyper)
+        dtype = self._state_dtype_for(p)
         if value == 0:
-            return torch.zeros_like(p, memory_format=torch.contiguous_format)
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         # On a complex param's real view both parts start at the value, as in torch.
         fill = complex(value, value) if p.is_complex() else value
-        return torch.full_like(p, fill, memory_format=torch.contiguous_format)
+        return torch.full_like(p, fill, dtype=dtype, memory_format=torch.contiguous_format)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -400,8 +532,16 @@ class _Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_groups()
+        return loss
+
+    def _step_groups(self, outs=None, kernel_steps=None):
+        """The step of every group. ``outs``: per group, a list (by position in the group)
+        of half tensors receiving the updated float32 params (CPUAdam's fp16_param_groups);
+        ``kernel_steps``: per group, the step the kernel is told, or None (its count)."""
         update = self._spec.update
         nthreads = get_num_threads()
+        self._calls += 1
         # Every group and gradient is checked before any state is created or memory written.
         work = []
         for gi, group in enumerate(self.param_groups):
@@ -410,21 +550,22 @@ class _Optimizer(torch.optim.Optimizer):
             values = update.kernel_values(hyper, _dispatch.kernels)
             plan = self._plans.get(gi)
             gptrs = None
-            if plan is not None and plan.needs == needs:
+            if plan is not None and plan.needs == needs and outs is None:
                 gptrs = plan.grad_pointers(group, self.state)
             if gptrs is not None:
                 work.append((gi, group, hyper, needs, values, plan, gptrs))
             else:
                 work.append((gi, group, hyper, needs, values, None,
-                             self._checked_grads(gi, group)))
+                             self._checked_grads(gi, group, outs)))
         for gi, group, hyper, needs, values, plan, grads in work:
             lr = hyper["lr"]
-            if plan is not None and plan.run(values, lr, nthreads, grads):
+            kstep = kernel_steps[gi] if kernel_steps is not None else None
+            if plan is not None and plan.run(values, lr, nthreads, grads, self._calls, kstep):
                 continue
             if plan is not None:  # step counts diverged from the plan's buckets: lay out again
-                grads = self._checked_grads(gi, group)
+                grads = self._checked_grads(gi, group, outs)
             self._plans.pop(gi, None)
-            params = [p for p, _ in grads]
+            params = [p for p, _, _ in grads]
             if not params:
                 continue
             states, keys = [], []
@@ -432,48 +573,83 @@ class _Optimizer(torch.optim.Optimizer):
                 st, key = self._state_for(p, hyper)
                 states.append(st)
                 keys.append(key)
-            # A non-contiguous param is gathered into a contiguous copy, updated there, and
-            # scattered back; its group is laid out anew at every step (never the others).
-            targets = [p if p.is_contiguous() else p.contiguous() for p in params]
+            # A DTensor is updated on its local shard. A non-contiguous param is gathered into
+            # a contiguous copy, updated there, and scattered back; its group is laid out anew
+            # at every step (never the others), as is a group of DTensors.
+            local = [_local(p) for p in params]
+            targets = [w if w.is_contiguous() else w.contiguous() for w in local]
             gathered = any(w is not p for w, p in zip(targets, params))
+            gdtypes = [g.dtype for _, g, _ in grads]
+            halves = None if outs is None else [h for _, _, h in grads]
             count = self._counts_steps
             plan = _Plan(self, group, needs, targets, states, [None] * len(params) if count
-                         else keys, count)
-            gptrs = [g.data_ptr() for _, g in grads]
-            if not plan.run(values, lr, nthreads, gptrs):
+                         else keys, count, gdtypes, halves)
+            gptrs = [g.data_ptr() for _, g, _ in grads]
+            if not plan.run(values, lr, nthreads, gptrs, self._calls, kstep):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
-                plan = _Plan(self, group, needs, targets, states, keys, False)
-                plan.run(values, lr, nthreads, gptrs)
+                plan = _Plan(self, group, needs, targets, states, keys, False, gdtypes, halves)
+                plan.run(values, lr, nthreads, gptrs, self._calls, kstep)
                 for st in states:
                     st["step"].add_(1)
-            elif plan.reusable and not gathered:
+            elif plan.reusable and not gathered and outs is None:
                 self._plans[gi] = plan
-            for w, p in zip(targets, params):
+            for w, p in zip(targets, local):
                 if w is not p:
                     p.copy_(w)
-        return loss
 
-    def _checked_grads(self, gi, group):
-        """[(param, grad)] for the group's params with a gradient, every one checked; a
-        non-contiguous gradient is replaced by a contiguous copy (the param is never copied)."""
+    def _checked_grads(self, gi, group, outs=None):
+        """[(param, grad, half copy or None)] for the group's params with a gradient, every
+        one checked; a DTensor's grad is its local shard, a non-contiguous gradient is
+        replaced by a contiguous copy (the param is never copied)."""
         out = []
+        halves = None
+        if outs is not None:
+            halves = outs[gi]
+            if halves is None or len(halves) != len(group["params"]):
+                raise ValueError(f"fp16_param_groups[{gi}] must be a list of "
+                                 f"{len(group['params'])} tensors, one per param of group {gi}")
         for k, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
             if g.layout is not torch.strided:
                 raise RuntimeError(f"{self._name} does not support sparse gradients")
-            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            # A float32 param may have a bfloat16/float16 gradient (torch's ``grad_dtype``):
+            # the kernel widens it as it reads it. Other dtypes must match.
+            widened = p.dtype == torch.float32 and g.dtype in _HALF
+            if ((g.dtype != p.dtype and not widened) or g.shape != p.shape
+                    or g.device != p.device):
                 raise ValueError(
                     f"the gradient of parameter {k} of group {gi} does not match it: "
                     f"{tuple(g.shape)} {g.dtype} on {g.device} versus {tuple(p.shape)} "
-                    f"{p.dtype} on {p.device}")
+                    f"{p.dtype} on {p.device} (a float32 param's gradient may also be "
+                    "bfloat16 or float16)")
             _check_param(p, f"parameter {k} of group {gi}")  # p.data may have been replaced
+            if _is_dtensor(p) != _is_dtensor(g):
+                raise ValueError(f"parameter {k} of group {gi} and its gradient must both be "
+                                 "DTensors or both plain tensors")
+            g = _local(g)
+            if _is_dtensor(p) and g.shape != _local(p).shape:
+                raise ValueError(f"the gradient of parameter {k} of group {gi} is not sharded "
+                                 "as the parameter is")
             if not g.is_contiguous():
                 g = g.contiguous()
-            out.append((p, g))
+            h = None
+            if halves is not None:
+                h = halves[k]
+                where = f"fp16_param_groups[{gi}][{k}]"
+                if not isinstance(h, torch.Tensor) or h.dtype not in _HALF:
+                    raise TypeError(f"{where} must be a torch.bfloat16 or torch.float16 tensor")
+                if p.dtype != torch.float32:
+                    raise ValueError(f"{where}: a half copy is written from float32 params, "
+                                     f"and parameter {k} of group {gi} is {p.dtype}")
+                if h.shape != p.shape or h.device.type != "cpu" or not h.is_contiguous():
+                    raise ValueError(f"{where} must be a contiguous CPU tensor of the param's "
+                                     f"shape {tuple(p.shape)}, got {tuple(h.shape)} on "
+                                     f"{h.device}")
+            out.append((p, g, h))
         return out
 
 
@@ -506,13 +682,18 @@ def _make_class(spec: OptimizerSpec) -> type:
     else:
         sig = spec.signature(trailing=[(n, d) for n, d in TORCH_FLAGS.items()])
     fixed_entries = dict(t.group) if t is not None else {}
+    torch_sig = sig
+    sig = sig.replace(parameters=list(sig.parameters.values()) + [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+        for name, value in _LRFAST_KEYWORDS.items()])
 
     def __init__(self, params, *args, **kwargs):
-        bound = sig.bind(params, *args, **kwargs)
+        extra = {name: kwargs.pop(name, value) for name, value in _LRFAST_KEYWORDS.items()}
+        bound = torch_sig.bind(params, *args, **kwargs)
         bound.apply_defaults()
         defaults = {k: v for k, v in bound.arguments.items() if k != "params"}
         defaults.update(fixed_entries)
-        _Optimizer.__init__(self, params, defaults)
+        _Optimizer.__init__(self, params, defaults, **extra)
 
     buffers = ", ".join(f"``{b.name}``" for b in spec.update.buffers)
     doc = (f"{spec.name} over torch tensors: "
@@ -520,7 +701,10 @@ def _make_class(spec: OptimizerSpec) -> type:
            f"defaults and state dict format, run by lrfast's kernel.\n\n"
            f"The update is :class:`lrfast.{spec.name}`'s. State per param, as torch names it: "
            f"{'``step``, ' if t is None or t.step_state else ''}{buffers} "
-           "(each where the hyper-parameters use it).\n")
+           "(each where the hyper-parameters use it).\n\n"
+           "lrfast-only keywords: ``state_dtype`` (None: the params' dtype, as torch's fused "
+           "kernels; ``torch.float32`` for bfloat16/float16 params), ``rounding`` "
+           "(``'nearest'`` or ``'stochastic'``) and ``seed``; see :mod:`lrfast.torch`.\n")
     __init__.__signature__ = sig  # type: ignore[attr-defined]
     cls = type(spec.name, (_Optimizer,), {
         "__init__": __init__, "__doc__": doc, "__module__": __name__,
@@ -537,3 +721,84 @@ if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures 
     RMSprop: Any
     Adam: Any
     AdamW: Any
+
+
+class CPUAdam(_Optimizer):
+    """A drop-in for DeepSpeed's ``deepspeed.ops.adam.DeepSpeedCPUAdam``, run by lrfast's Adam
+    kernel: its constructor, defaults, group entries and state names (``step``, ``exp_avg``,
+    ``exp_avg_sq``).
+
+    ``adamw_mode=True`` decays the weights decoupled (AdamW), False adds ``weight_decay * p``
+    to the gradient (Adam). ``fp32_optimizer_states=True`` keeps bfloat16/float16 params'
+    state in float32, False in the params' dtype. ``bias_correction=False`` runs the update
+    without bias corrections (the kernel is told a step so large that ``1 - beta**step`` is
+    exactly 1). ``amsgrad=True`` is refused, as DeepSpeed refuses it. Unlike DeepSpeed,
+    ``state['step']`` is a tensor (torch's convention; DeepSpeed's int loads), a gradient of
+    another dtype than its param is refused unless the param is float32 and the gradient
+    bfloat16/float16 (widened as read), and a non-contiguous param is updated.
+
+    ``step(closure=None, fp16_param_groups=None)``: ``fp16_param_groups``, as older DeepSpeed
+    versions took it, is one list per param group of bfloat16/float16 tensors (one per param
+    of the group, by position); each receives the updated float32 param rounded to its type,
+    written by the same kernel pass that updates the param (a ZeRO-Offload step: float32
+    master weights on the CPU, half copies for the device).
+    """
+
+    _spec = OPTIMIZERS["Adam"]
+
+    def __init__(self, model_params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999),
+                 eps=1e-8, weight_decay=0, amsgrad=False, adamw_mode=True,
+                 fp32_optimizer_states=True):
+        if amsgrad:
+            raise RuntimeError("DeepSpeedCPUAdam does not support the AMSGrad variant.")
+        self._adamw_mode = bool(adamw_mode)
+        self.adam_w_mode = self._adamw_mode  # DeepSpeed's attribute name
+        self.fp32_optimizer_states = bool(fp32_optimizer_states)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, amsgrad=amsgrad)
+        _Optimizer.__init__(self, model_params, defaults,
+                            state_dtype=torch.float32 if fp32_optimizer_states else None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_adamw_mode=self._adamw_mode, adam_w_mode=self._adamw_mode,
+                     fp32_optimizer_states=self.fp32_optimizer_states)
+        return state
+
+    def _state_dtype_for(self, p: torch.Tensor, where: str = "a parameter") -> torch.dtype:
+        # float32 state for half params only (DeepSpeed's fp32_optimizer_states)
+        return torch.float32 if self._state_dtype is not None and p.dtype in _HALF else p.dtype
+
+    def _check_flags(self, group: dict[str, Any]) -> None:
+        if group.get("amsgrad"):
+            raise RuntimeError("DeepSpeedCPUAdam does not support the AMSGrad variant.")
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        self._check_flags(group)
+        raw = self._spec.expand({n: group[n] for n in ("lr", "betas", "eps", "weight_decay")})
+        raw = {name: _scalar(value) for name, value in raw.items()}
+        raw["decoupled"] = self._adamw_mode
+        return self._spec.update.validate(raw)
+
+    @torch.no_grad()
+    def step(self, closure=None, fp16_param_groups=None):
+        """Update every param that has a gradient; write the half copies when
+        ``fp16_param_groups`` is given (see the class). Returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        outs = None
+        if fp16_param_groups is not None:
+            outs = list(fp16_param_groups)
+            if len(outs) != len(self.param_groups):
+                raise ValueError(f"fp16_param_groups has {len(outs)} lists for "
+                                 f"{len(self.param_groups)} param groups")
+            outs = [list(o) if isinstance(o, (list, tuple)) else [o] for o in outs]
+        # Without bias correction 1 - beta**step must be 1: a step past which beta**step is 0
+        # in double for every beta < 1 (beta**(2**62) underflows), the same in every step.
+        ksteps = [None if g.get("bias_correction", True) else 2**62 for g in self.param_groups]
+        if all(k is None for k in ksteps):
+            ksteps = None
+        self._step_groups(outs, ksteps)
+        return loss
