@@ -6,6 +6,8 @@ import sys
 import time
 import warnings
 
+import numpy as np
+
 import lrfast
 
 from .cases import DTYPES, MEMORY_BOUND
@@ -92,6 +94,8 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
         data = None
         if case.kind in ("optim", "flat"):
             data = Data(case.sizes, DTYPES[case.dtype])
+        elif case.kind == "lowp":
+            data = Data(case.sizes, np.float32)     # each implementation narrows its copy
         lrfast_skip = case.impls.get("lrfast")
         for impl, skip in case.impls.items():
             if skip is not None:
@@ -109,6 +113,8 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     fn, args = make_stepper(case, impl, data, peers)
+                    if impl == "lrfast":
+                        case.via = getattr(fn, "via", None)
                     fn(*args)                               # untimed: allocates lazy state
                     rounds.add(impl, fn, args)
             except Skip as e:
