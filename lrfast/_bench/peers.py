@@ -127,7 +127,7 @@ class Peers:
                 self.deepspeed_reason = f"deepspeed failed to import: {short_error(e)}"
             else:
                 self._ds_cls = DeepSpeedCPUAdam
-        if self._ds_cls is None:
+        if self.deepspeed_reason is not None:     # also: its op failed to build in a case
             raise Skip(self.deepspeed_reason)
         return self._ds_cls
 
