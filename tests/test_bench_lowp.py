@@ -83,6 +83,8 @@ def test_quick_run_half_cases(tmp_path):
         if torch:
             assert res["status"] == "ok", res
             assert cases[name]["ratios"][peer] > 0
+            assert cases[name]["pct_floor_peers"][peer] == pytest.approx(
+                cases[name]["pct_floor"] * cases[name]["ratios"][peer] ** -1)
         else:
             assert res["status"] == "skipped" and res["reason"]
     assert cases["adam bf16 f32-state 1M"]["results"]["deepspeed"]["reason"] == "--no-deepspeed"

@@ -174,4 +174,8 @@ def analyse(case, floor):
         floor_s = case.bytes_per_step / (floor["floor_gbs"] * 1e9)
         out["floor_s"] = floor_s
         out["pct_floor"] = 100.0 * floor_s / base["median_s"]
+        if case.kind == "lowp":      # the peers' too: they move the same bytes per step
+            out["pct_floor_peers"] = {p: 100.0 * floor_s / r["median_s"]
+                                      for p, r in case.results.items()
+                                      if p != "lrfast" and r.get("status") == "ok"}
     return out
