@@ -127,3 +127,47 @@ def test_deepspeed_op_that_does_not_build_is_a_skip():
         assert e.value.status == "skipped"
     assert len(calls) == 1
     assert calls[0]["adamw_mode"] is False and calls[0]["fp32_optimizer_states"] is True
+
+
+@pytest.mark.parametrize("variant, kwargs", [
+    ("bf16", {}),
+    ("f16", {}),
+    ("bf16 f32-state", {"state_dtype": "float32"}),
+    ("offload", {"half_out": True}),
+])
+def test_lrfast_side_uses_the_half_precision_api_when_it_exists(monkeypatch, variant, kwargs):
+    """Once lrfast.Adam takes ``state_dtype`` / ``half_out`` (the NumPy API's contract), the
+    bench steps it instead of the native plan: arrays of the variant's dtypes, bf16 as
+    ml_dtypes.bfloat16 (or uint16 bits with ``bfloat16_bits=True``)."""
+    import lrfast
+    from lrfast._bench import peers as P
+    made = []
+
+    class FakeAdam:
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, state_dtype=None,
+                     half_out=None, rounding="nearest", seed=0, bfloat16_bits=False):
+            made.append(dict(params=params, state_dtype=state_dtype, half_out=half_out,
+                             bfloat16_bits=bfloat16_bits, lr=lr))
+
+        def step(self, grads):
+            made[-1]["grads"] = grads
+
+    monkeypatch.setattr(lrfast, "Adam", FakeAdam)
+    assert P.half_api()
+    case = Case(f"adam {variant} 1M", "lowp", "adam", variant, "1M")
+    fn, args = make_stepper(case, "lrfast", Data((64, 32), "float32"), None)
+    fn(*args)
+    (got,) = made
+    v = VARIANTS[variant]
+    bf16 = P._bf16_dtype()
+    names = {"float32": "float32", "float16": "float16",
+             "bfloat16": "bfloat16" if bf16 is not None else "uint16"}
+    assert [p.dtype.name for p in got["params"]] == [names[v.param]] * 2
+    assert [g.dtype.name for g in got["grads"]] == [names[v.grad]] * 2
+    assert [p.size for p in got["params"]] == [64, 32]
+    assert got["state_dtype"] == kwargs.get("state_dtype")
+    assert got["bfloat16_bits"] == (bf16 is None and "bfloat16" in (v.param, v.grad, v.out))
+    if "half_out" in kwargs:
+        assert [o.dtype.name for o in got["half_out"]] == [names[v.out]] * 2
+    else:
+        assert got["half_out"] is None
