@@ -38,6 +38,10 @@ def test_lowp_cases_listed_in_both_modes():
         "adam f32 16M deepspeed", "adam f32 1000x256 deepspeed"}
 
 
+def by_name(cases):
+    return {c.name: c.impls for c in cases}
+
+
 def test_plan_gives_each_peer_a_run_or_a_reason():
     peers = Peers(no_optax=True, no_deepspeed=True)
     cases = [c for c in all_cases(True) if c.kind == "lowp"]
@@ -47,6 +51,10 @@ def test_plan_gives_each_peer_a_run_or_a_reason():
         assert set(impls) == {"lrfast", *LOWP_PEERS} and impls["lrfast"] is None
         assert impls["deepspeed"] is None or str(impls["deepspeed"])
     assert str(by["adam f32 16M deepspeed"]["deepspeed"]) == "--no-deepspeed"
+    peers.deepspeed_reason = None                 # as if installed: quick mode skips it at 1M
+    plan(cases, peers, True)
+    assert str(by_name(cases)["adam bf16 f32-state 1M"]["deepspeed"]) == "--quick"
+    assert by_name(cases)["adam bf16 f32-state 16M"]["deepspeed"] is None
     assert by["adam bf16 16M"]["deepspeed"].status == "n/a"
     assert by["adam bf16 f32-state 16M"]["torch-fused"].status == "n/a"
     if peers.torch is not None:

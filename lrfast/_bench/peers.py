@@ -147,7 +147,7 @@ def plan(cases, peers, quick):
             c.impls = {"lrfast-1t": None, "lrfast-2t": None}
             continue
         if c.kind == "lowp":
-            c.impls = {"lrfast": None, **{p: _lowp_skip(c, p, peers) for p in LOWP_PEERS}}
+            c.impls = {"lrfast": None, **{p: _lowp_skip(c, p, peers, quick) for p in LOWP_PEERS}}
             continue
         impls: dict[str, Skip | None] = {"lrfast": None}
         if c.kind == "flat" and not flat_ok:
@@ -157,8 +157,10 @@ def plan(cases, peers, quick):
         c.impls = impls
 
 
-def _lowp_skip(c, peer, peers):
-    """Which low-precision peers run in case ``c`` (None) and why the others do not."""
+def _lowp_skip(c, peer, peers, quick=False):
+    """Which low-precision peers run in case ``c`` (None) and why the others do not. Quick
+    mode leaves DeepSpeed out where no target judges it (1M): each DeepSpeedCPUAdam costs 3-5 s
+    to construct (py-cpuinfo)."""
     v = c.dtype
     if peer == "torch-fused" and v == "bf16 f32-state":
         return Skip("no torch fused form (its state has the params' dtype)", "n/a")
@@ -171,7 +173,9 @@ def _lowp_skip(c, peer, peers):
     if peer == "lrfast.torch" and c.size != "1000x256":
         return Skip("no lrfast.torch comparison for this case", "n/a")
     if peer == "deepspeed":
-        return Skip(peers.deepspeed_reason) if peers.deepspeed_reason else None
+        if peers.deepspeed_reason:
+            return Skip(peers.deepspeed_reason)
+        return Skip("--quick") if quick and c.size == "1M" else None
     if peers.torch is None:
         return Skip(peers.torch_reason)
     if peer == "lrfast.torch":
