@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.metadata
 import importlib.util
 import io
@@ -120,13 +121,13 @@ class Peers:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")   # no accelerator probe, no print
             try:
                 with _quiet():
-                    from deepspeed.ops.adam import DeepSpeedCPUAdam
+                    cls = importlib.import_module("deepspeed.ops.adam").DeepSpeedCPUAdam
             except ImportError as e:
                 self.deepspeed_reason = f"deepspeed not importable: {short_error(e)}"
             except Exception as e:
                 self.deepspeed_reason = f"deepspeed failed to import: {short_error(e)}"
             else:
-                self._ds_cls = DeepSpeedCPUAdam
+                self._ds_cls = cls
         if self.deepspeed_reason is not None:     # also: its op failed to build in a case
             raise Skip(self.deepspeed_reason)
         return self._ds_cls
@@ -350,7 +351,8 @@ def _torch_api_step(case, impl, peers):
 # Low precision and offload
 # ------------------------------------------------------------------------------------------
 
-ADAM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)   # every lowp case; weight decay 0
+# every lowp case; weight decay 0
+ADAM: dict[str, Any] = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
 
 
 def _narrow(x, storage):
@@ -412,7 +414,8 @@ def _lrfast_lowp_plan(v, params, grads, outs):
     m = [_zeros(n, v.state) for n in sizes]
     s = [_zeros(n, v.state) for n in sizes]
     arrays = [params, grads, m, s] + ([outs] if outs is not None else [])
-    rows = [[a.__array_interface__["data"][0] for a in row] for row in arrays]
+    rows: list[list[int] | None] = [[a.__array_interface__["data"][0] for a in row]
+                                    for row in arrays]
     rows.insert(4, None)
     table, offsets = _layout.table(rows, sizes)
     plan = _dispatch.kernels.Plan("adam", table, offsets, v.param,
@@ -470,7 +473,7 @@ def _lowp_step(case, impl, data, peers):
         if impl == "torch-fused":
             return torch.optim.Adam(tp, **ADAM, fused=True).step, ()
         import lrfast.torch as module
-        return module.CPUAdam(tp, **ADAM).step, ()
+        return getattr(module, "CPUAdam")(tp, **ADAM).step, ()
     # The offload step composed from torch: fp32 master params, bf16 grads, bf16 copy out.
     to = [_torch_view(torch, o, v.out) for o in outs or ()]
     opt = torch.optim.Adam(tp, **ADAM, fused=True)
