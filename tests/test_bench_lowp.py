@@ -81,7 +81,7 @@ def test_quick_run_half_cases(tmp_path):
         assert c["bytes_per_step"] == VARIANTS[c["dtype"]].bytes_per_element * 2**20
         assert c["results"]["lrfast"]["status"] == "ok", c["results"]["lrfast"]
         assert c["pct_floor"] > 0
-        assert table_row(out, name)[len(name):].split()[1] in ("ns", "us", "ms", "ns*", "us*", "ms*")
+        assert table_row(out, name)[len(name):].split()[1] in ("ns", "us", "ms")
         assert c["results"]["deepspeed"]["status"] in ("skipped", "n/a")
     torch = data["machine"]["versions"]["torch"]
     for name, peer in (("adam bf16 1M", "torch-fused"), ("adam f16 1M", "torch-fused"),
@@ -143,10 +143,10 @@ def test_deepspeed_op_that_does_not_build_is_a_skip():
     ("bf16 f32-state", {"state_dtype": "float32"}),
     ("offload", {"half_out": True}),
 ])
-def test_lrfast_side_uses_the_half_precision_api_when_it_exists(monkeypatch, variant, kwargs):
-    """Once lrfast.Adam takes ``state_dtype`` / ``half_out`` (the NumPy API's contract), the
-    bench steps it instead of the native plan: arrays of the variant's dtypes, bf16 as
-    ml_dtypes.bfloat16 (or uint16 bits with ``bfloat16_bits=True``)."""
+def test_lrfast_side_is_the_half_precision_api(monkeypatch, variant, kwargs):
+    """lrfast's side of a case is lrfast.Adam through its NumPy half-precision API: arrays of
+    the variant's dtypes, bf16 as ml_dtypes.bfloat16 (or uint16 bits with
+    ``bfloat16_bits=True``), ``state_dtype`` and ``half_out`` as the variant needs."""
     import lrfast
     from lrfast._bench import peers as P
     made = []
@@ -161,7 +161,6 @@ def test_lrfast_side_uses_the_half_precision_api_when_it_exists(monkeypatch, var
             made[-1]["grads"] = grads
 
     monkeypatch.setattr(lrfast, "Adam", FakeAdam)
-    assert P.half_api()
     case = Case(f"adam {variant} 1M", "lowp", "adam", variant, "1M")
     fn, args = make_stepper(case, "lrfast", Data((64, 32), "float32"), None)
     fn(*args)

@@ -16,7 +16,8 @@ fp16 params, grads and state, bf16 params with fp32 state, the offload step (fp3
 and state, bf16 grads, a bf16 copy of the params written out) and float32 against
 ``DeepSpeedCPUAdam``; their peers are ``torch-fused`` on half params, the offload step composed
 from torch (``torch-offload``, and ``torch-offload-prealloc`` with a preallocated fp32 grad),
-``deepspeed`` and ``lrfast.torch``'s ``CPUAdam`` where it exists (see ``peers.LOWP_PEERS``).
+``deepspeed``, and ``lrfast.torch.CPUAdam`` on 1000x256 (see ``peers.LOWP_PEERS``); lrfast's
+side is ``lrfast.Adam`` on NumPy arrays (``state_dtype``, ``half_out``).
 
 A missing package (or ``--no-torch`` / ``--no-optax`` / ``--no-deepspeed``) makes its columns
 "skipped", never an error; so does a DeepSpeed op that cannot build. Timing: one untimed step first (lazy state), then R interleaved rounds: each round

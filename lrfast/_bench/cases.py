@@ -67,7 +67,6 @@ class Case:
     wall_s: float | None = None                   # time the case took, set-up included
     probe: dict | None = None                     # the floor probe's result in this case's rounds
     rounds: int = 0                               # interleaved rounds the case was timed in
-    via: str | None = None                        # how lrfast was stepped, if not its public API
 
     @property
     def sizes(self):

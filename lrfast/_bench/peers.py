@@ -384,7 +384,7 @@ def _bf16_dtype():
     return ml_dtypes.bfloat16
 
 
-def _lrfast_lowp_public(v, params, grads, outs):
+def _lrfast_lowp(v, params, grads, outs):
     """lrfast.Adam on NumPy arrays, through its half-precision API: bf16 arrays as
     ml_dtypes.bfloat16 (uint16 bits with ``bfloat16_bits=True`` without ml_dtypes)."""
     kwargs: dict[str, Any] = {}
@@ -405,51 +405,13 @@ def _lrfast_lowp_public(v, params, grads, outs):
     return opt.step, (grads,)
 
 
-def _lrfast_lowp_plan(v, params, grads, outs):
-    """Stand-in until lrfast.Adam takes half precision: the native plan lrfast.Adam will build
-    (src/_plans.pxi's Plan: rows params, grads, exp_avg, exp_avg_sq, amsgrad's row unused,
-    then the half copy), stepped through ``run`` with the step count kept here."""
-    from lrfast import _dispatch, _layout
-    sizes = [p.size for p in params]
-    m = [_zeros(n, v.state) for n in sizes]
-    s = [_zeros(n, v.state) for n in sizes]
-    arrays = [params, grads, m, s] + ([outs] if outs is not None else [])
-    rows: list[list[int] | None] = [[a.__array_interface__["data"][0] for a in row]
-                                    for row in arrays]
-    rows.insert(4, None)
-    table, offsets = _layout.table(rows, sizes)
-    plan = _dispatch.kernels.Plan("adam", table, offsets, v.param,
-                                  rows=[v.param, v.grad, v.state, v.state, None], out=v.out)
-    b1, b2 = ADAM["betas"]
-    plan.set_hyper([b1, b2, ADAM["eps"], 0.0, 0, 0, 0])
-    plan.set_options(False, False, "nearest", 0)
-    count = [0]
-
-    def step(_keep=(arrays, table, offsets)):
-        count[0] += 1
-        plan.run(ADAM["lr"], count[0], lrfast.get_num_threads())
-    step.via = "native plan (stand-in for lrfast.Adam's half-precision API)"  # type: ignore[attr-defined]
-    return step, ()
-
-
-def half_api():
-    """Whether lrfast.Adam takes half precision (the NumPy API: state_dtype, half_out)."""
-    import inspect
-    try:
-        return "half_out" in inspect.signature(lrfast.Adam).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _lowp_step(case, impl, data, peers):
     v = VARIANTS[case.dtype]
     params = [_narrow(p, v.param) for p in data.params]
     grads = [_narrow(g, v.grad) for g in data.grads]
     outs = [_zeros(p.size, v.out) for p in params] if v.out else None
     if impl == "lrfast":
-        if v == VARIANTS["f32"] or half_api():
-            return _lrfast_lowp_public(v, params, grads, outs)
-        return _lrfast_lowp_plan(v, params, grads, outs)
+        return _lrfast_lowp(v, params, grads, outs)
     torch = peers.torch
     if torch is None:
         raise Skip(peers.torch_reason)
@@ -473,7 +435,9 @@ def _lowp_step(case, impl, data, peers):
         if impl == "torch-fused":
             return torch.optim.Adam(tp, **ADAM, fused=True).step, ()
         import lrfast.torch as module
-        return getattr(module, "CPUAdam")(tp, **ADAM).step, ()
+        # DeepSpeedCPUAdam's drop-in, configured as the deepspeed column is
+        return module.CPUAdam(tp, **ADAM, weight_decay=0.0, adamw_mode=False,
+                              fp32_optimizer_states=v.state == "float32").step, ()
     # The offload step composed from torch: fp32 master params, bf16 grads, bf16 copy out.
     to = [_torch_view(torch, o, v.out) for o in outs or ()]
     opt = torch.optim.Adam(tp, **ADAM, fused=True)

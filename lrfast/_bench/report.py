@@ -40,7 +40,7 @@ def _table(w, cases, peers):
     rows = []
     for c in cases:
         a = c.analysis
-        row = [c.name, _cell(c.results.get("lrfast", {}), None) + ("*" if c.via else "")]
+        row = [c.name, _cell(c.results.get("lrfast", {}), None)]
         for p in peers:
             row.append(_cell(c.results.get(p, {}), a.get("ratios", {}).get(p)))
         row.append(f"{a['pct_floor']:.0f}%" if "pct_floor" in a else "")
@@ -102,10 +102,6 @@ def report(cases, machine, floor, settings, out=sys.stdout):
         for name in dict.fromkeys(c.dtype for c in lowp):
             v = VARIANTS[name]
             w(f"  {name}: {v.note}, {v.bytes_per_element} B/element moved")
-        if any(c.via for c in lowp):
-            w("  lrfast cells marked *: the native plan lrfast.Adam builds, stepped directly "
-              "(lrfast.Adam has")
-            w("  no half-precision API in this build).")
         w("  torch-offload: master.grad = g_bf16.float(); opt.step() (fused fp32); "
           "p_bf16.copy_(master);")
         w("  -prealloc: the fp32 grad in a preallocated buffer (gbuf.copy_(g_bf16)). "
@@ -183,8 +179,6 @@ def to_json(cases, machine, floor, settings, wall):
                  "elements": c.elements or None, "bytes_per_step": c.bytes_per_step,
                  "results": c.results, "floor_probe": c.probe, "rounds": c.rounds,
                  "wall_s": c.wall_s}
-        if c.via:
-            entry["lrfast_via"] = c.via
         entry.update(c.analysis)
         out_cases.append(entry)
     return {"lrfast_bench": 1, "settings": settings, "machine": machine, "floor": floor,

@@ -113,8 +113,6 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     fn, args = make_stepper(case, impl, data, peers)
-                    if impl == "lrfast":
-                        case.via = getattr(fn, "via", None)
                     fn(*args)                               # untimed: allocates lazy state
                     rounds.add(impl, fn, args)
             except Skip as e:
