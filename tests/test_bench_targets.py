@@ -12,7 +12,7 @@ import pytest
 
 from lrfast._bench import spread as _bench_spread
 from lrfast._bench.cases import Case, all_cases
-from lrfast._bench.peers import PEERS
+from lrfast._bench.peers import LOWP_PEERS, PEERS
 from lrfast._bench.targets import TARGETS, Part, parts_of
 from lrfast._bench.verdicts import (
     CONFIDENCE, evaluate, estimate, median_ci, paired, references, verdict)
@@ -198,7 +198,7 @@ def test_every_target_part_names_a_case_the_bench_has():
             assert p.case in names, (t.name, p.case)
             assert p.measure in ("ratio", "floor", "time", "speedup")
             if p.measure == "ratio":
-                assert p.peer in PEERS or p.peer == "torch-fastest"
+                assert p.peer in PEERS + LOWP_PEERS or p.peer == "torch-fastest"
             assert p.spread >= 1.1, p.key
             assert p.family in _bench_spread.FAMILIES
         assert any(p.case in quick for p in t.parts) or "f64 16M" in t.parts[0].case

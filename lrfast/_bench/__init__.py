@@ -11,8 +11,16 @@ process:
 * ``optax-jit``: ``optax`` ``update`` + ``apply_updates`` under ``jax.jit`` (params a list of
   jnp arrays, buffers donated); float32 only unless jax's x64 mode is already on.
 
-A missing package (or ``--no-torch`` / ``--no-optax``) makes its columns "skipped", never an
-error. Timing: one untimed step first (lazy state), then R interleaved rounds: each round
+The low-precision and offload cases (kind ``lowp``, a table of their own) time Adam on bf16 or
+fp16 params, grads and state, bf16 params with fp32 state, the offload step (fp32 master params
+and state, bf16 grads, a bf16 copy of the params written out) and float32 against
+``DeepSpeedCPUAdam``; their peers are ``torch-fused`` on half params, the offload step composed
+from torch (``torch-offload``, and ``torch-offload-prealloc`` with a preallocated fp32 grad),
+``deepspeed``, and ``lrfast.torch.CPUAdam`` on 1000x256 (see ``peers.LOWP_PEERS``); lrfast's
+side is ``lrfast.Adam`` on NumPy arrays (``state_dtype``, ``half_out``).
+
+A missing package (or ``--no-torch`` / ``--no-optax`` / ``--no-deepspeed``) makes its columns
+"skipped", never an error; so does a DeepSpeed op that cannot build. Timing: one untimed step first (lazy state), then R interleaved rounds: each round
 times one batch of every implementation of the case in turn (a batch is k back-to-back steps,
 k chosen per implementation so that a batch lasts at least a couple of milliseconds), and a
 cell is the median over the rounds; the garbage collector is off while batches run. Cases that

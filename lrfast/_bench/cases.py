@@ -23,10 +23,41 @@ SCALAR_STEP = 12345
 MEMORY_BOUND = 2**20          # % of floor is reported from this many elements up
 
 
+@dataclass(frozen=True)
+class Variant:
+    """The element types of one low-precision Adam step (kind "lowp"): params, grads and state
+    (numpy / lrfast names), and the half copy of the updated params written out, if any."""
+    param: str
+    grad: str
+    state: str
+    out: str | None = None
+    note: str = ""
+
+    @property
+    def bytes_per_element(self):
+        """Read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq, the copy."""
+        size = {"float32": 4, "bfloat16": 2, "float16": 2}
+        return (2 * size[self.param] + size[self.grad] + 4 * size[self.state]
+                + (size[self.out] if self.out else 0))
+
+
+# The "lowp" cases' variants (the case's dtype field): half precision, the offload step, and
+# float32 against DeepSpeedCPUAdam.
+VARIANTS = {
+    "bf16": Variant("bfloat16", "bfloat16", "bfloat16", note="bf16 params, grads, state"),
+    "f16": Variant("float16", "float16", "float16", note="fp16 params, grads, state"),
+    "bf16 f32-state": Variant("bfloat16", "bfloat16", "float32",
+                              note="bf16 params and grads, fp32 state"),
+    "offload": Variant("float32", "bfloat16", "float32", "bfloat16",
+                       note="fp32 master params and state, bf16 grads, bf16 copy written"),
+    "f32": Variant("float32", "float32", "float32", note="fp32 throughout"),
+}
+
+
 @dataclass
 class Case:
     name: str
-    kind: str                      # optim, flat, torch, schedule-scalar, schedule-vector, threads
+    kind: str                      # optim, flat, torch, lowp, schedule-scalar, schedule-vector, threads
     opt: str | None = None
     dtype: str | None = None
     size: str | None = None
@@ -47,6 +78,8 @@ class Case:
 
     @property
     def bytes_per_step(self):
+        if self.kind == "lowp":
+            return self.elements * VARIANTS[cast(str, self.dtype)].bytes_per_element
         if self.kind not in ("optim", "flat", "torch"):
             return None
         opt, dtype = cast(str, self.opt), cast(str, self.dtype)  # both set for these kinds
@@ -59,7 +92,8 @@ class Case:
 
 
 def all_cases(quick):
-    """Every case, in run (and table) order; quick mode drops float64 at 16M."""
+    """Every case, in run (and table) order; quick mode drops float64 at 16M (the low-precision
+    cases run at 1M and 16M in both modes)."""
     cases = []
     for opt in OPTIMIZERS:
         for dt in DTYPES:
@@ -77,6 +111,13 @@ def all_cases(quick):
     # one large tensor.
     cases.append(Case("torch-api adam f32 transformer", "torch", "adam", "f32", "transformer"))
     cases.append(Case("torch-api adam f32 16M", "torch", "adam", "f32", "16M"))
+    # Low precision and offload (a second table): Adam with half-precision params, grads and
+    # state; bf16 params with fp32 state; the offload step; float32 against DeepSpeedCPUAdam.
+    for variant in ("bf16", "f16", "bf16 f32-state", "offload"):
+        for size in ("1M", "16M"):
+            cases.append(Case(f"adam {variant} {size}", "lowp", "adam", variant, size))
+    for size in ("16M", "1000x256"):
+        cases.append(Case(f"adam f32 {size} deepspeed", "lowp", "adam", "f32", size))
     cases.append(Case("schedule scalar", "schedule-scalar"))
     cases.append(Case("schedule vector 1e7", "schedule-vector"))
     cases.append(Case("adam f32 1M threads 1->2", "threads", "adam", "f32", "1M"))

@@ -38,6 +38,8 @@ def add_arguments(p):
                         f"least {TARGET_ROUNDS}, and more while the target is within noise)")
     p.add_argument("--no-torch", action="store_true", help="do not run torch peers")
     p.add_argument("--no-optax", action="store_true", help="do not run optax/jax peers")
+    p.add_argument("--no-deepspeed", action="store_true",
+                   help="do not run DeepSpeedCPUAdam (its op's first build takes minutes)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
 
 
@@ -75,7 +77,7 @@ def main(args):
             return 2
     start = time.perf_counter()
     cpu_before = cpu_snapshot()
-    peers = Peers(args.no_torch, args.no_optax, args.threads)
+    peers = Peers(args.no_torch, args.no_optax, args.threads, args.no_deepspeed)
     gc.collect()
     gc.freeze()   # torch's and jax's objects: keeps the per-case collections short
     with lrfast.threads(args.threads) if args.threads is not None else nullcontext():

@@ -34,7 +34,8 @@ def machine_info(peers, nthreads):
                   "openmp": cfg["openmp"], "compiler": cfg["compiler"]},
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
                      "torch": peers.versions.get("torch"), "jax": peers.versions.get("jax"),
-                     "optax": peers.versions.get("optax")},
+                     "optax": peers.versions.get("optax"),
+                     "deepspeed": peers.versions.get("deepspeed")},
         "jax_x64": peers.x64,
     }
 

@@ -3,7 +3,13 @@ implementation of a case, a ``(fn, args)`` whose call makes one step (one untime
 before timing, so lazy state is allocated outside the rounds)."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import io
+import os
 from typing import Any
 
 import numpy as np
@@ -12,11 +18,23 @@ import lrfast
 from lrfast import reference
 from lrfast import schedules as S
 
-from .cases import DTYPES, SCALAR_STEP, SCHEDULE_ARGS, VECTOR_STEPS
+from .cases import DTYPES, SCALAR_STEP, SCHEDULE_ARGS, VECTOR_STEPS, VARIANTS
 from .optimizers import OPTIMIZERS
 from .timing import short_error
 
 PEERS = ("numpy-ref", "torch-loop", "torch-foreach", "torch-fused", "optax-jit")
+# The peers of the low-precision / offload cases (kind "lowp", their own table):
+# * torch-fused: torch.optim.Adam(fused=True) on params of the case's dtype (its state has the
+#   params' dtype, so it has no bf16-params-with-fp32-state form);
+# * torch-offload: the offload step composed from torch: ``master.grad = g_bf16.float();
+#   opt.step()`` (fused Adam on the fp32 master) ``; p_bf16.copy_(master)``;
+# * torch-offload-prealloc: the same with a preallocated fp32 grad buffer
+#   (``gbuf.copy_(g_bf16)``), which saves the fresh 4 B/element allocation of ``.float()``;
+# * deepspeed: ``DeepSpeedCPUAdam(adamw_mode=False, weight_decay=0)``, fp32_optimizer_states as
+#   the case's state dtype (its op is JIT-built on first use, ~100 s, then cached);
+# * lrfast.torch: lrfast.torch.CPUAdam on the same torch tensors, where lrfast.torch has it.
+LOWP_PEERS = ("torch-fused", "torch-offload", "torch-offload-prealloc", "deepspeed",
+              "lrfast.torch")
 TORCH_FLAGS = {"torch-loop": {"foreach": False}, "torch-foreach": {"foreach": True},
                "torch-fused": {"fused": True}}
 SEED = 20240611
@@ -41,9 +59,11 @@ class Peers:
     torch_reason: str | None
     optax_reason: str | None
 
-    def __init__(self, no_torch=False, no_optax=False, threads=None):
+    def __init__(self, no_torch=False, no_optax=False, threads=None, no_deepspeed=False):
         self.torch = self.jax = self.jnp = self.optax = None
         self.versions = {}
+        self._ds_cls = None
+        self.deepspeed_reason = self._deepspeed_plan(no_deepspeed, no_torch)
         if no_torch:
             self.torch_reason = "--no-torch"
         else:
@@ -74,6 +94,50 @@ class Peers:
                 self.versions["jax"] = jax.__version__
                 self.versions["optax"] = optax.__version__
         self.x64 = bool(self.jax is not None and self.jax.config.read("jax_enable_x64"))
+        if self.torch is None and self.deepspeed_reason is None:
+            self.deepspeed_reason = f"needs torch ({self.torch_reason})"
+
+    def _deepspeed_plan(self, no_deepspeed, no_torch):
+        """Why DeepSpeedCPUAdam will not run (None: try it). Imported only when a case needs it."""
+        if no_deepspeed:
+            return "--no-deepspeed"
+        if no_torch:
+            return "needs torch (--no-torch)"
+        try:
+            found = importlib.util.find_spec("deepspeed") is not None
+        except (ImportError, ValueError):       # a module hidden through sys.modules
+            found = False
+        if not found:
+            return "deepspeed not installed"
+        try:
+            self.versions["deepspeed"] = importlib.metadata.version("deepspeed")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        return None
+
+    def deepspeed_adam(self):
+        """deepspeed.ops.adam.DeepSpeedCPUAdam, or a Skip with the reason it cannot run."""
+        if self._ds_cls is None and self.deepspeed_reason is None:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")   # no accelerator probe, no print
+            try:
+                with _quiet():
+                    cls = importlib.import_module("deepspeed.ops.adam").DeepSpeedCPUAdam
+            except ImportError as e:
+                self.deepspeed_reason = f"deepspeed not importable: {short_error(e)}"
+            except Exception as e:
+                self.deepspeed_reason = f"deepspeed failed to import: {short_error(e)}"
+            else:
+                self._ds_cls = cls
+        if self.deepspeed_reason is not None:     # also: its op failed to build in a case
+            raise Skip(self.deepspeed_reason)
+        return self._ds_cls
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Python-level prints of a peer's import or set-up kept out of the report."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def plan(cases, peers, quick):
@@ -83,12 +147,46 @@ def plan(cases, peers, quick):
         if c.kind == "threads":
             c.impls = {"lrfast-1t": None, "lrfast-2t": None}
             continue
+        if c.kind == "lowp":
+            c.impls = {"lrfast": None, **{p: _lowp_skip(c, p, peers, quick) for p in LOWP_PEERS}}
+            continue
         impls: dict[str, Skip | None] = {"lrfast": None}
         if c.kind == "flat" and not flat_ok:
             impls["lrfast"] = Skip("FlatParams not available")
         for p in PEERS:
             impls[p] = _peer_skip(c, p, peers, quick)
         c.impls = impls
+
+
+def _lowp_skip(c, peer, peers, quick=False):
+    """Which low-precision peers run in case ``c`` (None) and why the others do not. Quick
+    mode leaves DeepSpeed out where no target judges it (1M): each DeepSpeedCPUAdam costs 3-5 s
+    to construct (py-cpuinfo)."""
+    v = c.dtype
+    if peer == "torch-fused" and v == "bf16 f32-state":
+        return Skip("no torch fused form (its state has the params' dtype)", "n/a")
+    if peer == "torch-fused" and v == "offload":
+        return Skip("no single torch call (see torch-offload)", "n/a")
+    if peer.startswith("torch-offload") and v != "offload":
+        return Skip("no offload step in this case", "n/a")
+    if peer == "deepspeed" and v not in ("bf16 f32-state", "f32"):
+        return Skip("no DeepSpeedCPUAdam comparison for this case", "n/a")
+    if peer == "lrfast.torch" and c.size != "1000x256":
+        return Skip("no lrfast.torch comparison for this case", "n/a")
+    if peer == "deepspeed":
+        if peers.deepspeed_reason:
+            return Skip(peers.deepspeed_reason)
+        return Skip("--quick") if quick and c.size == "1M" else None
+    if peers.torch is None:
+        return Skip(peers.torch_reason)
+    if peer == "lrfast.torch":
+        try:
+            import lrfast.torch as module
+        except ImportError as e:
+            return Skip(f"lrfast.torch: {short_error(e)}")
+        if not hasattr(module, "CPUAdam"):
+            return Skip("lrfast.torch has no CPUAdam")
+    return None
 
 
 def _peer_skip(c, peer, peers, quick):
@@ -249,7 +347,124 @@ def _torch_api_step(case, impl, peers):
     return opt.step, ()
 
 
+# ------------------------------------------------------------------------------------------
+# Low precision and offload
+# ------------------------------------------------------------------------------------------
+
+# every lowp case; weight decay 0
+ADAM: dict[str, Any] = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _narrow(x, storage):
+    """A float32 array as ``storage``: float32 and float16 as themselves, bfloat16 as uint16
+    bits (rounded to nearest even, as torch's ``.to(torch.bfloat16)``)."""
+    if storage == "float32":
+        return x.copy()
+    if storage == "float16":
+        return x.astype(np.float16)
+    return reference.narrow(x, "bfloat16")
+
+
+def _zeros(n, storage):
+    return np.zeros(n, np.float32 if storage == "float32" else
+                    np.float16 if storage == "float16" else np.uint16)
+
+
+def _torch_view(torch, a, storage):
+    """A torch tensor sharing ``a``'s memory, bf16 bits seen as torch.bfloat16."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if storage == "bfloat16" else t
+
+
+def _bf16_dtype():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
+def _lrfast_lowp(v, params, grads, outs):
+    """lrfast.Adam on NumPy arrays, through its half-precision API: bf16 arrays as
+    ml_dtypes.bfloat16 (uint16 bits with ``bfloat16_bits=True`` without ml_dtypes)."""
+    kwargs: dict[str, Any] = {}
+    bf16 = _bf16_dtype()
+    if "bfloat16" in (v.param, v.grad, v.state, v.out):
+        if bf16 is None:
+            kwargs["bfloat16_bits"] = True
+        else:
+            def as_bf16(arrays, storage):
+                return [a.view(bf16) for a in arrays] if storage == "bfloat16" else arrays
+            params, grads = as_bf16(params, v.param), as_bf16(grads, v.grad)
+            outs = as_bf16(outs, v.out) if outs is not None else None
+    if v.state != v.param:
+        kwargs["state_dtype"] = v.state
+    if outs is not None:
+        kwargs["half_out"] = outs
+    opt = lrfast.Adam(params, **ADAM, **kwargs)
+    return opt.step, (grads,)
+
+
+def _lowp_step(case, impl, data, peers):
+    v = VARIANTS[case.dtype]
+    params = [_narrow(p, v.param) for p in data.params]
+    grads = [_narrow(g, v.grad) for g in data.grads]
+    outs = [_zeros(p.size, v.out) for p in params] if v.out else None
+    if impl == "lrfast":
+        return _lrfast_lowp(v, params, grads, outs)
+    torch = peers.torch
+    if torch is None:
+        raise Skip(peers.torch_reason)
+    tp = [torch.nn.Parameter(_torch_view(torch, p, v.param)) for p in params]
+    tg = [_torch_view(torch, g, v.grad) for g in grads]
+    if impl == "deepspeed":
+        cls = peers.deepspeed_adam()
+        for t, g in zip(tp, tg):
+            t.grad = g
+        try:
+            with _quiet():
+                opt = cls(tp, **ADAM, weight_decay=0.0, adamw_mode=False,
+                          fp32_optimizer_states=v.state == "float32")
+        except Exception as e:       # its op failed to build or load: a skip, never an error
+            peers.deepspeed_reason = f"DeepSpeedCPUAdam unavailable: {short_error(e)}"
+            raise Skip(peers.deepspeed_reason) from e
+        return opt.step, ()
+    if impl in ("torch-fused", "lrfast.torch"):
+        for t, g in zip(tp, tg):
+            t.grad = g
+        if impl == "torch-fused":
+            return torch.optim.Adam(tp, **ADAM, fused=True).step, ()
+        import lrfast.torch as module
+        # DeepSpeedCPUAdam's drop-in, configured as the deepspeed column is
+        return module.CPUAdam(tp, **ADAM, weight_decay=0.0, adamw_mode=False,
+                              fp32_optimizer_states=v.state == "float32").step, ()
+    # The offload step composed from torch: fp32 master params, bf16 grads, bf16 copy out.
+    to = [_torch_view(torch, o, v.out) for o in outs or ()]
+    opt = torch.optim.Adam(tp, **ADAM, fused=True)
+    if impl == "torch-offload":
+        def step():
+            for t, g in zip(tp, tg):
+                t.grad = g.float()
+            opt.step()
+            for o, t in zip(to, tp):
+                o.copy_(t.detach())
+        return step, ()
+    bufs = [torch.empty(t.shape, dtype=torch.float32) for t in tp]
+    for t, b in zip(tp, bufs):
+        t.grad = b
+
+    def step_prealloc():
+        for b, g in zip(bufs, tg):
+            b.copy_(g)
+        opt.step()
+        for o, t in zip(to, tp):
+            o.copy_(t.detach())
+    return step_prealloc, ()
+
+
 def make_stepper(case, impl, data, peers):
+    if case.kind == "lowp":
+        return _lowp_step(case, impl, data, peers)
     if case.kind.startswith("schedule"):
         return _schedule_step(case, impl, peers)
     if case.kind == "torch":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .peers import PEERS
+from .cases import VARIANTS
+from .peers import LOWP_PEERS, PEERS
 from .verdicts import evaluate
 
 
@@ -34,6 +35,25 @@ def _cell(res, ratio):
     return {"skipped": "skipped", "n/a": "n/a", "error": "ERROR"}.get(st, "-")
 
 
+def _table(w, cases, peers):
+    cols = ["case", "lrfast", *peers, "%floor"]
+    rows = []
+    for c in cases:
+        a = c.analysis
+        row = [c.name, _cell(c.results.get("lrfast", {}), None)]
+        for p in peers:
+            row.append(_cell(c.results.get(p, {}), a.get("ratios", {}).get(p)))
+        row.append(f"{a['pct_floor']:.0f}%" if "pct_floor" in a else "")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
+    fmt_row = lambda r: "  ".join(v.ljust(wd) if i == 0 else v.rjust(wd)   # noqa: E731
+                                  for i, (v, wd) in enumerate(zip(r, widths))).rstrip()
+    w(fmt_row(cols))
+    w(fmt_row(["-" * wd for wd in widths]))
+    for r in rows:
+        w(fmt_row(r))
+
+
 def report(cases, machine, floor, settings, out=sys.stdout):
     w = lambda s="": print(s, file=out)            # noqa: E731
     b = machine["build"]
@@ -57,24 +77,10 @@ def report(cases, machine, floor, settings, out=sys.stdout):
           f"{floor['inplace_gbs']:.1f} GB/s (3 transfers/elem) -> {floor['floor_gbs']:.1f} GB/s "
           f"({floor['elements'] // 2**20}M float32, {floor['threads']} thread{'s' if floor['threads'] != 1 else ''})")
     w()
-    table = [c for c in cases if c.kind != "threads"]
+    table = [c for c in cases if c.kind not in ("threads", "lowp")]
+    lowp = [c for c in cases if c.kind == "lowp"]
     if table:
-        cols = ["case", "lrfast", *PEERS, "%floor"]
-        rows = []
-        for c in table:
-            a = c.analysis
-            row = [c.name, _cell(c.results.get("lrfast", {}), None)]
-            for p in PEERS:
-                row.append(_cell(c.results.get(p, {}), a.get("ratios", {}).get(p)))
-            row.append(f"{a['pct_floor']:.0f}%" if "pct_floor" in a else "")
-            rows.append(row)
-        widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
-        fmt_row = lambda r: "  ".join(v.ljust(wd) if i == 0 else v.rjust(wd)   # noqa: E731
-                                      for i, (v, wd) in enumerate(zip(r, widths))).rstrip()
-        w(fmt_row(cols))
-        w(fmt_row(["-" * wd for wd in widths]))
-        for r in rows:
-            w(fmt_row(r))
+        _table(w, table, PEERS)
         w()
         w("Peer cells: median time, then peer/lrfast (>1: lrfast faster). torch-loop is "
           "foreach=False,")
@@ -86,8 +92,23 @@ def report(cases, machine, floor, settings, out=sys.stdout):
             w("  means the triad probe is pessimistic for that size (1M and 200x10k can stay in "
               "the last-level")
             w("  cache, the probe's arrays do not), not a step faster than memory.")
+    if lowp:
+        if table:
+            w()
+        w("Low precision and offload (Adam, lr 1e-3, no weight decay):")
+        _table(w, lowp, [p for p in LOWP_PEERS if any(
+            c.results.get(p, {}).get("status") not in (None, "n/a") for c in lowp)])
+        w()
+        for name in dict.fromkeys(c.dtype for c in lowp):
+            v = VARIANTS[name]
+            w(f"  {name}: {v.note}, {v.bytes_per_element} B/element moved")
+        w("  torch-offload: master.grad = g_bf16.float(); opt.step() (fused fp32); "
+          "p_bf16.copy_(master);")
+        w("  -prealloc: the fp32 grad in a preallocated buffer (gbuf.copy_(g_bf16)). "
+          "deepspeed: DeepSpeedCPUAdam.")
+    if table or lowp:
         reasons: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-        for c in table:
+        for c in table + lowp:
             for impl, r in c.results.items():
                 st, why = r.get("status"), r.get("reason")
                 if st not in ("skipped", "n/a", "error") or not why or why.startswith("no "):
@@ -115,8 +136,9 @@ def report(cases, machine, floor, settings, out=sys.stdout):
             w(f"  {st:<5}  {name}: {detail}")
         w("  PASS: the whole interval meets the target. FAIL: it misses it by more than such a")
         w("  case varies between runs on this project's machine (x spread). NOISE: neither; this")
-        w("  run cannot tell. Values are per round: lrfast and the peer (or the floor probe) timed")
-        w("  in turn.")
+        w("  run cannot tell. SKIP: not judged, what it compares with did not run (a peer absent:")
+        w("  see the skipped lines). Values are per round: lrfast and the peer (or the floor probe)")
+        w("  timed in turn.")
     return tg
 
 
@@ -127,7 +149,8 @@ def write_plot(cases, path):
     rows = [c for c in cases if c.analysis.get("ratios")]
     if not rows:
         raise ValueError("no case has a peer measurement to plot")
-    peers = [p for p in PEERS if any(p in c.analysis["ratios"] for c in rows)]
+    peers = [p for p in dict.fromkeys(PEERS + LOWP_PEERS)
+             if any(p in c.analysis["ratios"] for c in rows)]
     height = 0.8 / max(len(peers), 1)
     fig = Figure(figsize=(9, 1.0 + 0.32 * len(rows) * max(1, len(peers) / 2.5)))
     FigureCanvasAgg(fig)

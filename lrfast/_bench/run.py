@@ -6,6 +6,8 @@ import sys
 import time
 import warnings
 
+import numpy as np
+
 import lrfast
 
 from .cases import DTYPES, MEMORY_BOUND
@@ -92,6 +94,8 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
         data = None
         if case.kind in ("optim", "flat"):
             data = Data(case.sizes, DTYPES[case.dtype])
+        elif case.kind == "lowp":
+            data = Data(case.sizes, np.float32)     # each implementation narrows its copy
         lrfast_skip = case.impls.get("lrfast")
         for impl, skip in case.impls.items():
             if skip is not None:
@@ -168,4 +172,8 @@ def analyse(case, floor):
         floor_s = case.bytes_per_step / (floor["floor_gbs"] * 1e9)
         out["floor_s"] = floor_s
         out["pct_floor"] = 100.0 * floor_s / base["median_s"]
+        if case.kind == "lowp":      # the peers' too: they move the same bytes per step
+            out["pct_floor_peers"] = {p: 100.0 * floor_s / r["median_s"]
+                                      for p, r in case.results.items()
+                                      if p != "lrfast" and r.get("status") == "ok"}
     return out

@@ -146,6 +146,30 @@ _TABLE: dict[str, tuple[tuple[Any, ...], ...]] = {
     "lrfast.torch.Adam, one 16M tensor >= 1.0x torch fused": (
         ("torch-api adam f32 16M",         "ratio",   1.0,       "torch-fused",   None,        "torch-api"),
     ),
+    # Low precision and offload (the "lowp" cases). A part whose peer did not run (deepspeed not
+    # installed, its op not built) is SKIP, never FAIL; so the peers' parts are targets of
+    # their own, apart from the floor's.
+    "Adam half precision and offload 16M >= 90% floor": (
+        ("adam bf16 16M",                  "floor",   90.0,      None,            "bf16",      "16M"),
+        ("adam f16 16M",                   "floor",   90.0,      None,            "f16",       "16M"),
+        ("adam bf16 f32-state 16M",        "floor",   90.0,      None,            "bf16 f32-state", "16M"),
+        ("adam offload 16M",               "floor",   90.0,      None,            "offload",   "16M"),
+    ),
+    "Adam bf16 16M >= 1.8x torch fused bf16": (
+        ("adam bf16 16M",                  "ratio",   1.8,       "torch-fused",   None,        "16M"),
+    ),
+    "Adam bf16 params, fp32 state 16M >= 1.0x DeepSpeedCPUAdam": (
+        ("adam bf16 f32-state 16M",        "ratio",   1.0,       "deepspeed",     None,        "16M"),
+    ),
+    "Adam f32 16M >= 1.0x DeepSpeedCPUAdam": (
+        ("adam f32 16M deepspeed",         "ratio",   1.0,       "deepspeed",     None,        "16M"),
+    ),
+    "Adam f32 1000x256 >= 3x DeepSpeedCPUAdam": (
+        ("adam f32 1000x256 deepspeed",    "ratio",   3.0,       "deepspeed",     None,        "multi-tensor"),
+    ),
+    "Adam offload step 16M >= 3x torch composed": (
+        ("adam offload 16M",               "ratio",   3.0,       "torch-offload", None,        "16M"),
+    ),
     "Adam f32 1M 1->2 threads >= 1.7x": (
         ("adam f32 1M threads 1->2",       "speedup", 1.7,       None,            None,        "threads"),
     ),
