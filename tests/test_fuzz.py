@@ -315,7 +315,8 @@ BOOL_HYPER = {name for spec in SPECS.values() for name in spec.arguments
 # Byte-swapped float32/float64 (e.g. '>f4' here) share the native type numbers, so a check on
 # type numbers alone lets them through (steps misread them before 20ecd9b).
 SWAPPED = [np.dtype(np.float32).newbyteorder(), np.dtype(np.float64).newbyteorder()]
-BAD_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.float16, np.complex64, np.complex128,
+# (float16 is an element type lrfast updates; uint16 is bfloat16 bits only when told so.)
+BAD_DTYPES = [np.int8, np.int32, np.int64, np.uint8, np.uint16, np.complex64, np.complex128,
               object, np.bool_, np.longdouble] + SWAPPED
 
 

@@ -12,48 +12,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
-                               torch.nn.Linear(32, 4)).double()
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(8, 16, generator=g, dtype=torch.float64),
-            torch.randn(8, 4, generator=g, dtype=torch.float64))
-
-
-STEPS = 4
-
-
-def _worker(rank, world, port, out):
-    import lrfast.torch as lt
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = _model()
-        pol = CPUOffloadPolicy(pin_memory=False)
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, offload_policy=pol)
-        fully_shard(model, offload_policy=pol)
-        opt = lt.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        x, y = _data()
-        half = x.shape[0] // world
-        xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-        for _ in range(STEPS):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(xs), ys).backward()
-            opt.step()
-        full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        states = {n: type(opt.state[p]["exp_avg"]).__name__ for n, p in model.named_parameters()}
-        if rank == 0:
-            torch.save((full, states), out)
-    finally:
-        dist.destroy_process_group()
+import fsdp_worker  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
 
 
 def _free_port():
@@ -67,14 +26,14 @@ def test_fsdp2_cpu_offload_matches_unsharded():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.pt")
-        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(fsdp_worker.run, args=(2, _free_port(), out), nprocs=2, join=True)
         full, states = torch.load(out)
     # the optimizer state follows the params: DTensors, as torch.optim keeps it
     assert set(states.values()) == {"DTensor"}
-    model = _model()
+    model = fsdp_worker.model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
-    x, y = _data()
-    for _ in range(STEPS):
+    x, y = fsdp_worker.data()
+    for _ in range(fsdp_worker.STEPS):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
