@@ -101,24 +101,23 @@ cdef inline float _f16_to_f32(uint16_t h) noexcept nogil:
 
 
 cdef inline uint16_t _f32_to_f16(float f) noexcept nogil:
-    # Round to nearest, ties to even. Three regions of |f|:
-    #   >= 2^16 (and inf, NaN): inf, or the quiet NaN 0x7e00;
-    #   < 2^-14: the result is subnormal; adding 0.5 (ulp 2^-24) rounds |f| to a multiple of
-    #            2^-24 in hardware, and the bits above 0.5's are the half's mantissa;
-    #   else:    rebias the exponent, add 0xfff plus the lowest kept bit, truncate 13 bits
-    #            (a carry into the exponent, up to inf, is the correct rounding).
-    cdef uint32_t u = _bits(f)
-    cdef uint32_t sign = (u >> 16) & 0x8000u
-    cdef uint32_t a = u & 0x7fffffffu
-    # (|f|'s bits are below 2^31, so they compare as signed integers: one vector instruction
-    # where an unsigned comparison takes two)
-    cdef int32_t ia = <int32_t>a
-    cdef uint32_t special = 0x7e00u if ia > <int32_t>0x7f800000 else 0x7c00u
-    cdef uint32_t small = _bits(_float(a) + <float>0.5) - 0x3f000000u
-    cdef uint32_t normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13
-    cdef uint32_t out = (special if ia >= <int32_t>(143u << 23) else
-                         (small if ia < <int32_t>(113u << 23) else normal))
-    return <uint16_t>(out | sign)
+    # Round to nearest, ties to even, the rounding done by one float addition (the method of
+    # the FP16 library and torch's c10::Half). base = |f| * 2^112 * 2^-110 is 4|f|, or inf when
+    # |f| >= 2^16. With e = max(f's exponent, -14), the sum 2^(e+15) + 4|f| has its last place
+    # at 2^(e-8), which is where a half of exponent e rounds 4|f|: the hardware rounds it to
+    # nearest even. The sum's mantissa is then the half's 11-bit significand k, and its low
+    # exponent bits are e + 14; (e + 14) << 10 plus k (whose implicit 1 carries the exponent
+    # to e + 15) is the half. Below 2^-14 the sum is 2 plus the subnormal's count of 2^-22.
+    # No float32 subnormal is formed, so flush-to-zero changes nothing.
+    cdef uint32_t w = _bits(f)
+    cdef uint32_t sign = (w >> 16) & 0x8000u
+    cdef float base = (fabsf(f) * <float>5.192296858534828e+33) * <float>7.703719777548943e-34
+    cdef uint32_t bias = (w + w) & 0xff000000u
+    bias = bias if bias > 0x71000000u else 0x71000000u
+    base = _float((bias >> 1) + 0x07800000u) + base
+    cdef uint32_t b = _bits(base)
+    cdef uint32_t nonsign = ((b >> 13) & 0x7c00u) + (b & 0x0fffu)
+    return <uint16_t>(sign | (0x7e00u if f != f else nonsign))
 
 
 cdef inline uint16_t _f32_to_f16_sr(float f, uint32_t r) noexcept nogil:
