@@ -85,7 +85,7 @@ def full(n, value, dtype):
     dtype = np.dtype(dtype)
     if dtype == _UINT16:
         from .reference import narrow
-        return np.full(n, narrow(np.float32([value]), "bfloat16")[0], dtype=_UINT16)
+        return np.full(n, narrow(np.array([value], np.float32), "bfloat16")[0], dtype=_UINT16)
     return np.full(n, value, dtype=dtype)
 
 
@@ -126,6 +126,6 @@ def check_rounding(value):
 
 def check_seed(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or not 0 <= value < 2**64:
+            or not 0 <= int(value) < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {value!r}")
     return int(value)

@@ -97,7 +97,7 @@ def _run(update: Update, named, h: dict, step: int, options: dict) -> None:
 
     params = rows[0][1]
     written, written_labels = [], []
-    storages = {}
+    storages: dict[str, list[str]] = {}
     for name, arrays in rows:
         if arrays is None or name == "grad":
             continue

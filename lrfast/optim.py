@@ -190,7 +190,7 @@ class Optimizer:
                 rows.append(None)
                 storages.append(None)
                 continue
-            views = [None] * len(self._params)
+            views: list = [None] * len(self._params)
             for dtype in dict.fromkeys(state_dtypes):
                 idx = [i for i, d in enumerate(state_dtypes) if d == dtype]
                 flat = _precision.full(sum(self._params[i].size for i in idx),

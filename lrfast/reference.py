@@ -265,7 +265,7 @@ def mixed_(fn, buffers, storages, *, step, rounding="nearest", seed=0, out=None,
     rounded copy of the updated params (stream 255). ``step`` is passed on when ``fn`` takes it.
     """
     names = list(buffers)
-    wide = {name: None if a is None else
+    wide: dict[str, Any] = {name: None if a is None else
             [widen(x, storages[name]) if storages[name] != "float32" else x for x in a]
             for name, a in buffers.items()}
     kwargs = dict(hyper, **wide)

@@ -124,7 +124,7 @@ def _check_param(p: Any, where: str) -> None:
     if _is_dtensor(p):
         # FSDP2's sharded params: each process updates its local shard, which is memory of
         # its own; the state follows the param (DTensors of the same placements, as torch's).
-        _check_param(p.to_local(), where + " (its local shard)")
+        _check_param(p.to_local(), where + " (its local shard)")  # type: ignore[attr-defined]
         return
     if getattr(type(p), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
         # A DTensor (FSDP2's sharded params), a fake or functional tensor: its data is not
@@ -797,8 +797,9 @@ class CPUAdam(_Optimizer):
             outs = [list(o) if isinstance(o, (list, tuple)) else [o] for o in outs]
         # Without bias correction 1 - beta**step must be 1: a step past which beta**step is 0
         # in double for every beta < 1 (beta**(2**62) underflows), the same in every step.
-        ksteps = [None if g.get("bias_correction", True) else 2**62 for g in self.param_groups]
-        if all(k is None for k in ksteps):
+        ksteps: list[int | None] | None = [
+            None if g.get("bias_correction", True) else 2**62 for g in self.param_groups]
+        if all(k is None for k in ksteps or ()):
             ksteps = None
         self._step_groups(outs, ksteps)
         return loss
