@@ -15,9 +15,6 @@ import numpy as np
 
 from . import _optim, _precision
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 # ------------------------------------------------------------------------------------------
 # Hyper-parameters
 # ------------------------------------------------------------------------------------------
@@ -115,13 +112,6 @@ def check_array(arr, what, *, writeable, bfloat16_bits=False):
     if writeable and not arr.flags.writeable:
         raise ValueError(f"{what} is read-only; lrfast updates it in place")
     return storage
-
-
-def check_same_layout(arr, ref, what, ref_what):
-    if arr.dtype != ref.dtype:
-        raise TypeError(f"{what} has dtype {arr.dtype}, but {ref_what} has dtype {ref.dtype}")
-    if arr.shape != ref.shape:
-        raise ValueError(f"{what} has shape {arr.shape}, but {ref_what} has shape {ref.shape}")
 
 
 def byte_range(arr):

@@ -541,7 +541,6 @@ class _Optimizer(torch.optim.Optimizer):
         ``kernel_steps``: per group, the step the kernel is told, or None (its count)."""
         update = self._spec.update
         nthreads = get_num_threads()
-        self._calls += 1
         # Every group and gradient is checked before any state is created or memory written.
         work = []
         for gi, group in enumerate(self.param_groups):
@@ -557,6 +556,7 @@ class _Optimizer(torch.optim.Optimizer):
             else:
                 work.append((gi, group, hyper, needs, values, None,
                              self._checked_grads(gi, group, outs)))
+        self._calls += 1  # (after the checks: a step that raises changes nothing)
         for gi, group, hyper, needs, values, plan, grads in work:
             lr = hyper["lr"]
             kstep = kernel_steps[gi] if kernel_steps is not None else None

@@ -272,13 +272,6 @@ cdef inline void _st(any_t* x, Py_ssize_t i, float v) noexcept nogil:
         x[i] = v
 
 
-cdef inline void _st_out(out_t* x, Py_ssize_t i, float v) noexcept nogil:
-    if out_t is bfloat16:
-        x[i].bits = _f32_to_bf16(v)
-    else:
-        x[i].bits = _f32_to_f16(v)
-
-
 # --------------------------------------------------------------------------------------------
 # The mixed-type driver: an update's float32 loop over tiles of other element types
 # --------------------------------------------------------------------------------------------

@@ -522,7 +522,7 @@ cdef inline void _adam_fused_loop(param_t* p, const grad_t* g, state_t* m, state
         pi = pi + (neg_ss * mi) / (sqrtf(vi) + eps)
         _st(p, i, pi)
         if has_out:
-            _st_out(out, i, pi)
+            _st(out, i, pi)
 
 
 cdef inline void _adam_fused(param_t* p, const grad_t* g, state_t* m, state_t* v, out_t* out,

@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 
 import lrfast
-from lrfast import reference
+from lrfast import _dispatch, reference
 from lrfast._specs import OPTIMIZERS as SPECS
 
 # Every optimizer of the spec table, by its class name.
@@ -147,3 +148,18 @@ def run_python(code, **env):
     with tempfile.TemporaryDirectory() as cwd:
         return subprocess.run([sys.executable, "-c", code], env=full_env, cwd=cwd,
                               capture_output=True, text=True, timeout=120)
+
+
+@contextmanager
+def environment(build, nthreads, per_thread):
+    """Kernel build for the optimizers constructed inside, thread count, and the split
+    threshold (elements per thread; 1 makes even small steps use ``nthreads`` threads)."""
+    builds = list(_dispatch.BUILDS.values())
+    try:
+        for b in builds:
+            b.set_min_elements_per_thread(per_thread)
+        with _dispatch.using(build), lrfast.threads(nthreads):
+            yield
+    finally:
+        for b in builds:
+            b.set_min_elements_per_thread(None)

@@ -1,6 +1,7 @@
 """The FSDP2 test's per-rank work (tests/test_torch_fsdp.py), in a module of its own so that
 torch.multiprocessing's spawned processes can import it by name (tests/ is on sys.path; a
 function of the test module itself pickles under a name the child cannot import)."""
+import datetime
 import os
 
 import torch
@@ -25,7 +26,10 @@ def run(rank, world, port, out):
     import lrfast.torch as lt
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A collective that waits longer than this fails the rank (and so the test) instead of
+    # hanging it: pytest-timeout is not a test dependency.
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
     try:
         net = model()
         pol = CPUOffloadPolicy(pin_memory=False)

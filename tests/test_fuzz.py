@@ -29,7 +29,6 @@ import decimal
 import math
 import numbers
 import types
-from contextlib import contextmanager
 from fractions import Fraction
 
 import numpy as np
@@ -41,7 +40,8 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import lrfast  # noqa: E402
 from lrfast import _dispatch  # noqa: E402
-from cases import OPTIMIZERS, SPECS, ReferenceRun, snapshot, tolerances  # noqa: E402
+from cases import (OPTIMIZERS, SPECS, ReferenceRun, environment, snapshot,  # noqa: E402
+                   tolerances)
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 NAMES = sorted(OPTIMIZERS)
@@ -53,19 +53,6 @@ def assert_allowed(exc, extra=()):
         return
     raise AssertionError(f"unexpected exception type {type(exc).__name__}: {exc!r}") from exc
 
-
-@contextmanager
-def environment(build, nthreads, per_thread):
-    """Kernel build for the optimizers constructed inside, thread count, split threshold."""
-    builds = list(_dispatch.BUILDS.values())
-    try:
-        for b in builds:
-            b.set_min_elements_per_thread(per_thread)
-        with _dispatch.using(build), lrfast.threads(nthreads):
-            yield
-    finally:
-        for b in builds:
-            b.set_min_elements_per_thread(None)
 
 
 environments = st.tuples(st.sampled_from(_dispatch.available()), st.sampled_from([1, 2, 3]),

@@ -10,7 +10,7 @@ from lrfast import functional as F
 from lrfast import reference as R
 from lrfast._specs import OPTIMIZERS as SPECS
 
-from cases import CONFIGS, OPTIMIZERS, config_id
+from cases import CONFIGS, OPTIMIZERS, config_id, environment
 
 try:
     import ml_dtypes
@@ -96,9 +96,10 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
     kwargs = {h.name: values[h.name] for h in update.hypers if h.functional}
     storages = {"param": ps, "grad": gs, **{b.argname: ss for b in update.buffers}}
     grng = np.random.default_rng(1)
-    if threads is not None:
-        lrfast.set_num_threads(threads)
-    try:
+    # With ``threads``, one element per thread at least: these small tensors are then split
+    # over that many threads (by default they are below every update's threshold).
+    with environment(lrfast._dispatch.name, threads or lrfast.get_num_threads(),
+                     1 if threads else None):
         for t in range(1, steps + 1):
             grads = _grads(grng, G, t)
             assert opt.step(grads)
@@ -106,9 +107,6 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
                      {"param": ref_params, "grad": [G.ref(g) for g in grads], **ref_state},
                      storages, step=t, rounding=rounding, seed=1234, out=ref_half,
                      out_storage=out, **kwargs)
-    finally:
-        if threads is not None:
-            lrfast.set_num_threads(None)
     return opt, params, half, ref_params, ref_state, ref_half, P, S, O
 
 

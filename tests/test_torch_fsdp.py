@@ -21,7 +21,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(120)
 def test_fsdp2_cpu_offload_matches_unsharded():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:

@@ -7,7 +7,7 @@ kernels, which compute half params in float32 and round to nearest even on store
 import numpy as np
 import pytest
 
-from cases import CONFIGS, config_id
+from cases import CONFIGS, config_id, environment
 
 torch = pytest.importorskip("torch")
 import lrfast  # noqa: E402
@@ -257,9 +257,9 @@ def test_grad_dtype_from_autograd():
 
 
 def _stochastic_run(name, hyper, dtype, seed, threads):
-    old = lrfast.get_num_threads()
-    lrfast.set_num_threads(threads)
-    try:
+    # One element per thread at least: these small tensors are then split over ``threads``
+    # (by default they are below every update's threshold and run on one).
+    with environment(lrfast._dispatch.name, threads, 1):
         torch.manual_seed(0)
         params = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
         opt = getattr(lt, name)(params, rounding="stochastic", seed=seed, **hyper)
@@ -270,8 +270,6 @@ def _stochastic_run(name, hyper, dtype, seed, threads):
             opt.step()
         return [bits(p) for p in params], {k: [bits(v) for n, v in sorted(opt.state[p].items())
                                                if n != "step"] for k, p in enumerate(params)}
-    finally:
-        lrfast.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
