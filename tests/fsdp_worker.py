@@ -49,5 +49,8 @@ def run(rank, world, port, out):
         states = {n: type(opt.state[p]["exp_avg"]).__name__ for n, p in net.named_parameters()}
         if rank == 0:
             torch.save((full, states), out)
+        # Both ranks leave together: a rank exiting while gloo still serves the other can
+        # abort ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
