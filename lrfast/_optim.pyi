@@ -21,9 +21,11 @@ STEP_SKIPPED_NONFINITE: Final = 7
 NORM_BLOCK_SIZE: Final = 4096
 
 # The registry of updates (src/_updates.pxi): each update's index, the names of its
-# hyper-parameters in the order Plan.set_hyper takes them.
+# hyper-parameters in the order Plan.set_hyper takes them, the names of its per-step scalars in
+# the order Plan.run/step take them.
 UPDATE_IDS: dict[str, int]
 UPDATE_ARGS: dict[str, tuple[str, ...]]
+UPDATE_SCALARS: dict[str, tuple[str, ...]]
 # Element types (src/_storage.pxi): name -> code, code -> bytes; rounding modes.
 STORAGE_CODES: dict[str, int]
 STORAGE_ITEMSIZE: dict[int, int]
@@ -95,9 +97,13 @@ class Plan:
     ) -> None: ...
     def gather(self, grads: Sequence[Any]) -> tuple[int, int] | None: ...
     def all_finite(self, inv_scale: float, nthreads: int) -> bool: ...
-    def run(self, lr: float, step: int, nthreads: int, inv_scale: float = 1.0) -> None: ...
+    def run(
+        self, lr: float, step: int, nthreads: int, inv_scale: float = 1.0,
+        scalars: Sequence[float] = (),
+    ) -> None: ...
     def step(
-        self, grads: Sequence[Any], lr: float, step: int, nthreads: int, inv_scale: float = 1.0
+        self, grads: Sequence[Any], lr: float, step: int, nthreads: int, inv_scale: float = 1.0,
+        scalars: Sequence[float] = (),
     ) -> tuple[int, int] | None: ...
 
 def step_plans(
@@ -107,6 +113,7 @@ def step_plans(
     step: int,
     nthreads: int,
     inv_scale: float = 1.0,
+    scalars: Sequence[float] = (),
 ) -> tuple[int, int, int] | None: ...
 
 # Only in the portable build: the CPU probe used to pick a kernel build at import.

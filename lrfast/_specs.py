@@ -122,6 +122,9 @@ class Update:
     takes_step: bool  # the kernel reads the 1-based step (functional takes ``step=``)
     rule: Optional[Callable[[dict], None]] = None  # a check across hyper-parameters
     title: str = ""
+    # Names of the per-step values the kernel reads besides lr and the step, derived by the
+    # Python layer from scalar state it keeps (the kernel's UPDATE_SCALARS, in its order).
+    scalars: tuple = ()
 
     def hyper(self, name: str) -> Hyper:
         for h in self.hypers:
@@ -441,3 +444,43 @@ OPTIMIZERS = {
                         older=_ADAM_TORCH_OLDER, tensor_rules=True),
     ),
 }
+
+
+def _add(*specs: OptimizerSpec) -> None:
+    """Add optimizers (and their updates) to the tables, in the order given."""
+    for spec in specs:
+        if UPDATES.setdefault(spec.update.name, spec.update) is not spec.update:
+            raise ValueError(f"two updates named {spec.update.name!r}")
+        if spec.name in OPTIMIZERS:
+            raise ValueError(f"two optimizers named {spec.name!r}")
+        OPTIMIZERS[spec.name] = spec
+
+
+# ------------------------------------------------------------------------------------------
+# torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Updates with per-step scalar state: NAdam (mu_product), ASGD (eta, mu)
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Updates from outside torch.optim: Lion, ADOPT
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Per-tensor trust ratios: LAMB, LARS
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Factored second moments: Adafactor
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Schedule-free AdamW and SGD
+# ------------------------------------------------------------------------------------------

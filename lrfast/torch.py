@@ -721,6 +721,19 @@ if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures 
     RMSprop: Any
     Adam: Any
     AdamW: Any
+    Adamax: Any
+    RAdam: Any
+    Adadelta: Any
+    Rprop: Any
+    NAdam: Any
+    ASGD: Any
+    Lion: Any
+    Adopt: Any
+    Lamb: Any
+    Lars: Any
+    Adafactor: Any
+    AdamWScheduleFree: Any
+    SGDScheduleFree: Any
 
 
 class CPUAdam(_Optimizer):

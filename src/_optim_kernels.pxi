@@ -8,6 +8,8 @@
 #   _partition.pxi   the address table, the split of its elements over threads, the drivers
 #   _storage.pxi     element types: half-precision conversions and the mixed-type tile driver
 #   _updates.pxi     the optimizer updates, one element loop each, and the registry of updates
+#   _updates_*.pxi   more updates, one file per family (torch_more, scalar_state, community,
+#                    trust, factored, schedule_free)
 #   _reductions.pxi  read-mostly passes: the non-finite check, the gradient norm, scaling
 #   _plans.pxi       per-step gradient checks and the Plan that runs an update
 #   _probes.pxi      the bandwidth probe and build introspection
@@ -44,6 +46,12 @@ import numpy as np
 include "_partition.pxi"
 include "_storage.pxi"
 include "_updates.pxi"
+include "_updates_torch_more.pxi"
+include "_updates_scalar_state.pxi"
+include "_updates_community.pxi"
+include "_updates_trust.pxi"
+include "_updates_factored.pxi"
+include "_updates_schedule_free.pxi"
 include "_reductions.pxi"
 include "_plans.pxi"
 include "_probes.pxi"

@@ -254,21 +254,35 @@ cdef class Plan:
         """Are all recorded grads, times ``inv_scale``, finite?"""
         return self._all_finite(inv_scale, nthreads)
 
-    def run(self, double lr, long long step, int nthreads, double inv_scale=1.0):
-        """Run the update with the recorded grads (``step`` is 1-based), unconditionally."""
+    def run(self, double lr, long long step, int nthreads, double inv_scale=1.0,
+            scalars=()):
+        """Run the update with the recorded grads (``step`` is 1-based), unconditionally.
+        ``scalars``: the update's per-step values, in the order of ``UPDATE_SCALARS``."""
+        cdef double vals[MAX_SCALARS]
         if not self.ready:
             raise RuntimeError("set_hyper() must be called before the plan runs")
-        self._run(lr, step, nthreads, inv_scale)
+        self._scalars(scalars, vals)
+        self._run(lr, step, nthreads, inv_scale, vals)
 
-    def step(self, grads, double lr, long long step, int nthreads, double inv_scale=1.0):
+    def step(self, grads, double lr, long long step, int nthreads, double inv_scale=1.0,
+             scalars=()):
         """``gather``, the non-finite check when enabled, then ``run`` (see ``step_plans``).
 
         Returns None when the step ran, ``(code, index)`` for a bad grad, and
         ``(STEP_SKIPPED_NONFINITE, -1)`` when it was skipped for a non-finite grad; in both of
         the latter cases nothing was written.
         """
-        out = _step_plans((self,), (grads,), lr, step, nthreads, inv_scale)
+        out = _step_plans((self,), (grads,), lr, step, nthreads, inv_scale, scalars)
         return None if out is None else out[1:]
+
+    cdef int _scalars(self, values, double* out) except -1:
+        """The update's per-step scalars into ``out``; their number must be the update's."""
+        cdef Py_ssize_t j, n = _UPDATES[self.update].nscalars
+        if len(values) != n:
+            raise ValueError(f"this update takes {n} per-step scalars, got {len(values)}")
+        for j in range(MAX_SCALARS):
+            out[j] = values[j] if j < n else 0.0
+        return 0
 
     cdef int _gather(self, grads, Py_ssize_t* bad) except -1:
         if self.typenum < 0:
@@ -289,7 +303,8 @@ cdef class Plan:
                         self.sizes, nthreads, MIN_PER_THREAD_FINITE, &fa, False)
         return nbad == 0
 
-    cdef void _run(self, double lr, long long step, int nthreads, double inv_scale) noexcept:
+    cdef void _run(self, double lr, long long step, int nthreads, double inv_scale,
+                   const double* scalars) noexcept:
         # The one entry into every update: its registry entry derives the loop's arguments from
         # the hyper-parameters and this step's values, then the driver runs its segment, through
         # the mixed-type tiles when a buffer is not of the math type.
@@ -303,6 +318,7 @@ cdef class Plan:
         values.step = step
         values.inv_scale = inv_scale
         values.storage = self.math
+        memcpy(values.scalars, scalars, MAX_SCALARS * sizeof(double))
         with nogil:
             kernel.prepare(block, self.hyper, &values)
             if not self.mixed:
@@ -360,10 +376,12 @@ def _row_types(str storage, Py_ssize_t nrows, rows, out):
     return types
 
 
-def step_plans(plans, grads, double lr, long long step, int nthreads, double inv_scale=1.0):
+def step_plans(plans, grads, double lr, long long step, int nthreads, double inv_scale=1.0,
+               scalars=()):
     """One step over several plans (an optimizer's dtypes) as one: every plan's grads
     (``grads[i]`` for ``plans[i]``) are checked and recorded, then, when a plan skips non-finite
     steps, every grad is checked for NaN and infinity, and only then does any update run.
+    ``scalars``: the update's per-step values (the same for every plan).
 
     Returns None when the step ran, ``(i, code, index)`` for the first bad grad (of plan ``i``)
     and ``(-1, STEP_SKIPPED_NONFINITE, -1)`` when the step was skipped; in both of the latter
@@ -371,20 +389,22 @@ def step_plans(plans, grads, double lr, long long step, int nthreads, double inv
     """
     if len(grads) != len(plans):
         raise ValueError("step_plans needs one list of grads per plan")
-    return _step_plans(plans, grads, lr, step, nthreads, inv_scale)
+    return _step_plans(plans, grads, lr, step, nthreads, inv_scale, scalars)
 
 
 cdef object _step_plans(plans, grads, double lr, long long step, int nthreads,
-                        double inv_scale):
+                        double inv_scale, scalars):
     # The step order, written once: check and record every grad, the finite check, the updates.
     cdef Plan plan
     cdef Py_ssize_t i, n = len(plans), bad
     cdef int code
     cdef bint check = False
+    cdef double vals[MAX_SCALARS]
     for i in range(n):
         plan = <Plan?>plans[i]
         if not plan.ready:
             raise RuntimeError("set_hyper() must be called before the plan runs")
+        plan._scalars(scalars, vals)
         code = plan._gather(grads[i], &bad)
         if code:
             return (i, code, bad)
@@ -396,5 +416,5 @@ cdef object _step_plans(plans, grads, double lr, long long step, int nthreads,
                 return (-1, STEP_SKIPPED_NONFINITE, -1)
     for i in range(n):
         plan = <Plan>plans[i]
-        plan._run(lr, step, nthreads, inv_scale)
+        plan._run(lr, step, nthreads, inv_scale, vals)
     return None

