@@ -7,13 +7,11 @@ from cases import CONFIGS, OPTIMIZERS, config_id, make_grads, make_params
 
 torch = pytest.importorskip("torch")
 
-TORCH_CLASSES = {
-    "SGD": torch.optim.SGD,
-    "Adagrad": torch.optim.Adagrad,
-    "RMSprop": torch.optim.RMSprop,
-    "Adam": torch.optim.Adam,
-    "AdamW": torch.optim.AdamW,
-}
+from lrfast._specs import OPTIMIZERS as SPECS  # noqa: E402
+
+# torch.optim's class for every optimizer of the spec table that torch has.
+TORCH_CLASSES = {name: getattr(torch.optim, spec.torch.cls) for name, spec in SPECS.items()
+                 if spec.torch is not None and spec.torch.cls is not None}
 SHAPES = [(0,), (1,), (7,), (3, 5), (100_003,)]
 STEPS = 50
 # torch's vectorised CPU kernels may fuse multiply-adds (lerp, addcmul, addcdiv), so a few ulps

@@ -28,7 +28,11 @@ torch = pytest.importorskip("torch")
 LT = pytest.importorskip("lrfast.torch")
 common = pytest.importorskip("torch.testing._internal.common_optimizers")
 
-NAMES = ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW")
+from lrfast._specs import OPTIMIZERS as SPECS  # noqa: E402
+
+# Every lrfast.torch class that is a torch.optim class of the same name.
+NAMES = tuple(name for name, spec in SPECS.items()
+              if spec.torch is not None and spec.torch.cls == name)
 INFOS = {info.optim_cls.__name__: info for info in common.optim_db
          if info.optim_cls.__name__ in NAMES and info.optim_cls.__module__.startswith("torch.")}
 FLAGS = ("maximize", "foreach", "differentiable", "fused", "capturable",
