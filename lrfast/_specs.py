@@ -193,7 +193,9 @@ class TorchSpec:
     older torch's state dict may lack, with the value torch's ``__setstate__`` gives them;
     ``tensor_rules``: torch's refusals of tensor lr/betas with ``foreach`` (Adam, AdamW);
     ``lrfast_only``: the class's arguments torch's class does not have (they keep their
-    defaults in lrfast.torch).
+    defaults in lrfast.torch); ``flags``: for a class torch.optim lacks (``cls`` None), the
+    (name, default) pairs its reference implementation takes after the hyper-parameters, in
+    its order (None: torch's implementation switches, ``TORCH_FLAGS``).
     """
 
     cls: Optional[str]
@@ -204,6 +206,7 @@ class TorchSpec:
     older: dict = field(default_factory=dict)
     tensor_rules: bool = False
     lrfast_only: tuple = ()
+    flags: Optional[tuple] = None
 
 
 @dataclass(frozen=True)

@@ -680,7 +680,8 @@ def _make_class(spec: OptimizerSpec) -> type:
     if torch_cls is not None:
         sig = inspect.signature(torch_cls)
     else:
-        sig = spec.signature(trailing=[(n, d) for n, d in TORCH_FLAGS.items()])
+        flags = t.flags if t is not None and t.flags is not None else TORCH_FLAGS.items()
+        sig = spec.signature(trailing=list(flags))
     fixed_entries = dict(t.group) if t is not None else {}
     torch_sig = sig
     sig = sig.replace(parameters=list(sig.parameters.values()) + [
