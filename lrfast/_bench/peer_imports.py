@@ -38,13 +38,13 @@ def timm_optimizer(name: str) -> Any:
 
 def lion() -> Any:
     """lion-pytorch's ``Lion``; ImportError without it."""
-    from lion_pytorch import Lion
+    from lion_pytorch import Lion  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
     return Lion
 
 
 def schedule_free(name: str) -> Any:
     """schedulefree's ``AdamWScheduleFree`` or ``SGDScheduleFree``; ImportError without it."""
-    import schedulefree
+    import schedulefree  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
     return getattr(schedulefree, name)
