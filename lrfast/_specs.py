@@ -125,6 +125,10 @@ class Update:
     # Names of the per-step values the kernel reads besides lr and the step, derived by the
     # Python layer from scalar state it keeps (the kernel's UPDATE_SCALARS, in its order).
     scalars: tuple = ()
+    # The update scales each tensor by factors made from its own norms (LAMB, LARS): the
+    # kernel's PASS_UPDATES. An optimizer over a FlatParams then treats each named view as a
+    # tensor, not the whole buffer as one.
+    per_tensor: bool = False
 
     def hyper(self, name: str) -> Hyper:
         for h in self.hypers:
@@ -164,7 +168,9 @@ class Update:
 
     def kernel_values(self, h: dict, kernels) -> list:
         """The hyper-parameters in the order the kernel takes them (booleans as 0/1)."""
-        return [float(h[name]) for name in kernels.UPDATE_ARGS[self.name]]
+        # (an optional value, None, reaches the kernel as 0: "off")
+        return [0.0 if h[name] is None else float(h[name])
+                for name in kernels.UPDATE_ARGS[self.name]]
 
     def missing_buffer_message(self, b: Buffer) -> str:
         noun = b.argname if b.argname.endswith("buffer") else f"{b.argname} buffer"
@@ -477,6 +483,88 @@ def _add(*specs: OptimizerSpec) -> None:
 # ------------------------------------------------------------------------------------------
 # Per-tensor trust ratios: LAMB, LARS
 # ------------------------------------------------------------------------------------------
+
+# timm's Lamb and Lars (timm.optim.lamb, timm.optim.lars). Both scale each tensor's step by a
+# trust ratio made from per-tensor norms, so the kernels run them in passes (src/
+# _updates_trust.pxi) and an optimizer over a FlatParams treats each named view as its own
+# tensor (``Update.per_tensor``).
+
+def _optional_positive(name: str) -> Callable[[Any], Optional[float]]:
+    """None, or a finite float > 0."""
+    def check(v):
+        if v is None:
+            return None
+        out = _real(v, name)
+        if not (0.0 < out < float("inf")):
+            raise ValueError(f"Invalid {name} value: {v}")
+        return out
+    return check
+
+
+LAMB_UPDATE = Update(
+    "lamb",
+    hypers=(
+        _lr(1e-3),
+        Hyper("bias_correction", True, flag("bias_correction")),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.999, beta(1)),
+        Hyper("eps", 1e-6, nonneg("Invalid epsilon")),
+        Hyper("weight_decay", 0.01, nonneg("Invalid weight_decay")),
+        Hyper("grad_averaging", True, flag("grad_averaging")),
+        Hyper("max_grad_norm", 1.0, _optional_positive("max_grad_norm")),
+        Hyper("trust_clip", False, flag("trust_clip")),
+        Hyper("always_adapt", False, flag("always_adapt")),
+        Hyper("caution", False, flag("caution")),
+        Hyper("decoupled_decay", False, flag("decoupled_decay")),
+        Hyper("corrected_weight_decay", False, flag("corrected_weight_decay")),
+        # The peak lr of corrected_weight_decay (the decoupled decay is scaled by lr ** 2 /
+        # max_lr; None: by lr, as timm's functional lamb): the classes take the lr they are
+        # made with (timm's max_lr_snapshot).
+        Hyper("max_lr", None, _optional_positive("max_lr")),
+    ),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    takes_step=True,
+    title="LAMB",
+    per_tensor=True,
+)
+
+LARS_UPDATE = Update(
+    "lars",
+    hypers=(
+        _lr(1.0),
+        _momentum(),
+        Hyper("dampening", 0.0, real("dampening")),
+        Hyper("weight_decay", 0.0, nonneg("Invalid weight_decay value")),
+        Hyper("nesterov", False, flag("nesterov")),
+        Hyper("trust_coeff", 0.001, nonneg("Invalid trust_coeff value")),
+        _eps(1e-8),
+        Hyper("trust_clip", False, flag("trust_clip")),
+        Hyper("always_adapt", False, flag("always_adapt")),
+    ),
+    buffers=(Buffer("momentum_buffer", lambda h: h["momentum"] != 0, "momentum != 0"),),
+    takes_step=True,  # only whether it is the first: the buffer starts as the first gradient
+    rule=_nesterov_rule,
+    title="LARS",
+    per_tensor=True,
+)
+
+_add(
+    OptimizerSpec(
+        "Lamb", LAMB_UPDATE,
+        positional=("lr", "bias_correction", "betas", "eps", "weight_decay", "grad_averaging",
+                    "max_grad_norm", "trust_clip", "always_adapt", "caution",
+                    "decoupled_decay", "corrected_weight_decay"),
+        fixed={"max_lr": None},
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec(None, step_state=False, flags=(("foreach", None),)),
+    ),
+    OptimizerSpec(
+        "Lars", LARS_UPDATE,
+        positional=("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff",
+                    "eps", "trust_clip", "always_adapt"),
+        torch=TorchSpec(None, step_state=False, flags=(("foreach", None),)),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------------

@@ -100,8 +100,17 @@ class Optimizer:
         self._flush_subnormals = flush_subnormals
         self._skipped = 0
         self._flat = params if isinstance(params, FlatParams) else None
+        # An update with per-tensor factors (LAMB, LARS) sees a FlatParams' named views as
+        # tensors; any other sees the whole buffer as one.
+        self._flat_views = self._flat is not None and self._spec.update.per_tensor
         half_out = arguments["half_out"]
-        if self._flat is not None:
+        if self._flat_views:
+            keys, is_dict = list(self._flat.names), False
+            arrays = [self._flat.params[k] for k in keys]
+            self._bits = self._bits or self._flat.bfloat16_bits
+            if half_out is None and self._flat.half is not None:
+                half_out = [self._flat.halves[k] for k in keys]
+        elif self._flat is not None:
             # One tensor: the whole flat buffer, updated by a single loop.
             keys, arrays, is_dict = ["param"], [self._flat.param], False
             self._bits = self._bits or self._flat.bfloat16_bits
@@ -304,6 +313,8 @@ class Optimizer:
         flat = self._flat
         if flat is not None:
             if grads is None or grads is flat or grads is flat.grad or grads is flat.grads:
+                if self._flat_views:
+                    return [flat.grads[k] for k in self._keys]
                 return [flat.grad]
             raise TypeError("an optimizer over FlatParams reads the FlatParams' own grad buffer: "
                             "call step() without arguments (write grads into flat.grads)")
@@ -403,7 +414,7 @@ class Optimizer:
 
     def _named_state(self):
         """(key, parameter view, {buffer: state view}) per named parameter."""
-        if self._flat is None:
+        if self._flat is None or self._flat_views:
             return list(zip(self._keys, self._params, self._views))
         flat = self._flat
         per_buffer = {name: flat.views(view) for name, view in self._views[0].items()}
@@ -770,6 +781,129 @@ class AdamW(Adam):
 # ------------------------------------------------------------------------------------------
 # Per-tensor trust ratios: LAMB, LARS
 # ------------------------------------------------------------------------------------------
+
+class Lamb(Optimizer):
+    r"""LAMB (timm.optim.Lamb): Adam's direction, each tensor's step scaled by its trust ratio
+    ``||param|| / ||update||``.
+
+    .. math::
+        c &= \max(\lVert (g_1, \dots, g_n) \rVert / \text{max\_grad\_norm}, 1), \qquad
+            g \leftarrow g / c \\
+        m &\leftarrow \operatorname{lerp}(m, g, 1 - \beta_1), \qquad
+            v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        u &= \frac{m / (1 - \beta_1^t)}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
+            + \lambda\theta, \qquad
+        \theta \leftarrow \theta - \eta \frac{\lVert\theta\rVert}{\lVert u\rVert} u
+
+    ``c`` is one number for all tensors (``max_grad_norm=None``: no clipping); the norms are
+    per tensor, and the ratio is 1 when either is 0. ``grad_averaging=False``: ``m <- beta1 m
+    + g``. ``bias_correction=False``: no bias corrections. ``decoupled_decay``: the decay
+    multiplies ``theta`` by ``1 - lr * weight_decay`` (``lr ** 2 / lr0`` in place of ``lr``
+    with ``corrected_weight_decay``, ``lr0`` the lr the optimizer was made with) before the
+    norms instead of joining ``u``. The ratio applies when ``weight_decay != 0`` or
+    ``always_adapt``; ``trust_clip`` caps it at 1 (LAMBC). ``caution``: ``u`` keeps only the
+    elements whose sign agrees with ``g``, divided by the fraction kept (at least 1e-3).
+
+    The per-tensor norms need a pass over each tensor before its update, so a step is two
+    passes over the memory (three with ``caution``; one, plain Adam-like, when no ratio is
+    taken): see src/_updates_trust.pxi for the bytes per element. Over a FlatParams each named
+    view is its own tensor. Params, grads and state are float32 or float64.
+
+    Examples
+    --------
+    With ``weight_decay=0`` the first step is Adam's, ``lr * sign(g)`` (to 1e-6 from eps):
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = lrfast.Lamb([w], lr=0.1, weight_decay=0.0, max_grad_norm=None)
+    >>> opt.step([np.array([0.5, -3.0])])
+    True
+    >>> w.round(5).tolist()
+    [0.9, -1.9]
+
+    With the default ``weight_decay=0.01`` the step is rescaled to ``lr * ||w||``: here
+    ``u = (1, -1) + 0.01 w = (1.01, -1.02)``, ``||w|| = sqrt(5)``, so ``w`` moves by
+    ``0.1 * sqrt(5) / ||u|| * u``:
+
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = lrfast.Lamb([w], lr=0.1)
+    >>> opt.step([np.array([0.5, -3.0])])
+    True
+    >>> w.round(4).tolist()
+    [0.8419, -1.8403]
+    """
+
+    _spec = OPTIMIZERS["Lamb"]
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6,
+                 weight_decay=0.01, grad_averaging=True, max_grad_norm=1.0, trust_clip=False,
+                 always_adapt=False, caution=False, decoupled_decay=False,
+                 corrected_weight_decay=False, *,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        # timm's max_lr_snapshot: the lr the optimizer is made with, the peak lr of
+        # corrected_weight_decay (kept when lr changes later).
+        self._max_lr = None
+        if corrected_weight_decay is True:
+            if callable(lr):
+                raise ValueError("corrected_weight_decay needs the peak lr as a number (lr ** 2 "
+                                 "/ peak lr scales the decay), not a schedule")
+            peak = _real(lr, "lr")
+            if peak <= 0:
+                raise ValueError(f"Corrected weight decay requires a positive max lr, got "
+                                 f"{peak}. Construct the optimizer with the peak lr.")
+            self._max_lr = peak
+        Optimizer.__init__(self, params, locals())
+
+    def _update_values(self, hyper) -> dict:
+        out = super()._update_values(hyper)
+        out["max_lr"] = self._max_lr
+        return out
+
+
+class Lars(Optimizer):
+    r"""LARS (timm.optim.Lars): momentum SGD on each tensor's gradient scaled by its trust
+    ratio (LARC's clipping with ``trust_clip``).
+
+    .. math::
+        r &= \frac{\kappa \lVert\theta\rVert}{\lVert g\rVert + \lambda \lVert\theta\rVert
+            + \epsilon}, \qquad g \leftarrow (g + \lambda\theta)\, r \\
+        b &\leftarrow \mu b + (1 - \tau) g \ (b = g \text{ at the first step}), \qquad
+        \theta \leftarrow \theta - \eta\, b \ (\theta - \eta (g + \mu b) \text{ with nesterov})
+
+    ``kappa`` is ``trust_coeff``; the norms are per tensor, and ``r`` is 1 when either is 0.
+    The ratio applies when ``weight_decay != 0`` or ``always_adapt``; ``trust_clip`` makes it
+    ``min(r / lr, 1)``. Without momentum ``theta <- theta - lr g``.
+
+    The norms need a pass over each tensor before its update, so a step is two passes over
+    the memory (one when no ratio is taken): see src/_updates_trust.pxi for the bytes per
+    element. Over a FlatParams each named view is its own tensor. Params, grads and state are
+    float32 or float64.
+
+    Examples
+    --------
+    ``||w|| = 5`` and ``||g|| = 1``, so ``r = 0.001 * 5 / (1 + 0.1 * 5 + 0) = 1/300`` and the
+    gradient is ``(g + 0.1 w) / 300 = (0.3, 1.4) / 300``:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([3.0, 4.0])
+    >>> opt = lrfast.Lars([w], lr=1.0, weight_decay=0.1, eps=0.0)
+    >>> opt.step([np.array([0.0, 1.0])])
+    True
+    >>> (w - np.array([3.0, 4.0])).round(6).tolist()
+    [-0.001, -0.004667]
+    """
+
+    _spec = OPTIMIZERS["Lars"]
+
+    def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, trust_coeff=0.001, eps=1e-8, trust_clip=False,
+                 always_adapt=False, *,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        Optimizer.__init__(self, params, locals())
 
 
 # ------------------------------------------------------------------------------------------

@@ -178,6 +178,120 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
 # Per-tensor trust ratios: LAMB, LARS
 # ------------------------------------------------------------------------------------------
 
+__all__ += ["lamb_", "lars_"]
+
+
+def _global_norm(grads):
+    """sqrt of the sum of the squared norms of all grads, in double."""
+    return math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads))
+
+
+def _norm(x):
+    return float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
+
+
+def lamb_(param, grad, exp_avg, exp_avg_sq, *, step, lr, bias_correction=True, beta1=0.9,
+          beta2=0.999, eps=1e-6, weight_decay=0.01, grad_averaging=True, max_grad_norm=1.0,
+          trust_clip=False, always_adapt=False, caution=False, decoupled_decay=False,
+          corrected_weight_decay=False, max_lr=None):
+    r"""LAMB (timm.optim.Lamb, NVIDIA's NVLAMB form), each tensor's step scaled by its trust
+    ratio.
+
+    .. math::
+        c &= \max(\lVert (g_1, \dots, g_n) \rVert / \text{max\_grad\_norm}, 1), \qquad
+            g \leftarrow g / c \ \text{(max\_grad\_norm not None)} \\
+        m &\leftarrow \operatorname{lerp}(m, g, 1 - \beta_1) \ \text{(grad\_averaging)}, \qquad
+            m \leftarrow \beta_1 m + g \ \text{(otherwise)} \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        u &= \frac{m / b_1}{\sqrt{v} / \sqrt{b_2} + \epsilon}, \qquad
+            b_i = 1 - \beta_i^t \ \text{(bias\_correction, else 1)} \\
+        u &\leftarrow u \cdot \frac{[u g > 0]}{\max(\operatorname{mean}[u g > 0], 10^{-3})}
+            \ \text{(caution)} \\
+        \theta &\leftarrow \theta - s \lambda \theta \ \text{(decoupled\_decay)}, \qquad
+            u \leftarrow u + \lambda\theta \ \text{(otherwise)}, \qquad
+            s = \eta^2 / \eta_{max} \ \text{(corrected\_weight\_decay, max\_lr given), else } \eta \\
+        r &= \lVert\theta\rVert / \lVert u \rVert \ \text{(1 unless both > 0; at most 1 with
+            trust\_clip)}, \ \text{when } \lambda \ne 0 \text{ or always\_adapt, else } r = 1 \\
+        \theta &\leftarrow \theta - \eta\, r\, u
+
+    ``c`` is one number for all the tensors of the call; the norms and ``r`` are per tensor.
+    """
+    tensors = _tensors(param, grad, exp_avg, exp_avg_sq)
+    clip = None
+    if max_grad_norm is not None:
+        clip = max(_global_norm([t[1] for t in tensors]) / max_grad_norm, 1.0)
+    if bias_correction:
+        bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    else:
+        bc1, bc2 = 1.0, 1.0
+    beta3 = 1 - beta1 if grad_averaging else 1.0
+    for p, g, m, v in tensors:
+        t = p.dtype.type
+        if clip is not None:
+            g = g / t(clip)
+        if beta3 == 1 - beta1:
+            _lerp_(m, g, beta3)
+        else:
+            m *= t(beta1)
+            m += t(beta3) * g
+        v *= t(beta2)
+        v += (t(1 - beta2) * g) * g
+        u = (m / t(bc1)) / (np.sqrt(v) / t(math.sqrt(bc2)) + t(eps))
+        if caution:
+            mask = (u * g > 0).astype(p.dtype)
+            mean = max(t(np.sum(mask, dtype=np.float64)) / t(mask.size), t(1e-3))
+            u = u * (mask / mean)
+        if weight_decay != 0:
+            if decoupled_decay:
+                scale = lr ** 2 / max_lr if corrected_weight_decay and max_lr else lr
+                p += t(-scale * weight_decay) * p
+            else:
+                u = u + t(weight_decay) * p
+        if weight_decay != 0 or always_adapt:
+            w_norm, u_norm = t(_norm(p)), t(_norm(u))
+            ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else t(1)
+            if trust_clip:
+                ratio = min(ratio, t(1))
+            u = u * ratio
+        p += t(-lr) * u
+
+
+def lars_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,
+          weight_decay=0.0, nesterov=False, trust_coeff=0.001, eps=1e-8, trust_clip=False,
+          always_adapt=False):
+    r"""LARS (timm.optim.Lars): momentum SGD on a gradient scaled by a per-tensor trust ratio
+    (LARC's clipping with ``trust_clip``).
+
+    .. math::
+        r &= \frac{\kappa \lVert\theta\rVert}{\lVert g\rVert + \lambda\lVert\theta\rVert
+            + \epsilon} \ \text{(1 unless both norms are > 0)}, \qquad
+            r \leftarrow \min(r / \eta, 1) \ \text{(trust\_clip)} \\
+        g &\leftarrow (g + \lambda\theta)\, r \ \text{(when } \lambda \ne 0
+            \text{ or always\_adapt)} \\
+        b &\leftarrow g \ (t = 1), \qquad b \leftarrow \mu b + (1 - \tau) g \ (t > 1) \\
+        g &\leftarrow g + \mu b \ \text{(nesterov)}, \qquad g \leftarrow b \
+            \text{(otherwise; with momentum)} \\
+        \theta &\leftarrow \theta - \eta g
+    """
+    for p, g, b in _tensors(param, grad, momentum_buffer):
+        t = p.dtype.type
+        if weight_decay != 0 or always_adapt:
+            w_norm, g_norm = t(_norm(p)), t(_norm(g))
+            ratio = t(trust_coeff) * w_norm / (g_norm + w_norm * t(weight_decay) + t(eps))
+            if not (w_norm > 0 and g_norm > 0):
+                ratio = t(1)
+            if trust_clip:
+                ratio = min(ratio / t(lr), t(1))
+            g = (g + t(weight_decay) * p) * ratio
+        if momentum != 0:
+            if step == 1:
+                b[...] = g
+            else:
+                b *= t(momentum)
+                b += t(1 - dampening) * g
+            g = g + t(momentum) * b if nesterov else b
+        p += t(-lr) * g
+
 
 # ------------------------------------------------------------------------------------------
 # Factored second moments: Adafactor

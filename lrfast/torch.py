@@ -277,12 +277,13 @@ class _Plan:
             return None
         return out
 
-    def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None):
+    def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None, grad_sumsq=None):
         """Run the update (hyper-parameters ``values`` in the kernel's order) with these
         gradient addresses. False (nothing done) when the params' step counts no longer fall
         into this plan's buckets. ``calls``: the optimizer's count of steps, the stochastic
         rounding's step where torch keeps none (SGD); ``kernel_step``: the step the kernel is
-        told whatever the counts (CPUAdam without bias correction)."""
+        told whatever the counts (CPUAdam without bias correction); ``grad_sumsq``: the sum
+        of the squares of all the optimizer's grads (LAMB's clipping)."""
         steps = self.steps.tolist() if self.steps is not None else None
         calls_ = []
         for plan, key, idx, table in self.buckets:
@@ -310,7 +311,10 @@ class _Plan:
                     step = 1 if key == 1 else calls + 1
                 elif not self.key_splits:
                     step = int(max(steps[i] for i in idx)) + 1
-            plan.run(lr, step, nthreads)
+            if grad_sumsq is None:
+                plan.run(lr, step, nthreads)
+            else:
+                plan.run(lr, step, nthreads, grad_sumsq=grad_sumsq)
         if self.steps is not None:
             self.steps.add_(1)
         return True
@@ -535,10 +539,11 @@ class _Optimizer(torch.optim.Optimizer):
         self._step_groups()
         return loss
 
-    def _step_groups(self, outs=None, kernel_steps=None):
+    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None):
         """The step of every group. ``outs``: per group, a list (by position in the group)
         of half tensors receiving the updated float32 params (CPUAdam's fp16_param_groups);
-        ``kernel_steps``: per group, the step the kernel is told, or None (its count)."""
+        ``kernel_steps``: per group, the step the kernel is told, or None (its count);
+        ``grad_sumsq``: the sum of the squares of every group's grads (LAMB's clipping)."""
         update = self._spec.update
         nthreads = get_num_threads()
         # Every group and gradient is checked before any state is created or memory written.
@@ -560,7 +565,8 @@ class _Optimizer(torch.optim.Optimizer):
         for gi, group, hyper, needs, values, plan, grads in work:
             lr = hyper["lr"]
             kstep = kernel_steps[gi] if kernel_steps is not None else None
-            if plan is not None and plan.run(values, lr, nthreads, grads, self._calls, kstep):
+            if plan is not None and plan.run(values, lr, nthreads, grads, self._calls, kstep,
+                                             grad_sumsq):
                 continue
             if plan is not None:  # step counts diverged from the plan's buckets: lay out again
                 grads = self._checked_grads(gi, group, outs)
@@ -585,12 +591,12 @@ class _Optimizer(torch.optim.Optimizer):
             plan = _Plan(self, group, needs, targets, states, [None] * len(params) if count
                          else keys, count, gdtypes, halves)
             gptrs = [g.data_ptr() for _, g, _ in grads]
-            if not plan.run(values, lr, nthreads, gptrs, self._calls, kstep):
+            if not plan.run(values, lr, nthreads, gptrs, self._calls, kstep, grad_sumsq):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
                 plan = _Plan(self, group, needs, targets, states, keys, False, gdtypes, halves)
-                plan.run(values, lr, nthreads, gptrs, self._calls, kstep)
+                plan.run(values, lr, nthreads, gptrs, self._calls, kstep, grad_sumsq)
                 for st in states:
                     st["step"].add_(1)
             elif plan.reusable and not gathered and outs is None:
@@ -671,6 +677,17 @@ def _check_tensor_rules(defaults: dict[str, Any]) -> None:
                              "and foreach=True")
 
 
+def _positional_flags(sig: inspect.Signature, flags: list) -> inspect.Signature:
+    """A reference package's switches follow its hyper-parameters as they do there (timm's
+    ``foreach``): by position when all of those are."""
+    P = inspect.Parameter
+    params = list(sig.parameters.values())
+    if any(p.kind is P.KEYWORD_ONLY for p in params if p.name not in flags):
+        return sig
+    return sig.replace(parameters=[p.replace(kind=P.POSITIONAL_OR_KEYWORD) if p.name in flags
+                                   else p for p in params])
+
+
 def _make_class(spec: OptimizerSpec) -> type:
     """lrfast.torch's class for ``spec``: torch.optim's class of that name's signature (or,
     where torch has none, the spec's, with torch's implementation switches), torch's defaults
@@ -682,6 +699,8 @@ def _make_class(spec: OptimizerSpec) -> type:
     else:
         flags = t.flags if t is not None and t.flags is not None else TORCH_FLAGS.items()
         sig = spec.signature(trailing=list(flags))
+        if t is not None and t.flags is not None:
+            sig = _positional_flags(sig, [name for name, _ in flags])
     fixed_entries = dict(t.group) if t is not None else {}
     torch_sig = sig
     sig = sig.replace(parameters=list(sig.parameters.values()) + [
@@ -715,6 +734,119 @@ def _make_class(spec: OptimizerSpec) -> type:
 
 
 globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()})
+
+# ------------------------------------------------------------------------------------------
+# Per-tensor trust ratios: LAMB, LARS (timm's Lamb and Lars)
+# ------------------------------------------------------------------------------------------
+# What the generated classes lack: float32/float64 params only (the per-tensor norms have no
+# half-precision pass); Lamb's group entries ``step`` (a tensor, counted per group whether or
+# not the group has gradients) and ``max_lr_snapshot`` (the constructor's lr, the peak lr of
+# corrected_weight_decay), and its clipping by the global norm of every group's gradients with
+# the optimizer's own max_grad_norm (``defaults``), as timm's Lamb does.
+
+_TRUST_DTYPES = (torch.float32, torch.float64)
+
+
+class _TrustRatio:
+    """Mixed into the generated Lamb and Lars: the params' dtypes."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        group = self.param_groups[-1]  # type: ignore[attr-defined]
+        for k, p in enumerate(group["params"]):
+            if p.dtype not in _TRUST_DTYPES:
+                self.param_groups.pop()  # type: ignore[attr-defined]
+                raise TypeError(
+                    f"lrfast.torch.{self._spec.name} updates torch.float32 and torch.float64 "  # type: ignore[attr-defined]
+                    f"params, but parameter {k} of group {len(self.param_groups)} is "  # type: ignore[attr-defined]
+                    f"{p.dtype} (its per-tensor norms have no half-precision or complex pass)")
+
+
+def _max_lr_snapshot(lr: Any, corrected: bool) -> float:
+    """timm's max_lr_snapshot: the lr as a float, which corrected_weight_decay needs > 0."""
+    max_lr = float(lr.detach()) if isinstance(lr, torch.Tensor) else float(lr)
+    if corrected and max_lr <= 0:
+        raise ValueError(f"Corrected weight decay requires a positive max lr, got {max_lr}. "
+                         "Construct the optimizer with the peak lr.")
+    return max_lr
+
+
+class _LambSteps(_TrustRatio):
+    """Mixed into the generated Lamb (see the section comment)."""
+
+    def _check_defaults(self, defaults: dict[str, Any]) -> None:
+        super()._check_defaults(defaults)  # type: ignore[misc]
+        snapshot = _max_lr_snapshot(defaults["lr"], bool(defaults["corrected_weight_decay"]))
+        # (in timm's order: after the hyper-parameters, before foreach)
+        foreach = defaults.pop("foreach", None)
+        defaults["max_lr_snapshot"] = snapshot
+        defaults["foreach"] = foreach
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.defaults.setdefault(  # type: ignore[attr-defined]
+            "max_lr_snapshot", _max_lr_snapshot(self.defaults["lr"], False))  # type: ignore[attr-defined]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for name in ("caution", "decoupled_decay", "corrected_weight_decay"):
+                group.setdefault(name, False)
+            group.setdefault("max_lr_snapshot", self.defaults["max_lr_snapshot"])  # type: ignore[attr-defined]
+            group.setdefault("foreach", None)
+            if "step" in group and not torch.is_tensor(group["step"]):
+                group["step"] = torch.tensor(float(group["step"]), dtype=_scalar_dtype())
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        h = super()._hyper(group)  # type: ignore[misc]
+        defaults = getattr(self, "defaults", None)
+        if defaults is not None and "max_grad_norm" in defaults:
+            # timm clips with the optimizer's max_grad_norm, whatever a group says
+            h["max_grad_norm"] = self._spec.update.hyper(  # type: ignore[attr-defined]
+                "max_grad_norm").check(defaults["max_grad_norm"])
+        if h["decoupled_decay"] and h["corrected_weight_decay"]:
+            h["max_lr"] = _max_lr_snapshot(group.get("max_lr_snapshot", group["lr"]), True)
+        return h
+
+    def _global_sumsq(self) -> float:
+        """The square of timm's global grad norm (0 when it does not clip)."""
+        if self.defaults["max_grad_norm"] is None:  # type: ignore[attr-defined]
+            return 0.0
+        grads = [p.grad for g in self.param_groups  # type: ignore[attr-defined]
+                 for p in g["params"] if p.grad is not None]
+        if not grads or any(g.layout is not torch.strided for g in grads):
+            return 0.0  # (a sparse gradient: refused by the step's checks)
+        norms = torch._foreach_norm(grads)
+        if len({n.dtype for n in norms}) > 1:
+            norms = [n.double() for n in norms]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) ** 2
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Run one update of every param that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups  # type: ignore[attr-defined]
+        for group in groups:
+            if "step" not in group:
+                group["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        steps = [int(group["step"].item()) + 1 for group in groups]
+        self._step_groups(kernel_steps=steps,  # type: ignore[attr-defined]
+                          grad_sumsq=self._global_sumsq())
+        for group in groups:
+            group["step"].add_(1)
+        return loss
+
+
+def _trust_class(base: Any, mixin: type) -> type:
+    cls = type(base.__name__, (mixin, base), {"__doc__": base.__doc__, "__module__": __name__,
+                                               "__qualname__": base.__qualname__})
+    cls.__signature__ = base.__signature__  # type: ignore[attr-defined]
+    return cls
+
+
+globals()["Lamb"] = _trust_class(globals()["Lamb"], _LambSteps)
+globals()["Lars"] = _trust_class(globals()["Lars"], _TrustRatio)
+
 
 if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures are torch's)
     SGD: Any

@@ -157,3 +157,101 @@ cdef int _launch(segment_fn fn, intptr_t[:, ::1] table, Py_ssize_t[::1] offsets,
     return 0
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Block driver: passes that fold per-tensor values (the trust ratios of LAMB and LARS)
+# --------------------------------------------------------------------------------------------
+#
+# Each tensor is cut into blocks of PASS_BLOCK elements from its own start; block ``j`` of
+# tensor ``k`` has the index ``blockbase[k] + j``, and ``nslots`` doubles of ``slots`` from
+# ``(blockbase[k] + j) * nslots`` on. A pass calls its segment once per block, whole, with
+# ``acc`` pointing at the block's slots: a reduction adds its partial sums there, and an update
+# reads there the per-tensor factors a "between passes" function wrote into every block of the
+# tensor. The threads' spans are the usual element split moved forward to the next block
+# boundary, so a block is never shared between threads and each partial is computed in the
+# same order for any number of threads; combined in block order, the per-tensor sums are then
+# bitwise the same for any number of threads. As for the other passes, there is one parallel
+# region over all tensors of the table.
+
+cdef enum:
+    PASS_BLOCK = 4096
+
+
+cdef inline Py_ssize_t _tensor_at(const Py_ssize_t* offsets, Py_ssize_t ntensors,
+                                  Py_ssize_t at) noexcept nogil:
+    """The last tensor starting at or before ``at`` (0 <= at < total): the one holding it."""
+    cdef Py_ssize_t lo = 0, hi = ntensors, mid
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if offsets[mid] <= at:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline Py_ssize_t _block_cut(const Py_ssize_t* offsets, Py_ssize_t ntensors,
+                                  Py_ssize_t at) noexcept nogil:
+    """The first block boundary at or after element ``at``."""
+    cdef Py_ssize_t total = offsets[ntensors], k, r
+    if at <= 0:
+        return 0
+    if at >= total:
+        return total
+    k = _tensor_at(offsets, ntensors, at)
+    r = (at - offsets[k] + PASS_BLOCK - 1) // PASS_BLOCK * PASS_BLOCK
+    return offsets[k] + r if offsets[k] + r < offsets[k + 1] else offsets[k + 1]
+
+
+cdef inline Py_ssize_t _num_blocks(Py_ssize_t n) noexcept nogil:
+    return (n + PASS_BLOCK - 1) // PASS_BLOCK
+
+
+cdef void _run_blocks_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                           const Py_ssize_t* offsets, Py_ssize_t ntensors,
+                           const Py_ssize_t* itemsize, const Py_ssize_t* blockbase,
+                           double* slots, Py_ssize_t nslots, Py_ssize_t begin, Py_ssize_t end,
+                           const void* args, bint ftz) noexcept nogil:
+    """Apply ``fn`` block by block to the elements [begin, end) (both block boundaries)."""
+    cdef char* ptrs[MAX_BUFFERS]
+    cdef Py_ssize_t k, a, b, c, blk, j
+    cdef unsigned long long saved = 0
+    if begin >= end:
+        return
+    if ftz:
+        saved = lrfast_ftz_enter()
+    k = _tensor_at(offsets, ntensors, begin)
+    while k < ntensors and offsets[k] < end:
+        a = begin if begin > offsets[k] else offsets[k]
+        b = end if end < offsets[k + 1] else offsets[k + 1]
+        while a < b:
+            blk = (a - offsets[k]) // PASS_BLOCK
+            c = offsets[k] + (blk + 1) * PASS_BLOCK
+            if c > b:
+                c = b
+            for j in range(nbuf):
+                ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize[j]
+            fn(ptrs, c - a, args, slots + (blockbase[k] + blk) * nslots, a)
+            a = c
+        k += 1
+    if ftz:
+        lrfast_ftz_leave(saved)
+
+
+cdef void _run_blocks(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                      const Py_ssize_t* offsets, Py_ssize_t ntensors, const Py_ssize_t* itemsize,
+                      const Py_ssize_t* blockbase, double* slots, Py_ssize_t nslots,
+                      int nthreads, Py_ssize_t min_per_thread, const void* args,
+                      bint ftz) noexcept nogil:
+    """One pass of ``fn`` over all elements by blocks, one span of whole blocks per thread."""
+    cdef Py_ssize_t total = offsets[ntensors]
+    cdef int team = _team_size(total, nthreads, min_per_thread), tid
+    if team == 1:
+        _run_blocks_span(fn, table, nbuf, offsets, ntensors, itemsize, blockbase, slots, nslots,
+                         0, total, args, ftz)
+        return
+    for tid in prange(team, num_threads=team, schedule='static'):
+        _run_blocks_span(fn, table, nbuf, offsets, ntensors, itemsize, blockbase, slots, nslots,
+                         _block_cut(offsets, ntensors, _split(total, tid, team)),
+                         _block_cut(offsets, ntensors, _split(total, tid + 1, team)), args, ftz)

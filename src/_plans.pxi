@@ -1,5 +1,7 @@
 # Per-step gradient checks (GIL held, before any kernel runs) and the Plan that runs an update.
 
+from libc.string cimport memset
+
 
 # --------------------------------------------------------------------------------------------
 # Gradient checks
@@ -116,6 +118,20 @@ def collect_arrays(object arrays, intptr_t[::1] addrs, Py_ssize_t[::1] sizes,
 cdef intptr_t _no_range = 0
 
 
+cdef struct GradSqArgs:
+    int storage
+
+
+cdef int _gradsq_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                         Py_ssize_t first) noexcept nogil:
+    """acc[0] += sum g^2 over the segment (row 1, float32 or float64)."""
+    if (<const GradSqArgs*>args).storage == STORE_F64:
+        acc[0] += _norm_loop(<const double*>ptrs[1], n, NORM_SUMSQ, 2.0)
+    else:
+        acc[0] += _norm_loop(<const float*>ptrs[1], n, NORM_SUMSQ, 2.0)
+    return 0
+
+
 cdef const Py_ssize_t* _intp_data(object a) except? NULL:
     cdef cnp.ndarray arr = <cnp.ndarray?>a
     if arr.dtype != np.intp or not arr.flags.c_contiguous or arr.ndim != 1:
@@ -161,6 +177,10 @@ cdef class Plan:
     cdef unsigned long long seed
     cdef double hyper[MAX_HYPER]
     cdef bint ready, check, ftz, mixed, stochastic
+    # Multi-pass updates (_PASSES): each tensor's first block, and the blocks' slots.
+    cdef const Py_ssize_t* blockbase
+    cdef double* slots
+    cdef Py_ssize_t nblocks
 
     def __init__(self, str update, cnp.ndarray table, cnp.ndarray offsets, str storage,
                  int typenum=-1, ndims=None, dims=None, wstart=None, wend=None, rows=None,
@@ -206,7 +226,24 @@ cdef class Plan:
             if self.nw:
                 self.ws = <const intptr_t*>_intp_data(wstart)
                 self.we = <const intptr_t*>_intp_data(wend)
-        self._keep = (table, offsets, ndims, dims, wstart, wend)
+        self.blockbase = NULL
+        self.slots = NULL
+        self.nblocks = 0
+        blocks = None
+        if _PASSES[self.update].npasses:
+            if self.mixed or self.out_type >= 0:
+                raise TypeError(f"the {update} update runs on float32 and float64 params, grads "
+                                "and state only (its per-tensor norms have no half-precision "
+                                "pass)")
+            sizes = np.diff(offsets)
+            base = np.zeros(self.ntensors + 1, dtype=np.intp)
+            np.cumsum((sizes + PASS_BLOCK - 1) // PASS_BLOCK, out=base[1:])
+            self.nblocks = base[self.ntensors]
+            slots = np.zeros(max(self.nblocks, 1) * _PASSES[self.update].nslots, dtype=np.float64)
+            self.blockbase = <const Py_ssize_t*>cnp.PyArray_DATA(base)
+            self.slots = <double*>cnp.PyArray_DATA(slots)
+            blocks = (base, slots)
+        self._keep = (table, offsets, ndims, dims, wstart, wend, blocks)
         self.ready = False
         self.check = self.ftz = self.stochastic = False
         self.seed = 0
@@ -255,14 +292,42 @@ cdef class Plan:
         return self._all_finite(inv_scale, nthreads)
 
     def run(self, double lr, long long step, int nthreads, double inv_scale=1.0,
-            scalars=()):
+            scalars=(), grad_sumsq=None):
         """Run the update with the recorded grads (``step`` is 1-based), unconditionally.
-        ``scalars``: the update's per-step values, in the order of ``UPDATE_SCALARS``."""
+        ``scalars``: the update's per-step values, in the order of ``UPDATE_SCALARS``.
+        ``grad_sumsq``: for an update that clips by the global grad norm (``PASS_UPDATES``),
+        the sum of the squares of all the step's grads (None: of this plan's)."""
         cdef double vals[MAX_SCALARS]
+        cdef double sumsq = 0
         if not self.ready:
             raise RuntimeError("set_hyper() must be called before the plan runs")
         self._scalars(scalars, vals)
-        self._run(lr, step, nthreads, inv_scale, vals)
+        if _PASSES[self.update].global_sumsq:
+            sumsq = self._grad_sumsq(nthreads) if grad_sumsq is None else grad_sumsq
+        self._run(lr, step, nthreads, inv_scale, vals, sumsq)
+
+    def grad_sumsq(self, int nthreads):
+        """The sum of the squares of the recorded grads (float32/float64 plans of multi-pass
+        updates), bitwise the same for any ``nthreads``."""
+        if not _PASSES[self.update].npasses:
+            raise ValueError("grad_sumsq is kept for multi-pass updates (PASS_UPDATES)")
+        return self._grad_sumsq(nthreads)
+
+    cdef double _grad_sumsq(self, int nthreads) noexcept:
+        # Per block sums of g^2 into each block's first slot, then added in block order.
+        cdef GradSqArgs ga
+        cdef const MultiPass* mp = &_PASSES[self.update]
+        cdef Py_ssize_t b
+        cdef double s = 0
+        ga.storage = self.math
+        with nogil:
+            memset(self.slots, 0, self.nblocks * mp.nslots * sizeof(double))
+            _run_blocks(_gradsq_segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                        self.sizes, self.blockbase, self.slots, mp.nslots, nthreads,
+                        MIN_PER_THREAD_NORM, &ga, False)
+            for b in range(self.nblocks):
+                s += self.slots[b * mp.nslots]
+        return s
 
     def step(self, grads, double lr, long long step, int nthreads, double inv_scale=1.0,
              scalars=()):
@@ -304,11 +369,13 @@ cdef class Plan:
         return nbad == 0
 
     cdef void _run(self, double lr, long long step, int nthreads, double inv_scale,
-                   const double* scalars) noexcept:
+                   const double* scalars, double grad_sumsq=0) noexcept:
         # The one entry into every update: its registry entry derives the loop's arguments from
         # the hyper-parameters and this step's values, then the driver runs its segment, through
         # the mixed-type tiles when a buffer is not of the math type.
         cdef const UpdateKernel* kernel = &_UPDATES[self.update]
+        cdef const MultiPass* mp = &_PASSES[self.update]
+        cdef int done
         cdef StepValues values
         cdef double block[ARG_BLOCK]
         cdef MixedArgs mixed
@@ -319,9 +386,23 @@ cdef class Plan:
         values.inv_scale = inv_scale
         values.storage = self.math
         memcpy(values.scalars, scalars, MAX_SCALARS * sizeof(double))
+        values.grad_sumsq = grad_sumsq
         with nogil:
             kernel.prepare(block, self.hyper, &values)
-            if not self.mixed:
+            if mp.npasses:
+                # Per-tensor factors: pass after pass over all tensors, the sums of one turned
+                # into the factors of the next by the update's between function.
+                memset(self.slots, 0, self.nblocks * mp.nslots * sizeof(double))
+                done = 0
+                while True:
+                    _run_blocks(mp.passes[done], self.table, self.nbuf, self.offsets,
+                                self.ntensors, self.sizes, self.blockbase, self.slots,
+                                mp.nslots, nthreads, kernel.min_per_thread, block, ftz)
+                    done = mp.between(self.slots, mp.nslots, self.blockbase, self.offsets,
+                                      self.ntensors, done, block)
+                    if done <= 0:
+                        break
+            elif not self.mixed:
                 _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
                      self.sizes, nthreads, kernel.min_per_thread, block, ftz)
             else:
@@ -398,8 +479,9 @@ cdef object _step_plans(plans, grads, double lr, long long step, int nthreads,
     cdef Plan plan
     cdef Py_ssize_t i, n = len(plans), bad
     cdef int code
-    cdef bint check = False
+    cdef bint check = False, global_sumsq = False
     cdef double vals[MAX_SCALARS]
+    cdef double sumsq = 0
     for i in range(n):
         plan = <Plan?>plans[i]
         if not plan.ready:
@@ -409,12 +491,17 @@ cdef object _step_plans(plans, grads, double lr, long long step, int nthreads,
         if code:
             return (i, code, bad)
         check = check or plan.check
+        global_sumsq = global_sumsq or _PASSES[plan.update].global_sumsq
     if check:
         for i in range(n):
             plan = <Plan>plans[i]
             if not plan._all_finite(inv_scale, nthreads):
                 return (-1, STEP_SKIPPED_NONFINITE, -1)
+    if global_sumsq:
+        # The global grad norm (LAMB's clipping) over every plan's grads, in plan order.
+        for i in range(n):
+            sumsq += (<Plan>plans[i])._grad_sumsq(nthreads)
     for i in range(n):
         plan = <Plan>plans[i]
-        plan._run(lr, step, nthreads, inv_scale, vals)
+        plan._run(lr, step, nthreads, inv_scale, vals, sumsq)
     return None

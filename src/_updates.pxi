@@ -50,6 +50,9 @@ cdef struct StepValues:
     # mu_product, ASGD's eta and mu, schedule-free's averaging weight), in the order of the
     # names given to _register (UPDATE_SCALARS); unused by most updates.
     double scalars[MAX_SCALARS]
+    # The sum of the squares of all the step's grads (every plan of the optimizer), times
+    # inv_scale**2 not applied; for the updates that clip by the global norm (LAMB), else 0.
+    double grad_sumsq
 
 ctypedef void (*prepare_fn)(void* out, const double* hyper,
                             const StepValues* s) noexcept nogil

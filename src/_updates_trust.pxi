@@ -1,4 +1,579 @@
 # Per-tensor trust ratios: LAMB and LARS (a norm pass per tensor, then the update).
 #
 # Each update is written as those of _updates.pxi are (Hyper, Args, prepare, loop, segment,
-# one _register call).
+# one _register call), plus a second registry entry (_register_passes) naming its further
+# passes and the "between passes" function that turns the per-tensor sums of one pass into the
+# per-tensor factors the next one reads. Plan runs the passes with the block driver of
+# _partition.pxi: every pass is one parallel region over all tensors of the plan, and the
+# per-tensor sums are bitwise the same for any number of threads.
+#
+# Memory traffic per element (float32 bytes; float64 twice that), the floor a bench can state:
+#   LAMB   pass 1 reads p, g, m, v and writes m, v (+ p with decoupled decay); pass 2 reads
+#          p, m, v and writes p: 40 bytes (10 accesses), 44 with decoupled decay. caution
+#          reads g again in pass 2 and adds a pass (p, g, m, v read: 16 bytes) between them;
+#          max_grad_norm adds a read of g before pass 1 (4 bytes). With weight_decay 0 and
+#          neither always_adapt nor caution there is no ratio: one pass of 24 bytes.
+#   LARS   pass 1 reads p, g (8 bytes); pass 2 reads p, g, momentum_buffer and writes p and
+#          the buffer: 28 bytes in all (20 without momentum). Without a ratio (weight_decay 0,
+#          always_adapt off) it is momentum SGD in one pass: 20 bytes (12 without momentum).
+
+# --------------------------------------------------------------------------------------------
+# The registry of multi-pass updates
+# --------------------------------------------------------------------------------------------
+
+cdef enum:
+    MAX_PASSES = 3
+
+# After pass ``done`` has run, combine the per-block sums into per-tensor values (in block
+# order), write the per-tensor factors into every block's slots, and return the next pass to
+# run (0: the update is complete). ``offsets``: the tensors' prefix sums; ``args``: the
+# update's prepared arguments, which it may read and change.
+ctypedef int (*between_fn)(double* slots, Py_ssize_t nslots, const Py_ssize_t* blockbase,
+                           const Py_ssize_t* offsets, Py_ssize_t ntensors, int done,
+                           void* args) noexcept nogil
+
+cdef struct MultiPass:
+    int npasses  # 0: a one-pass update (the plain drivers run it)
+    segment_fn passes[MAX_PASSES]  # passes[0] is the registry's segment
+    between_fn between
+    Py_ssize_t nslots  # doubles per block
+    bint global_sumsq  # reads StepValues.grad_sumsq (the global norm of the grads)
+
+cdef MultiPass _PASSES[MAX_UPDATES]
+
+# {update: (passes at most, whether it clips by the global grad norm)}
+PASS_UPDATES = {}
+
+
+cdef int _register_passes(str name, segment_fn second, segment_fn third, between_fn between,
+                          Py_ssize_t nslots, bint global_sumsq) except -1:
+    cdef int u = UPDATE_IDS[name]
+    _PASSES[u].npasses = 3 if third != NULL else 2
+    _PASSES[u].passes[0] = _UPDATES[u].segment
+    _PASSES[u].passes[1] = second
+    _PASSES[u].passes[2] = third
+    _PASSES[u].between = between
+    _PASSES[u].nslots = nslots
+    _PASSES[u].global_sumsq = global_sumsq
+    PASS_UPDATES[name] = (_PASSES[u].npasses, bool(global_sumsq))
+    return 0
+
+
+cdef inline double _tensor_sum(const double* slots, Py_ssize_t nslots, Py_ssize_t b0,
+                               Py_ssize_t b1, int j) noexcept nogil:
+    """Slot ``j`` summed over blocks [b0, b1), in block order."""
+    cdef double s = 0
+    cdef Py_ssize_t b
+    for b in range(b0, b1):
+        s += slots[b * nslots + j]
+    return s
+
+
+cdef inline void _tensor_set(double* slots, Py_ssize_t nslots, Py_ssize_t b0, Py_ssize_t b1,
+                             int j, double value) noexcept nogil:
+    cdef Py_ssize_t b
+    for b in range(b0, b1):
+        slots[b * nslots + j] = value
+
+
+# --------------------------------------------------------------------------------------------
+# LAMB (timm's Lamb, its single-tensor formulas)
+# --------------------------------------------------------------------------------------------
+
+cdef enum:
+    MIN_PER_THREAD_LAMB = 4096
+    MIN_PER_THREAD_LARS = 16384
+    # LAMB's slots per block: sum p^2, sum u^2, caution's count of agreeing signs, and the
+    # per-tensor factors: caution's 1/mean(mask), the trust ratio.
+    LAMB_SP = 0
+    LAMB_SU = 1
+    LAMB_COUNT = 2
+    LAMB_CM = 3
+    LAMB_TR = 4
+    LAMB_SLOTS = 5
+
+cdef struct LambHyper:
+    double bias_correction
+    double beta1
+    double beta2
+    double eps
+    double weight_decay
+    double grad_averaging
+    double max_grad_norm  # 0: no clipping (None)
+    double trust_clip
+    double always_adapt
+    double caution
+    double decoupled_decay
+    double corrected_weight_decay
+    double max_lr  # 0: none
+
+cdef struct LambArgs:
+    int storage
+    double grad_factor  # 1/grad_scale
+    double clip  # the grads' divisor, max(global norm / max_grad_norm, 1)
+    double beta1
+    double beta2
+    double beta3
+    double bc1
+    double bc2_sqrt
+    double eps
+    double weight_decay
+    double decay  # the decoupled decay's factor, -wd_scale * weight_decay
+    double neg_lr
+    bint clipping
+    bint lerp  # beta3 == 1 - beta1: the first moment is a lerp
+    bint coupled
+    bint decoupled
+    bint adapt  # the trust ratio applies (weight_decay != 0 or always_adapt)
+    bint trust_clip
+    bint caution
+    bint fused  # no per-tensor factor: pass 1 is the whole update
+
+
+cdef void _lamb_prepare(void* out, const double* hyper, const StepValues* s) noexcept nogil:
+    cdef LambHyper h
+    cdef LambArgs* a = <LambArgs*>out
+    cdef double wd_scale, norm
+    memcpy(&h, hyper, sizeof(LambHyper))
+    a.storage = s.storage
+    a.grad_factor = s.inv_scale
+    a.clipping = h.max_grad_norm > 0
+    a.clip = 1.0
+    if a.clipping:
+        # timm: (global norm / max_grad_norm).clamp_(min=1) (NaN stays NaN)
+        norm = sqrt(s.grad_sumsq) * s.inv_scale
+        a.clip = norm / h.max_grad_norm
+        if a.clip < 1.0:
+            a.clip = 1.0
+    a.beta1 = h.beta1
+    a.beta2 = h.beta2
+    a.beta3 = 1.0 - h.beta1 if h.grad_averaging != 0 else 1.0
+    a.lerp = a.beta3 == 1.0 - h.beta1
+    if h.bias_correction != 0:
+        a.bc1 = 1.0 - pow(h.beta1, <double>s.step)
+        a.bc2_sqrt = sqrt(1.0 - pow(h.beta2, <double>s.step))
+    else:
+        a.bc1 = 1.0
+        a.bc2_sqrt = 1.0
+    a.eps = h.eps
+    a.weight_decay = h.weight_decay
+    wd_scale = s.lr
+    if h.corrected_weight_decay != 0 and h.max_lr > 0:
+        wd_scale = s.lr * s.lr / h.max_lr
+    a.decay = -wd_scale * h.weight_decay
+    a.neg_lr = -s.lr
+    a.decoupled = h.weight_decay != 0 and h.decoupled_decay != 0
+    a.coupled = h.weight_decay != 0 and h.decoupled_decay == 0
+    a.adapt = h.weight_decay != 0 or h.always_adapt != 0
+    a.trust_clip = h.trust_clip != 0
+    a.caution = h.caution != 0
+    a.fused = not a.adapt and not a.caution
+
+
+cdef inline floating _lamb_grad(const floating* g, Py_ssize_t i, floating f, floating clip,
+                                bint clipping) noexcept nogil:
+    cdef floating gi = f * g[i]
+    if clipping:
+        gi = gi / clip
+    return gi
+
+
+cdef inline floating _lamb_dir(floating mi, floating vi, floating bc1, floating bc2s,
+                               floating eps) noexcept nogil:
+    """timm: (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)."""
+    return (mi / bc1) / (_sqrt(vi) / bc2s + eps)
+
+
+cdef inline void _lamb_first_loop(floating* p, const floating* g, floating* m, floating* v,
+                                  Py_ssize_t n, const LambArgs* a, double* acc,
+                                  bint clipping, bint lerp, bint fused) noexcept nogil:
+    # Pass 1: the moments, and the sums the factors need (or, ``fused``, the whole update).
+    cdef floating f = <floating>a.grad_factor, clip = <floating>a.clip
+    cdef floating w = <floating>(1.0 - a.beta1)
+    cdef floating omw = 1 - w
+    cdef bint small_w = w < 0.5
+    cdef floating beta1 = <floating>a.beta1, beta3 = <floating>a.beta3
+    cdef floating beta2 = <floating>a.beta2, omb2 = <floating>(1.0 - a.beta2)
+    cdef floating bc1 = <floating>a.bc1, bc2s = <floating>a.bc2_sqrt, eps = <floating>a.eps
+    cdef floating wd = <floating>a.weight_decay, decay = <floating>a.decay
+    cdef floating neg_lr = <floating>a.neg_lr
+    cdef bint decoupled = a.decoupled, coupled = a.coupled, caution = a.caution
+    cdef double sp = 0, su = 0, cnt = 0
+    cdef floating gi, mi, vi, pi, ui
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = _lamb_grad(g, i, f, clip, clipping)
+        if lerp:
+            mi = _lerp(m[i], gi, w, omw, small_w)
+        else:
+            mi = m[i] * beta1 + beta3 * gi
+        m[i] = mi
+        vi = v[i] * beta2 + (omb2 * gi) * gi
+        v[i] = vi
+        ui = _lamb_dir(mi, vi, bc1, bc2s, eps)
+        if fused:
+            p[i] = p[i] + neg_lr * ui
+        else:
+            pi = p[i]
+            if decoupled:
+                pi = pi + decay * pi
+                p[i] = pi
+            sp += <double>pi * <double>pi
+            if caution:
+                cnt += (ui * gi > 0)
+            else:
+                if coupled:
+                    ui = ui + wd * pi
+                su += <double>ui * <double>ui
+    if not fused:
+        acc[LAMB_SP] += sp
+        acc[LAMB_SU] += su
+        acc[LAMB_COUNT] += cnt
+
+
+cdef inline void _lamb_again_loop(floating* p, const floating* g, floating* m, floating* v,
+                                  Py_ssize_t n, const LambArgs* a, double* acc,
+                                  bint clipping, bint apply) noexcept nogil:
+    # The update again from the new moments: caution's sum of its squares (pass 2 of 3), or
+    # the step with the per-tensor factors (the last pass).
+    cdef floating f = <floating>a.grad_factor, clip = <floating>a.clip
+    cdef floating bc1 = <floating>a.bc1, bc2s = <floating>a.bc2_sqrt, eps = <floating>a.eps
+    cdef floating wd = <floating>a.weight_decay, neg_lr = <floating>a.neg_lr
+    cdef floating cm = <floating>acc[LAMB_CM], tr = <floating>acc[LAMB_TR], zero = 0
+    cdef bint coupled = a.coupled, caution = a.caution, adapt = a.adapt
+    cdef double su = 0
+    cdef floating gi, pi, ui
+    cdef Py_ssize_t i
+    for i in range(n):
+        ui = _lamb_dir(m[i], v[i], bc1, bc2s, eps)
+        if caution:
+            gi = _lamb_grad(g, i, f, clip, clipping)
+            ui = ui * (cm if ui * gi > 0 else zero)
+        pi = p[i]
+        if coupled:
+            ui = ui + wd * pi
+        if apply:
+            if adapt:
+                ui = ui * tr
+            p[i] = pi + neg_lr * ui
+        else:
+            su += <double>ui * <double>ui
+    if not apply:
+        acc[LAMB_SU] += su
+
+
+cdef inline void _lamb_first_typed(floating* p, const floating* g, floating* m, floating* v,
+                                   Py_ssize_t n, const LambArgs* a, double* acc) noexcept nogil:
+    if a.fused:
+        if a.clipping:
+            if a.lerp:
+                _lamb_first_loop(p, g, m, v, n, a, acc, True, True, True)
+            else:
+                _lamb_first_loop(p, g, m, v, n, a, acc, True, False, True)
+        elif a.lerp:
+            _lamb_first_loop(p, g, m, v, n, a, acc, False, True, True)
+        else:
+            _lamb_first_loop(p, g, m, v, n, a, acc, False, False, True)
+    elif a.clipping:
+        if a.lerp:
+            _lamb_first_loop(p, g, m, v, n, a, acc, True, True, False)
+        else:
+            _lamb_first_loop(p, g, m, v, n, a, acc, True, False, False)
+    elif a.lerp:
+        _lamb_first_loop(p, g, m, v, n, a, acc, False, True, False)
+    else:
+        _lamb_first_loop(p, g, m, v, n, a, acc, False, False, False)
+
+
+cdef int _lamb_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                       Py_ssize_t first) noexcept nogil:
+    cdef const LambArgs* a = <const LambArgs*>args
+    if a.storage == STORE_F64:
+        _lamb_first_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                          <double*>ptrs[3], n, a, acc)
+    else:
+        _lamb_first_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                          <float*>ptrs[3], n, a, acc)
+    return 0
+
+
+cdef inline void _lamb_again_typed(floating* p, const floating* g, floating* m, floating* v,
+                                   Py_ssize_t n, const LambArgs* a, double* acc,
+                                   bint apply) noexcept nogil:
+    if a.clipping:
+        _lamb_again_loop(p, g, m, v, n, a, acc, True, apply)
+    else:
+        _lamb_again_loop(p, g, m, v, n, a, acc, False, apply)
+
+
+cdef int _lamb_caution_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                               Py_ssize_t first) noexcept nogil:
+    cdef const LambArgs* a = <const LambArgs*>args
+    if a.storage == STORE_F64:
+        _lamb_again_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                          <double*>ptrs[3], n, a, acc, False)
+    else:
+        _lamb_again_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                          <float*>ptrs[3], n, a, acc, False)
+    return 0
+
+
+cdef int _lamb_apply_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                             Py_ssize_t first) noexcept nogil:
+    cdef const LambArgs* a = <const LambArgs*>args
+    if a.storage == STORE_F64:
+        _lamb_again_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                          <double*>ptrs[3], n, a, acc, True)
+    else:
+        _lamb_again_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                          <float*>ptrs[3], n, a, acc, True)
+    return 0
+
+
+cdef inline floating _lamb_ratio(floating w, floating u, bint clip) noexcept nogil:
+    """timm's _lamb_trust_ratio: ||p|| / ||u||, 1 unless both are > 0, at most 1 (clip)."""
+    cdef floating one = 1
+    cdef floating r = w / u
+    if not (w > 0) or not (u > 0):
+        r = one
+    if clip and r > one:
+        r = one
+    return r
+
+
+cdef inline floating _mask_factor(floating count, floating n) noexcept nogil:
+    """Caution's 1 / max(mean(mask), 1e-3), in the tensor's precision."""
+    cdef floating mean = count / n
+    cdef floating floor = <floating>1e-3
+    cdef floating one = 1
+    if mean < floor:
+        mean = floor
+    return one / mean
+
+
+cdef int _lamb_between(double* slots, Py_ssize_t nslots, const Py_ssize_t* blockbase,
+                       const Py_ssize_t* offsets, Py_ssize_t ntensors, int done,
+                       void* args) noexcept nogil:
+    cdef LambArgs* a = <LambArgs*>args
+    cdef Py_ssize_t k, b0, b1
+    cdef double w, u, value, n
+    cdef bint f64 = a.storage == STORE_F64
+    if done == 0 and a.fused:
+        return 0
+    if done == 2:
+        return 0
+    for k in range(ntensors):
+        b0 = blockbase[k]
+        b1 = blockbase[k + 1]
+        if done == 0 and a.caution:
+            value = _tensor_sum(slots, nslots, b0, b1, LAMB_COUNT)
+            n = <double>(offsets[k + 1] - offsets[k])
+            if f64:
+                value = _mask_factor(<double>value, <double>n)
+            else:
+                value = _mask_factor(<float>value, <float>n)
+            _tensor_set(slots, nslots, b0, b1, LAMB_CM, value)
+        if a.adapt and (done == 1 or not a.caution):
+            w = sqrt(_tensor_sum(slots, nslots, b0, b1, LAMB_SP))
+            u = sqrt(_tensor_sum(slots, nslots, b0, b1, LAMB_SU))
+            if f64:
+                value = _lamb_ratio(<double>w, <double>u, a.trust_clip)
+            else:
+                value = _lamb_ratio(<float>w, <float>u, a.trust_clip)
+            _tensor_set(slots, nslots, b0, b1, LAMB_TR, value)
+        elif not a.adapt:
+            _tensor_set(slots, nslots, b0, b1, LAMB_TR, 1.0)
+    if done == 0 and a.caution and a.adapt:
+        return 1
+    return 2
+
+
+_register("lamb", ("bias_correction", "beta1", "beta2", "eps", "weight_decay", "grad_averaging",
+                   "max_grad_norm", "trust_clip", "always_adapt", "caution", "decoupled_decay",
+                   "corrected_weight_decay", "max_lr"),
+          _lamb_segment, _lamb_prepare, MIN_PER_THREAD_LAMB, sizeof(LambHyper), sizeof(LambArgs))
+_register_passes("lamb", _lamb_caution_segment, _lamb_apply_segment, _lamb_between, LAMB_SLOTS,
+                 True)
+
+
+# --------------------------------------------------------------------------------------------
+# LARS (timm's Lars, its single-tensor formulas)
+# --------------------------------------------------------------------------------------------
+
+cdef enum:
+    # LARS's slots per block: sum p^2, sum g^2, and the per-tensor trust ratio.
+    LARS_SP = 0
+    LARS_SG = 1
+    LARS_TR = 2
+    LARS_SLOTS = 3
+
+cdef struct LarsHyper:
+    double momentum
+    double dampening
+    double weight_decay
+    double nesterov
+    double trust_coeff
+    double eps
+    double trust_clip
+    double always_adapt
+
+cdef struct LarsArgs:
+    int storage
+    double grad_factor  # 1/grad_scale
+    double neg_lr
+    double lr
+    double weight_decay
+    double momentum
+    double one_minus_dampening
+    double trust_coeff
+    double eps
+    bint nesterov
+    bint first_step
+    bint adapt
+    bint trust_clip
+
+
+cdef void _lars_prepare(void* out, const double* hyper, const StepValues* s) noexcept nogil:
+    cdef LarsHyper h
+    cdef LarsArgs* a = <LarsArgs*>out
+    memcpy(&h, hyper, sizeof(LarsHyper))
+    a.storage = s.storage
+    a.grad_factor = s.inv_scale
+    a.neg_lr = -s.lr
+    a.lr = s.lr
+    a.weight_decay = h.weight_decay
+    a.momentum = h.momentum
+    a.one_minus_dampening = 1.0 - h.dampening
+    a.trust_coeff = h.trust_coeff
+    a.eps = h.eps
+    a.nesterov = h.nesterov != 0
+    # The momentum buffer starts as the first (adapted) gradient.
+    a.first_step = s.step == 1
+    a.adapt = h.weight_decay != 0 or h.always_adapt != 0
+    a.trust_clip = h.trust_clip != 0
+
+
+cdef inline void _lars_norms_loop(const floating* p, const floating* g, Py_ssize_t n,
+                                  const LarsArgs* a, double* acc) noexcept nogil:
+    cdef floating f = <floating>a.grad_factor
+    cdef double sp = 0, sg = 0, d
+    cdef floating gi
+    cdef Py_ssize_t i
+    for i in range(n):
+        d = p[i]
+        sp += d * d
+        gi = f * g[i]
+        d = gi
+        sg += d * d
+    acc[LARS_SP] += sp
+    acc[LARS_SG] += sg
+
+
+cdef inline void _lars_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,
+                            const LarsArgs* a, floating tr, bint adapt,
+                            bint has_mom) noexcept nogil:
+    cdef floating f = <floating>a.grad_factor
+    cdef floating wd = <floating>a.weight_decay, mom = <floating>a.momentum
+    cdef floating omd = <floating>a.one_minus_dampening, neg_lr = <floating>a.neg_lr
+    cdef bint first = a.first_step, nesterov = a.nesterov
+    cdef floating gi, bi
+    cdef Py_ssize_t i
+    for i in range(n):
+        gi = f * g[i]
+        if adapt:
+            gi = (gi + wd * p[i]) * tr
+        if has_mom:
+            if first:
+                bi = gi
+            else:
+                bi = buf[i] * mom + omd * gi
+            buf[i] = bi
+            if nesterov:
+                gi = gi + mom * bi
+            else:
+                gi = bi
+        p[i] = p[i] + neg_lr * gi
+
+
+cdef inline void _lars_typed(floating* p, const floating* g, floating* buf, Py_ssize_t n,
+                             const LarsArgs* a, double* acc, bint last) noexcept nogil:
+    cdef floating tr = <floating>acc[LARS_TR]
+    if not last and a.adapt:
+        _lars_norms_loop(p, g, n, a, acc)
+    elif a.adapt:
+        if a.momentum != 0:
+            _lars_loop(p, g, buf, n, a, tr, True, True)
+        else:
+            _lars_loop(p, g, buf, n, a, tr, True, False)
+    elif a.momentum != 0:
+        _lars_loop(p, g, buf, n, a, tr, False, True)
+    else:
+        _lars_loop(p, g, buf, n, a, tr, False, False)
+
+
+cdef int _lars_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                       Py_ssize_t first) noexcept nogil:
+    # Pass 1: the norms, or, without a trust ratio, the whole update.
+    cdef const LarsArgs* a = <const LarsArgs*>args
+    if a.storage == STORE_F64:
+        _lars_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a, acc,
+                    False)
+    else:
+        _lars_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a, acc, False)
+    return 0
+
+
+cdef int _lars_apply_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                             Py_ssize_t first) noexcept nogil:
+    cdef const LarsArgs* a = <const LarsArgs*>args
+    if a.storage == STORE_F64:
+        _lars_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2], n, a, acc,
+                    True)
+    else:
+        _lars_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2], n, a, acc, True)
+    return 0
+
+
+cdef inline floating _lars_ratio(floating w, floating g, floating coeff, floating wd,
+                                 floating eps, floating lr, bint clip) noexcept nogil:
+    """timm's _lars_trust_ratio, in the tensor's precision."""
+    cdef floating one = 1
+    cdef floating r = coeff * w / (g + w * wd + eps)
+    if not (w > 0) or not (g > 0):
+        r = one
+    if clip:
+        r = r / lr
+        if r > one:
+            r = one
+    return r
+
+
+cdef int _lars_between(double* slots, Py_ssize_t nslots, const Py_ssize_t* blockbase,
+                       const Py_ssize_t* offsets, Py_ssize_t ntensors, int done,
+                       void* args) noexcept nogil:
+    cdef LarsArgs* a = <LarsArgs*>args
+    cdef Py_ssize_t k, b0, b1
+    cdef double w, g, value
+    if done != 0 or not a.adapt:
+        return 0
+    for k in range(ntensors):
+        b0 = blockbase[k]
+        b1 = blockbase[k + 1]
+        w = sqrt(_tensor_sum(slots, nslots, b0, b1, LARS_SP))
+        g = sqrt(_tensor_sum(slots, nslots, b0, b1, LARS_SG))
+        if a.storage == STORE_F64:
+            value = _lars_ratio(<double>w, <double>g, <double>a.trust_coeff,
+                                <double>a.weight_decay, <double>a.eps, <double>a.lr,
+                                a.trust_clip)
+        else:
+            value = _lars_ratio(<float>w, <float>g, <float>a.trust_coeff,
+                                <float>a.weight_decay, <float>a.eps, <float>a.lr, a.trust_clip)
+        _tensor_set(slots, nslots, b0, b1, LARS_TR, value)
+    return 1
+
+
+_register("lars", ("momentum", "dampening", "weight_decay", "nesterov", "trust_coeff", "eps",
+                   "trust_clip", "always_adapt"),
+          _lars_segment, _lars_prepare, MIN_PER_THREAD_LARS, sizeof(LarsHyper),
+          sizeof(LarsArgs))
+_register_passes("lars", _lars_apply_segment, NULL, _lars_between, LARS_SLOTS, False)
