@@ -805,9 +805,9 @@ class Lamb(Optimizer):
     elements whose sign agrees with ``g``, divided by the fraction kept (at least 1e-3).
 
     The per-tensor norms need a pass over each tensor before its update, so a step is two
-    passes over the memory (three with ``caution``; one, plain Adam-like, when no ratio is
-    taken): see src/_updates_trust.pxi for the bytes per element. Over a FlatParams each named
-    view is its own tensor. Params, grads and state are float32 or float64.
+    passes over the memory (three with ``caution``; one, Adam's, when no ratio is taken): see
+    src/_updates_trust.pxi for the bytes per element. Over a FlatParams each named view is its
+    own tensor.
 
     Examples
     --------
@@ -823,15 +823,16 @@ class Lamb(Optimizer):
     [0.9, -1.9]
 
     With the default ``weight_decay=0.01`` the step is rescaled to ``lr * ||w||``: here
-    ``u = (1, -1) + 0.01 w = (1.01, -1.02)``, ``||w|| = sqrt(5)``, so ``w`` moves by
-    ``0.1 * sqrt(5) / ||u|| * u``:
+    ``u = (1, -1) + 0.01 w = (1.01, -1.02)`` (to 1e-6), ``||w|| = sqrt(5)``, so ``w`` moves by
+    ``0.1 * sqrt(5) / ||u|| * u = (-0.1573, 0.1589)`` (max_grad_norm=1 clips ``g`` first, which
+    Adam's direction does not see):
 
     >>> w = np.array([1.0, -2.0])
     >>> opt = lrfast.Lamb([w], lr=0.1)
     >>> opt.step([np.array([0.5, -3.0])])
     True
     >>> w.round(4).tolist()
-    [0.8419, -1.8403]
+    [0.8427, -1.8411]
     """
 
     _spec = OPTIMIZERS["Lamb"]
@@ -878,8 +879,7 @@ class Lars(Optimizer):
 
     The norms need a pass over each tensor before its update, so a step is two passes over
     the memory (one when no ratio is taken): see src/_updates_trust.pxi for the bytes per
-    element. Over a FlatParams each named view is its own tensor. Params, grads and state are
-    float32 or float64.
+    element. Over a FlatParams each named view is its own tensor.
 
     Examples
     --------

@@ -237,7 +237,7 @@ def lamb_(param, grad, exp_avg, exp_avg_sq, *, step, lr, bias_correction=True, b
         v *= t(beta2)
         v += (t(1 - beta2) * g) * g
         u = (m / t(bc1)) / (np.sqrt(v) / t(math.sqrt(bc2)) + t(eps))
-        if caution:
+        if caution and u.size:
             mask = (u * g > 0).astype(p.dtype)
             mean = max(t(np.sum(mask, dtype=np.float64)) / t(mask.size), t(1e-3))
             u = u * (mask / mean)

@@ -738,28 +738,26 @@ globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()})
 # ------------------------------------------------------------------------------------------
 # Per-tensor trust ratios: LAMB, LARS (timm's Lamb and Lars)
 # ------------------------------------------------------------------------------------------
-# What the generated classes lack: float32/float64 params only (the per-tensor norms have no
-# half-precision pass); Lamb's group entries ``step`` (a tensor, counted per group whether or
-# not the group has gradients) and ``max_lr_snapshot`` (the constructor's lr, the peak lr of
+# What the generated classes lack: real params only (the kernels would take a complex param's
+# real view as two tensors' worth of elements, and timm's formulas are not written for complex
+# values); Lamb's group entries ``step`` (a tensor, counted per group whether or not the group
+# has gradients) and ``max_lr_snapshot`` (the constructor's lr, the peak lr of
 # corrected_weight_decay), and its clipping by the global norm of every group's gradients with
 # the optimizer's own max_grad_norm (``defaults``), as timm's Lamb does.
 
-_TRUST_DTYPES = (torch.float32, torch.float64)
-
 
 class _TrustRatio:
-    """Mixed into the generated Lamb and Lars: the params' dtypes."""
+    """Mixed into the generated Lamb and Lars: real params only."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
         group = self.param_groups[-1]  # type: ignore[attr-defined]
         for k, p in enumerate(group["params"]):
-            if p.dtype not in _TRUST_DTYPES:
+            if p.is_complex():
                 self.param_groups.pop()  # type: ignore[attr-defined]
                 raise TypeError(
-                    f"lrfast.torch.{self._spec.name} updates torch.float32 and torch.float64 "  # type: ignore[attr-defined]
-                    f"params, but parameter {k} of group {len(self.param_groups)} is "  # type: ignore[attr-defined]
-                    f"{p.dtype} (its per-tensor norms have no half-precision or complex pass)")
+                    f"lrfast.torch.{self._spec.name} does not take complex params "  # type: ignore[attr-defined]
+                    f"(parameter {k} of group {len(self.param_groups)} is {p.dtype})")  # type: ignore[attr-defined]
 
 
 def _max_lr_snapshot(lr: Any, corrected: bool) -> float:

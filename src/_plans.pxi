@@ -119,16 +119,25 @@ cdef intptr_t _no_range = 0
 
 
 cdef struct GradSqArgs:
-    int storage
+    int storage  # the grads' STORE_* code
 
 
 cdef int _gradsq_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
                          Py_ssize_t first) noexcept nogil:
-    """acc[0] += sum g^2 over the segment (row 1, float32 or float64)."""
-    if (<const GradSqArgs*>args).storage == STORE_F64:
+    """acc[0] += sum g^2 over the segment (row 1; half grads widened a tile at a time)."""
+    cdef int t = (<const GradSqArgs*>args).storage
+    cdef float tile[TILE]
+    cdef Py_ssize_t start = 0, m
+    if t == STORE_F64:
         acc[0] += _norm_loop(<const double*>ptrs[1], n, NORM_SUMSQ, 2.0)
-    else:
+    elif t == STORE_F32:
         acc[0] += _norm_loop(<const float*>ptrs[1], n, NORM_SUMSQ, 2.0)
+    else:
+        while start < n:
+            m = n - start if n - start < TILE else TILE
+            _widen(ptrs[1] + start * 2, t, tile, m)
+            acc[0] += _norm_loop(<const float*>tile, m, NORM_SUMSQ, 2.0)
+            start += m
     return 0
 
 
@@ -231,10 +240,6 @@ cdef class Plan:
         self.nblocks = 0
         blocks = None
         if _PASSES[self.update].npasses:
-            if self.mixed or self.out_type >= 0:
-                raise TypeError(f"the {update} update runs on float32 and float64 params, grads "
-                                "and state only (its per-tensor norms have no half-precision "
-                                "pass)")
             sizes = np.diff(offsets)
             base = np.zeros(self.ntensors + 1, dtype=np.intp)
             np.cumsum((sizes + PASS_BLOCK - 1) // PASS_BLOCK, out=base[1:])
@@ -319,7 +324,7 @@ cdef class Plan:
         cdef const MultiPass* mp = &_PASSES[self.update]
         cdef Py_ssize_t b
         cdef double s = 0
-        ga.storage = self.math
+        ga.storage = self.types[1]
         with nogil:
             memset(self.slots, 0, self.nblocks * mp.nslots * sizeof(double))
             _run_blocks(_gradsq_segment, self.table, self.nbuf, self.offsets, self.ntensors,
@@ -389,23 +394,7 @@ cdef class Plan:
         values.grad_sumsq = grad_sumsq
         with nogil:
             kernel.prepare(block, self.hyper, &values)
-            if mp.npasses:
-                # Per-tensor factors: pass after pass over all tensors, the sums of one turned
-                # into the factors of the next by the update's between function.
-                memset(self.slots, 0, self.nblocks * mp.nslots * sizeof(double))
-                done = 0
-                while True:
-                    _run_blocks(mp.passes[done], self.table, self.nbuf, self.offsets,
-                                self.ntensors, self.sizes, self.blockbase, self.slots,
-                                mp.nslots, nthreads, kernel.min_per_thread, block, ftz)
-                    done = mp.between(self.slots, mp.nslots, self.blockbase, self.offsets,
-                                      self.ntensors, done, block)
-                    if done <= 0:
-                        break
-            elif not self.mixed:
-                _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
-                     self.sizes, nthreads, kernel.min_per_thread, block, ftz)
-            else:
+            if self.mixed:
                 mixed.inner = kernel.segment
                 mixed.fast = kernel.fast
                 mixed.inner_args = block
@@ -417,6 +406,30 @@ cdef class Plan:
                     _stream_keys(self.seed, <uint64_t>step,
                                  OUT_STREAM if r == self.nrows else <uint32_t>r,
                                  &mixed.k1[r], &mixed.k2[r])
+            if mp.npasses:
+                # Per-tensor factors: pass after pass over all tensors, the sums of one turned
+                # into the factors of the next by the update's between function.
+                memset(self.slots, 0, self.nblocks * mp.nslots * sizeof(double))
+                done = 0
+                while True:
+                    if self.mixed:
+                        mixed.inner = mp.passes[done]
+                        mixed.fast = NULL
+                        _run_blocks(_mixed_segment, self.table, self.nbuf, self.offsets,
+                                    self.ntensors, self.sizes, self.blockbase, self.slots,
+                                    mp.nslots, nthreads, kernel.min_per_thread, &mixed, ftz)
+                    else:
+                        _run_blocks(mp.passes[done], self.table, self.nbuf, self.offsets,
+                                    self.ntensors, self.sizes, self.blockbase, self.slots,
+                                    mp.nslots, nthreads, kernel.min_per_thread, block, ftz)
+                    done = mp.between(self.slots, mp.nslots, self.blockbase, self.offsets,
+                                      self.ntensors, done, block)
+                    if done <= 0:
+                        break
+            elif not self.mixed:
+                _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                     self.sizes, nthreads, kernel.min_per_thread, block, ftz)
+            else:
                 _run(_mixed_segment, self.table, self.nbuf, self.offsets, self.ntensors,
                      self.sizes, nthreads, kernel.min_per_thread, &mixed, ftz)
 

@@ -8,14 +8,18 @@
 # per-tensor sums are bitwise the same for any number of threads.
 #
 # Memory traffic per element (float32 bytes; float64 twice that), the floor a bench can state:
-#   LAMB   pass 1 reads p, g, m, v and writes m, v (+ p with decoupled decay); pass 2 reads
-#          p, m, v and writes p: 40 bytes (10 accesses), 44 with decoupled decay. caution
-#          reads g again in pass 2 and adds a pass (p, g, m, v read: 16 bytes) between them;
-#          max_grad_norm adds a read of g before pass 1 (4 bytes). With weight_decay 0 and
-#          neither always_adapt nor caution there is no ratio: one pass of 24 bytes.
+#   LAMB   pass 1 reads p, g, m, v (16 bytes) and writes nothing; pass 2 reads them again and
+#          writes m, v, p (28 bytes): 44 bytes in all (11 accesses). Every pass recomputes the
+#          element's update from the old values, so only the last one writes. caution adds a
+#          read-only pass (16 bytes) between them: 60; max_grad_norm a read of g before pass 1
+#          (4 bytes). With weight_decay 0 and neither always_adapt nor caution there is no
+#          ratio: one pass of 28 bytes (Adam's traffic).
 #   LARS   pass 1 reads p, g (8 bytes); pass 2 reads p, g, momentum_buffer and writes p and
-#          the buffer: 28 bytes in all (20 without momentum). Without a ratio (weight_decay 0,
-#          always_adapt off) it is momentum SGD in one pass: 20 bytes (12 without momentum).
+#          the buffer (20 bytes): 28 bytes in all (20 without momentum). Without a ratio
+#          (weight_decay 0, always_adapt off) it is momentum SGD in one pass: 20 bytes (12
+#          without momentum).
+#   Half-precision buffers go through the tile driver, whose read-only passes also write back
+#   the (unchanged) half values of the rows other than the grads.
 
 # --------------------------------------------------------------------------------------------
 # The registry of multi-pass updates
@@ -184,10 +188,19 @@ cdef inline floating _lamb_dir(floating mi, floating vi, floating bc1, floating 
     return (mi / bc1) / (_sqrt(vi) / bc2s + eps)
 
 
-cdef inline void _lamb_first_loop(floating* p, const floating* g, floating* m, floating* v,
-                                  Py_ssize_t n, const LambArgs* a, double* acc,
-                                  bint clipping, bint lerp, bint fused) noexcept nogil:
-    # Pass 1: the moments, and the sums the factors need (or, ``fused``, the whole update).
+cdef enum:
+    # What a LAMB pass does with each element's update (passed as constants, one loop each).
+    LAMB_SUMS = 0  # pass 1: sum p^2, and sum u^2 or caution's count
+    LAMB_CAUTION = 1  # pass 2 of 3: sum u^2 of the cautious update
+    LAMB_APPLY = 2  # the last pass (the only one without factors): write m, v and p
+
+
+cdef inline void _lamb_loop(floating* p, const floating* g, floating* m, floating* v,
+                            Py_ssize_t n, const LambArgs* a, double* acc, bint clipping,
+                            bint lerp, int stage) noexcept nogil:
+    # Every pass computes the element's update from the old p, m, v and the grad, by the same
+    # operations (so bitwise the same values), and only the last one writes: the sums then see
+    # exactly the values the step applies, also when the buffers are rounded to half precision.
     cdef floating f = <floating>a.grad_factor, clip = <floating>a.clip
     cdef floating w = <floating>(1.0 - a.beta1)
     cdef floating omw = 1 - w
@@ -197,27 +210,27 @@ cdef inline void _lamb_first_loop(floating* p, const floating* g, floating* m, f
     cdef floating bc1 = <floating>a.bc1, bc2s = <floating>a.bc2_sqrt, eps = <floating>a.eps
     cdef floating wd = <floating>a.weight_decay, decay = <floating>a.decay
     cdef floating neg_lr = <floating>a.neg_lr
+    cdef floating cm = <floating>acc[LAMB_CM], tr = <floating>acc[LAMB_TR], zero = 0
     cdef bint decoupled = a.decoupled, coupled = a.coupled, caution = a.caution
+    cdef bint adapt = a.adapt
     cdef double sp = 0, su = 0, cnt = 0
     cdef floating gi, mi, vi, pi, ui
     cdef Py_ssize_t i
     for i in range(n):
-        gi = _lamb_grad(g, i, f, clip, clipping)
+        gi = f * g[i]
+        if clipping:
+            gi = gi / clip
         if lerp:
             mi = _lerp(m[i], gi, w, omw, small_w)
         else:
             mi = m[i] * beta1 + beta3 * gi
-        m[i] = mi
         vi = v[i] * beta2 + (omb2 * gi) * gi
-        v[i] = vi
-        ui = _lamb_dir(mi, vi, bc1, bc2s, eps)
-        if fused:
-            p[i] = p[i] + neg_lr * ui
-        else:
-            pi = p[i]
-            if decoupled:
-                pi = pi + decay * pi
-                p[i] = pi
+        # timm: (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)
+        ui = (mi / bc1) / (_sqrt(vi) / bc2s + eps)
+        pi = p[i]
+        if decoupled:
+            pi = pi + decay * pi
+        if stage == LAMB_SUMS:
             sp += <double>pi * <double>pi
             if caution:
                 cnt += (ui * gi > 0)
@@ -225,108 +238,72 @@ cdef inline void _lamb_first_loop(floating* p, const floating* g, floating* m, f
                 if coupled:
                     ui = ui + wd * pi
                 su += <double>ui * <double>ui
-    if not fused:
+        else:
+            if caution:
+                ui = ui * (cm if ui * gi > 0 else zero)
+            if coupled:
+                ui = ui + wd * pi
+            if stage == LAMB_CAUTION:
+                su += <double>ui * <double>ui
+            else:
+                m[i] = mi
+                v[i] = vi
+                if adapt:
+                    ui = ui * tr
+                p[i] = pi + neg_lr * ui
+    if stage == LAMB_SUMS:
         acc[LAMB_SP] += sp
         acc[LAMB_SU] += su
         acc[LAMB_COUNT] += cnt
-
-
-cdef inline void _lamb_again_loop(floating* p, const floating* g, floating* m, floating* v,
-                                  Py_ssize_t n, const LambArgs* a, double* acc,
-                                  bint clipping, bint apply) noexcept nogil:
-    # The update again from the new moments: caution's sum of its squares (pass 2 of 3), or
-    # the step with the per-tensor factors (the last pass).
-    cdef floating f = <floating>a.grad_factor, clip = <floating>a.clip
-    cdef floating bc1 = <floating>a.bc1, bc2s = <floating>a.bc2_sqrt, eps = <floating>a.eps
-    cdef floating wd = <floating>a.weight_decay, neg_lr = <floating>a.neg_lr
-    cdef floating cm = <floating>acc[LAMB_CM], tr = <floating>acc[LAMB_TR], zero = 0
-    cdef bint coupled = a.coupled, caution = a.caution, adapt = a.adapt
-    cdef double su = 0
-    cdef floating gi, pi, ui
-    cdef Py_ssize_t i
-    for i in range(n):
-        ui = _lamb_dir(m[i], v[i], bc1, bc2s, eps)
-        if caution:
-            gi = _lamb_grad(g, i, f, clip, clipping)
-            ui = ui * (cm if ui * gi > 0 else zero)
-        pi = p[i]
-        if coupled:
-            ui = ui + wd * pi
-        if apply:
-            if adapt:
-                ui = ui * tr
-            p[i] = pi + neg_lr * ui
-        else:
-            su += <double>ui * <double>ui
-    if not apply:
+    elif stage == LAMB_CAUTION:
         acc[LAMB_SU] += su
 
 
-cdef inline void _lamb_first_typed(floating* p, const floating* g, floating* m, floating* v,
-                                   Py_ssize_t n, const LambArgs* a, double* acc) noexcept nogil:
-    if a.fused:
-        if a.clipping:
-            if a.lerp:
-                _lamb_first_loop(p, g, m, v, n, a, acc, True, True, True)
-            else:
-                _lamb_first_loop(p, g, m, v, n, a, acc, True, False, True)
-        elif a.lerp:
-            _lamb_first_loop(p, g, m, v, n, a, acc, False, True, True)
-        else:
-            _lamb_first_loop(p, g, m, v, n, a, acc, False, False, True)
-    elif a.clipping:
+cdef inline void _lamb_typed(floating* p, const floating* g, floating* m, floating* v,
+                             Py_ssize_t n, const LambArgs* a, double* acc,
+                             int stage) noexcept nogil:
+    if a.clipping:
         if a.lerp:
-            _lamb_first_loop(p, g, m, v, n, a, acc, True, True, False)
+            _lamb_loop(p, g, m, v, n, a, acc, True, True, stage)
         else:
-            _lamb_first_loop(p, g, m, v, n, a, acc, True, False, False)
+            _lamb_loop(p, g, m, v, n, a, acc, True, False, stage)
     elif a.lerp:
-        _lamb_first_loop(p, g, m, v, n, a, acc, False, True, False)
+        _lamb_loop(p, g, m, v, n, a, acc, False, True, stage)
     else:
-        _lamb_first_loop(p, g, m, v, n, a, acc, False, False, False)
+        _lamb_loop(p, g, m, v, n, a, acc, False, False, stage)
+
+
+cdef inline void _lamb_stage(char** ptrs, Py_ssize_t n, const LambArgs* a, double* acc,
+                             int stage) noexcept nogil:
+    # (``stage`` is a constant at each call below, so every loop is its own)
+    if a.storage == STORE_F64:
+        _lamb_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
+                    <double*>ptrs[3], n, a, acc, stage)
+    else:
+        _lamb_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
+                    <float*>ptrs[3], n, a, acc, stage)
 
 
 cdef int _lamb_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
                        Py_ssize_t first) noexcept nogil:
+    # Pass 1: the sums, or, without per-tensor factors, the whole update.
     cdef const LambArgs* a = <const LambArgs*>args
-    if a.storage == STORE_F64:
-        _lamb_first_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
-                          <double*>ptrs[3], n, a, acc)
+    if a.fused:
+        _lamb_stage(ptrs, n, a, acc, LAMB_APPLY)
     else:
-        _lamb_first_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
-                          <float*>ptrs[3], n, a, acc)
+        _lamb_stage(ptrs, n, a, acc, LAMB_SUMS)
     return 0
-
-
-cdef inline void _lamb_again_typed(floating* p, const floating* g, floating* m, floating* v,
-                                   Py_ssize_t n, const LambArgs* a, double* acc,
-                                   bint apply) noexcept nogil:
-    if a.clipping:
-        _lamb_again_loop(p, g, m, v, n, a, acc, True, apply)
-    else:
-        _lamb_again_loop(p, g, m, v, n, a, acc, False, apply)
 
 
 cdef int _lamb_caution_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
                                Py_ssize_t first) noexcept nogil:
-    cdef const LambArgs* a = <const LambArgs*>args
-    if a.storage == STORE_F64:
-        _lamb_again_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
-                          <double*>ptrs[3], n, a, acc, False)
-    else:
-        _lamb_again_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
-                          <float*>ptrs[3], n, a, acc, False)
+    _lamb_stage(ptrs, n, <const LambArgs*>args, acc, LAMB_CAUTION)
     return 0
 
 
 cdef int _lamb_apply_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
                              Py_ssize_t first) noexcept nogil:
-    cdef const LambArgs* a = <const LambArgs*>args
-    if a.storage == STORE_F64:
-        _lamb_again_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
-                          <double*>ptrs[3], n, a, acc, True)
-    else:
-        _lamb_again_typed(<float*>ptrs[0], <const float*>ptrs[1], <float*>ptrs[2],
-                          <float*>ptrs[3], n, a, acc, True)
+    _lamb_stage(ptrs, n, <const LambArgs*>args, acc, LAMB_APPLY)
     return 0
 
 

@@ -49,6 +49,21 @@ CONFIGS += [
 ]
 # Per-tensor trust ratios: LAMB, LARS
 CONFIGS += [
+    ("Lamb", dict(lr=0.01), False),
+    ("Lamb", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-5, weight_decay=0.1, max_grad_norm=None,
+                  trust_clip=True), False),
+    ("Lamb", dict(lr=0.01, bias_correction=False, grad_averaging=False, weight_decay=0.0,
+                  always_adapt=True, max_grad_norm=0.5), False),
+    ("Lamb", dict(lr=0.01, weight_decay=0.0), False),
+    ("Lamb", dict(lr=0.01, caution=True, max_grad_norm=2.0), False),
+    ("Lamb", dict(lr=0.01, weight_decay=0.0, caution=True, max_grad_norm=None), False),
+    ("Lamb", dict(lr=0.01, weight_decay=0.05, decoupled_decay=True,
+                  corrected_weight_decay=True, caution=True, trust_clip=True), False),
+    ("Lars", dict(lr=0.1), False),
+    ("Lars", dict(lr=0.1, momentum=0.9, weight_decay=0.01), False),
+    ("Lars", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, trust_clip=True,
+                  trust_coeff=0.01, eps=1e-6), False),
+    ("Lars", dict(lr=0.1, momentum=0.8, dampening=0.2, always_adapt=True), False),
 ]
 # Factored second moments: Adafactor
 CONFIGS += [
