@@ -104,12 +104,13 @@ class Optimizer:
         # tensors; any other sees the whole buffer as one.
         self._flat_views = self._flat is not None and self._spec.update.per_tensor
         half_out = arguments["half_out"]
-        if self._flat_views:
-            keys, is_dict = list(self._flat.names), False
-            arrays = [self._flat.params[k] for k in keys]
-            self._bits = self._bits or self._flat.bfloat16_bits
-            if half_out is None and self._flat.half is not None:
-                half_out = [self._flat.halves[k] for k in keys]
+        if self._flat is not None and self._flat_views:
+            flat = self._flat
+            keys, is_dict = list(flat.names), False
+            arrays = [flat.params[k] for k in keys]
+            self._bits = self._bits or flat.bfloat16_bits
+            if half_out is None and flat.half is not None and flat.halves is not None:
+                half_out = [flat.halves[k] for k in keys]
         elif self._flat is not None:
             # One tensor: the whole flat buffer, updated by a single loop.
             keys, arrays, is_dict = ["param"], [self._flat.param], False

@@ -811,7 +811,7 @@ class _LambSteps(_TrustRatio):
                  for p in g["params"] if p.grad is not None]
         if not grads or any(g.layout is not torch.strided for g in grads):
             return 0.0  # (a sparse gradient: refused by the step's checks)
-        norms = torch._foreach_norm(grads)
+        norms = list(torch._foreach_norm(grads))
         if len({n.dtype for n in norms}) > 1:
             norms = [n.double() for n in norms]
         return float(torch.linalg.vector_norm(torch.stack(norms))) ** 2
