@@ -307,7 +307,7 @@ cdef class Plan:
         if not self.ready:
             raise RuntimeError("set_hyper() must be called before the plan runs")
         self._scalars(scalars, vals)
-        if _PASSES[self.update].global_sumsq:
+        if self._reads_sumsq():
             sumsq = self._grad_sumsq(nthreads) if grad_sumsq is None else grad_sumsq
         self._run(lr, step, nthreads, inv_scale, vals, sumsq)
 
@@ -317,6 +317,11 @@ cdef class Plan:
         if not _PASSES[self.update].npasses:
             raise ValueError("grad_sumsq is kept for multi-pass updates (PASS_UPDATES)")
         return self._grad_sumsq(nthreads)
+
+    cdef bint _reads_sumsq(self) noexcept:
+        """Does this step's update read the global grad norm (StepValues.grad_sumsq)?"""
+        cdef int j = _PASSES[self.update].sumsq_hyper
+        return _PASSES[self.update].npasses != 0 and j >= 0 and self.hyper[j] > 0
 
     cdef double _grad_sumsq(self, int nthreads) noexcept:
         # Per block sums of g^2 into each block's first slot, then added in block order.
@@ -504,7 +509,7 @@ cdef object _step_plans(plans, grads, double lr, long long step, int nthreads,
         if code:
             return (i, code, bad)
         check = check or plan.check
-        global_sumsq = global_sumsq or _PASSES[plan.update].global_sumsq
+        global_sumsq = global_sumsq or plan._reads_sumsq()
     if check:
         for i in range(n):
             plan = <Plan>plans[i]

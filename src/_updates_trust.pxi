@@ -41,16 +41,19 @@ cdef struct MultiPass:
     segment_fn passes[MAX_PASSES]  # passes[0] is the registry's segment
     between_fn between
     Py_ssize_t nslots  # doubles per block
-    bint global_sumsq  # reads StepValues.grad_sumsq (the global norm of the grads)
+    # The hyper-parameter (index into Plan.hyper) that, when > 0, makes the update read
+    # StepValues.grad_sumsq (the global norm of the grads: LAMB's max_grad_norm), or -1.
+    int sumsq_hyper
 
 cdef MultiPass _PASSES[MAX_UPDATES]
 
-# {update: (passes at most, whether it clips by the global grad norm)}
+# {update: (passes at most, the hyper-parameter that turns on its clipping by the global grad
+# norm, or None)}
 PASS_UPDATES = {}
 
 
 cdef int _register_passes(str name, segment_fn second, segment_fn third, between_fn between,
-                          Py_ssize_t nslots, bint global_sumsq) except -1:
+                          Py_ssize_t nslots, str sumsq_hyper=None) except -1:
     cdef int u = UPDATE_IDS[name]
     _PASSES[u].npasses = 3 if third != NULL else 2
     _PASSES[u].passes[0] = _UPDATES[u].segment
@@ -58,8 +61,8 @@ cdef int _register_passes(str name, segment_fn second, segment_fn third, between
     _PASSES[u].passes[2] = third
     _PASSES[u].between = between
     _PASSES[u].nslots = nslots
-    _PASSES[u].global_sumsq = global_sumsq
-    PASS_UPDATES[name] = (_PASSES[u].npasses, bool(global_sumsq))
+    _PASSES[u].sumsq_hyper = -1 if sumsq_hyper is None else UPDATE_ARGS[name].index(sumsq_hyper)
+    PASS_UPDATES[name] = (_PASSES[u].npasses, sumsq_hyper)
     return 0
 
 
@@ -370,7 +373,7 @@ _register("lamb", ("bias_correction", "beta1", "beta2", "eps", "weight_decay", "
                    "corrected_weight_decay", "max_lr"),
           _lamb_segment, _lamb_prepare, MIN_PER_THREAD_LAMB, sizeof(LambHyper), sizeof(LambArgs))
 _register_passes("lamb", _lamb_caution_segment, _lamb_apply_segment, _lamb_between, LAMB_SLOTS,
-                 True)
+                 "max_grad_norm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,4 +556,4 @@ _register("lars", ("momentum", "dampening", "weight_decay", "nesterov", "trust_c
                    "trust_clip", "always_adapt"),
           _lars_segment, _lars_prepare, MIN_PER_THREAD_LARS, sizeof(LarsHyper),
           sizeof(LarsArgs))
-_register_passes("lars", _lars_apply_segment, NULL, _lars_between, LARS_SLOTS, False)
+_register_passes("lars", _lars_apply_segment, NULL, _lars_between, LARS_SLOTS)

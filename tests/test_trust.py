@@ -448,3 +448,22 @@ def test_functional_lamb_bad_max_lr_and_missing_buffers():
     with pytest.raises(ValueError, match="momentum != 0 needs a momentum_buffer"):
         F.lars_(p, g, step=1, lr=0.1, momentum=0.9)
     np.testing.assert_array_equal(p, 0.0)
+
+
+def test_the_specs_per_tensor_updates_are_the_kernels_multi_pass_ones():
+    from lrfast._specs import UPDATES
+    passes = _dispatch.kernels.PASS_UPDATES
+    assert {name for name, u in UPDATES.items() if u.per_tensor} == set(passes)
+    assert passes["lamb"] == (3, "max_grad_norm") and passes["lars"] == (2, None)
+
+
+def test_lamb_without_clipping_reads_no_global_norm():
+    # max_grad_norm=None: a NaN grad elsewhere in the step cannot reach a tensor's update
+    # through the global norm (it would with clipping on).
+    params = [np.ones(4), np.ones(3)]
+    opt = lrfast.Lamb(params, lr=0.1, max_grad_norm=None)
+    opt.step([np.full(4, 0.5), np.array([np.nan, 1.0, 1.0])])
+    assert np.isfinite(params[0]).all()
+    clipped = [np.ones(4), np.ones(3)]
+    lrfast.Lamb(clipped, lr=0.1).step([np.full(4, 0.5), np.array([np.nan, 1.0, 1.0])])
+    assert np.isnan(clipped[0]).all()
