@@ -198,87 +198,229 @@ cdef enum:
     LAMB_APPLY = 2  # the last pass (the only one without factors): write m, v and p
 
 
-cdef inline void _lamb_loop(floating* p, const floating* g, floating* m, floating* v,
-                            Py_ssize_t n, const LambArgs* a, double* acc, bint clipping,
-                            bint lerp, int stage) noexcept nogil:
-    # Every pass computes the element's update from the old p, m, v and the grad, by the same
-    # operations (so bitwise the same values), and only the last one writes: the sums then see
-    # exactly the values the step applies, also when the buffers are rounded to half precision.
-    cdef floating f = <floating>a.grad_factor, clip = <floating>a.clip
+# The element loops' switches as types: each combination of a fused ``lerp_k`` and
+# ``decay_k`` (and of ``floating``) is compiled by Cython as a function of its own, with the
+# other branches left out, so every loop is branch-free whatever gcc inlines.
+cdef struct LerpSmall:  # m <- lerp(m, g, 1 - beta1), torch.lerp's form for a weight < 0.5
+    char unused
+cdef struct LerpLarge:  # its form for a weight >= 0.5
+    char unused
+cdef struct LerpNone:  # m <- beta1 m + beta3 g (grad_averaging=False)
+    char unused
+cdef struct DecayNone:
+    char unused
+cdef struct DecayCoupled:  # u <- u + wd p
+    char unused
+cdef struct DecayDecoupled:  # p <- p + decay p, before the norms
+    char unused
+
+ctypedef fused lerp_k:
+    LerpSmall
+    LerpLarge
+    LerpNone
+
+ctypedef fused decay_k:
+    DecayNone
+    DecayCoupled
+    DecayDecoupled
+
+
+cdef void _lamb_apply_loop(floating* p, const floating* g, floating* m, floating* v,
+                           Py_ssize_t n, const LambArgs* a, const double* acc, lerp_k lk,
+                           decay_k dk) noexcept nogil:
+    # The last pass (the only one when there are no factors): the step, writing m, v and p.
+    # Caution's mask multiplies by cm or 0 (by 1 or 1 without caution: exact); the trust ratio
+    # is 1 without adaptation (exact too).
+    cdef floating f = <floating>a.grad_factor
+    cdef floating clip = <floating>a.clip if a.clipping else 1
     cdef floating w = <floating>(1.0 - a.beta1)
     cdef floating omw = 1 - w
-    cdef bint small_w = w < 0.5
     cdef floating beta1 = <floating>a.beta1, beta3 = <floating>a.beta3
     cdef floating beta2 = <floating>a.beta2, omb2 = <floating>(1.0 - a.beta2)
     cdef floating bc1 = <floating>a.bc1, bc2s = <floating>a.bc2_sqrt, eps = <floating>a.eps
     cdef floating wd = <floating>a.weight_decay, decay = <floating>a.decay
     cdef floating neg_lr = <floating>a.neg_lr
-    cdef floating cm = <floating>acc[LAMB_CM], tr = <floating>acc[LAMB_TR], zero = 0
-    cdef bint decoupled = a.decoupled, coupled = a.coupled, caution = a.caution
-    cdef bint adapt = a.adapt
-    cdef double sp = 0, su = 0, cnt = 0
+    cdef floating cm = <floating>acc[LAMB_CM] if a.caution else 1
+    cdef floating off = 0 if a.caution else 1
+    cdef floating tr = <floating>acc[LAMB_TR] if a.adapt else 1
     cdef floating gi, mi, vi, pi, ui
     cdef Py_ssize_t i
     for i in range(n):
-        gi = f * g[i]
-        if clipping:
-            gi = gi / clip
-        if lerp:
-            mi = _lerp(m[i], gi, w, omw, small_w)
+        gi = (f * g[i]) / clip
+        if lerp_k is LerpSmall:
+            mi = _lerp(m[i], gi, w, omw, True)
+        elif lerp_k is LerpLarge:
+            mi = _lerp(m[i], gi, w, omw, False)
         else:
             mi = m[i] * beta1 + beta3 * gi
         vi = v[i] * beta2 + (omb2 * gi) * gi
+        pi = p[i]
+        if decay_k is DecayDecoupled:
+            pi = pi + decay * pi
         # timm: (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)
         ui = (mi / bc1) / (_sqrt(vi) / bc2s + eps)
-        pi = p[i]
-        if decoupled:
-            pi = pi + decay * pi
-        if stage == LAMB_SUMS:
-            sp += <double>pi * <double>pi
-            if caution:
-                cnt += (ui * gi > 0)
+        ui = ui * (cm if ui * gi > 0 else off)
+        if decay_k is DecayCoupled:
+            ui = ui + wd * pi
+        m[i] = mi
+        v[i] = vi
+        p[i] = pi + neg_lr * (ui * tr)
+
+
+cdef enum:
+    SUM_TILE = 256
+
+
+cdef inline double _lanes_sum(const double* s) noexcept nogil:
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+cdef inline double _tile_sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
+    """sum x^2 in double, eight running sums combined in a fixed order (they vectorise)."""
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, d
+    cdef Py_ssize_t i, m = n - n % 8
+    for i in range(0, m, 8):
+        d = x[i]
+        s0 += d * d
+        d = x[i + 1]
+        s1 += d * d
+        d = x[i + 2]
+        s2 += d * d
+        d = x[i + 3]
+        s3 += d * d
+        d = x[i + 4]
+        s4 += d * d
+        d = x[i + 5]
+        s5 += d * d
+        d = x[i + 6]
+        s6 += d * d
+        d = x[i + 7]
+        s7 += d * d
+    for i in range(m, n):
+        d = x[i]
+        s0 += d * d
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+# What a read-only LAMB pass sums (types, as the switches above).
+cdef struct SumsPlain:  # pass 1 without caution: sum p^2, sum u^2
+    char unused
+cdef struct SumsCount:  # pass 1 with caution: sum p^2, the count of agreeing signs
+    char unused
+cdef struct SumsMasked:  # caution's pass 2 of 3: sum u^2 of the masked update
+    char unused
+
+ctypedef fused sums_k:
+    SumsPlain
+    SumsCount
+    SumsMasked
+
+
+cdef void _lamb_sums_loop(const floating* p, const floating* g, const floating* m,
+                          const floating* v, Py_ssize_t n, const LambArgs* a, double* acc,
+                          sums_k sk, lerp_k lk, decay_k dk) noexcept nogil:
+    # The read-only passes: the element's update by _lamb_apply_loop's operations (so bitwise
+    # its values), a tile at a time into local arrays, whose squares are then summed (a count
+    # is the sum of the squares of 0s and 1s).
+    cdef floating f = <floating>a.grad_factor
+    cdef floating clip = <floating>a.clip if a.clipping else 1
+    cdef floating w = <floating>(1.0 - a.beta1)
+    cdef floating omw = 1 - w
+    cdef floating beta1 = <floating>a.beta1, beta3 = <floating>a.beta3
+    cdef floating beta2 = <floating>a.beta2, omb2 = <floating>(1.0 - a.beta2)
+    cdef floating bc1 = <floating>a.bc1, bc2s = <floating>a.bc2_sqrt, eps = <floating>a.eps
+    cdef floating wd = <floating>a.weight_decay, decay = <floating>a.decay
+    cdef floating cm = <floating>acc[LAMB_CM], zero = 0, one = 1
+    cdef floating pt[SUM_TILE]
+    cdef floating ut[SUM_TILE]
+    cdef double sp = 0, su = 0
+    cdef floating gi, mi, vi, pi, ui
+    cdef Py_ssize_t i, k, start = 0, count
+    while start < n:
+        count = n - start if n - start < SUM_TILE else SUM_TILE
+        for k in range(count):
+            i = start + k
+            gi = (f * g[i]) / clip
+            if lerp_k is LerpSmall:
+                mi = _lerp(m[i], gi, w, omw, True)
+            elif lerp_k is LerpLarge:
+                mi = _lerp(m[i], gi, w, omw, False)
             else:
-                if coupled:
+                mi = m[i] * beta1 + beta3 * gi
+            vi = v[i] * beta2 + (omb2 * gi) * gi
+            pi = p[i]
+            if decay_k is DecayDecoupled:
+                pi = pi + decay * pi
+            ui = (mi / bc1) / (_sqrt(vi) / bc2s + eps)
+            pt[k] = pi
+            if sums_k is SumsCount:
+                ut[k] = one if ui * gi > 0 else zero
+            else:
+                if sums_k is SumsMasked:
+                    ui = ui * (cm if ui * gi > 0 else zero)
+                if decay_k is DecayCoupled:
                     ui = ui + wd * pi
-                su += <double>ui * <double>ui
-        else:
-            if caution:
-                ui = ui * (cm if ui * gi > 0 else zero)
-            if coupled:
-                ui = ui + wd * pi
-            if stage == LAMB_CAUTION:
-                su += <double>ui * <double>ui
-            else:
-                m[i] = mi
-                v[i] = vi
-                if adapt:
-                    ui = ui * tr
-                p[i] = pi + neg_lr * ui
-    if stage == LAMB_SUMS:
+                ut[k] = ui
+        if sums_k is not SumsMasked:
+            sp += _tile_sumsq(pt, count)
+        su += _tile_sumsq(ut, count)
+        start += count
+    if sums_k is SumsPlain:
         acc[LAMB_SP] += sp
         acc[LAMB_SU] += su
-        acc[LAMB_COUNT] += cnt
-    elif stage == LAMB_CAUTION:
+    elif sums_k is SumsCount:
+        acc[LAMB_SP] += sp
+        acc[LAMB_COUNT] += su
+    else:
         acc[LAMB_SU] += su
+
+
+cdef inline void _lamb_run(floating* p, const floating* g, floating* m, floating* v,
+                           Py_ssize_t n, const LambArgs* a, double* acc, int stage, lerp_k lk,
+                           decay_k dk) noexcept nogil:
+    cdef SumsPlain plain
+    cdef SumsCount count
+    cdef SumsMasked masked
+    if stage == LAMB_APPLY:
+        _lamb_apply_loop(p, g, m, v, n, a, acc, lk, dk)
+    elif stage == LAMB_CAUTION:
+        _lamb_sums_loop(p, g, m, v, n, a, acc, masked, lk, dk)
+    elif a.caution:
+        _lamb_sums_loop(p, g, m, v, n, a, acc, count, lk, dk)
+    else:
+        _lamb_sums_loop(p, g, m, v, n, a, acc, plain, lk, dk)
+
+
+cdef inline void _lamb_decay(floating* p, const floating* g, floating* m, floating* v,
+                             Py_ssize_t n, const LambArgs* a, double* acc, int stage,
+                             lerp_k lk) noexcept nogil:
+    cdef DecayNone none
+    cdef DecayCoupled coupled
+    cdef DecayDecoupled decoupled
+    if a.coupled:
+        _lamb_run(p, g, m, v, n, a, acc, stage, lk, coupled)
+    elif a.decoupled:
+        _lamb_run(p, g, m, v, n, a, acc, stage, lk, decoupled)
+    else:
+        _lamb_run(p, g, m, v, n, a, acc, stage, lk, none)
 
 
 cdef inline void _lamb_typed(floating* p, const floating* g, floating* m, floating* v,
                              Py_ssize_t n, const LambArgs* a, double* acc,
                              int stage) noexcept nogil:
-    if a.clipping:
-        if a.lerp:
-            _lamb_loop(p, g, m, v, n, a, acc, True, True, stage)
-        else:
-            _lamb_loop(p, g, m, v, n, a, acc, True, False, stage)
-    elif a.lerp:
-        _lamb_loop(p, g, m, v, n, a, acc, False, True, stage)
+    cdef LerpSmall small
+    cdef LerpLarge large
+    cdef LerpNone plain
+    if not a.lerp:
+        _lamb_decay(p, g, m, v, n, a, acc, stage, plain)
+    elif <floating>(1.0 - a.beta1) < 0.5:
+        _lamb_decay(p, g, m, v, n, a, acc, stage, small)
     else:
-        _lamb_loop(p, g, m, v, n, a, acc, False, False, stage)
+        _lamb_decay(p, g, m, v, n, a, acc, stage, large)
 
 
 cdef inline void _lamb_stage(char** ptrs, Py_ssize_t n, const LambArgs* a, double* acc,
                              int stage) noexcept nogil:
-    # (``stage`` is a constant at each call below, so every loop is its own)
     if a.storage == STORE_F64:
         _lamb_typed(<double*>ptrs[0], <const double*>ptrs[1], <double*>ptrs[2],
                     <double*>ptrs[3], n, a, acc, stage)
@@ -435,18 +577,28 @@ cdef void _lars_prepare(void* out, const double* hyper, const StepValues* s) noe
 
 cdef inline void _lars_norms_loop(const floating* p, const floating* g, Py_ssize_t n,
                                   const LarsArgs* a, double* acc) noexcept nogil:
+    # sum p^2 and sum (g / grad_scale)^2 in eight lanes of doubles, combined in a fixed order.
     cdef floating f = <floating>a.grad_factor
-    cdef double sp = 0, sg = 0, d
-    cdef floating gi
-    cdef Py_ssize_t i
-    for i in range(n):
+    cdef double sp[8]
+    cdef double sg[8]
+    cdef double d
+    cdef Py_ssize_t i, i0, j, m8 = n - n % 8
+    for j in range(8):
+        sp[j] = 0
+        sg[j] = 0
+    for i0 in range(0, m8, 8):
+        for j in range(8):
+            d = p[i0 + j]
+            sp[j] += d * d
+            d = f * g[i0 + j]
+            sg[j] += d * d
+    for i in range(m8, n):
         d = p[i]
-        sp += d * d
-        gi = f * g[i]
-        d = gi
-        sg += d * d
-    acc[LARS_SP] += sp
-    acc[LARS_SG] += sg
+        sp[0] += d * d
+        d = f * g[i]
+        sg[0] += d * d
+    acc[LARS_SP] += _lanes_sum(sp)
+    acc[LARS_SG] += _lanes_sum(sg)
 
 
 cdef inline void _lars_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,
