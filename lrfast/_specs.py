@@ -404,7 +404,7 @@ UPDATES = {u.name: u for u in (SGD_UPDATE, ADAGRAD_UPDATE, RMSPROP_UPDATE, ADAM_
 # The optimizers
 # ------------------------------------------------------------------------------------------
 
-_ADAM_TORCH_OLDER = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+_ADAM_TM_TORCH_OLDER = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
                          differentiable=False, decoupled_weight_decay=False, fused=None)
 
 OPTIMIZERS = {
@@ -435,7 +435,7 @@ OPTIMIZERS = {
         fixed={"decoupled": False},
         pairs={"betas": ("beta1", "beta2")},
         torch=TorchSpec("Adam", renamed={"decoupled_weight_decay": "decoupled"},
-                        older=_ADAM_TORCH_OLDER, tensor_rules=True),
+                        older=_ADAM_TM_TORCH_OLDER, tensor_rules=True),
     ),
     "AdamW": OptimizerSpec(
         "AdamW", ADAM_UPDATE,
@@ -444,7 +444,7 @@ OPTIMIZERS = {
         fixed={"decoupled": True},
         pairs={"betas": ("beta1", "beta2")},
         torch=TorchSpec("AdamW", group={"decoupled_weight_decay": True},
-                        older=_ADAM_TORCH_OLDER, tensor_rules=True),
+                        older=_ADAM_TM_TORCH_OLDER, tensor_rules=True),
     ),
 }
 
@@ -462,6 +462,116 @@ def _add(*specs: OptimizerSpec) -> None:
 # ------------------------------------------------------------------------------------------
 # torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
 # ------------------------------------------------------------------------------------------
+
+_TM_TORCH_OLDER = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
+
+
+def _rprop_lr(value):
+    """Rprop's lr: a number (>= 0) that only starts the step sizes."""
+    if callable(value):
+        raise TypeError("Rprop's lr only sets the initial step sizes (state 'step_size'), which "
+                        "then adapt by the etas whatever the lr: give it as a number, not a "
+                        "schedule")
+    return check_lr(value)
+
+
+def _rprop_rule(h):
+    if not 0.0 < h["etaminus"] < 1.0 < h["etaplus"]:
+        raise ValueError(f"Invalid eta values: {h['etaminus']}, {h['etaplus']}")
+    lo, hi = h["step_size_min"], h["step_size_max"]
+    # (torch does not check them; lrfast refuses the pairs that make no step size sense)
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f"Invalid step_sizes values: {lo}, {hi} (need 0 <= step_size_min <= "
+                         "step_size_max)")
+
+
+ADAMAX_UPDATE = Update(
+    "adamax",
+    hypers=(
+        _lr(2e-3),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.999, beta(1)),
+        _eps(1e-8),
+        _weight_decay(),
+        _maximize(),
+    ),
+    buffers=(Buffer("exp_avg"), Buffer("exp_inf")),
+    takes_step=True,
+    title="Adamax",
+)
+
+RADAM_UPDATE = Update(
+    "radam",
+    hypers=(
+        _lr(1e-3),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.999, beta(1)),
+        _eps(1e-8),
+        _weight_decay(),
+        Hyper("decoupled_weight_decay", False, flag("decoupled_weight_decay")),
+        _maximize(),
+    ),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    takes_step=True,
+    title="RAdam",
+)
+
+ADADELTA_UPDATE = Update(
+    "adadelta",
+    hypers=(
+        _lr(1.0),
+        Hyper("rho", 0.9, unit("Invalid rho value")),
+        _eps(1e-6),
+        _weight_decay(),
+        _maximize(),
+    ),
+    buffers=(Buffer("square_avg"), Buffer("acc_delta")),
+    takes_step=False,  # torch counts steps in the state but the update does not read them
+    title="Adadelta",
+)
+
+RPROP_UPDATE = Update(
+    "rprop",
+    hypers=(
+        # lr only starts the step sizes: the functions take the step_size buffer instead
+        Hyper("lr", 1e-2, _rprop_lr, functional=False),
+        Hyper("etaminus", 0.5, real("etaminus")),
+        Hyper("etaplus", 1.2, real("etaplus")),
+        Hyper("step_size_min", 1e-6, real("step_size_min")),
+        Hyper("step_size_max", 50.0, real("step_size_max")),
+        _maximize(),
+    ),
+    buffers=(Buffer("prev"), Buffer("step_size", init="lr")),
+    takes_step=False,
+    rule=_rprop_rule,
+    title="Rprop",
+)
+
+_add(
+    OptimizerSpec(
+        "Adamax", ADAMAX_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay"),
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec("Adamax", older=_TM_TORCH_OLDER),
+    ),
+    OptimizerSpec(
+        "RAdam", RADAM_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec("RAdam", older=dict(_TM_TORCH_OLDER, decoupled_weight_decay=False)),
+    ),
+    OptimizerSpec(
+        "Adadelta", ADADELTA_UPDATE,
+        positional=("lr", "rho", "eps", "weight_decay"),
+        torch=TorchSpec("Adadelta", older=_TM_TORCH_OLDER),
+    ),
+    OptimizerSpec(
+        "Rprop", RPROP_UPDATE,
+        positional=("lr", "etas", "step_sizes"),
+        pairs={"etas": ("etaminus", "etaplus"), "step_sizes": ("step_size_min", "step_size_max")},
+        torch=TorchSpec("Rprop", older=_TM_TORCH_OLDER),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------------
