@@ -840,8 +840,9 @@ class RAdam(Optimizer):
         m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \qquad
         v_t = \beta_2\, v_{t-1} + (1-\beta_2)\, g_t^2 \\
         \rho_\infty &= \frac{2}{1-\beta_2} - 1, \qquad
-        \rho_t = \rho_\infty - \frac{2t\,\beta_2^t}{1-\beta_2^t}, \qquad
-        r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\,\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\,\rho_t}} \\
+        \rho_t = \rho_\infty - \frac{2t\,\beta_2^t}{1-\beta_2^t} \\
+        r_t &= \sqrt{\frac{(\rho_t-4)(\rho_t-2)\,\rho_\infty}
+                          {(\rho_\infty-4)(\rho_\infty-2)\,\rho_t}} \\
         \theta_t &= \theta_{t-1} - \eta\,\frac{m_t}{1-\beta_1^t}\,
             \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t} + \epsilon}\, r_t \quad (\rho_t > 5),
         \qquad \theta_t = \theta_{t-1} - \eta\,\frac{m_t}{1-\beta_1^t} \quad\text{otherwise}

@@ -260,7 +260,8 @@ def rprop_(param, grad, prev, step_size, *, etaminus=0.5, etaplus=1.2, step_size
         f = \eta_+ \ (s > 0), \ \eta_- \ (s < 0), \ 1 \ (s = 0) \\
         \delta &\leftarrow \operatorname{clamp}(f\,\delta, \delta_{\min}, \delta_{\max}) \\
         g &\leftarrow 0 \ \text{where } f = \eta_- \\
-        \theta &\leftarrow \theta - \operatorname{sign}(g)\,\delta, \qquad g_{\text{prev}} \leftarrow g
+        \theta &\leftarrow \theta - \operatorname{sign}(g)\,\delta, \qquad
+        g_{\text{prev}} \leftarrow g
 
     ``step_size`` starts at the optimizer's lr; the lr is not used after that. As in torch, the
     sign of NaN is 0 (a NaN gradient leaves its element of the param where it is).

@@ -41,7 +41,8 @@ CONFIGS = [
 # torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
 CONFIGS += [
     ("Adamax", dict(lr=0.01), True),
-    ("Adamax", dict(lr=0.01, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1, maximize=True), True),
+    ("Adamax", dict(lr=0.01, betas=(0.3, 0.999), eps=1e-6, weight_decay=0.1, maximize=True),
+     True),
     # (50 steps: momentum steps, then rectified ones from the sixth)
     ("RAdam", dict(lr=0.01), True),
     ("RAdam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1), True),
