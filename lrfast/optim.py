@@ -767,6 +767,133 @@ class AdamW(Adam):
 # ------------------------------------------------------------------------------------------
 
 
+class Lion(Optimizer):
+    r"""Lion (EvoLved Sign Momentum), as lion-pytorch's ``Lion``.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1e-4 (must be > 0)
+    betas : (float, float), default (0.9, 0.99); each in [0, 1]
+    weight_decay : float, default 0
+    decoupled_weight_decay : bool, default False
+        lion-pytorch's meaning: the decay is divided by the initial lr, so each step multiplies
+        the param by :math:`1 - \lambda\,\eta_t/\eta_0`. Here :math:`\eta_0` is the lr of the
+        step itself (the decay per step is ``weight_decay``); lrfast.torch.Lion divides by the
+        constructor's lr, as lion-pytorch does, so an lr scheduler scales it.
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    In lion-pytorch's order of operations:
+
+    .. math::
+        \theta &\leftarrow \theta\,(1 - \eta\lambda) \\
+        \theta &\leftarrow \theta - \eta\,\operatorname{sign}(\beta_1 m + (1-\beta_1)\, g) \\
+        m &\leftarrow \beta_2 m + (1-\beta_2)\, g
+
+    with :math:`\operatorname{sign}(0) = 0` (torch.sgn; NaN also gives 0, as there).
+    Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023.
+
+    ``optax.lion(learning_rate, b1, b2, weight_decay=...)`` is the same update with the same
+    roles of b1 (the interpolation inside the sign) and b2 (the momentum's decay), with two
+    differences of convention: optax's weight_decay defaults to 1e-3 (here 0), and it adds
+    :math:`\lambda\theta` to the signed update before scaling by the lr, so
+    :math:`\theta - \eta(\operatorname{sign}(\cdot) + \lambda\theta)`: the same value as the
+    decay-then-step above up to rounding. optax has no decoupled form; with a constant lr,
+    ``decoupled_weight_decay=True`` is optax's ``weight_decay = weight_decay / lr``.
+
+    Examples
+    --------
+    The first step moves each element by exactly ``lr`` against its gradient's sign, after
+    the decay :math:`1 - 0.1 \cdot 0.1 = 0.99`:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = {"w": np.array([1.0, -2.0])}
+    >>> opt = lrfast.Lion(w, lr=0.1, weight_decay=0.1)
+    >>> opt.step({"w": np.array([0.5, -3.0])})
+    True
+    >>> w["w"].round(6).tolist()
+    [0.89, -1.88]
+    """
+
+    _spec = OPTIMIZERS["Lion"]
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+                 decoupled_weight_decay=False, *,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        Optimizer.__init__(self, params, locals())
+
+
+class Adopt(Optimizer):
+    r"""ADOPT (modified Adam that converges with any beta2), as timm's ``Adopt``.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1e-3
+    betas : (float, float), default (0.9, 0.9999)
+    eps : float, default 1e-6 (a floor of the square root)
+    clip_exp : float or None, default 0.333 (None: no clipping)
+    weight_decay : float, default 0
+    decoupled : bool, default False (decay the param instead of adding to the gradient)
+    corrected_weight_decay : bool, default False
+        timm's: decoupled decay scaled by :math:`\eta^2/\eta_{max}` instead of :math:`\eta`,
+        :math:`\eta_{max}` the constructor's lr. Here :math:`\eta_{max}` is the step's lr (so
+        it equals the uncorrected decay); lrfast.torch.Adopt uses the constructor's lr, as timm.
+    caution : bool, default False; True is refused (cautious masking scales by a per-tensor
+        mean of the mask, a reduction these element-wise kernels do not make)
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    With :math:`t` = ``step_count + 1`` and :math:`g \leftarrow \pm g + \lambda\theta` (the
+    decay term unless decoupled), the first step only sets :math:`v \leftarrow v + g^2` (the
+    param and :math:`m` are unchanged); every later step:
+
+    .. math::
+        \theta &\leftarrow \theta - \eta\lambda\,\theta \ \text{(decoupled)} \\
+        n &= \operatorname{clip}\!\left(\frac{g}{\max(\sqrt{v}, \epsilon)},
+             \pm (t-1)^{c}\right) \ \text{(no clip when } c \text{ is None)} \\
+        m &\leftarrow \operatorname{lerp}(m, n, 1-\beta_1) \\
+        \theta &\leftarrow \theta - \eta\, m \\
+        v &\leftarrow \beta_2 v + (1-\beta_2)\, g^2
+
+    Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate",
+    2024; operations in timm's order.
+
+    Examples
+    --------
+    The first step only records the squared gradient; at the second, :math:`g/|g_1| = \pm 1`
+    (clipped to :math:`\pm 1^{0.333}`), :math:`m = 0.1 \cdot (\pm 1)`, and each element moves
+    by ``lr * 0.1``:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = {"w": np.array([1.0, -2.0])}
+    >>> opt = lrfast.Adopt(w, lr=0.1)
+    >>> g = {"w": np.array([0.5, -3.0])}
+    >>> opt.step(g), w["w"].tolist()
+    (True, [1.0, -2.0])
+    >>> opt.step(g), w["w"].round(6).tolist()
+    (True, [0.99, -1.99])
+    """
+
+    _spec = OPTIMIZERS["Adopt"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_exp=0.333,
+                 weight_decay=0.0, decoupled=False, corrected_weight_decay=False, *,
+                 caution=False, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        Optimizer.__init__(self, params, locals())
+
+
 # ------------------------------------------------------------------------------------------
 # Per-tensor trust ratios: LAMB, LARS
 # ------------------------------------------------------------------------------------------

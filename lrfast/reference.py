@@ -173,6 +173,80 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
 # Updates from outside torch.optim: Lion, ADOPT
 # ------------------------------------------------------------------------------------------
 
+__all__ += ["lion_", "adopt_"]
+
+
+def _sign(x):
+    """torch.sgn of a real array: 1, -1 or 0 (NaN gives 0, as comparisons with it are false)."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
+def lion_(param, grad, exp_avg, *, lr, beta1=0.9, beta2=0.99, weight_decay=0.0,
+          decoupled_weight_decay=False, init_lr=None):
+    r"""Lion (lion-pytorch's ``Lion``).
+
+    .. math::
+        \theta &\leftarrow \theta\,(1 - \eta\lambda'), \qquad
+            \lambda' = \lambda / \eta_0 \ \text{(decoupled)}, \ \lambda \ \text{(otherwise)} \\
+        \theta &\leftarrow \theta - \eta\,\operatorname{sign}(\beta_1 m + (1-\beta_1)\, g) \\
+        m &\leftarrow \beta_2 m + (1-\beta_2)\, g
+
+    :math:`\eta_0` is ``init_lr`` (None: ``lr``); sign(0) = sign(NaN) = 0, as torch.sgn.
+    """
+    factor = 1 - lr * weight_decay
+    if decoupled_weight_decay:
+        start = lr if init_lr is None else init_lr
+        # (at lr 0 standing for the initial lr too, the ratio lr / init_lr is taken as 1)
+        factor = 1 - lr * (weight_decay / start) if start > 0 else 1 - weight_decay
+    for p, g, m in _tensors(param, grad, exp_avg):
+        p *= factor
+        direction = _sign(m * beta1 + (1 - beta1) * g)
+        p += -lr * direction
+        m *= beta2
+        m += (1 - beta2) * g
+
+
+def adopt_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.9999, eps=1e-6,
+           clip_exp=0.333, weight_decay=0.0, decoupled=False, corrected_weight_decay=False,
+           caution=False, maximize=False, max_lr=None):
+    r"""ADOPT (timm's ``Adopt``), ``caution=False`` only.
+
+    With :math:`g \leftarrow \pm g + \lambda\theta` (unless decoupled): at step 1 only
+    :math:`v \leftarrow v + g^2`; at step :math:`t > 1`
+
+    .. math::
+        \theta &\leftarrow \theta - s\lambda\,\theta \ \text{(decoupled;}\ s = \eta^2/\eta_{max}
+            \text{ when corrected, else } \eta) \\
+        n &= \operatorname{clip}(g / \max(\sqrt v, \epsilon), \pm (t-1)^{c}) \\
+        m &\leftarrow \operatorname{lerp}(m, n, 1-\beta_1), \qquad
+        \theta \leftarrow \theta - \eta m, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, g^2
+
+    (no clipping when ``clip_exp`` is None; :math:`\eta_{max}` is ``max_lr``, None: ``lr``).
+    """
+    if caution:
+        raise ValueError("caution=True is not implemented by lrfast")
+    scale = lr
+    if corrected_weight_decay and max_lr is not None:
+        scale = lr ** 2 / max_lr
+    for p, g, m, v in _tensors(param, grad, exp_avg, exp_avg_sq):
+        g = -g if maximize else g
+        if weight_decay != 0 and not decoupled:
+            g = g + weight_decay * p
+        if step == 1:
+            v += g * g
+            continue
+        if weight_decay != 0 and decoupled:
+            p += (-scale * weight_decay) * p
+        n = g / np.maximum(np.sqrt(v), eps)
+        if clip_exp is not None:
+            bound = (step - 1) ** clip_exp
+            n = np.clip(n, -bound, bound)
+        _lerp_(m, n, 1 - beta1)
+        p += -lr * m
+        v *= beta2
+        v += (1 - beta2) * g * g
+
 
 # ------------------------------------------------------------------------------------------
 # Per-tensor trust ratios: LAMB, LARS

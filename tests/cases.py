@@ -46,6 +46,16 @@ CONFIGS += [
 ]
 # Updates from outside torch.optim: Lion, ADOPT
 CONFIGS += [
+    ("Lion", dict(lr=0.01), False),
+    ("Lion", dict(lr=0.01, betas=(0.3, 0.95), weight_decay=0.1), False),
+    ("Lion", dict(lr=0.01, betas=(0.9, 1.0), weight_decay=0.5, decoupled_weight_decay=True),
+     False),
+    ("Adopt", dict(lr=0.01), False),
+    ("Adopt", dict(lr=0.01, betas=(0.3, 0.99), eps=1e-3, clip_exp=None, weight_decay=0.1,
+                   maximize=True), False),
+    ("Adopt", dict(lr=0.01, clip_exp=0.5, weight_decay=0.1, decoupled=True), False),
+    ("Adopt", dict(lr=0.01, weight_decay=0.1, decoupled=True, corrected_weight_decay=True,
+                   caution=False), False),
 ]
 # Per-tensor trust ratios: LAMB, LARS
 CONFIGS += [
