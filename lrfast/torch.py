@@ -794,7 +794,9 @@ class _AdoptOptions:
 
     def _group_values(self, group: dict[str, Any]) -> dict[str, Any]:
         # (an older state dict's groups may lack it: timm then takes the defaults')
-        return {"max_lr": group.get("max_lr_snapshot", self.defaults.get("max_lr_snapshot"))}
+        if "max_lr_snapshot" in group:
+            return {"max_lr": group["max_lr_snapshot"]}
+        return {"max_lr": getattr(self, "defaults", {}).get("max_lr_snapshot")}
 
 
 def _with_options(name: str, options: type) -> type:
