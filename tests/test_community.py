@@ -85,9 +85,11 @@ def _set_grads(pa, pb, gen, step, absent=None):
 
 
 def _max_rel(x, y):
+    """max |x - y| / max(|y|, 1e-3): the relative error, but for values near 0 (whose
+    relative error says nothing) the absolute error over 1e-3."""
     x = x.double()
     y = y.double()
-    return float(((x - y).abs() / y.abs().clamp(min=1e-30)).max()) if x.numel() else 0.0
+    return float(((x - y).abs() / y.abs().clamp(min=1e-3)).max()) if x.numel() else 0.0
 
 
 def _assert_same(ours, peer, pa, pb, dtype):
@@ -460,3 +462,57 @@ def test_reference_lion_by_hand():
     reference.lion_(p, g, m, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.2)
     np.testing.assert_allclose(p, [0.98 - 0.1, -1.96 + 0.1, 2.94], rtol=1e-15)
     np.testing.assert_allclose(m, 0.01 * g, rtol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------
+# The functional layer's extra values: Lion's init_lr, ADOPT's max_lr, against the reference
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("init_lr", [None, 0.05])
+def test_functional_lion_init_lr(dtype, init_lr):
+    rng = np.random.default_rng(2)
+    p = rng.standard_normal(1000).astype(dtype)
+    m = np.zeros_like(p)
+    rp, rm = p.copy(), m.copy()
+    for _ in range(5):
+        g = rng.standard_normal(1000).astype(dtype)
+        kw = dict(lr=0.01, beta1=0.7, beta2=0.9, weight_decay=0.2, decoupled_weight_decay=True,
+                  init_lr=init_lr)
+        functional.lion_(p, g, m, **kw)
+        reference.lion_(rp, g, rm, **kw)
+    tol = dict(rtol=1e-14, atol=0) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(p, rp, **tol)
+    np.testing.assert_allclose(m, rm, **tol)
+    # and the decay was lion-pytorch's 1 - lr * wd / init_lr
+    q, qm = rng.standard_normal(3), np.zeros(3)
+    q0 = q.copy()
+    functional.lion_(q, np.zeros(3), qm, lr=0.01, weight_decay=0.2,
+                     decoupled_weight_decay=True, init_lr=init_lr)
+    factor = 1 - 0.01 * (0.2 / (0.01 if init_lr is None else init_lr))
+    np.testing.assert_allclose(q, q0 * factor, rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("max_lr", [None, 0.04])
+def test_functional_adopt_max_lr(dtype, max_lr):
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(1000).astype(dtype)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    rp, rm, rv = p.copy(), m.copy(), v.copy()
+    for step in range(1, 8):
+        g = rng.standard_normal(1000).astype(dtype)
+        kw = dict(step=step, lr=0.01, weight_decay=0.3, decoupled=True,
+                  corrected_weight_decay=True, max_lr=max_lr)
+        functional.adopt_(p, g, m, v, **kw)
+        reference.adopt_(rp, g, rm, rv, **kw)
+    tol = dict(rtol=1e-14, atol=0) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-7)
+    for a, b in ((p, rp), (m, rm), (v, rv)):
+        np.testing.assert_allclose(a, b, **tol)
+    # one decoupled step with a zero gradient after the first: the param decays by
+    # lr**2/max_lr * wd (lr * wd without max_lr) and nothing else moves
+    q, qm, qv = np.array([2.0, -1.0]), np.zeros(2), np.ones(2)
+    functional.adopt_(q, np.zeros(2), qm, qv, step=2, lr=0.01, weight_decay=0.3,
+                      decoupled=True, corrected_weight_decay=True, max_lr=max_lr)
+    scale = 0.01 if max_lr is None else 0.01 ** 2 / max_lr
+    np.testing.assert_allclose(q, np.array([2.0, -1.0]) * (1 - scale * 0.3), rtol=1e-15)
