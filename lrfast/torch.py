@@ -756,8 +756,9 @@ if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures 
 
 class _LionOptions:
     """lion-pytorch keeps ``decoupled_weight_decay`` and the constructor's lr (which decoupled
-    decay is divided by) on the optimizer, not in its groups; ``use_triton=True`` (its CUDA
-    kernel) is refused."""
+    decay is divided by) on the optimizer, not in its groups, and so does this class: its
+    groups hold lr, betas and weight_decay, as lion-pytorch's. ``use_triton=True`` (its CUDA
+    kernel) is refused, and so are complex params (lion-pytorch's sign of one is z/|z|)."""
 
     decoupled_wd: bool
     _init_lr: Any
@@ -774,6 +775,18 @@ class _LionOptions:
 
     def _group_values(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"decoupled_weight_decay": self.decoupled_wd, "init_lr": self._init_lr}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        groups = self.param_groups  # type: ignore[attr-defined]
+        for k, p in enumerate(groups[-1]["params"]):
+            if p.is_complex():
+                groups.pop()
+                raise ValueError(
+                    f"parameter {k} of group {len(groups)} is complex: lion-pytorch takes the "
+                    "sign of a complex number as z/|z|, which is not an update of its real and "
+                    "imaginary parts apart, so lrfast.torch.Lion does not update complex params "
+                    "(use lion_pytorch.Lion)")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]

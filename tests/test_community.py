@@ -516,3 +516,76 @@ def test_functional_adopt_max_lr(dtype, max_lr):
                       decoupled=True, corrected_weight_decay=True, max_lr=max_lr)
     scale = 0.01 if max_lr is None else 0.01 ** 2 / max_lr
     np.testing.assert_allclose(q, np.array([2.0, -1.0]) * (1 - scale * 0.3), rtol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite values and complex params, as the peers treat them
+# ------------------------------------------------------------------------------------------
+
+def _nonfinite_grid():
+    import itertools
+
+    vals = [0.0, -0.0, 1.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e-300, 3.0]
+    pairs = list(itertools.product(vals, vals))
+    return (torch.tensor([a for a, _ in pairs], dtype=torch.float64),
+            torch.tensor([b for _, b in pairs], dtype=torch.float64))
+
+
+def _same_or_both_nan(x, y):
+    assert torch.equal(x.isnan(), y.isnan())
+    keep = ~x.isnan()
+    torch.testing.assert_close(x[keep], y[keep], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("name,peer,kw", [
+    ("Lion", _lion_peer, dict(lr=0.1, weight_decay=0.1)),
+    ("Adopt", _adopt_peer, dict(lr=0.1, weight_decay=0.1, foreach=False)),
+    ("Adopt", _adopt_peer, dict(lr=0.1, weight_decay=0.1, decoupled=True, clip_exp=None,
+                                foreach=False)),
+])
+def test_nonfinite_values_as_the_peer(name, peer, kw):
+    """NaN and infinities in params and grads end where the peer puts them (sign(NaN) = 0 in
+    Lion; clamps that pass NaN on in ADOPT)."""
+    cls = peer()
+    with _default_dtype(torch.float64):
+        P, G = _nonfinite_grid()
+        a, b = torch.nn.Parameter(P.clone()), torch.nn.Parameter(P.clone())
+        pa, pb = cls([a], **kw), getattr(LT, name)([b], **kw)
+        for s in range(3):
+            a.grad = G.roll(s).clone()
+            b.grad = G.roll(s).clone()
+            pa.step()
+            pb.step()
+        _same_or_both_nan(b.detach(), a.detach())
+        for key, value in pa.state[a].items():
+            _same_or_both_nan(pb.state[b][key], value)
+
+
+def test_adopt_complex_params_as_timm():
+    Adopt = _adopt_peer()
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(5, 3, generator=gen, dtype=torch.complex128)
+    a, b = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+    pa = Adopt([a], lr=0.01, weight_decay=0.1, foreach=False)
+    pb = LT.Adopt([b], lr=0.01, weight_decay=0.1, foreach=False)
+    with _default_dtype(torch.float64):
+        for _ in range(6):
+            g = torch.randn(5, 3, generator=gen, dtype=torch.complex128)
+            a.grad, b.grad = g.clone(), g.clone()
+            pa.step()
+            pb.step()
+    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-12, atol=1e-14)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(pb.state[b][key], pa.state[a][key], rtol=1e-12, atol=1e-14)
+
+
+def test_lion_refuses_complex_params():
+    """lion-pytorch's sign of a complex number is z/|z|, not element-wise on the real view."""
+    w = torch.nn.Parameter(torch.ones(3))
+    z = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex"):
+        LT.Lion([z])
+    opt = LT.Lion([w])
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
