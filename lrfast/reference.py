@@ -267,7 +267,7 @@ def rprop_(param, grad, prev, step_size, *, etaminus=0.5, etaplus=1.2, step_size
     sign of NaN is 0 (a NaN gradient leaves its element of the param where it is).
     """
     for p, g, gp, ss in _tensors(param, grad, prev, step_size):
-        g = g.copy()  # (an array also for 0-d tensors: its elements are zeroed below)
+        g = np.array(g)  # a copy, and an array even where a 0-d grad came as a scalar
         if maximize:
             np.negative(g, out=g)
         t = p.dtype.type
