@@ -267,7 +267,9 @@ def rprop_(param, grad, prev, step_size, *, etaminus=0.5, etaplus=1.2, step_size
     sign of NaN is 0 (a NaN gradient leaves its element of the param where it is).
     """
     for p, g, gp, ss in _tensors(param, grad, prev, step_size):
-        g = -g if maximize else g.copy()
+        g = np.array(g)  # a copy, and an array even where a 0-d grad came as a scalar
+        if maximize:
+            np.negative(g, out=g)
         t = p.dtype.type
         x = g * gp
         factor = np.ones_like(p)
