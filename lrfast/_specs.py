@@ -549,7 +549,7 @@ _add(OptimizerSpec(
     "Adafactor", ADAFACTOR_UPDATE,
     positional=("lr", "beta2_decay", "eps", "d", "weight_decay"),
     pairs={"eps": ("eps1", "eps2")},
-    torch=TorchSpec("Adafactor", older=dict(foreach=None, maximize=False)),
+    torch=TorchSpec("Adafactor", older=dict(foreach=None)),  # as torch's __setstate__
 ))
 
 

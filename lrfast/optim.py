@@ -822,6 +822,92 @@ def _adafactor_table(params, grads, state) -> np.ndarray:
     return table
 
 
+def _adafactor_run(rows: dict, single: bool, h: dict, step: int, nthreads: int) -> None:
+    """lrfast.functional.adafactor_'s work: ``rows`` {"param", "grad", "row_var", "col_var",
+    "variance": list or None} (one entry per tensor), checked, then one AdafactorPlan per
+    dtype. Nothing is written unless every check passes."""
+    params = rows["param"]
+
+    def what(name, k):
+        return name if single else f"{name}[{k}]"
+
+    n = len(params)
+    written, labels, state = [], [], []
+    for k, p in enumerate(params):
+        st = check_array(p, what("param", k), writeable=True)
+        if st not in ("float32", "float64"):
+            raise TypeError(f"{what('param', k)} has dtype {p.dtype}: Adafactor updates "
+                            "float32 and float64 arrays only")
+        written.append(p)
+        labels.append(what("param", k))
+        bufs = {}
+        shapes = _adafactor_state_shapes(p.shape)
+        for name in ("row_var", "col_var", "variance"):
+            lst = rows[name]
+            b = None if lst is None else lst[k]
+            if name not in shapes:
+                if b is not None:
+                    raise ValueError(f"{what(name, k)} must be None for a param of "
+                                     f"{p.ndim} dimensions")
+                continue
+            if b is None:
+                need = "two or more" if name != "variance" else "fewer than two"
+                raise ValueError(f"Adafactor needs {what(name, k)} for a param of {need} "
+                                 "dimensions")
+            check_array(b, what(name, k), writeable=True)
+            if b.dtype != p.dtype or b.shape != shapes[name]:
+                raise ValueError(f"{what(name, k)} must be {p.dtype} of shape {shapes[name]}, "
+                                 f"got {b.dtype} of shape {b.shape}")
+            written.append(b)
+            labels.append(what(name, k))
+            bufs[name] = b
+        state.append(bufs)
+    if not n:
+        return
+    check_disjoint(written, labels)
+    ranges = sorted(_validation.byte_range(a) for a in written if a.nbytes > 0)
+    wstart = np.array([r[0] for r in ranges], dtype=np.int64)
+    wend = np.array([r[1] for r in ranges], dtype=np.int64)
+    grads = rows["grad"]
+    _adafactor_check_grads(grads, params, [what("grad", k) for k in range(n)], wstart, wend)
+    values = _adafactor_kernel_values(h)
+    plans = []
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        idx = [i for i, p in enumerate(params) if p.dtype == dtype]
+        table = _adafactor_table([params[i] for i in idx], [grads[i] for i in idx],
+                                 [state[i] for i in idx])
+        plan = _dispatch.kernels.AdafactorPlan([params[i].shape for i in idx],
+                                               dtype == np.float64, table)
+        plan.set_hyper(values)
+        plans.append(plan)
+    for plan in plans:
+        plan.run(h["lr"], step, nthreads)
+
+
+def _adafactor_check_grads(grads, params, labels, wstart, wend) -> None:
+    """Each grad an aligned C-contiguous array of its param's dtype and shape, outside the
+    sorted written byte ranges [wstart, wend); the gradient checks' messages."""
+    for g, p, what in zip(grads, params, labels):
+        code = None
+        if not isinstance(g, np.ndarray):
+            code = GATHER_NOT_ARRAY
+        elif g.dtype != p.dtype:
+            code = GATHER_DTYPE
+        elif g.shape != p.shape:
+            code = GATHER_SHAPE
+        elif not g.flags.c_contiguous:
+            code = GATHER_NOT_CONTIGUOUS
+        elif not g.flags.aligned:
+            code = GATHER_MISALIGNED
+        elif g.nbytes:
+            lo, hi = _validation.byte_range(g)
+            j = int(np.searchsorted(wstart, hi, side="left"))
+            if j > 0 and wend[j - 1] > lo:
+                code = GATHER_OVERLAP
+        if code is not None:
+            _validation.raise_gather_error(code, g, p, what)
+
+
 class Adafactor(Optimizer):
     r"""Adafactor: second moments factored into per-row and per-column averages.
 
@@ -962,25 +1048,7 @@ class Adafactor(Optimizer):
         return tuple(_adafactor_state_shapes(param.shape))
 
     def _check_grads(self, grads):
-        for k, (g, p, what) in enumerate(zip(grads, self._params, self._labels)):
-            code = None
-            if not isinstance(g, np.ndarray):
-                code = GATHER_NOT_ARRAY
-            elif g.dtype != p.dtype:
-                code = GATHER_DTYPE
-            elif g.shape != p.shape:
-                code = GATHER_SHAPE
-            elif not g.flags.c_contiguous:
-                code = GATHER_NOT_CONTIGUOUS
-            elif not g.flags.aligned:
-                code = GATHER_MISALIGNED
-            elif g.nbytes:
-                lo, hi = _validation.byte_range(g)
-                j = int(np.searchsorted(self._wstart, hi, side="left"))
-                if j > 0 and self._wend[j - 1] > lo:
-                    code = GATHER_OVERLAP
-            if code is not None:
-                _validation.raise_gather_error(code, g, p, what)
+        _adafactor_check_grads(grads, self._params, self._labels, self._wstart, self._wend)
 
     def step(self, grads=None, *, grad_scale=1.0) -> bool:
         """As :meth:`Optimizer.step` (``grads`` of the params' dtypes and shapes)."""
