@@ -925,11 +925,11 @@ class Adafactor(Optimizer):
     weight_decay : float, default 0 (decoupled: the params are scaled by
         :math:`1 - \eta\lambda`)
     maximize : bool, default False
-    skip_nonfinite : bool, default False (see the module docstring)
-    flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
+    state_dtype, half_out, rounding, seed, bfloat16_bits :
         taken for a common signature: Adafactor runs float32 and float64 arrays only, so
-        ``flush_subnormals=True``, ``half_out`` and a ``state_dtype`` other than the params'
-        are refused; ``rounding``/``seed`` have no effect on these types.
+        ``half_out`` and a ``state_dtype`` other than the params' are refused;
+        ``rounding``/``seed`` have no effect on these types.
 
     Notes
     -----
@@ -998,8 +998,6 @@ class Adafactor(Optimizer):
         if half_out is not None:
             raise ValueError("Adafactor does not write half copies (half_out): it updates "
                              "float32 and float64 params only")
-        if check_bool(flush_subnormals, "flush_subnormals"):
-            raise ValueError("Adafactor does not support flush_subnormals=True")
         super().__init__(params, locals())
 
     def _allocate(self) -> None:
@@ -1040,6 +1038,7 @@ class Adafactor(Optimizer):
         values = _adafactor_kernel_values(self._update_values(self._hyper))
         for _, _, plan in self._af_plans:
             plan.set_hyper(values)
+            plan.set_options(self._flush_subnormals)
 
     def _buffer_shape(self, name, param):
         return _adafactor_state_shapes(param.shape).get(name)

@@ -97,6 +97,7 @@ cdef struct AFStep:
     double eps1
     double decay  # 1 - lr * weight_decay
     bint f64
+    bint ftz  # the passes run with flush-to-zero on
 
 
 cdef inline double _lanes_sum(const double* lanes) noexcept nogil:
@@ -349,16 +350,27 @@ cdef void _af_f64(const AFStep* s, Py_ssize_t u) noexcept nogil:
     _af_finite(s, u, <double>0)
 
 
+cdef inline void _af_call(af_pass fn, const AFStep* s, Py_ssize_t u) noexcept nogil:
+    """``fn`` on unit ``u``, with flush-to-zero on in this thread for it when asked."""
+    cdef unsigned long long saved
+    if not s.ftz:
+        fn(s, u)
+        return
+    saved = lrfast_ftz_enter()
+    fn(s, u)
+    lrfast_ftz_leave(saved)
+
+
 cdef void _af_parallel(af_pass fn, const AFStep* s, Py_ssize_t nunits,
                        int nthreads) noexcept nogil:
     """Run ``fn`` on every unit: a static split of the units over ``nthreads`` threads."""
     cdef Py_ssize_t u
     if nthreads <= 1:
         for u in range(nunits):
-            fn(s, u)
+            _af_call(fn, s, u)
         return
     for u in prange(nunits, schedule="static", num_threads=nthreads):
-        fn(s, u)
+        _af_call(fn, s, u)
 
 
 cdef class AdafactorPlan:
@@ -451,7 +463,14 @@ cdef class AdafactorPlan:
         self.s.coef = <double*>cnp.PyArray_DATA(coef)
         self.s.bad = <int*>cnp.PyArray_DATA(bad)
         self.s.f64 = f64
+        self.s.ftz = False
         self.ready = False
+
+    def set_options(self, bint flush_subnormals):
+        """``flush_subnormals``: the passes run with flush-to-zero on (as Plan's option)."""
+        if flush_subnormals and not LRFAST_HAVE_FTZ:
+            raise ValueError("flush_subnormals is not supported on this CPU architecture")
+        self.s.ftz = flush_subnormals
 
     @property
     def units(self):
