@@ -962,7 +962,8 @@ class Adafactor(Optimizer):
     the result does not depend on the number of threads. Bytes moved per element: 6 element
     sizes for factored tensors (A reads param and grad, C reads grad, D reads both and writes
     the param), 8 for the others (A and D each read param, grad and variance and write one of
-    them). FlatParams is refused: the factored state is per named tensor.
+    them). A FlatParams is updated through its named views (the state is per named tensor,
+    of its own shape); one with a half twin is refused.
 
     Examples
     --------
@@ -991,10 +992,14 @@ class Adafactor(Optimizer):
                  weight_decay=0.0, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
                  rounding="nearest", seed=0, bfloat16_bits=False):
-        if isinstance(params, FlatParams):
-            raise TypeError("Adafactor keeps per-row and per-column state for each tensor's "
-                            "own shape, which one flat buffer does not have: pass the named "
-                            "views (flat.params) and their grads instead of the FlatParams")
+        # A FlatParams is optimized through its named views (each tensor's own shape: the
+        # factored state needs it), its grads read from its grad buffer's views.
+        self._af_flat = params if isinstance(params, FlatParams) else None
+        if self._af_flat is not None:
+            if self._af_flat.half is not None:
+                raise ValueError("Adafactor does not write half copies: it cannot update a "
+                                 "FlatParams with a half twin")
+            params = dict(self._af_flat.params)
         if half_out is not None:
             raise ValueError("Adafactor does not write half copies (half_out): it updates "
                              "float32 and float64 params only")
@@ -1045,6 +1050,19 @@ class Adafactor(Optimizer):
 
     def _buffers_of(self, param, active):
         return tuple(_adafactor_state_shapes(param.shape))
+
+    @property
+    def params(self):
+        return dict(self._af_flat.params) if self._af_flat is not None else super().params
+
+    def _grad_list(self, grads):
+        flat = self._af_flat
+        if flat is None:
+            return super()._grad_list(grads)
+        if grads is None or grads is flat or grads is flat.grad or grads is flat.grads:
+            return [flat.grads[k] for k in self._keys]
+        raise TypeError("an optimizer over FlatParams reads the FlatParams' own grad buffer: "
+                        "call step() without arguments (write grads into flat.grads)")
 
     def _check_grads(self, grads):
         _adafactor_check_grads(grads, self._params, self._labels, self._wstart, self._wend)

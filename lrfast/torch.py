@@ -805,9 +805,13 @@ class _Adafactor(_Optimizer):
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(group)
             grads = self._checked_grads(gi, group)
-            for p, _, _ in grads:
+            for k, (p, g, _) in enumerate(grads):
                 if p.is_complex():
                     raise RuntimeError("Adafactor does not support complex parameters")
+                if g.dtype != p.dtype:
+                    raise ValueError(f"the gradient of a parameter of group {gi} is {g.dtype}, "
+                                     f"the parameter {p.dtype}: lrfast.torch.Adafactor takes "
+                                     "gradients of the param's dtype")
             work.append((hyper, grads))
         self._calls += 1
         cache = self.__dict__.setdefault("_af_cache", {})

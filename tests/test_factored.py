@@ -146,6 +146,13 @@ def test_torch_class_refuses_half_params_and_complex_at_the_step():
 
     with pytest.raises(TypeError, match="float32 and float64"):
         LT.Adafactor([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])
+    w = torch.zeros(2, 3, requires_grad=True)
+    opt = LT.Adafactor([w])
+    w.grad_dtype = torch.bfloat16
+    w.grad = torch.ones(2, 3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="gradients of the param's dtype"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.zeros(2, 3)) and len(opt.state) == 0
     c = torch.zeros(2, 3, dtype=torch.complex64, requires_grad=True)
     opt = LT.Adafactor([c])
     c.grad = torch.ones_like(c)
@@ -322,10 +329,31 @@ def test_bad_inputs_change_nothing():
         assert snapshot(opt) == before
     with pytest.raises(TypeError, match="float32 and float64"):
         lrfast.Adafactor([np.ones(3, np.float16)])
-    with pytest.raises(TypeError, match="FlatParams"):
-        lrfast.Adafactor(FlatParams({"a": (3, 4)}, dtype=np.float32))
+    with pytest.raises(ValueError, match="half twin"):
+        lrfast.Adafactor(FlatParams({"a": (3, 4)}, dtype=np.float32, half=np.float16))
     with pytest.raises(ValueError, match="half_out"):
         lrfast.Adafactor([np.ones(3, np.float32)], half_out=[np.ones(3, np.float16)])
+
+
+def test_flat_params_are_updated_through_their_named_views():
+    shapes = {"w": (6, 5), "b": (5,), "s": ()}
+    flat = FlatParams(shapes, dtype=np.float64)
+    lists = _params(list(shapes.values()), np.float64)
+    flat.assign(dict(zip(shapes, [x.copy() for x in lists])))
+    of, ol = lrfast.Adafactor(flat, lr=0.05), lrfast.Adafactor(lists, lr=0.05)
+    rng = np.random.default_rng(8)
+    for _ in range(4):
+        g = [rng.standard_normal(s) for s in shapes.values()]
+        for k, x in zip(shapes, g):
+            flat.grads[k][...] = x
+        of.step()
+        ol.step(g)
+    for k, x in zip(shapes, lists):
+        assert np.array_equal(flat.params[k], x)
+    sd = of.state_dict()["state"]
+    assert sd["w"]["row_var"].shape == (6, 1) and set(sd["b"]) == {"variance"}
+    with pytest.raises(TypeError, match="grad buffer"):
+        of.step([np.zeros(s) for s in shapes.values()])
 
 
 def test_functional_bad_buffers_change_nothing():
