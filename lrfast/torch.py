@@ -671,7 +671,7 @@ def _check_tensor_rules(defaults: dict[str, Any]) -> None:
                              "and foreach=True")
 
 
-def _make_class(spec: OptimizerSpec, base: type = None) -> type:  # type: ignore[assignment]
+def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
     """lrfast.torch's class for ``spec``: torch.optim's class of that name's signature (or,
     where torch has none, the spec's, with torch's implementation switches), torch's defaults
     and state names, lrfast's kernel. ``base``: the class it derives from (``_Optimizer``
