@@ -867,6 +867,12 @@ class _Adafactor(_Optimizer):
 # Optimizers whose class derives from a base of its own (above) rather than _Optimizer.
 _OWN_STEP = {"Adafactor": _Adafactor}
 globals().update({name: _make_class(OPTIMIZERS[name], base) for name, base in _OWN_STEP.items()})
+# Its buffers depend on each param's shape, not on the hyper-parameters: say so.
+globals()["Adafactor"].__doc__ = (
+    "Adafactor over torch tensors: torch.optim.Adafactor's signature, defaults and state dict "
+    "format, run by lrfast's kernel.\n\nThe update is :class:`lrfast.Adafactor`'s. State per "
+    "param, as torch names it: ``step``; ``row_var`` (..., R, 1) and ``col_var`` (..., 1, C) "
+    "for params of two or more dimensions, ``variance`` for the others.\n\n" + _Adafactor.__doc__)
 
 globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()
                   if name not in _OWN_STEP})
