@@ -23,7 +23,10 @@
 #
 # Work is cut into units fixed by the shapes alone (a run of whole rows of one 2-D slice, or
 # a run of elements of an unfactored tensor); every partial sum belongs to one unit and is
-# combined in unit order, so results do not depend on the number of threads. Sums of squares
+# combined in unit order, so results do not depend on the number of threads. The clamps
+# (eps1^2 of the estimate, eps1 of the row factor's mean) pass NaN through, as torch's clamp_
+# does; the per-tensor maxima (of eps2 and the RMS, of 1 and the update's RMS) are Python's
+# max, as in torch, so a NaN RMS gives eps2 and 1. Sums of squares
 # are accumulated in double in a fixed lane order; the element arithmetic follows torch's
 # _single_tensor_adafactor operation by operation in the tensor's own precision.
 
@@ -189,14 +192,14 @@ cdef void _af_pass_a(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
             gi = fac * g[i + j]
             vi = _af_lerp(a[i + j], gi * gi, w)
             a[i + j] = vi
-            vi = vi if vi > eps1sq else eps1sq
+            vi = eps1sq if vi < eps1sq else vi
             ui = (1 / _sqrt(vi)) * gi
             lanes[j] += <double>ui * <double>ui
     for i in range(n - n % AF_LANES, n):
         gi = fac * g[i]
         vi = _af_lerp(a[i], gi * gi, w)
         a[i] = vi
-        vi = vi if vi > eps1sq else eps1sq
+        vi = eps1sq if vi < eps1sq else vi
         ui = (1 / _sqrt(vi)) * gi
         tail += <double>ui * <double>ui
     s.accu[u] = _lanes_sum(lanes) + tail
@@ -229,13 +232,13 @@ cdef void _af_pass_b(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
     for r in range(R):
         total += <double>rv[r]
     m = <floating>(total / R)
-    s.mean[u] = <double>(m if m > <floating>s.eps1 else <floating>s.eps1)
+    s.mean[u] = <double>(<floating>s.eps1 if m < <floating>s.eps1 else m)
 
 
 cdef inline floating _af_update(floating gi, floating r, floating c, floating m,
                                 floating eps1sq) noexcept nogil:
     cdef floating v = (r * c) / m
-    v = v if v > eps1sq else eps1sq
+    v = eps1sq if v < eps1sq else v
     return (1 / _sqrt(v)) * gi
 
 
@@ -294,7 +297,7 @@ cdef void _af_pass_d(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
         return
     for i in range(lo, hi):
         gi = fac * g[i]
-        vi = a[i] if a[i] > eps1sq else eps1sq
+        vi = eps1sq if a[i] < eps1sq else a[i]
         p[i] = p[i] * decay + coef * ((1 / _sqrt(vi)) * gi)
 
 

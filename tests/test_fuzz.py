@@ -177,8 +177,11 @@ def assert_matches_reference(opt, ref, keys):
         tol = tolerances(p.dtype)
         np.testing.assert_allclose(p, rp, err_msg=f"param {key!r} vs reference", **tol)
         assert_subnormals_kept(p, rp, f"param {key!r}")
-        assert set(state[key]) == set(ref.state), (sorted(state[key]), sorted(ref.state))
+        present = {name for name, bufs in ref.state.items() if bufs[i] is not None}
+        assert set(state[key]) == present, (sorted(state[key]), sorted(present))
         for name, bufs in ref.state.items():
+            if bufs[i] is None:  # a buffer this param's shape has not (Adafactor)
+                continue
             np.testing.assert_allclose(state[key][name], bufs[i],
                                        err_msg=f"{name}[{key!r}] vs reference", **tol)
             assert_subnormals_kept(state[key][name], bufs[i], f"{name}[{key!r}]")
