@@ -884,6 +884,27 @@ def _adafactor_run(rows: dict, single: bool, h: dict, step: int, nthreads: int) 
         plan.run(h["lr"], step, nthreads)
 
 
+def _adafactor_grad_addresses(grads, params, labels, wstart, wend) -> np.ndarray:
+    """The grads' data addresses, each grad checked (see ``_adafactor_check_grads``): the
+    common case in one native pass (addresses, sizes, types, layout) and a few vectorised
+    comparisons; any failure is then reported by the per-grad checks."""
+    n = len(params)
+    addrs = np.empty(n, dtype=np.intp)
+    sizes = np.empty(n, dtype=np.intp)
+    types = np.empty(n, dtype=np.intc)
+    ok = _dispatch.kernels.collect_arrays(grads, addrs, sizes, types, False) < 0
+    if ok:
+        ok = all(g.dtype == p.dtype and g.shape == p.shape for g, p in zip(grads, params))
+    if ok and len(wstart):
+        nbytes = np.array([g.nbytes for g in grads], dtype=np.int64)
+        start = addrs.astype(np.int64)
+        j = np.searchsorted(wstart, start + nbytes, side="left")
+        ok = not np.any((nbytes > 0) & (j > 0) & (wend[np.maximum(j - 1, 0)] > start))
+    if not ok:
+        _adafactor_check_grads(grads, params, labels, wstart, wend)
+    return addrs
+
+
 def _adafactor_check_grads(grads, params, labels, wstart, wend) -> None:
     """Each grad an aligned C-contiguous array of its param's dtype and shape, outside the
     sorted written byte ranges [wstart, wend); the gradient checks' messages."""
@@ -1033,7 +1054,7 @@ class Adafactor(Optimizer):
             table = _adafactor_table(params, params, [self._views[i] for i in idx])
             plan = _dispatch.kernels.AdafactorPlan([p.shape for p in params],
                                                    dtype == np.float64, table)
-            self._af_plans.append((idx, table, plan))
+            self._af_plans.append((np.array(idx, dtype=np.intp), table, plan))
         ranges = sorted(_validation.byte_range(a) for a in written if a.nbytes > 0)
         self._wstart = np.array([r[0] for r in ranges], dtype=np.int64)
         self._wend = np.array([r[1] for r in ranges], dtype=np.int64)
@@ -1064,8 +1085,9 @@ class Adafactor(Optimizer):
         raise TypeError("an optimizer over FlatParams reads the FlatParams' own grad buffer: "
                         "call step() without arguments (write grads into flat.grads)")
 
-    def _check_grads(self, grads):
-        _adafactor_check_grads(grads, self._params, self._labels, self._wstart, self._wend)
+    def _grad_addresses(self, grads):
+        return _adafactor_grad_addresses(grads, self._params, self._labels, self._wstart,
+                                         self._wend)
 
     def step(self, grads=None, *, grad_scale=1.0) -> bool:
         """As :meth:`Optimizer.step` (``grads`` of the params' dtypes and shapes)."""
@@ -1077,14 +1099,14 @@ class Adafactor(Optimizer):
             )
         try:
             grads = self._grad_list(grads)
-            self._check_grads(grads)
+            addrs = self._grad_addresses(grads)
             lr = self._hyper["lr"]
             if callable(lr):
                 lr = lr_value(lr, self._step_count)
             t = self._step_count + 1
             nthreads = get_num_threads()
             for idx, table, _ in self._af_plans:
-                table[1] = [grads[i].ctypes.data for i in idx]
+                table[1] = addrs[idx]
             if self._skip_nonfinite:
                 sign = -inv_scale if self._hyper["maximize"] else inv_scale
                 if not all(plan.all_finite(sign, nthreads) for _, _, plan in self._af_plans):
