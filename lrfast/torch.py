@@ -872,7 +872,8 @@ globals()["Adafactor"].__doc__ = (
     "Adafactor over torch tensors: torch.optim.Adafactor's signature, defaults and state dict "
     "format, run by lrfast's kernel.\n\nThe update is :class:`lrfast.Adafactor`'s. State per "
     "param, as torch names it: ``step``; ``row_var`` (..., R, 1) and ``col_var`` (..., 1, C) "
-    "for params of two or more dimensions, ``variance`` for the others.\n\n" + _Adafactor.__doc__)
+    "for params of two or more dimensions, ``variance`` for the others.\n\n"
+    + (_Adafactor.__doc__ or ""))
 
 globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()
                   if name not in _OWN_STEP})
