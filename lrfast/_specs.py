@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -492,12 +493,15 @@ def _add(*specs: OptimizerSpec) -> None:
 # ------------------------------------------------------------------------------------------
 
 def _at_least(bound: float, message: str, below: bool = False) -> Callable[[Any], float]:
-    """A float >= ``bound`` (<= with ``below``), torch's Adafactor message (the value appended
-    after "but is: ")."""
+    """A finite float >= ``bound`` (<= with ``below``), torch's Adafactor message (the value
+    appended after "but is: "; torch also takes infinities, lrfast refuses them as for every
+    optimizer)."""
     def check(v):
         out = _real(v, message.split(" should")[0])
         if not (out <= bound if below else out >= bound):
             raise ValueError(f"{message} but is: {v}")
+        if math.isinf(out):
+            raise ValueError(f"{message} and finite but is: {v}")
         return out
     return check
 

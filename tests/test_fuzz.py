@@ -488,6 +488,13 @@ def hyper_ok(h):
             assert callable(v) or (type(v) is float and 0.0 <= v < math.inf), (k, v)
         elif k == "betas":
             assert all(type(b) is float and 0.0 <= b < 1.0 for b in v), (k, v)
+        elif k == "eps" and isinstance(v, tuple):  # Adafactor's (eps1 or None, eps2)
+            assert v[0] is None or type(v[0]) is float and 0.0 <= v[0] < math.inf, (k, v)
+            assert type(v[1]) is float and 0.0 <= v[1] < math.inf, (k, v)
+        elif k == "beta2_decay":  # Adafactor: <= 0
+            assert type(v) is float and -math.inf < v <= 0.0, (k, v)
+        elif k == "d":  # Adafactor's clipping threshold: >= 1
+            assert type(v) is float and 1.0 <= v < math.inf, (k, v)
         elif k == "dampening":  # torch does not range-check dampening either
             assert type(v) is float, (k, v)
             if h["nesterov"]:
@@ -558,6 +565,27 @@ def expected_hyper_error(name, base, key, value):
             return ValueError
         return None
 
+    if name == "Adafactor" and key in ("eps", "beta2_decay", "d"):
+        if key == "eps":  # a pair (eps1 or None, eps2), each >= 0
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                return ValueError
+            for i, e in enumerate(value):
+                if e is None and i == 0:
+                    continue
+                err = real(e)
+                if err:
+                    return err
+                if not 0.0 <= float(e) < math.inf:
+                    return ValueError
+            return None
+        err = real(value)
+        if err:
+            return err
+        v = float(value)
+        if key == "beta2_decay":
+            return None if -math.inf < v <= 0.0 else ValueError
+        return None if 1.0 <= v < math.inf else ValueError
+
     if key in BOOL_HYPER or key in ("skip_nonfinite", "flush_subnormals"):
         if not isinstance(value, (bool, np.bool_)):
             return TypeError
@@ -601,7 +629,8 @@ def test_every_hyper_value_against_an_oracle():
     checked = 0
     for name, base in BASES:
         for key in HYPER_NAMES[name] + ["skip_nonfinite", "flush_subnormals"]:
-            values = WEIRD + BOUNDARY + (BETA_PAIRS if key == "betas" else [])
+            pairs = key == "betas" or (name, key) == ("Adafactor", "eps")
+            values = WEIRD + BOUNDARY + (BETA_PAIRS if pairs else [])
             for value in values:
                 want = expected_hyper_error(name, base, key, value)
                 params = [np.zeros(3, np.float32)]
@@ -620,6 +649,8 @@ def test_every_hyper_value_against_an_oracle():
                 if key == "betas":
                     assert got == tuple(float(b) for b in value) and \
                         all(type(b) is float for b in got)
+                elif isinstance(got, tuple):  # Adafactor's eps: (eps1 or None, eps2)
+                    assert got == tuple(None if b is None else float(b) for b in value)
                 elif key in BOOL_HYPER:
                     assert got is bool(value)
                 elif callable(value):
@@ -880,7 +911,10 @@ def mutate_state_dict(sd, op, draw, rng, params, name):
         arr.flags.writeable = False
         state[k][b] = arr
     elif op == "buf_param":
-        state[k][b] = params[k]  # same shape and dtype by construction
+        # same shape and dtype by construction, where the buffer has its param's shape (not
+        # Adafactor's row_var/col_var)
+        if arr.shape == params[k].shape:
+            state[k][b] = params[k]
     elif op == "buf_matrix":
         if arr.ndim == 2:
             state[k][b] = np.asmatrix(arr)
@@ -1012,7 +1046,8 @@ def test_fuzz_load_state_dict(name, data, seed, layout, env):
             return
         ref = ReferenceRun(name, h, loaded_params)  # its state and step count: the loaded ones
         ref.t = int(sd["step_count"])
-        ref.state = {b: [now["state"][k][b] for k in state_keys] for b in ref.state}
+        # (.get: Adafactor's None where a param has no such buffer)
+        ref.state = {b: [now["state"][k].get(b) for k in state_keys] for b in ref.state}
         reference_step(ref, grads, 1.0)
         assert_matches_reference(opt, ref, state_keys)
 
