@@ -481,6 +481,13 @@ def fuzzed_params(draw, shapes, faults):
 
 def hyper_ok(h):
     """A successful constructor holds validated values only."""
+    if "beta2_decay" in h:  # Adafactor: eps (eps1 or None, eps2), beta2_decay <= 0, d >= 1
+        e1, e2 = h["eps"]
+        assert e1 is None or type(e1) is float and 0.0 <= e1 < math.inf, h
+        assert type(e2) is float and 0.0 <= e2 < math.inf, h
+        assert type(h["beta2_decay"]) is float and -math.inf < h["beta2_decay"] <= 0.0, h
+        assert type(h["d"]) is float and 1.0 <= h["d"] < math.inf, h
+        h = {k: v for k, v in h.items() if k not in ("eps", "beta2_decay", "d")}
     for k, v in h.items():
         if k in BOOL_HYPER:
             assert type(v) is bool, (k, v)
@@ -488,13 +495,6 @@ def hyper_ok(h):
             assert callable(v) or (type(v) is float and 0.0 <= v < math.inf), (k, v)
         elif k == "betas":
             assert all(type(b) is float and 0.0 <= b < 1.0 for b in v), (k, v)
-        elif k == "eps" and isinstance(v, tuple):  # Adafactor's (eps1 or None, eps2)
-            assert v[0] is None or type(v[0]) is float and 0.0 <= v[0] < math.inf, (k, v)
-            assert type(v[1]) is float and 0.0 <= v[1] < math.inf, (k, v)
-        elif k == "beta2_decay":  # Adafactor: <= 0
-            assert type(v) is float and -math.inf < v <= 0.0, (k, v)
-        elif k == "d":  # Adafactor's clipping threshold: >= 1
-            assert type(v) is float and 1.0 <= v < math.inf, (k, v)
         elif k == "dampening":  # torch does not range-check dampening either
             assert type(v) is float, (k, v)
             if h["nesterov"]:
@@ -645,12 +645,15 @@ def test_every_hyper_value_against_an_oracle():
                 if key in ("skip_nonfinite", "flush_subnormals"):
                     assert getattr(opt, key) is bool(value)
                     continue
+                if (name, key) == ("Adafactor", "eps"):  # (eps1 or None, eps2)
+                    got = opt.hyperparams[key]
+                    assert got == tuple(None if b is None else float(b) for b in value)
+                    checked += 1
+                    continue
                 got = opt.hyperparams[key]
                 if key == "betas":
                     assert got == tuple(float(b) for b in value) and \
                         all(type(b) is float for b in got)
-                elif isinstance(got, tuple):  # Adafactor's eps: (eps1 or None, eps2)
-                    assert got == tuple(None if b is None else float(b) for b in value)
                 elif key in BOOL_HYPER:
                     assert got is bool(value)
                 elif callable(value):
