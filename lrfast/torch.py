@@ -798,7 +798,7 @@ class _Adafactor(_Optimizer):
             raise
         self._plans.clear()
 
-    def _step_groups(self, outs=None, kernel_steps=None):
+    def _step_groups(self, outs=None, kernel_steps=None, **_unused):
         nthreads = get_num_threads()
         work = []
         # Every group and gradient is checked before any state is made or memory written.
