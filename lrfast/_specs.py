@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -104,10 +105,18 @@ class Buffer:
     init: str = ""
     arg: str = ""
     keyword: bool = False
+    # The buffer's shape for a param of shape ``s`` (None: the param's own shape); a callable
+    # that returns None says a param of that shape has no such buffer (Adafactor's factored
+    # row_var/col_var for matrices, variance for vectors).
+    shape: Optional[Callable[[tuple], Optional[tuple]]] = None
 
     @property
     def argname(self) -> str:
         return self.arg or self.name
+
+    def shape_for(self, param_shape: tuple) -> Optional[tuple]:
+        """The buffer's shape for a param of ``param_shape``; None: it has no such buffer."""
+        return tuple(param_shape) if self.shape is None else self.shape(tuple(param_shape))
 
     def is_used(self, h: dict) -> bool:
         return self.used is None or bool(self.used(h))
@@ -800,6 +809,70 @@ _add(
 # ------------------------------------------------------------------------------------------
 # Factored second moments: Adafactor
 # ------------------------------------------------------------------------------------------
+
+def _at_least(bound: float, message: str, below: bool = False) -> Callable[[Any], float]:
+    """A finite float >= ``bound`` (<= with ``below``), torch's Adafactor message (the value
+    appended after "but is: "; torch also takes infinities, lrfast refuses them as for every
+    optimizer)."""
+    def check(v):
+        out = _real(v, message.split(" should")[0])
+        if not (out <= bound if below else out >= bound):
+            raise ValueError(f"{message} but is: {v}")
+        if math.isinf(out):
+            raise ValueError(f"{message} and finite but is: {v}")
+        return out
+    return check
+
+
+def _eps1(v):
+    """Adafactor's epsilon1: None (the params' machine epsilon) or a float >= 0."""
+    return None if v is None else _at_least(0.0, "epsilon1 should be >= 0")(v)
+
+
+def _factored_shape(kind: str) -> Callable[[tuple], Optional[tuple]]:
+    """The shape of Adafactor's buffer ``kind`` for a param of shape ``s`` (None: the param
+    has no such buffer): row_var (..., R, 1) and col_var (..., 1, C) for two or more
+    dimensions, variance (the param's shape) for fewer, as torch's."""
+    def shape(s):
+        s = tuple(s)
+        if kind == "variance":
+            return s if len(s) < 2 else None
+        if len(s) < 2:
+            return None
+        return s[:-1] + (1,) if kind == "row_var" else s[:-2] + (1, s[-1])
+    return shape
+
+
+ADAFACTOR_UPDATE = Update(
+    "adafactor",
+    hypers=(
+        Hyper("lr", 1e-2, lambda v: v if callable(v) else
+              _at_least(0.0, "Learning rate should be >= 0")(v)),
+        Hyper("beta2_decay", -0.8, _at_least(0.0, "beta2_decay should be <= 0", below=True)),
+        Hyper("eps1", None, _eps1),
+        Hyper("eps2", 1e-3, _at_least(0.0, "epsilon2 should be >= 0")),
+        Hyper("d", 1.0, _at_least(1.0, "Clipping threshold d should be >= 1")),
+        Hyper("weight_decay", 0.0, _at_least(0.0, "weight_decay should be >= 0")),
+        _maximize(),
+    ),
+    # Which buffers a param has depends on its number of dimensions, not on the
+    # hyper-parameters: each is passed (None where the param has none), as torch's functional
+    # adafactor takes them; ``Buffer.shape`` gives each one's shape.
+    buffers=(
+        Buffer("row_var", shape=_factored_shape("row_var")),
+        Buffer("col_var", shape=_factored_shape("col_var")),
+        Buffer("variance", shape=_factored_shape("variance")),
+    ),
+    takes_step=True,
+    title="Adafactor",
+)
+
+_add(OptimizerSpec(
+    "Adafactor", ADAFACTOR_UPDATE,
+    positional=("lr", "beta2_decay", "eps", "d", "weight_decay"),
+    pairs={"eps": ("eps1", "eps2")},
+    torch=TorchSpec("Adafactor", older=dict(foreach=None)),  # as torch's __setstate__
+))
 
 
 # ------------------------------------------------------------------------------------------

@@ -196,10 +196,11 @@ def _apply(update: Update, a: dict) -> None:
     _run(update, named, h, step, {name: a[name] for name in _OPTIONS})
 
 
-def _make(update: Update) -> Callable[..., None]:
+def _make(update: Update, body: Callable[[Update, dict], None] = _apply) -> Callable[..., None]:
     """A real Python function with the spec's signature (so Python binds the arguments and
-    words the errors, at no per-call cost), whose body hands them to :func:`_apply`. Made from
-    source, the technique of collections.namedtuple and dataclasses."""
+    words the errors, at no per-call cost), whose body hands them to ``body`` (by default
+    :func:`_apply`). Made from source, the technique of collections.namedtuple and
+    dataclasses."""
     name = update.name + "_"
     defaults: dict[str, Any] = {}
     parts: list[str] = []
@@ -212,7 +213,7 @@ def _make(update: Update) -> Callable[..., None]:
             defaults[p.name] = p.default
             parts.append(f"{p.name}=_defaults[{p.name!r}]")
     source = f"def {name}({', '.join(parts)}):\n    _apply(_update, locals())\n"
-    namespace: dict[str, Any] = {"_apply": _apply, "_update": update, "_defaults": defaults}
+    namespace: dict[str, Any] = {"_apply": body, "_update": update, "_defaults": defaults}
     exec(source, namespace)
     fn = namespace[name]
     fn.__module__ = __name__
@@ -222,6 +223,34 @@ def _make(update: Update) -> Callable[..., None]:
 
 
 globals().update({name + "_": _make(update) for name, update in UPDATES.items()})
+
+
+# ------------------------------------------------------------------------------------------
+# Factored second moments: Adafactor. Not element-wise: its function runs the kernel's
+# AdafactorPlan (see lrfast.optim.Adafactor) instead of a Plan; the signature is the spec's,
+# as for every other update (row_var, col_var, variance: None where a param has no such
+# buffer, as torch's functional adafactor takes them).
+# ------------------------------------------------------------------------------------------
+
+def _adafactor_apply(update: Update, a: dict) -> None:
+    from .optim import _adafactor_run
+
+    h = update.validate({h.name: a[h.name] for h in update.hypers if h.functional})
+    if callable(h["lr"]):
+        raise TypeError("lr must be a float in lrfast.functional; call the schedule first")
+    step = check_step(a["step"])
+    if a["half_out"] is not None:
+        raise ValueError("adafactor_ does not write half copies (half_out): it updates "
+                         "float32 and float64 params only")
+    check_bool(a["bfloat16_bits"], "bfloat16_bits")
+    _precision.check_rounding(a["rounding"])
+    _precision.check_seed(a["seed"])
+    rows, single = _as_lists([(name, a[name]) for name in
+                              ("param", "grad", "row_var", "col_var", "variance")])
+    _adafactor_run(dict(rows), single, h, step, get_num_threads())
+
+
+globals()["adafactor_"] = _make(UPDATES["adafactor"], _adafactor_apply)
 
 if TYPE_CHECKING:  # what the loop above defines, for type checkers
     sgd_: Callable[..., None]

@@ -68,7 +68,10 @@ from ._validation import (
     label,
     lr_value,
 )
-from ._optim import GATHER_DTYPE, STEP_SKIPPED_NONFINITE
+from . import _validation
+from ._optim import (GATHER_DTYPE, GATHER_MISALIGNED, GATHER_NOT_ARRAY,
+                     GATHER_NOT_CONTIGUOUS, GATHER_OVERLAP, GATHER_SHAPE,
+                     STEP_SKIPPED_NONFINITE)
 
 __all__ = ["Optimizer", *OPTIMIZERS]  # a class per optimizer of the spec table
 
@@ -470,22 +473,34 @@ class Optimizer:
         for key, p, _ in entries:
             entry = state[key]
             want = self._state_dtype_of(p)
-            if not isinstance(entry, Mapping) or set(entry) != set(active):
+            names = self._buffers_of(p, active)
+            if not isinstance(entry, Mapping) or set(entry) != set(names):
                 raise ValueError(
-                    f"state_dict['state'][{key!r}] must hold {sorted(active)}, "
+                    f"state_dict['state'][{key!r}] must hold {sorted(names)}, "
                     f"got {sorted(entry) if isinstance(entry, Mapping) else entry!r}"
                 )
-            for buf_name in active:
+            for buf_name in names:
                 arr = entry[buf_name]
                 what = f"state_dict['state'][{key!r}][{buf_name!r}]"
                 if not isinstance(arr, np.ndarray):
                     raise TypeError(f"{what} must be a numpy.ndarray, got {type(arr).__name__}")
-                if arr.shape != p.shape:
-                    raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape {p.shape}")
+                shape = self._buffer_shape(buf_name, p)
+                if arr.shape != shape:
+                    raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape "
+                                     f"{p.shape}" + ("" if shape == p.shape else
+                                                     f" (so it must be {shape})"))
                 if arr.dtype != want:
                     raise TypeError(f"{what} has dtype {arr.dtype}, but this optimizer keeps "
                                     f"it as {want}")
         return hyper, active, state, int(steps), int(skipped)
+
+    def _buffers_of(self, param, active) -> tuple:
+        """The state buffers ``param`` has under the buffers ``active`` (all of them here)."""
+        return tuple(active)
+
+    def _buffer_shape(self, name, param) -> tuple:
+        """The shape of ``param``'s buffer ``name`` (the param's own here)."""
+        return param.shape
 
     def _commit_state(self, checked):
         """Apply a validated state dict (cannot fail)."""
@@ -1277,6 +1292,335 @@ class Lars(Optimizer):
 # ------------------------------------------------------------------------------------------
 # Factored second moments: Adafactor
 # ------------------------------------------------------------------------------------------
+
+def _adafactor_kernel_values(h) -> list:
+    """Adafactor's hyper-parameters in the kernel's order; eps1 None as -1 (the kernel then
+    takes its element type's machine epsilon)."""
+    return [-1.0 if h[n] is None else float(h[n])
+            for n in _dispatch.kernels.UPDATE_ARGS["adafactor"]]
+
+
+def _adafactor_state_shapes(shape) -> dict:
+    """{buffer: shape} of the Adafactor state of a param of ``shape`` (torch's shapes)."""
+    out = {}
+    for b in OPTIMIZERS["Adafactor"].update.buffers:
+        s = b.shape_for(shape)
+        if s is not None:
+            out[b.name] = s
+    return out
+
+
+def _adafactor_table(params, grads, state) -> np.ndarray:
+    """The (4, tensors) address table of AdafactorPlan: param, grad, row_var or variance,
+    col_var (0 where none)."""
+    table = np.zeros((4, len(params)), dtype=np.intp)
+    for k, (p, g, st) in enumerate(zip(params, grads, state)):
+        table[0, k] = p.ctypes.data
+        table[1, k] = g.ctypes.data
+        a = st.get("row_var", st.get("variance"))
+        table[2, k] = a.ctypes.data
+        c = st.get("col_var")
+        table[3, k] = 0 if c is None else c.ctypes.data
+    return table
+
+
+def _adafactor_run(rows: dict, single: bool, h: dict, step: int, nthreads: int) -> None:
+    """lrfast.functional.adafactor_'s work: ``rows`` {"param", "grad", "row_var", "col_var",
+    "variance": list or None} (one entry per tensor), checked, then one AdafactorPlan per
+    dtype. Nothing is written unless every check passes."""
+    params = rows["param"]
+
+    def what(name, k):
+        return name if single else f"{name}[{k}]"
+
+    n = len(params)
+    written, labels, state = [], [], []
+    for k, p in enumerate(params):
+        st = check_array(p, what("param", k), writeable=True)
+        if st not in ("float32", "float64"):
+            raise TypeError(f"{what('param', k)} has dtype {p.dtype}: Adafactor updates "
+                            "float32 and float64 arrays only")
+        written.append(p)
+        labels.append(what("param", k))
+        bufs = {}
+        shapes = _adafactor_state_shapes(p.shape)
+        for name in ("row_var", "col_var", "variance"):
+            lst = rows[name]
+            b = None if lst is None else lst[k]
+            if name not in shapes:
+                if b is not None:
+                    raise ValueError(f"{what(name, k)} must be None for a param of "
+                                     f"{p.ndim} dimensions")
+                continue
+            if b is None:
+                need = "two or more" if name != "variance" else "fewer than two"
+                raise ValueError(f"Adafactor needs {what(name, k)} for a param of {need} "
+                                 "dimensions")
+            check_array(b, what(name, k), writeable=True)
+            if b.dtype != p.dtype or b.shape != shapes[name]:
+                raise ValueError(f"{what(name, k)} must be {p.dtype} of shape {shapes[name]}, "
+                                 f"got {b.dtype} of shape {b.shape}")
+            written.append(b)
+            labels.append(what(name, k))
+            bufs[name] = b
+        state.append(bufs)
+    if not n:
+        return
+    check_disjoint(written, labels)
+    ranges = sorted(_validation.byte_range(a) for a in written if a.nbytes > 0)
+    wstart = np.array([r[0] for r in ranges], dtype=np.int64)
+    wend = np.array([r[1] for r in ranges], dtype=np.int64)
+    grads = rows["grad"]
+    _adafactor_check_grads(grads, params, [what("grad", k) for k in range(n)], wstart, wend)
+    values = _adafactor_kernel_values(h)
+    plans = []
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        idx = [i for i, p in enumerate(params) if p.dtype == dtype]
+        table = _adafactor_table([params[i] for i in idx], [grads[i] for i in idx],
+                                 [state[i] for i in idx])
+        plan = _dispatch.kernels.AdafactorPlan([params[i].shape for i in idx],
+                                               dtype == np.float64, table)
+        plan.set_hyper(values)
+        plans.append(plan)
+    for plan in plans:
+        plan.run(h["lr"], step, nthreads)
+
+
+def _adafactor_grad_addresses(grads, params, labels, wstart, wend) -> np.ndarray:
+    """The grads' data addresses, each grad checked (see ``_adafactor_check_grads``): the
+    common case in one native pass (addresses, sizes, types, layout) and a few vectorised
+    comparisons; any failure is then reported by the per-grad checks."""
+    n = len(params)
+    addrs = np.empty(n, dtype=np.intp)
+    sizes = np.empty(n, dtype=np.intp)
+    types = np.empty(n, dtype=np.intc)
+    ok = _dispatch.kernels.collect_arrays(grads, addrs, sizes, types, False) < 0
+    if ok:
+        ok = all(g.dtype == p.dtype and g.shape == p.shape for g, p in zip(grads, params))
+    if ok and len(wstart):
+        nbytes = np.array([g.nbytes for g in grads], dtype=np.int64)
+        start = addrs.astype(np.int64)
+        j = np.searchsorted(wstart, start + nbytes, side="left")
+        ok = not np.any((nbytes > 0) & (j > 0) & (wend[np.maximum(j - 1, 0)] > start))
+    if not ok:
+        _adafactor_check_grads(grads, params, labels, wstart, wend)
+    return addrs
+
+
+def _adafactor_check_grads(grads, params, labels, wstart, wend) -> None:
+    """Each grad an aligned C-contiguous array of its param's dtype and shape, outside the
+    sorted written byte ranges [wstart, wend); the gradient checks' messages."""
+    for g, p, what in zip(grads, params, labels):
+        code = None
+        if not isinstance(g, np.ndarray):
+            code = GATHER_NOT_ARRAY
+        elif g.dtype != p.dtype:
+            code = GATHER_DTYPE
+        elif g.shape != p.shape:
+            code = GATHER_SHAPE
+        elif not g.flags.c_contiguous:
+            code = GATHER_NOT_CONTIGUOUS
+        elif not g.flags.aligned:
+            code = GATHER_MISALIGNED
+        elif g.nbytes:
+            lo, hi = _validation.byte_range(g)
+            j = int(np.searchsorted(wstart, hi, side="left"))
+            if j > 0 and wend[j - 1] > lo:
+                code = GATHER_OVERLAP
+        if code is not None:
+            _validation.raise_gather_error(code, g, p, what)
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor: second moments factored into per-row and per-column averages.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32 or float64 arrays, updated in place
+    lr : float or callable, default 1e-2 (the largest relative step size, and the weight decay's
+        factor, as torch)
+    beta2_decay : float, default -0.8 (:math:`\tau`; the running averages' weight is
+        :math:`t^\tau`)
+    eps : (float or None, float), default (None, 1e-3): :math:`\epsilon_1` (None: the params'
+        machine epsilon) stabilises the variance estimate, :math:`\epsilon_2` is the smallest
+        parameter RMS the step is scaled by
+    d : float, default 1 (the update's RMS is clipped to d)
+    weight_decay : float, default 0 (decoupled: the params are scaled by
+        :math:`1 - \eta\lambda`)
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals : bool, default False (see the module docstring)
+    state_dtype, half_out, rounding, seed, bfloat16_bits :
+        taken for a common signature: Adafactor runs float32 and float64 arrays only, so
+        ``half_out`` and a ``state_dtype`` other than the params' are refused;
+        ``rounding``/``seed`` have no effect on these types.
+
+    Notes
+    -----
+    As torch.optim.Adafactor (Shazeer and Stern, 2018, with torch's placement of
+    :math:`\epsilon_1` and of the learning rate). Per tensor, at step :math:`t` (``step_count
+    + 1``), with :math:`G` the gradient (negated when maximizing):
+
+    .. math::
+        \rho_t &= \min(\eta, 1/\sqrt t), \qquad
+        \alpha_t = \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\rho_t \\
+        \theta &\leftarrow \theta_{t-1}(1 - \eta\lambda) \\
+        R_t &= \operatorname{lerp}(R_{t-1}, \operatorname{mean}_{\text{cols}} G^2, t^\tau),
+        \quad C_t = \operatorname{lerp}(C_{t-1}, \operatorname{mean}_{\text{rows}} G^2,
+        t^\tau), \quad \hat V_t = \frac{R_t C_t}{\max(\operatorname{mean}(R_t), \epsilon_1)}
+        \ \text{(2 or more dims)} \\
+        \hat V_t &= V_t = \operatorname{lerp}(V_{t-1}, G^2, t^\tau) \ \text{(0-D, 1-D)} \\
+        U_t &= G / \sqrt{\max(\hat V_t, \epsilon_1^2)}, \qquad
+        \theta_t = \theta - \frac{\alpha_t}{\max(1, \operatorname{RMS}(U_t)/d)}\, U_t
+
+    A param of two or more dimensions is factored over its last two (the leading ones are
+    independent slices): its state is ``row_var`` of shape (..., R, 1) and ``col_var`` of
+    shape (..., 1, C), as torch keeps them; other params keep ``variance``, of their own
+    shape. ``state_dict()["state"][key]`` holds the buffers of that param only.
+
+    Design: the update is not element-wise (each tensor needs its param's norm, its grad's
+    row and column mean squares and its update's RMS before the param is written), so it does
+    not run through the element-wise Plan. Each dtype's tensors are one ``AdafactorPlan``
+    (src/_updates_factored.pxi): a few parallel passes over units of work fixed by the shapes
+    (runs of whole rows, or of elements), whose partial sums are combined in a fixed order, so
+    the result does not depend on the number of threads. Bytes moved per element: 6 element
+    sizes for factored tensors (A reads param and grad, C reads grad, D reads both and writes
+    the param), 8 for the others (A and D each read param, grad and variance and write one of
+    them). A FlatParams is updated through its named views (the state is per named tensor,
+    of its own shape); one with a half twin is refused.
+
+    Examples
+    --------
+    A vector keeps ``variance``. At the first step the average is the squared gradient, so
+    the update is the gradient's sign; its RMS is 1 and every element moves by
+    :math:`\alpha = \max(10^{-3}, \operatorname{RMS}(\theta))\,\min(0.01, 1) = 0.01
+    \sqrt{21.5} = 0.046368`:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([3.0, -4.0, 5.0, 6.0])             # RMS sqrt(21.5)
+    >>> opt = lrfast.Adafactor([w])
+    >>> opt.step([np.array([0.5, -2.0, 1.0, 4.0])])
+    True
+    >>> w.round(6).tolist()
+    [2.953632, -3.953632, 4.953632, 5.953632]
+    >>> m = np.ones((2, 3))
+    >>> opt = lrfast.Adafactor({"m": m})
+    >>> {k: v.shape for k, v in opt.state_dict()["state"]["m"].items()}
+    {'row_var': (2, 1), 'col_var': (1, 3)}
+    """
+
+    _spec = OPTIMIZERS["Adafactor"]
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        # A FlatParams is optimized through its named views (each tensor's own shape: the
+        # factored state needs it), its grads read from its grad buffer's views.
+        self._af_flat = params if isinstance(params, FlatParams) else None
+        if self._af_flat is not None:
+            if self._af_flat.half is not None:
+                raise ValueError("Adafactor does not write half copies: it cannot update a "
+                                 "FlatParams with a half twin")
+            params = dict(self._af_flat.params)
+        if half_out is not None:
+            raise ValueError("Adafactor does not write half copies (half_out): it updates "
+                             "float32 and float64 params only")
+        super().__init__(params, locals())
+
+    def _allocate(self) -> None:
+        for p, st, what in zip(self._params, self._storages,
+                               [label("params", k) for k in self._keys]):
+            if st not in ("float32", "float64"):
+                raise TypeError(f"{what} has dtype {p.dtype}: Adafactor updates float32 and "
+                                "float64 arrays only")
+            if self._state_dtype_of(p) != p.dtype:
+                raise TypeError(f"state_dtype={self._state_dtype}: Adafactor keeps its state "
+                                f"in the params' dtype ({what} is {p.dtype})")
+        shapes = [_adafactor_state_shapes(p.shape) for p in self._params]
+        self._views = [dict() for _ in self._params]
+        written = list(self._params)
+        self._af_plans = []
+        for dtype in dict.fromkeys(p.dtype for p in self._params):
+            idx = [i for i, p in enumerate(self._params) if p.dtype == dtype]
+            sizes = [int(np.prod(s)) for i in idx for s in shapes[i].values()]
+            flat = np.zeros(sum(sizes), dtype=dtype)
+            written.append(flat)
+            at = 0
+            for i in idx:
+                for name, s in shapes[i].items():
+                    n = int(np.prod(s))
+                    self._views[i][name] = flat[at:at + n].reshape(s)
+                    at += n
+            params = [self._params[i] for i in idx]
+            table = _adafactor_table(params, params, [self._views[i] for i in idx])
+            plan = _dispatch.kernels.AdafactorPlan([p.shape for p in params],
+                                                   dtype == np.float64, table)
+            self._af_plans.append((np.array(idx, dtype=np.intp), table, plan))
+        ranges = sorted(_validation.byte_range(a) for a in written if a.nbytes > 0)
+        self._wstart = np.array([r[0] for r in ranges], dtype=np.int64)
+        self._wend = np.array([r[1] for r in ranges], dtype=np.int64)
+        self._sync_plans()
+
+    def _sync_plans(self):
+        values = _adafactor_kernel_values(self._update_values(self._hyper))
+        for _, _, plan in self._af_plans:
+            plan.set_hyper(values)
+            plan.set_options(self._flush_subnormals)
+
+    def _buffer_shape(self, name, param):
+        return _adafactor_state_shapes(param.shape).get(name)
+
+    def _buffers_of(self, param, active):
+        return tuple(_adafactor_state_shapes(param.shape))
+
+    @property
+    def params(self):
+        return dict(self._af_flat.params) if self._af_flat is not None else super().params
+
+    def _grad_list(self, grads):
+        flat = self._af_flat
+        if flat is None:
+            return super()._grad_list(grads)
+        if grads is None or grads is flat or grads is flat.grad or grads is flat.grads:
+            return [flat.grads[k] for k in self._keys]
+        raise TypeError("an optimizer over FlatParams reads the FlatParams' own grad buffer: "
+                        "call step() without arguments (write grads into flat.grads)")
+
+    def _grad_addresses(self, grads):
+        return _adafactor_grad_addresses(grads, self._params, self._labels, self._wstart,
+                                         self._wend)
+
+    def step(self, grads=None, *, grad_scale=1.0) -> bool:
+        """As :meth:`Optimizer.step` (``grads`` of the params' dtypes and shapes)."""
+        inv_scale = _inverse_scale(grad_scale)
+        if not self._busy.acquire(False):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() is already running in another thread; steps of "
+                "one optimizer must not overlap (use one optimizer per thread, or a lock)"
+            )
+        try:
+            grads = self._grad_list(grads)
+            addrs = self._grad_addresses(grads)
+            lr = self._hyper["lr"]
+            if callable(lr):
+                lr = lr_value(lr, self._step_count)
+            t = self._step_count + 1
+            nthreads = get_num_threads()
+            for idx, table, _ in self._af_plans:
+                table[1] = addrs[idx]
+            if self._skip_nonfinite:
+                sign = -inv_scale if self._hyper["maximize"] else inv_scale
+                if not all(plan.all_finite(sign, nthreads) for _, _, plan in self._af_plans):
+                    self._skipped += 1
+                    return False
+            for _, _, plan in self._af_plans:
+                plan.run(lr, t, nthreads, inv_scale)
+            self._step_count = t
+            self._last_lr = lr
+            return True
+        finally:
+            self._busy.release()
 
 
 # ------------------------------------------------------------------------------------------

@@ -490,6 +490,59 @@ def lars_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampenin
 # Factored second moments: Adafactor
 # ------------------------------------------------------------------------------------------
 
+__all__ += ["adafactor_"]
+
+
+def _rms(x):
+    """Root mean square of ``x``, summed in double."""
+    return math.sqrt(float(np.sum(np.square(x, dtype=np.float64)))) / x.size ** 0.5
+
+
+def adafactor_(param, grad, row_var, col_var, variance, *, step, lr, beta2_decay=-0.8,
+               eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False):
+    r"""Adafactor (torch.optim.Adafactor). Per tensor, with :math:`G` the gradient (negated when
+    maximizing) and :math:`w = t^{	au}` (:math:`	au` = ``beta2_decay``):
+
+    .. math::
+        ho &= \min(\eta, 1/\sqrt t), \qquad
+        lpha = \max(\epsilon_2, \operatorname{RMS}(	heta))\,ho \
+        	heta &\leftarrow 	heta (1 - \eta\lambda) \
+        R &\leftarrow \operatorname{lerp}(R, \operatorname{mean}_{-1} G^2, w), \quad
+        C \leftarrow \operatorname{lerp}(C, \operatorname{mean}_{-2} G^2, w), \quad
+        \hat V = rac{R\,C}{\max(\operatorname{mean}_{-2} R, \epsilon_1)}
+        \ 	ext{(two or more dimensions)} \
+        \hat V &= V \leftarrow \operatorname{lerp}(V, G^2, w) \ 	ext{(fewer)} \
+        U &= G / \sqrt{\max(\hat V, \epsilon_1^2)}, \qquad
+        	heta \leftarrow 	heta - rac{lpha}{\max(1, \operatorname{RMS}(U)/d)}\,U
+
+    ``row_var`` (..., R, 1) and ``col_var`` (..., 1, C) for params of two or more dimensions
+    (``variance`` None), ``variance`` shaped as the param otherwise (the others None); single
+    arrays or lists of them (None entries where a param has no such buffer). ``eps1`` None:
+    the param dtype's machine epsilon. Sums of squares are taken in double.
+    """
+    w = float(step) ** beta2_decay
+    rho = min(lr, 1 / float(step) ** 0.5)
+    for p, g, r, c, v in _tensors(param, grad, row_var, col_var, variance):
+        dt = p.dtype.type
+        e1 = float(np.finfo(p.dtype).eps) if eps1 is None else eps1
+        g = -g if maximize else g
+        if p.size == 0:
+            continue
+        alpha = max(eps2, _rms(p)) * rho
+        if weight_decay != 0:
+            p *= dt(1 - lr * weight_decay)
+        if p.ndim >= 2:
+            sq = np.square(g, dtype=np.float64)
+            _lerp_(r, np.mean(sq, axis=-1, keepdims=True).astype(p.dtype), w)
+            _lerp_(c, np.mean(sq, axis=-2, keepdims=True).astype(p.dtype), w)
+            m = np.mean(r, axis=-2, keepdims=True, dtype=np.float64).astype(p.dtype)
+            est = (r * c) / np.maximum(m, dt(e1))
+        else:
+            _lerp_(v, g * g, w)
+            est = v.copy()
+        u = (1 / np.sqrt(np.maximum(est, dt(e1 * e1)))) * g
+        p -= dt(alpha / max(1.0, _rms(u) / d)) * u
+
 
 # ------------------------------------------------------------------------------------------
 # Schedule-free AdamW and SGD

@@ -688,10 +688,12 @@ def _check_tensor_rules(defaults: dict[str, Any]) -> None:
                              "and foreach=True")
 
 
-def _make_class(spec: OptimizerSpec) -> type:
+def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
     """lrfast.torch's class for ``spec``: torch.optim's class of that name's signature (or,
     where torch has none, the spec's, with torch's implementation switches), torch's defaults
-    and state names, lrfast's kernel."""
+    and state names, lrfast's kernel. ``base``: the class it derives from (``_Optimizer``
+    unless an optimizer needs its own step)."""
+    base = _Optimizer if base is None else base
     t = spec.torch
     torch_cls = getattr(torch.optim, t.cls, None) if t is not None and t.cls else None
     if torch_cls is not None:
@@ -711,7 +713,7 @@ def _make_class(spec: OptimizerSpec) -> type:
         bound.apply_defaults()
         defaults = {k: v for k, v in bound.arguments.items() if k != "params"}
         defaults.update(fixed_entries)
-        _Optimizer.__init__(self, params, defaults, **extra)
+        base.__init__(self, params, defaults, **extra)
 
     buffers = ", ".join(f"``{b.name}``" for b in spec.update.buffers)
     doc = (f"{spec.name} over torch tensors: "
@@ -724,14 +726,174 @@ def _make_class(spec: OptimizerSpec) -> type:
            "kernels; ``torch.float32`` for bfloat16/float16 params), ``rounding`` "
            "(``'nearest'`` or ``'stochastic'``) and ``seed``; see :mod:`lrfast.torch`.\n")
     __init__.__signature__ = sig  # type: ignore[attr-defined]
-    cls = type(spec.name, (_Optimizer,), {
+    cls = type(spec.name, (base,), {
         "__init__": __init__, "__doc__": doc, "__module__": __name__,
         "__qualname__": spec.name, "_spec": spec})
     cls.__signature__ = sig  # type: ignore[attr-defined]
     return cls
 
 
-globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()})
+
+# ------------------------------------------------------------------------------------------
+# Factored second moments: Adafactor
+# ------------------------------------------------------------------------------------------
+
+def _adafactor_shapes(shape) -> dict[str, tuple]:
+    from .optim import _adafactor_state_shapes
+
+    return _adafactor_state_shapes(tuple(shape))
+
+
+class _Adafactor(_Optimizer):
+    """lrfast.torch.Adafactor's base: torch's state (``step``; ``row_var`` (..., R, 1) and
+    ``col_var`` (..., 1, C) for params of two or more dimensions, ``variance`` for the others)
+    and a step of its own, since the update is not element-wise: per group, the params with a
+    gradient, bucketed by (dtype, step count), each bucket one ``AdafactorPlan`` call (see
+    :class:`lrfast.Adafactor`). As torch's, ``eps1=None`` is the machine epsilon of the
+    group's first param with a gradient, complex params are refused at the step, and the state
+    is made at a param's first step. float32 and float64 params only (bfloat16/float16 and
+    DTensor params are refused when added: use torch.optim.Adafactor for them)."""
+
+    def _state_dtype_for(self, p: torch.Tensor, where: str = "a parameter") -> torch.dtype:
+        if self._state_dtype is not None and self._state_dtype != p.dtype:
+            raise ValueError(f"state_dtype={self._state_dtype} is not available for {where} "
+                             f"of dtype {p.dtype}: Adafactor keeps its state in the param's "
+                             "dtype")
+        return p.dtype
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for k, p in enumerate(group["params"]):
+            bad = None
+            if _is_dtensor(p):
+                bad = "a DTensor (its row and column statistics span the whole tensor)"
+            elif p.dtype in _HALF:
+                bad = f"of dtype {p.dtype}"
+            if bad is not None:
+                self.param_groups.pop()
+                raise TypeError(f"parameter {k} of group {len(self.param_groups)} is {bad}: "
+                                "lrfast.torch.Adafactor updates float32 and float64 tensors "
+                                "(use torch.optim.Adafactor)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, then a check of every loaded buffer (torch's shapes for
+        its param, the param's dtype, on the CPU); on a mismatch nothing is kept."""
+        saved = ({p: dict(st) for p, st in self.state.items()},
+                 [{k: v for k, v in g.items()} for g in self.param_groups])
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        try:
+            for gi, group in enumerate(self.param_groups):
+                self._hyper(group)
+                for k, p in enumerate(group["params"]):
+                    st = self.state.get(p)
+                    if not st:
+                        continue
+                    shapes = _adafactor_shapes(p.shape)
+                    names = set(st) - {"step"}
+                    if names != set(shapes) or "step" not in st:
+                        raise ValueError(f"the state of parameter {k} of group {gi} must hold "
+                                         f"{sorted(['step', *shapes])}, got {sorted(st)}")
+                    for name in names:
+                        buf = st[name]
+                        if (not isinstance(buf, torch.Tensor) or buf.shape != shapes[name]
+                                or buf.dtype != p.dtype or buf.device != p.device
+                                or buf.layout is not torch.strided):
+                            got = (f"{tuple(buf.shape)} {buf.dtype} on {buf.device}"
+                                   if isinstance(buf, torch.Tensor) else type(buf).__name__)
+                            raise ValueError(f"state {name!r} of parameter {k} of group {gi} "
+                                             f"must be {shapes[name]} {p.dtype} on "
+                                             f"{p.device}, got {got}")
+                        if not buf.is_contiguous():
+                            st[name] = buf.contiguous()
+        except Exception:
+            self.state.clear()
+            self.state.update(saved[0])
+            for group, old in zip(self.param_groups, saved[1]):
+                group.clear()
+                group.update(old)
+            raise
+        self._plans.clear()
+
+    def _step_groups(self, outs=None, kernel_steps=None, **_unused):
+        nthreads = get_num_threads()
+        work = []
+        # Every group and gradient is checked before any state is made or memory written.
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._hyper(group)
+            grads = self._checked_grads(gi, group)
+            for k, (p, g, _) in enumerate(grads):
+                if p.is_complex():
+                    raise RuntimeError("Adafactor does not support complex parameters")
+                if g.dtype != p.dtype:
+                    raise ValueError(f"the gradient of a parameter of group {gi} is {g.dtype}, "
+                                     f"the parameter {p.dtype}: lrfast.torch.Adafactor takes "
+                                     "gradients of the param's dtype")
+            work.append((hyper, grads))
+        self._calls += 1
+        cache = self.__dict__.setdefault("_af_cache", {})
+        for hyper, grads in work:
+            if not grads:
+                continue
+            h = dict(hyper)
+            if h["eps1"] is None:  # torch: the first param with a gradient sets it
+                h["eps1"] = torch.finfo(grads[0][0].dtype).eps
+            from .optim import _adafactor_kernel_values
+
+            values = _adafactor_kernel_values(h)
+            states = []
+            for p, _, _ in grads:
+                st = self.state[p]
+                if len(st) == 0:
+                    st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                    for name, shape in _adafactor_shapes(p.shape).items():
+                        st[name] = torch.zeros(shape, dtype=p.dtype)
+                states.append(st)
+            buckets: dict[tuple, list[int]] = {}
+            for i, ((p, _, _), st) in enumerate(zip(grads, states)):
+                buckets.setdefault((p.dtype, float(st["step"])), []).append(i)
+            for (dtype, step), idx in buckets.items():
+                params = [grads[i][0] for i in idx]
+                targets = [p if p.is_contiguous() else p.contiguous() for p in params]
+                key = (dtype, tuple(tuple(p.shape) for p in params))
+                entry = cache.get(key)
+                if entry is None:
+                    if len(cache) >= 64:
+                        cache.clear()
+                    table = np.zeros((4, len(idx)), dtype=np.intp)
+                    plan = _dispatch.kernels.AdafactorPlan(
+                        [p.shape for p in params], dtype == torch.float64, table)
+                    entry = cache[key] = (plan, table)
+                plan, table = entry
+                for j, (i, w) in enumerate(zip(idx, targets)):
+                    st = states[i]
+                    a = st.get("row_var", st.get("variance"))
+                    c = st.get("col_var")
+                    table[0, j] = w.data_ptr()
+                    table[1, j] = grads[i][1].data_ptr()
+                    table[2, j] = a.data_ptr()
+                    table[3, j] = 0 if c is None else c.data_ptr()
+                plan.set_hyper(values)
+                plan.run(hyper["lr"], int(step) + 1, nthreads)
+                for i, w, p in zip(idx, targets, params):
+                    if w is not p:
+                        p.copy_(w)
+                    states[i]["step"].add_(1)
+
+
+# Optimizers whose class derives from a base of its own (above) rather than _Optimizer.
+_OWN_STEP = {"Adafactor": _Adafactor}
+globals().update({name: _make_class(OPTIMIZERS[name], base) for name, base in _OWN_STEP.items()})
+# Its buffers depend on each param's shape, not on the hyper-parameters: say so.
+globals()["Adafactor"].__doc__ = (
+    "Adafactor over torch tensors: torch.optim.Adafactor's signature, defaults and state dict "
+    "format, run by lrfast's kernel.\n\nThe update is :class:`lrfast.Adafactor`'s. State per "
+    "param, as torch names it: ``step``; ``row_var`` (..., R, 1) and ``col_var`` (..., 1, C) "
+    "for params of two or more dimensions, ``variance`` for the others.\n\n"
+    + (_Adafactor.__doc__ or ""))
+
+globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()
+                  if name not in _OWN_STEP})
 
 # ------------------------------------------------------------------------------------------
 # Per-tensor trust ratios: LAMB, LARS (timm's Lamb and Lars)

@@ -121,6 +121,9 @@ def _assert_bitwise(got, expected, what):
 @pytest.mark.parametrize("case", CONFIGS, ids=config_id)
 def test_every_optimizer_and_type_combination_is_bitwise_the_reference(case, combo, rounding):
     name, hyper, _ = case
+    if name == "Adafactor":
+        pytest.skip("Adafactor updates float32/float64 only: its per-tensor passes do not run "
+                    "through the half-precision tile driver (refusal tested in test_factored)")
     bits = ml_dtypes is None or hash((name, combo, rounding)) % 2 == 0
     opt, params, half, rp, rstate, rhalf, P, S, O = _run_both(name, hyper, combo, rounding, bits)
     sd = opt.state_dict()["state"]

@@ -66,6 +66,9 @@ def assert_close_runs(fast, ref, dtype):
     tol = tolerances(dtype)
     np.testing.assert_allclose(fast.params[0], ref.params[0], **tol)
     for name in ref.state:
+        if ref.state[name][0] is None:  # a buffer this param's shape has not (Adafactor)
+            assert fast.state[name][0] is None, name
+            continue
         np.testing.assert_allclose(fast.state[name][0], ref.state[name][0], err_msg=name, **tol)
 
 

@@ -32,14 +32,16 @@ def assert_close(actual, desired, dtype, msg):
 @pytest.mark.parametrize("case", [c for c in CONFIGS if c[2]], ids=config_id)
 def test_matches_torch(case, dtype):
     name, hyper, _ = case
-    params = make_params(SHAPES, dtype)
+    # torch's Adafactor divides by an empty param's size (ZeroDivisionError): not that one.
+    shapes = [s for s in SHAPES if np.prod(s)] if name == "Adafactor" else SHAPES
+    params = make_params(shapes, dtype)
     tparams = [torch.tensor(p.copy(), requires_grad=True) for p in params]
     torch_hyper = {k: v for k, v in hyper.items()}
     topt = TORCH_CLASSES[name](tparams, foreach=False, **torch_hyper)
     opt = OPTIMIZERS[name](params, **hyper)
     rng = np.random.default_rng(7)
     for _ in range(STEPS):
-        grads = make_grads(SHAPES, dtype, rng)
+        grads = make_grads(shapes, dtype, rng)
         for tp, g in zip(tparams, grads):
             tp.grad = torch.from_numpy(g.copy())
         topt.step()

@@ -106,6 +106,9 @@ def assert_bitwise(run, params, opt, pdtype, sdtype):
 @pytest.mark.parametrize("case", TORCH_CONFIGS, ids=config_id)
 def test_half_params_match_reference_bitwise(case, dtype, state_dtype):
     name, hyper, _ = case
+    if name == "Adafactor":
+        pytest.skip("lrfast.torch.Adafactor updates float32/float64 only (refusal tested in "
+                    "test_factored)")
     torch.manual_seed(0)
     params = [torch.randn(s).to(dtype).requires_grad_() for s in SHAPES]
     sdtype = state_dtype or dtype
@@ -223,6 +226,9 @@ def test_float32_params_with_half_grads_match_reference_bitwise(case, gdtype):
     """torch 2.13's ``p.grad_dtype`` lets autograd make a bfloat16/float16 gradient for a
     float32 param; the kernel widens it as it reads it (state and params stay float32)."""
     name, hyper, _ = case
+    if name == "Adafactor":
+        pytest.skip("lrfast.torch.Adafactor takes gradients of the param's dtype only "
+                    "(refusal tested in test_factored)")
     torch.manual_seed(1)
     params = [torch.randn(s).requires_grad_() for s in SHAPES]
     for p in params:

@@ -35,6 +35,9 @@ NAMES = tuple(name for name, spec in SPECS.items()
               if spec.torch is not None and spec.torch.cls == name)
 INFOS = {info.optim_cls.__name__: info for info in common.optim_db
          if info.optim_cls.__name__ in NAMES and info.optim_cls.__module__.startswith("torch.")}
+# torch.optim's classes that refuse complex params (at the step): no complex lockstep for them
+# (the refusal itself is one of their registry error inputs).
+REAL_ONLY = {"Adafactor"}
 FLAGS = ("maximize", "foreach", "differentiable", "fused", "capturable",
          "decoupled_weight_decay")
 
@@ -125,6 +128,8 @@ def assert_same(theirs, ours, dtype):
 def test_every_registry_config_matches_torch(cid, name, kwargs, dtype):
     if dtype.is_complex and kwargs.get("fused"):
         pytest.skip("torch's fused kernels take no complex params")
+    if dtype.is_complex and name in REAL_ONLY:
+        pytest.skip(f"torch's {name} refuses complex params")
     theirs, ours = lockstep(name, kwargs, dtype)
     assert_same(theirs, ours, dtype)
     # Same state dict layout: the same keys per param and the same group entries.
@@ -174,6 +179,9 @@ def older(state_dict, drop_step_tensors=False):
 @pytest.mark.parametrize("numbers", [False, True], ids=["tensor-steps", "number-steps"])
 @pytest.mark.parametrize("cid, name, kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_older_state_dicts_load_and_continue_as_in_torch(cid, name, kwargs, numbers):
+    if name == "Adafactor":
+        pytest.skip("torch's Adafactor cannot step after loading a state dict without "
+                    "'maximize' (its __setstate__ gives no default)")
     dtype = torch.float64
     theirs, ours = lockstep(name, kwargs, dtype, steps=3)
     saved = older(theirs.state_dict(), numbers)
@@ -253,6 +261,8 @@ def test_hyper_parameters_are_checked_before_params_are_read():
 def test_complex_params_update_as_their_real_view(name):
     """A complex param and its real view (a float param) follow the same trajectory, with
     complex state buffers, as in torch's test_complex; a float param may share the group."""
+    if name in REAL_ONLY:
+        pytest.skip(f"torch's {name} refuses complex params")
     kwargs = dict(lr=0.01, weight_decay=0.1) if name != "SGD" else dict(lr=0.01, momentum=0.9)
     if "weight_decay" not in SPECS[name].arguments:     # (Rprop)
         kwargs.pop("weight_decay")
