@@ -815,7 +815,7 @@ class _Adafactor(_Optimizer):
             raise
         self._plans.clear()
 
-    def _step_groups(self, outs=None, kernel_steps=None, **_unused):
+    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None):
         nthreads = get_num_threads()
         work = []
         # Every group and gradient is checked before any state is made or memory written.

@@ -179,26 +179,7 @@ cdef inline double _norm_loop(const floating* x, Py_ssize_t n, int kind, double 
         for i in range(m, n):
             s0 += fabs(<double>x[i])
     else:
-        for i in range(0, m, 8):
-            d = x[i]
-            s0 += d * d
-            d = x[i + 1]
-            s1 += d * d
-            d = x[i + 2]
-            s2 += d * d
-            d = x[i + 3]
-            s3 += d * d
-            d = x[i + 4]
-            s4 += d * d
-            d = x[i + 5]
-            s5 += d * d
-            d = x[i + 6]
-            s6 += d * d
-            d = x[i + 7]
-            s7 += d * d
-        for i in range(m, n):
-            d = x[i]
-            s0 += d * d
+        return _sumsq(x, n)
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 

@@ -103,28 +103,6 @@ cdef struct AFStep:
     bint ftz  # the passes run with flush-to-zero on
 
 
-cdef inline double _lanes_sum(const double* lanes) noexcept nogil:
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + \
-           ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-
-
-cdef inline double _af_sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
-    """Sum of x^2 in double, in a fixed lane order."""
-    cdef double lanes[AF_LANES]
-    cdef double t, tail = 0.0
-    cdef Py_ssize_t i, j, m = n - n % AF_LANES
-    for j in range(AF_LANES):
-        lanes[j] = 0.0
-    for i in range(0, m, 8):  # AF_LANES
-        for j in range(AF_LANES):
-            t = <double>x[i + j]
-            lanes[j] += t * t
-    for i in range(m, n):
-        t = <double>x[i]
-        tail += t * t
-    return _lanes_sum(lanes) + tail
-
-
 cdef inline double _af_row(const floating* g, Py_ssize_t n, floating fac,
                            double* col) noexcept nogil:
     """Sum over a grad row of (fac g)^2 in double; each square is also added to ``col``."""
@@ -178,7 +156,7 @@ cdef void _af_pass_a(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
         for r in range(lo, hi):
             t = _af_row(g + r * C, C, fac, col)
             a[r] = _af_lerp(a[r], <floating>(t / C), w)
-        s.accp[u] = _af_sumsq(p + lo * C, (hi - lo) * C)
+        s.accp[u] = _sumsq(p + lo * C, (hi - lo) * C)
         return
     # unfactored: elements [lo, hi); variance lerped, and the update's squares
     n = hi - lo
@@ -203,7 +181,7 @@ cdef void _af_pass_a(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
         ui = (1 / _sqrt(vi)) * gi
         tail += <double>ui * <double>ui
     s.accu[u] = _lanes_sum(lanes) + tail
-    s.accp[u] = _af_sumsq(p, n)
+    s.accp[u] = _sumsq(p, n)
 
 
 cdef void _af_pass_b(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nogil:

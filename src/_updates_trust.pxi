@@ -271,37 +271,6 @@ cdef enum:
     SUM_TILE = 256
 
 
-cdef inline double _lanes_sum(const double* s) noexcept nogil:
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
-
-
-cdef inline double _tile_sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
-    """sum x^2 in double, eight running sums combined in a fixed order (they vectorise)."""
-    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, d
-    cdef Py_ssize_t i, m = n - n % 8
-    for i in range(0, m, 8):
-        d = x[i]
-        s0 += d * d
-        d = x[i + 1]
-        s1 += d * d
-        d = x[i + 2]
-        s2 += d * d
-        d = x[i + 3]
-        s3 += d * d
-        d = x[i + 4]
-        s4 += d * d
-        d = x[i + 5]
-        s5 += d * d
-        d = x[i + 6]
-        s6 += d * d
-        d = x[i + 7]
-        s7 += d * d
-    for i in range(m, n):
-        d = x[i]
-        s0 += d * d
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-
-
 # What a read-only LAMB pass sums (types, as the switches above).
 cdef struct SumsPlain:  # pass 1 without caution: sum p^2, sum u^2
     char unused
@@ -362,8 +331,8 @@ cdef void _lamb_sums_loop(const floating* p, const floating* g, const floating* 
                     ui = ui + wd * pi
                 ut[k] = ui
         if sums_k is not SumsMasked:
-            sp += _tile_sumsq(pt, count)
-        su += _tile_sumsq(ut, count)
+            sp += _sumsq(pt, count)
+        su += _sumsq(ut, count)
         start += count
     if sums_k is SumsPlain:
         acc[LAMB_SP] += sp
