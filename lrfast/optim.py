@@ -889,9 +889,9 @@ class NAdam(Optimizer):
     >>> opt.step([np.array([0.5, -3.0])])
     True
     >>> w.round(6).tolist()
-    NADAM_EXAMPLE
+    [0.894355, -1.894355]
     >>> float(opt.state_dict()["state"][0]["mu_product"])
-    NADAM_PRODUCT
+    0.45007347359129607
     """
 
     _spec = OPTIMIZERS["NAdam"]
@@ -942,14 +942,14 @@ class ASGD(Optimizer):
     >>> import numpy as np
     >>> import lrfast
     >>> w = np.array([1.0, -2.0])
-    >>> opt = lrfast.ASGD([w], lr=0.1, t0=1)
+    >>> opt = lrfast.ASGD([w], lr=0.1)
     >>> opt.step([np.array([0.5, -3.0])])
     True
     >>> w.round(6).tolist()
-    ASGD_EXAMPLE
+    [0.94999, -1.69998]
     >>> st = opt.state_dict()["state"][0]
     >>> round(float(st["eta"]), 6), float(st["mu"])
-    ASGD_ETA
+    (0.099999, 1.0)
     """
 
     _spec = OPTIMIZERS["ASGD"]

@@ -43,6 +43,13 @@ CONFIGS += [
 ]
 # Updates with per-step scalar state: NAdam, ASGD
 CONFIGS += [
+    ("NAdam", dict(lr=0.01), True),
+    ("NAdam", dict(lr=0.01, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1, momentum_decay=0.05),
+     True),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True), True),
+    ("ASGD", dict(lr=0.01), True),
+    ("ASGD", dict(lr=0.05, lambd=0.01, alpha=0.5, t0=2, weight_decay=0.1), True),
+    ("ASGD", dict(lr=0.05, lambd=0.001, t0=0, maximize=True), True),
 ]
 # Updates from outside torch.optim: Lion, ADOPT
 CONFIGS += [
@@ -97,6 +104,15 @@ class ReferenceRun:
             buf: [np.full_like(p, update.initial_value(buf, self.values)) for p in self.params]
             for buf in update.state_buffers(self.values)
         }
+        # Scalar state (NAdam's mu_product, ASGD's eta and mu): one 0-d array shared by the
+        # params, which step together; float64 for float64 params, else float32.
+        sdtype = np.float64 if self.params and self.params[0].dtype == np.float64 else np.float32
+        for name in update.scalar_names(self.values):
+            value = update.initial_value(name, self.values)
+            if callable(value):  # a schedule: its first value
+                value = value(0)
+            shared = np.array(value, dtype=sdtype)
+            self.state[name] = [shared] * len(self.params)
 
     def step(self, grads):
         self.t += 1
@@ -113,6 +129,8 @@ class ReferenceRun:
 
         args = [arrays(self.params), grads] + [arrays(self.state.get(b.name))
                                                for b in update.buffers if not b.keyword]
+        # the scalar state: one 0-d array per call
+        args += [self.state[b.name][0] for b in update.scalar_state]
         kwargs = {h.name: self.values[h.name] for h in update.hypers if h.functional}
         kwargs.update({b.argname: arrays(self.state.get(b.name))
                        for b in update.buffers if b.keyword})
