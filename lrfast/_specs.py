@@ -76,6 +76,10 @@ def real(name: str) -> Callable[[Any], float]:
 # The description of an update
 # ------------------------------------------------------------------------------------------
 
+def _no_rounding(x: float, fresh: bool = False) -> float:
+    return float(x)
+
+
 @dataclass(frozen=True)
 class Hyper:
     """A hyper-parameter: name, default, check; ``functional=False`` for one that only sets
@@ -133,8 +137,10 @@ class Update:
     # kernel's address table, and the rule that advances it: ``advance(h, step, lr, state,
     # rnd)`` with the validated hyper-parameters, the 1-based step, this step's lr and the
     # current values ({name: float}) returns (the kernel's per-step ``scalars``, the new
-    # values); ``rnd`` rounds a float to the state's element type (float32 or float64), as a
-    # 0-d tensor of that type stores it. Called only for a step that runs.
+    # values); ``rnd(x, fresh=False)`` rounds a float to the state's element type (float32 or
+    # float64), as a 0-d tensor of that type stores it (``fresh``: a value torch makes as a new
+    # tensor of its default dtype before copying it into the state; only lrfast.torch rounds
+    # those differently). Called only for a step that runs.
     scalar_state: tuple = ()
     advance: Optional[Callable[..., tuple]] = None
 
@@ -173,11 +179,13 @@ class Update:
         return tuple(b.name for b in self.scalar_state if b.is_used(h))
 
     def step_scalars(self, h: dict, step: int, lr: float, state: dict,
-                     rnd: Callable[[float], float] = float) -> tuple:
+                     rnd: Optional[Callable[..., float]] = None) -> tuple:
         """(the kernel's per-step scalars, the new scalar state) for the step ``step`` (see
         ``advance``); ``((), {})`` for an update without scalar state."""
         if self.advance is None:
             return (), {}
+        if rnd is None:
+            rnd = _no_rounding
         return self.advance(h, step, lr, state, rnd)
 
     def initial_value(self, name: str, h: dict) -> float:
@@ -527,8 +535,9 @@ NADAM_UPDATE = Update(
 def _asgd_advance(h, step, lr, state, rnd):
     # torch's update reads eta and mu as they are, then sets the next ones from this step's
     # number and lr: eta = lr / (1 + lambd lr t)^alpha, mu = 1 / max(1, t - t0).
-    eta = rnd(lr / ((1 + h["lambd"] * lr * step) ** h["alpha"]))
-    mu = rnd(1 / max(1, step - h["t0"]))
+    # (torch makes each as a tensor of the default dtype and copies it into the state: fresh)
+    eta = rnd(lr / ((1 + h["lambd"] * lr * step) ** h["alpha"]), True)
+    mu = rnd(1 / max(1, step - h["t0"]), True)
     return (state["eta"], state["mu"]), {"eta": eta, "mu": mu}
 
 

@@ -202,7 +202,7 @@ def _apply(update: Update, a: dict) -> None:
     arrays = _scalar_state(update, a, h)
     rnd = next(iter(arrays.values())).dtype.type
     scalars, new = update.step_scalars(h, step, h["lr"], {n: float(x) for n, x in arrays.items()},
-                                       lambda x: float(rnd(x)))
+                                       lambda x, fresh=False: float(rnd(x)))
     _run(update, named, h, step, {name: a[name] for name in _OPTIONS}, scalars)
     for name, value in new.items():  # only once the update has run
         arrays[name][...] = value

@@ -253,7 +253,7 @@ class Optimizer:
         for arrays in self._scalars:
             rnd = next(iter(arrays.values())).dtype.type
             out.append(update.step_scalars(h, t, lr, {n: float(a) for n, a in arrays.items()},
-                                           lambda x: float(rnd(x))))
+                                           lambda x, fresh=False: float(rnd(x))))
         return out
 
     def _step_banks(self, grads, lr, t, nthreads, inv_scale, scalars):

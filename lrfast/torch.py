@@ -118,8 +118,8 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _rounder(dtype: torch.dtype):
-    """``x -> x`` rounded to ``dtype`` as a 0-d tensor of it stores it (scalar state)."""
+def _round_to(dtype: torch.dtype):
+    """``x -> x`` rounded to ``dtype`` as a 0-d tensor of it stores it."""
     if dtype == torch.float64:
         return float
     if dtype == torch.float32:
@@ -129,6 +129,21 @@ def _rounder(dtype: torch.dtype):
     def rnd(x):
         box.fill_(x)
         return box.item()
+    return rnd
+
+
+def _rounder(dtype: torch.dtype):
+    """The scalar state's rounding (see ``Update.advance``): to ``dtype``, the state's type;
+    a ``fresh`` value, which torch makes as a tensor of the default dtype
+    (``torch.as_tensor(x)``) and copies into the state, to the default dtype first."""
+    to_state = _round_to(dtype)
+    default = torch.get_default_dtype()
+    to_default = _round_to(default) if default != dtype else None
+
+    def rnd(x, fresh=False):
+        if fresh and to_default is not None:
+            x = to_default(x)
+        return to_state(x)
     return rnd
 
 
