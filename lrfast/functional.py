@@ -196,7 +196,8 @@ def _apply(update: Update, a: dict) -> None:
         elif value is None:
             raise ValueError(update.missing_buffer_message(b))
         named.append((b.argname, value))
-    if not update.scalar_state:
+    empty = isinstance(a["param"], (list, tuple)) and not a["param"]
+    if not update.scalar_state or empty:  # (no tensors: no step, the scalar state stays)
         _run(update, named, h, step, {name: a[name] for name in _OPTIONS})
         return
     arrays = _scalar_state(update, a, h)

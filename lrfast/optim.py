@@ -338,6 +338,14 @@ class Optimizer:
     def lr(self, value):
         self._hyper = self._validate({**self._hyper, "lr": value})
         self._sync_plans()
+        if self._step_count == 0 and self._scalars:
+            # scalar state that starts at the lr (ASGD's eta) takes the lr of the first step,
+            # as torch's, made at that step
+            h = self._update_values(self._hyper)
+            for bank, arrays in zip(self._banks, self._scalars):
+                for name, arr in arrays.items():
+                    value = self._spec.update.initial_value(name, h)
+                    arr[...] = lr_value(value, 0) if callable(value) else value
 
     @property
     def hyperparams(self) -> dict:

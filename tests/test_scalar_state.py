@@ -414,6 +414,20 @@ def test_checkpoint_resume_is_exact(name, hyper, tmp_path):
     assert snapshot(resumed)[:3] == snapshot(full)[:3]
 
 
+def test_asgd_eta_starts_at_the_first_steps_lr():
+    w = np.ones(2)
+    opt = lrfast.ASGD([w], lr=0.1)
+    opt.lr = 0.2  # before the first step: torch makes eta at the first step, from its lr
+    assert float(opt.state_dict()["state"][0]["eta"]) == 0.2  # float64 params: float64 eta
+    opt.step([np.ones(2)])
+    opt.lr = 0.3  # after it: eta is state, and moves only by the update's rule
+    assert float(opt.state_dict()["state"][0]["eta"]) == 0.2 / (1 + 1e-4 * 0.2) ** 0.75
+    assert F.asgd_([], [], [], np.array(0.5), np.array(1.0), step=1, lr=0.1) is None
+    eta = np.array(0.5)
+    F.asgd_([], [], [], eta, np.array(1.0), step=1, lr=0.1)
+    assert eta == 0.5  # no tensors, no step
+
+
 def test_asgd_eta_starts_at_a_schedules_first_value():
     sched = lambda step: 0.1 / (1 + step)  # noqa: E731
     w = np.ones(2)
