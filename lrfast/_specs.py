@@ -38,6 +38,7 @@ from ._validation import (
 )
 
 REQUIRED = inspect.Parameter.empty
+_NAN = float("nan")
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,8 +198,10 @@ class Update:
         raise KeyError(name)
 
     def kernel_values(self, h: dict, kernels) -> list:
-        """The hyper-parameters in the order the kernel takes them (booleans as 0/1)."""
-        return [float(h[name]) for name in kernels.UPDATE_ARGS[self.name]]
+        """The hyper-parameters in the order the kernel takes them (booleans as 0/1; an
+        optional one that is None, such as ADOPT's clip_exp, as NaN)."""
+        return [_NAN if h[name] is None else float(h[name])
+                for name in kernels.UPDATE_ARGS[self.name]]
 
     def missing_buffer_message(self, b: Buffer) -> str:
         noun = b.argname if b.argname.endswith("buffer") else f"{b.argname} buffer"
@@ -290,13 +293,20 @@ class OptimizerSpec:
 
     def signature(self, leading=("params",), trailing=()) -> inspect.Signature:
         """The class's signature: ``leading`` positional names, the arguments (positional as the
-        spec says, the rest keyword-only), then ``trailing`` (name, default) keyword-only."""
+        spec says, the rest keyword-only), then ``trailing`` (name, default), keyword-only
+        unless the spec lists the name as positional. An argument named in ``trailing`` moves
+        there with its own default (lion-pytorch's decoupled_weight_decay follows a switch)."""
         P = inspect.Parameter
+
+        def kind(name):
+            return P.POSITIONAL_OR_KEYWORD if name in self.positional else P.KEYWORD_ONLY
+
+        placed = {n for n, _ in trailing}
         params = [P(n, P.POSITIONAL_OR_KEYWORD) for n in leading]
-        for name in self.arguments:
-            kind = P.POSITIONAL_OR_KEYWORD if name in self.positional else P.KEYWORD_ONLY
-            params.append(P(name, kind, default=self.default(name)))
-        params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in trailing]
+        params += [P(name, kind(name), default=self.default(name))
+                   for name in self.arguments if name not in placed]
+        params += [P(n, kind(n), default=self.default(n) if n in self.arguments else d)
+                   for n, d in trailing]
         return inspect.Signature(params)
 
     def expand(self, values: dict) -> dict:
@@ -438,7 +448,7 @@ UPDATES = {u.name: u for u in (SGD_UPDATE, ADAGRAD_UPDATE, RMSPROP_UPDATE, ADAM_
 # The optimizers
 # ------------------------------------------------------------------------------------------
 
-_ADAM_TORCH_OLDER = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+_ADAM_TM_TORCH_OLDER = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
                          differentiable=False, decoupled_weight_decay=False, fused=None)
 
 OPTIMIZERS = {
@@ -469,7 +479,7 @@ OPTIMIZERS = {
         fixed={"decoupled": False},
         pairs={"betas": ("beta1", "beta2")},
         torch=TorchSpec("Adam", renamed={"decoupled_weight_decay": "decoupled"},
-                        older=_ADAM_TORCH_OLDER, tensor_rules=True),
+                        older=_ADAM_TM_TORCH_OLDER, tensor_rules=True),
     ),
     "AdamW": OptimizerSpec(
         "AdamW", ADAM_UPDATE,
@@ -478,7 +488,7 @@ OPTIMIZERS = {
         fixed={"decoupled": True},
         pairs={"betas": ("beta1", "beta2")},
         torch=TorchSpec("AdamW", group={"decoupled_weight_decay": True},
-                        older=_ADAM_TORCH_OLDER, tensor_rules=True),
+                        older=_ADAM_TM_TORCH_OLDER, tensor_rules=True),
     ),
 }
 
@@ -496,6 +506,116 @@ def _add(*specs: OptimizerSpec) -> None:
 # ------------------------------------------------------------------------------------------
 # torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
 # ------------------------------------------------------------------------------------------
+
+_TM_TORCH_OLDER = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
+
+
+def _rprop_lr(value):
+    """Rprop's lr: a number (>= 0) that only starts the step sizes."""
+    if callable(value):
+        raise TypeError("Rprop's lr only sets the initial step sizes (state 'step_size'), which "
+                        "then adapt by the etas whatever the lr: give it as a number, not a "
+                        "schedule")
+    return check_lr(value)
+
+
+def _rprop_rule(h):
+    if not 0.0 < h["etaminus"] < 1.0 < h["etaplus"]:
+        raise ValueError(f"Invalid eta values: {h['etaminus']}, {h['etaplus']}")
+    lo, hi = h["step_size_min"], h["step_size_max"]
+    # (torch does not check them; lrfast refuses the pairs that make no step size sense)
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f"Invalid step_sizes values: {lo}, {hi} (need 0 <= step_size_min <= "
+                         "step_size_max)")
+
+
+ADAMAX_UPDATE = Update(
+    "adamax",
+    hypers=(
+        _lr(2e-3),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.999, beta(1)),
+        _eps(1e-8),
+        _weight_decay(),
+        _maximize(),
+    ),
+    buffers=(Buffer("exp_avg"), Buffer("exp_inf")),
+    takes_step=True,
+    title="Adamax",
+)
+
+RADAM_UPDATE = Update(
+    "radam",
+    hypers=(
+        _lr(1e-3),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.999, beta(1)),
+        _eps(1e-8),
+        _weight_decay(),
+        Hyper("decoupled_weight_decay", False, flag("decoupled_weight_decay")),
+        _maximize(),
+    ),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    takes_step=True,
+    title="RAdam",
+)
+
+ADADELTA_UPDATE = Update(
+    "adadelta",
+    hypers=(
+        _lr(1.0),
+        Hyper("rho", 0.9, unit("Invalid rho value")),
+        _eps(1e-6),
+        _weight_decay(),
+        _maximize(),
+    ),
+    buffers=(Buffer("square_avg"), Buffer("acc_delta")),
+    takes_step=False,  # torch counts steps in the state but the update does not read them
+    title="Adadelta",
+)
+
+RPROP_UPDATE = Update(
+    "rprop",
+    hypers=(
+        # lr only starts the step sizes: the functions take the step_size buffer instead
+        Hyper("lr", 1e-2, _rprop_lr, functional=False),
+        Hyper("etaminus", 0.5, real("etaminus")),
+        Hyper("etaplus", 1.2, real("etaplus")),
+        Hyper("step_size_min", 1e-6, real("step_size_min")),
+        Hyper("step_size_max", 50.0, real("step_size_max")),
+        _maximize(),
+    ),
+    buffers=(Buffer("prev"), Buffer("step_size", init="lr")),
+    takes_step=False,
+    rule=_rprop_rule,
+    title="Rprop",
+)
+
+_add(
+    OptimizerSpec(
+        "Adamax", ADAMAX_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay"),
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec("Adamax", older=_TM_TORCH_OLDER),
+    ),
+    OptimizerSpec(
+        "RAdam", RADAM_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec("RAdam", older=dict(_TM_TORCH_OLDER, decoupled_weight_decay=False)),
+    ),
+    OptimizerSpec(
+        "Adadelta", ADADELTA_UPDATE,
+        positional=("lr", "rho", "eps", "weight_decay"),
+        torch=TorchSpec("Adadelta", older=_TM_TORCH_OLDER),
+    ),
+    OptimizerSpec(
+        "Rprop", RPROP_UPDATE,
+        positional=("lr", "etas", "step_sizes"),
+        pairs={"etas": ("etaminus", "etaplus"), "step_sizes": ("step_size_min", "step_size_max")},
+        torch=TorchSpec("Rprop", older=_TM_TORCH_OLDER),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -581,6 +701,117 @@ _add(
 # ------------------------------------------------------------------------------------------
 # Updates from outside torch.optim: Lion, ADOPT
 # ------------------------------------------------------------------------------------------
+
+def _positive_lr(v):
+    """Lion's lr: a float > 0 (lion-pytorch asserts it), or a schedule (the NumPy class)."""
+    if callable(v):
+        return v
+    out = _real(v, "learning rate")
+    if not 0.0 < out < float("inf"):
+        raise ValueError(f"Invalid learning rate: {v} (Lion needs lr > 0)")
+    return out
+
+
+def _closed_beta(index: int) -> Callable[[Any], float]:
+    """A float in [0, 1] (lion-pytorch allows beta = 1), reported as ``betas[index]``."""
+    def check(v):
+        out = _real(v, f"beta at index {index}")
+        if not 0.0 <= out <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {v}")
+        return out
+    return check
+
+
+def _optional_real(name: str, positive: bool = False) -> Callable[[Any], Optional[float]]:
+    """None, or a finite float (> 0 with ``positive``)."""
+    def check(v):
+        if v is None:
+            return None
+        out = _real(v, name)
+        if not (abs(out) < float("inf")) or (positive and not out > 0):
+            raise ValueError(f"Invalid {name} value: {v}")
+        return out
+    return check
+
+
+def _no_caution(v):
+    if check_bool(v, "caution"):
+        raise ValueError("caution=True is not supported by lrfast's Adopt: its mask is scaled by "
+                         "a per-tensor mean, a reduction the element-wise kernels do not make "
+                         "(use timm.optim.Adopt)")
+    return False
+
+
+def _adopt_rule(h):
+    if h["corrected_weight_decay"] and h["max_lr"] is not None and h["max_lr"] <= 0:
+        raise ValueError(f"Corrected weight decay requires a positive max lr, got {h['max_lr']}. "
+                         "Construct the optimizer with the peak lr.")
+
+
+LION_UPDATE = Update(
+    "lion",
+    hypers=(
+        Hyper("lr", 1e-4, _positive_lr),
+        Hyper("beta1", 0.9, _closed_beta(0)),
+        Hyper("beta2", 0.99, _closed_beta(1)),
+        _weight_decay(),
+        Hyper("decoupled_weight_decay", False, flag("decoupled_weight_decay")),
+        # The lr that decoupled decay is divided by (lion-pytorch: the constructor's lr);
+        # None: the step's own lr, so the decay per step is weight_decay.
+        Hyper("init_lr", None, _optional_real("init_lr", positive=True)),
+    ),
+    buffers=(Buffer("exp_avg"),),
+    takes_step=False,
+    title="Lion",
+)
+
+ADOPT_UPDATE = Update(
+    "adopt",
+    hypers=(
+        _lr(1e-3),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.9999, beta(1)),
+        _eps(1e-6),
+        Hyper("clip_exp", 0.333, _optional_real("clip_exp")),
+        _weight_decay(),
+        Hyper("decoupled", False, flag("decoupled")),
+        Hyper("corrected_weight_decay", False, flag("corrected_weight_decay")),
+        Hyper("caution", False, _no_caution),
+        _maximize(),
+        # corrected_weight_decay's peak lr (timm: the constructor's lr); None: the step's lr.
+        Hyper("max_lr", None, _optional_real("max_lr")),
+    ),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    takes_step=True,  # the first step only fills exp_avg_sq; later ones clip by step**clip_exp
+    rule=_adopt_rule,
+    title="ADOPT",
+)
+
+_add(
+    OptimizerSpec(
+        "Lion", LION_UPDATE,
+        positional=("lr", "betas", "weight_decay", "use_triton", "decoupled_weight_decay"),
+        fixed={"init_lr": None},
+        pairs={"betas": ("beta1", "beta2")},
+        # lion-pytorch keeps no step; its switches sit between weight_decay and
+        # decoupled_weight_decay, which (an argument placed among the flags) keeps its place.
+        torch=TorchSpec(None, step_state=False,
+                        flags=(("use_triton", False), ("decoupled_weight_decay", False))),
+    ),
+    OptimizerSpec(
+        "Adopt", ADOPT_UPDATE,
+        positional=("lr", "betas", "eps", "clip_exp", "weight_decay", "decoupled",
+                    "corrected_weight_decay"),
+        fixed={"max_lr": None},
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec(None, older=dict(maximize=False, foreach=None, capturable=False,
+                                         differentiable=False, clip_exp=None, caution=False,
+                                         corrected_weight_decay=False),
+                        # timm's order: maximize (an argument) between foreach and capturable
+                        flags=(("foreach", None), ("maximize", False), ("capturable", False),
+                               ("differentiable", False))),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------------

@@ -847,6 +847,242 @@ class AdamW(Adam):
 # torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
 # ------------------------------------------------------------------------------------------
 
+class Adamax(Optimizer):
+    r"""Adamax: Adam with the infinity norm of past gradients in place of the second moment.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 2e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8 (added to :math:`|g|` inside the maximum, as torch)
+    weight_decay : float, default 0 (L2 penalty added to the gradient)
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    With :math:`t` = ``step_count + 1``:
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1) \\
+        u_t &= \max(\beta_2\, u_{t-1},\ |g_t| + \epsilon) \\
+        \theta_t &= \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,\frac{m_t}{u_t}
+
+    Kingma and Ba, 2015 (section 7.1); formulas as torch.optim.Adamax. State: ``exp_avg``
+    (:math:`m`) and ``exp_inf`` (:math:`u`); the maximum is NaN where either side is, as
+    torch.maximum.
+
+    Examples
+    --------
+    The first step moves each element by ``lr`` against its gradient's sign; the second divides
+    by the larger of the decayed norm and the new gradient:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = lrfast.Adamax([w], lr=0.1)
+    >>> opt.step([np.array([0.5, -3.0])]); w.round(6).tolist()
+    True
+    [0.9, -1.9]
+    >>> opt.step([np.array([0.5, 1.0])]); w.round(6).tolist()
+    True
+    [0.8, -1.870146]
+    >>> opt.state_dict()["state"][0]["exp_inf"].round(6).tolist()
+    [0.5, 2.997]
+    """
+
+    _spec = OPTIMIZERS["Adamax"]
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
+
+
+class RAdam(Optimizer):
+    r"""RAdam: Adam with its adaptive step's variance rectified, and plain momentum steps while
+    the variance estimate is not tractable yet.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    decoupled_weight_decay : bool, default False
+        False: the decay is added to the gradient; True: the params shrink by
+        :math:`1 - \eta\lambda` first (as AdamW).
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    With :math:`t` = ``step_count + 1``:
+
+    .. math::
+        \theta_{t-1} &\leftarrow (1 - \eta\lambda)\,\theta_{t-1} \ \text{(decoupled)}
+            \quad\text{or}\quad g_t \leftarrow g_t + \lambda\,\theta_{t-1} \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \qquad
+        v_t = \beta_2\, v_{t-1} + (1-\beta_2)\, g_t^2 \\
+        \rho_\infty &= \frac{2}{1-\beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2t\,\beta_2^t}{1-\beta_2^t} \\
+        r_t &= \sqrt{\frac{(\rho_t-4)(\rho_t-2)\,\rho_\infty}
+                          {(\rho_\infty-4)(\rho_\infty-2)\,\rho_t}} \\
+        \theta_t &= \theta_{t-1} - \eta\,\frac{m_t}{1-\beta_1^t}\,
+            \frac{\sqrt{1-\beta_2^t}}{\sqrt{v_t} + \epsilon}\, r_t \quad (\rho_t > 5),
+        \qquad \theta_t = \theta_{t-1} - \eta\,\frac{m_t}{1-\beta_1^t} \quad\text{otherwise}
+
+    Liu et al., 2020; formulas as torch.optim.RAdam. The scalars and the switch are computed in
+    double from the step, once per step.
+
+    Examples
+    --------
+    With the default betas the first five steps are momentum steps (here of ``lr`` each, for a
+    constant gradient); rectified steps start at the sixth, small at first:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([0.0])
+    >>> opt = lrfast.RAdam([w], lr=0.1)
+    >>> for _ in range(5):
+    ...     _ = opt.step([np.array([1.0])])
+    >>> w.round(6).tolist()
+    [-0.5]
+    >>> opt.step([np.array([1.0])]); w.round(6).tolist()
+    True
+    [-0.502582]
+    """
+
+    _spec = OPTIMIZERS["RAdam"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
+
+
+class Adadelta(Optimizer):
+    r"""Adadelta: steps scaled by the ratio of the running RMS of past updates to that of the
+    gradients.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1.0 (a factor on the update, as torch)
+    rho : float, default 0.9 (decay of both running averages, in [0, 1])
+    eps : float, default 1e-6 (inside both square roots)
+    weight_decay : float, default 0
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    .. math::
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} \\
+        v_t &= \rho\, v_{t-1} + (1-\rho)\, g_t^2 \\
+        \Delta_t &= \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t \\
+        u_t &= \rho\, u_{t-1} + (1-\rho)\, \Delta_t^2 \\
+        \theta_t &= \theta_{t-1} - \eta\, \Delta_t
+
+    Zeiler, 2012; formulas as torch.optim.Adadelta. State: ``square_avg`` (:math:`v`) and
+    ``acc_delta`` (:math:`u`).
+
+    Examples
+    --------
+    The first step is :math:`\sqrt{\epsilon} / \sqrt{0.1 \cdot 4 + \epsilon} \cdot 2`:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0])
+    >>> opt = lrfast.Adadelta([w])
+    >>> opt.step([np.array([2.0])]); w.round(6).tolist()
+    True
+    [0.996838]
+    >>> opt.step([np.array([2.0])]); w.round(6).tolist()
+    True
+    [0.993593]
+    """
+
+    _spec = OPTIMIZERS["Adadelta"]
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
+
+
+class Rprop(Optimizer):
+    r"""Rprop: a step size per element, grown while its gradient keeps its sign and shrunk when
+    the sign flips; each step moves an element by its step size against its gradient's sign.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float, default 1e-2
+        The initial step size of every element (state ``step_size``); not used after that. A
+        schedule is refused (it would have no effect); changing ``lr`` after construction
+        changes nothing either (torch's Rprop reads its lr when the state is made, at the
+        first step).
+    etas : (float, float), default (0.5, 1.2)
+        The factors (:math:`\eta_-, \eta_+`) that shrink and grow the step sizes,
+        :math:`0 < \eta_- < 1 < \eta_+`.
+    step_sizes : (float, float), default (1e-6, 50)
+        The bounds of the step sizes (:math:`\delta_{\min}, \delta_{\max}`),
+        :math:`0 \le \delta_{\min} \le \delta_{\max}` (torch does not check them).
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    .. math::
+        f_t &= \eta_+ \ \text{if } g_t\,g_{t-1} > 0, \quad \eta_- \ \text{if } g_t\,g_{t-1} < 0,
+            \quad 1 \ \text{otherwise} \\
+        \delta_t &= \operatorname{clamp}(f_t\,\delta_{t-1}, \delta_{\min}, \delta_{\max}),
+            \qquad \delta_0 = \eta \\
+        g_t &\leftarrow 0 \ \text{where } f_t = \eta_- \\
+        \theta_t &= \theta_{t-1} - \operatorname{sign}(g_t)\,\delta_t
+
+    Riedmiller and Braun, 1993 (without weight backtracking); formulas as torch.optim.Rprop.
+    State: ``prev`` (the last :math:`g_t`, zero where its sign flipped) and ``step_size``
+    (:math:`\delta`). As in torch, the sign of a NaN is 0: a NaN gradient leaves its element
+    where it is.
+
+    Examples
+    --------
+    The first gradient has no predecessor: both elements move by lr. Then the first keeps its
+    sign (its step grows by 1.2) and the second flips (its step shrinks by 0.5, and it stays):
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, 1.0])
+    >>> opt = lrfast.Rprop([w], lr=0.01)
+    >>> opt.step([np.array([1.0, -1.0])]); w.round(6).tolist()
+    True
+    [0.99, 1.01]
+    >>> opt.step([np.array([1.0, 1.0])]); w.round(6).tolist()
+    True
+    [0.978, 1.01]
+    >>> opt.state_dict()["state"][0]["step_size"].round(6).tolist()
+    [0.012, 0.005]
+    """
+
+    _spec = OPTIMIZERS["Rprop"]
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *,
+                 maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
+
 
 # ------------------------------------------------------------------------------------------
 # Updates with per-step scalar state: NAdam (mu_product), ASGD (eta, mu)
@@ -972,6 +1208,133 @@ class ASGD(Optimizer):
 # ------------------------------------------------------------------------------------------
 # Updates from outside torch.optim: Lion, ADOPT
 # ------------------------------------------------------------------------------------------
+
+
+class Lion(Optimizer):
+    r"""Lion (EvoLved Sign Momentum), as lion-pytorch's ``Lion``.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1e-4 (must be > 0)
+    betas : (float, float), default (0.9, 0.99); each in [0, 1]
+    weight_decay : float, default 0
+    decoupled_weight_decay : bool, default False
+        lion-pytorch's meaning: the decay is divided by the initial lr, so each step multiplies
+        the param by :math:`1 - \lambda\,\eta_t/\eta_0`. Here :math:`\eta_0` is the lr of the
+        step itself (the decay per step is ``weight_decay``); lrfast.torch.Lion divides by the
+        constructor's lr, as lion-pytorch does, so an lr scheduler scales it.
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    In lion-pytorch's order of operations:
+
+    .. math::
+        \theta &\leftarrow \theta\,(1 - \eta\lambda) \\
+        \theta &\leftarrow \theta - \eta\,\operatorname{sign}(\beta_1 m + (1-\beta_1)\, g) \\
+        m &\leftarrow \beta_2 m + (1-\beta_2)\, g
+
+    with :math:`\operatorname{sign}(0) = 0` (torch.sgn; NaN also gives 0, as there).
+    Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023.
+
+    ``optax.lion(learning_rate, b1, b2, weight_decay=...)`` is the same update with the same
+    roles of b1 (the interpolation inside the sign) and b2 (the momentum's decay), with two
+    differences of convention: optax's weight_decay defaults to 1e-3 (here 0), and it adds
+    :math:`\lambda\theta` to the signed update before scaling by the lr, so
+    :math:`\theta - \eta(\operatorname{sign}(\cdot) + \lambda\theta)`: the same value as the
+    decay-then-step above up to rounding. optax has no decoupled form; with a constant lr,
+    ``decoupled_weight_decay=True`` is optax's ``weight_decay = weight_decay / lr``.
+
+    Examples
+    --------
+    The first step moves each element by exactly ``lr`` against its gradient's sign, after
+    the decay :math:`1 - 0.1 \cdot 0.1 = 0.99`:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = {"w": np.array([1.0, -2.0])}
+    >>> opt = lrfast.Lion(w, lr=0.1, weight_decay=0.1)
+    >>> opt.step({"w": np.array([0.5, -3.0])})
+    True
+    >>> w["w"].round(6).tolist()
+    [0.89, -1.88]
+    """
+
+    _spec = OPTIMIZERS["Lion"]
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+                 decoupled_weight_decay=False, *,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        Optimizer.__init__(self, params, locals())
+
+
+class Adopt(Optimizer):
+    r"""ADOPT (modified Adam that converges with any beta2), as timm's ``Adopt``.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1e-3
+    betas : (float, float), default (0.9, 0.9999)
+    eps : float, default 1e-6 (a floor of the square root)
+    clip_exp : float or None, default 0.333 (None: no clipping)
+    weight_decay : float, default 0
+    decoupled : bool, default False (decay the param instead of adding to the gradient)
+    corrected_weight_decay : bool, default False
+        timm's: decoupled decay scaled by :math:`\eta^2/\eta_{max}` instead of :math:`\eta`,
+        :math:`\eta_{max}` the constructor's lr. Here :math:`\eta_{max}` is the step's lr (so
+        it equals the uncorrected decay); lrfast.torch.Adopt uses the constructor's lr, as timm.
+    caution : bool, default False; True is refused (cautious masking scales by a per-tensor
+        mean of the mask, a reduction these element-wise kernels do not make)
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    With :math:`t` = ``step_count + 1`` and :math:`g \leftarrow \pm g + \lambda\theta` (the
+    decay term unless decoupled), the first step only sets :math:`v \leftarrow v + g^2` (the
+    param and :math:`m` are unchanged); every later step:
+
+    .. math::
+        \theta &\leftarrow \theta - \eta\lambda\,\theta \ \text{(decoupled)} \\
+        n &= \operatorname{clip}\!\left(\frac{g}{\max(\sqrt{v}, \epsilon)},
+             \pm (t-1)^{c}\right) \ \text{(no clip when } c \text{ is None)} \\
+        m &\leftarrow \operatorname{lerp}(m, n, 1-\beta_1) \\
+        \theta &\leftarrow \theta - \eta\, m \\
+        v &\leftarrow \beta_2 v + (1-\beta_2)\, g^2
+
+    Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate",
+    2024; operations in timm's order.
+
+    Examples
+    --------
+    The first step only records the squared gradient; at the second, :math:`g/|g_1| = \pm 1`
+    (clipped to :math:`\pm 1^{0.333}`), :math:`m = 0.1 \cdot (\pm 1)`, and each element moves
+    by ``lr * 0.1``:
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = {"w": np.array([1.0, -2.0])}
+    >>> opt = lrfast.Adopt(w, lr=0.1)
+    >>> g = {"w": np.array([0.5, -3.0])}
+    >>> opt.step(g), w["w"].tolist()
+    (True, [1.0, -2.0])
+    >>> opt.step(g), w["w"].round(6).tolist()
+    (True, [0.99, -1.99])
+    """
+
+    _spec = OPTIMIZERS["Adopt"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_exp=0.333,
+                 weight_decay=0.0, decoupled=False, corrected_weight_decay=False, *,
+                 caution=False, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        Optimizer.__init__(self, params, locals())
 
 
 # ------------------------------------------------------------------------------------------

@@ -163,6 +163,123 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
 # torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
 # ------------------------------------------------------------------------------------------
 
+__all__ += ["adamax_", "radam_", "adadelta_", "rprop_"]
+
+
+def adamax_(param, grad, exp_avg, exp_inf, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.0, maximize=False):
+    r"""Adamax (torch.optim.Adamax): Adam with an infinity norm in place of the second moment.
+
+    .. math::
+        g &\leftarrow \pm g + \lambda\theta \\
+        m &\leftarrow \operatorname{lerp}(m, g, 1 - \beta_1) \\
+        u &\leftarrow \max(\beta_2 u, |g| + \epsilon) \\
+        \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,\frac{m}{u}
+
+    The maximum is NaN where either side is (torch.maximum).
+    """
+    clr = lr / (1 - beta1 ** step)
+    for p, g, m, u in _tensors(param, grad, exp_avg, exp_inf):
+        d = _direction(g, p, weight_decay, maximize)
+        _lerp_(m, d, 1 - beta1)
+        np.maximum(u * beta2, np.abs(d) + eps, out=u)
+        p += (-clr * m) / u
+
+
+def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+           weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    r"""RAdam (torch.optim.RAdam): Adam with the variance of the adaptive step rectified, and a
+    plain momentum step while the variance estimate is not yet tractable.
+
+    .. math::
+        \theta &\leftarrow \theta (1 - \eta\lambda) \ \text{(decoupled)}, \qquad
+        g \leftarrow \pm g + \lambda\theta \ \text{(otherwise)} \\
+        m &\leftarrow \operatorname{lerp}(m, g, 1 - \beta_1), \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t} \\
+        r_t &= \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}
+                          {(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}} \\
+        \theta &\leftarrow \theta - \eta\,\frac{m}{1 - \beta_1^t}\,
+            \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v} + \epsilon}\, r_t \ (\rho_t > 5), \qquad
+        \theta \leftarrow \theta - \eta\,\frac{m}{1 - \beta_1^t} \ \text{(otherwise)}
+
+    The scalars are computed in double from the step, the switch :math:`\rho_t > 5` with them.
+    """
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2 ** step / bc2
+    for p, g, m, v in _tensors(param, grad, exp_avg, exp_avg_sq):
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p *= 1 - lr * weight_decay
+            else:
+                g = g + weight_decay * p
+        _lerp_(m, g, 1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * g * g
+        update = m / bc1 * lr
+        if rho_t > 5:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            # (torch divides a scalar by a tensor as the tensor's reciprocal times the scalar)
+            update = update * (1 / (np.sqrt(v) + eps) * bc2 ** 0.5) * rect
+        p -= update
+
+
+def adadelta_(param, grad, square_avg, acc_delta, *, lr, rho=0.9, eps=1e-6, weight_decay=0.0,
+              maximize=False):
+    r"""Adadelta (torch.optim.Adadelta).
+
+    .. math::
+        g &\leftarrow \pm g + \lambda\theta \\
+        v &\leftarrow \rho v + (1 - \rho) g^2 \\
+        \Delta &= \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}}\, g \\
+        u &\leftarrow \rho u + (1 - \rho) \Delta^2 \\
+        \theta &\leftarrow \theta - \eta \Delta
+    """
+    for p, g, v, u in _tensors(param, grad, square_avg, acc_delta):
+        d = _direction(g, p, weight_decay, maximize)
+        v *= rho
+        v += (1 - rho) * d * d
+        delta = np.sqrt(u + eps) / np.sqrt(v + eps) * d
+        u *= rho
+        u += (1 - rho) * delta * delta
+        p += -lr * delta
+
+
+def rprop_(param, grad, prev, step_size, *, etaminus=0.5, etaplus=1.2, step_size_min=1e-6,
+           step_size_max=50.0, maximize=False):
+    r"""Rprop (torch.optim.Rprop): a step size per element, grown while the gradient keeps its
+    sign and shrunk when it flips; the step moves by the step size against the gradient's sign.
+
+    .. math::
+        s &= \operatorname{sign}(g\,g_{\text{prev}}), \qquad
+        f = \eta_+ \ (s > 0), \ \eta_- \ (s < 0), \ 1 \ (s = 0) \\
+        \delta &\leftarrow \operatorname{clamp}(f\,\delta, \delta_{\min}, \delta_{\max}) \\
+        g &\leftarrow 0 \ \text{where } f = \eta_- \\
+        \theta &\leftarrow \theta - \operatorname{sign}(g)\,\delta, \qquad
+        g_{\text{prev}} \leftarrow g
+
+    ``step_size`` starts at the optimizer's lr; the lr is not used after that. As in torch, the
+    sign of NaN is 0 (a NaN gradient leaves its element of the param where it is).
+    """
+    for p, g, gp, ss in _tensors(param, grad, prev, step_size):
+        g = -g if maximize else g.copy()
+        t = p.dtype.type
+        x = g * gp
+        factor = np.ones_like(p)
+        factor[x > 0] = t(etaplus)
+        factor[x < 0] = t(etaminus)
+        ss *= factor
+        np.minimum(np.maximum(ss, t(step_size_min)), t(step_size_max), out=ss)
+        g[factor == t(etaminus)] = 0
+        sign = (g > 0).astype(p.dtype) - (g < 0).astype(p.dtype)
+        p -= sign * ss
+        gp[...] = g
+
 
 # ------------------------------------------------------------------------------------------
 # Updates with per-step scalar state: NAdam (mu_product), ASGD (eta, mu)
@@ -255,6 +372,80 @@ def asgd_(param, grad, ax, eta, mu, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6,
 # ------------------------------------------------------------------------------------------
 # Updates from outside torch.optim: Lion, ADOPT
 # ------------------------------------------------------------------------------------------
+
+__all__ += ["lion_", "adopt_"]
+
+
+def _sign(x):
+    """torch.sgn of a real array: 1, -1 or 0 (NaN gives 0, as comparisons with it are false)."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
+def lion_(param, grad, exp_avg, *, lr, beta1=0.9, beta2=0.99, weight_decay=0.0,
+          decoupled_weight_decay=False, init_lr=None):
+    r"""Lion (lion-pytorch's ``Lion``).
+
+    .. math::
+        \theta &\leftarrow \theta\,(1 - \eta\lambda'), \qquad
+            \lambda' = \lambda / \eta_0 \ \text{(decoupled)}, \ \lambda \ \text{(otherwise)} \\
+        \theta &\leftarrow \theta - \eta\,\operatorname{sign}(\beta_1 m + (1-\beta_1)\, g) \\
+        m &\leftarrow \beta_2 m + (1-\beta_2)\, g
+
+    :math:`\eta_0` is ``init_lr`` (None: ``lr``); sign(0) = sign(NaN) = 0, as torch.sgn.
+    """
+    factor = 1 - lr * weight_decay
+    if decoupled_weight_decay:
+        start = lr if init_lr is None else init_lr
+        # (at lr 0 standing for the initial lr too, the ratio lr / init_lr is taken as 1)
+        factor = 1 - lr * (weight_decay / start) if start > 0 else 1 - weight_decay
+    for p, g, m in _tensors(param, grad, exp_avg):
+        p *= factor
+        direction = _sign(m * beta1 + (1 - beta1) * g)
+        p += -lr * direction
+        m *= beta2
+        m += (1 - beta2) * g
+
+
+def adopt_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.9999, eps=1e-6,
+           clip_exp=0.333, weight_decay=0.0, decoupled=False, corrected_weight_decay=False,
+           caution=False, maximize=False, max_lr=None):
+    r"""ADOPT (timm's ``Adopt``), ``caution=False`` only.
+
+    With :math:`g \leftarrow \pm g + \lambda\theta` (unless decoupled): at step 1 only
+    :math:`v \leftarrow v + g^2`; at step :math:`t > 1`
+
+    .. math::
+        \theta &\leftarrow \theta - s\lambda\,\theta \ \text{(decoupled;}\ s = \eta^2/\eta_{max}
+            \text{ when corrected, else } \eta) \\
+        n &= \operatorname{clip}(g / \max(\sqrt v, \epsilon), \pm (t-1)^{c}) \\
+        m &\leftarrow \operatorname{lerp}(m, n, 1-\beta_1), \qquad
+        \theta \leftarrow \theta - \eta m, \qquad
+        v \leftarrow \beta_2 v + (1-\beta_2)\, g^2
+
+    (no clipping when ``clip_exp`` is None; :math:`\eta_{max}` is ``max_lr``, None: ``lr``).
+    """
+    if caution:
+        raise ValueError("caution=True is not implemented by lrfast")
+    scale = lr
+    if corrected_weight_decay and max_lr is not None:
+        scale = lr ** 2 / max_lr
+    for p, g, m, v in _tensors(param, grad, exp_avg, exp_avg_sq):
+        g = -g if maximize else g
+        if weight_decay != 0 and not decoupled:
+            g = g + weight_decay * p
+        if step == 1:
+            v += g * g
+            continue
+        if weight_decay != 0 and decoupled:
+            p += (-scale * weight_decay) * p
+        n = g / np.maximum(np.sqrt(v), eps)
+        if clip_exp is not None:
+            bound = (step - 1) ** clip_exp
+            n = np.clip(n, -bound, bound)
+        _lerp_(m, n, 1 - beta1)
+        p += -lr * m
+        v *= beta2
+        v += (1 - beta2) * g * g
 
 
 # ------------------------------------------------------------------------------------------

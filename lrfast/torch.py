@@ -382,6 +382,7 @@ class _Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, state_dtype=None, rounding="nearest", seed=0):
         self._plans: dict[int, _Plan] = {}
+        defaults = self._group_defaults(defaults)
         # The hyper-parameters are checked before ``params`` is read, as torch does: a bad
         # value is reported as such whatever ``params`` is.
         self._check_defaults(defaults)
@@ -417,6 +418,15 @@ class _Optimizer(torch.optim.Optimizer):
     @property
     def _name(self) -> str:
         return self._spec.name
+
+    def _group_defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The group defaults made from the constructor's arguments (a class whose reference
+        implementation keeps some of them elsewhere, or adds entries, changes them here)."""
+        return defaults
+
+    def _group_values(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Update hyper-parameters a group does not hold, from where the class keeps them."""
+        return {}
 
     def _check_defaults(self, defaults: dict[str, Any]) -> None:
         """torch's constructor checks of the defaults, with its messages, then lrfast's."""
@@ -594,6 +604,7 @@ class _Optimizer(torch.optim.Optimizer):
         for torch_name, name in (spec.torch.renamed.items() if spec.torch else ()):
             if torch_name in group:
                 raw[name] = bool(group[torch_name])
+        raw.update({name: _scalar(value) for name, value in self._group_values(group).items()})
         # Options torch does not have (Adagrad's eps_inside_sqrt) take their defaults.
         return spec.update.validate(raw)
 
@@ -812,6 +823,80 @@ if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures 
     Adafactor: Any
     AdamWScheduleFree: Any
     SGDScheduleFree: Any
+
+
+# ------------------------------------------------------------------------------------------
+# Updates from outside torch.optim: Lion, ADOPT. Their reference classes keep some values
+# outside the group entries the generated classes hold; these mixins put them where those
+# classes do, so state dicts carry the same entries both ways.
+# ------------------------------------------------------------------------------------------
+
+class _LionOptions:
+    """lion-pytorch keeps ``decoupled_weight_decay`` and the constructor's lr (which decoupled
+    decay is divided by) on the optimizer, not in its groups, and so does this class: its
+    groups hold lr, betas and weight_decay, as lion-pytorch's. ``use_triton=True`` (its CUDA
+    kernel) is refused, and so are complex params (lion-pytorch's sign of one is z/|z|)."""
+
+    decoupled_wd: bool
+    _init_lr: Any
+
+    def _group_defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        defaults = dict(defaults)
+        if defaults.pop("use_triton"):
+            raise ValueError("lrfast.torch.Lion does not support use_triton=True: that is "
+                             "lion-pytorch's Triton kernel for CUDA tensors, and lrfast runs its "
+                             "own CPU kernel (use lion_pytorch.Lion for it)")
+        self.decoupled_wd = defaults.pop("decoupled_weight_decay")
+        self._init_lr = defaults["lr"]
+        return defaults
+
+    def _group_values(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"decoupled_weight_decay": self.decoupled_wd, "init_lr": self._init_lr}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        groups = self.param_groups  # type: ignore[attr-defined]
+        for k, p in enumerate(groups[-1]["params"]):
+            if p.is_complex():
+                groups.pop()
+                raise ValueError(
+                    f"parameter {k} of group {len(groups)} is complex: lion-pytorch takes the "
+                    "sign of a complex number as z/|z|, which is not an update of its real and "
+                    "imaginary parts apart, so lrfast.torch.Lion does not update complex params "
+                    "(use lion_pytorch.Lion)")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state.update(decoupled_wd=self.decoupled_wd, _init_lr=self._init_lr)
+        return state
+
+
+class _AdoptOptions:
+    """timm's Adopt keeps the constructor's lr in every group as ``max_lr_snapshot`` (the peak
+    lr of corrected weight decay)."""
+
+    defaults: dict[str, Any]
+
+    def _group_defaults(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        lr = _scalar(defaults["lr"])
+        real = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+        return dict(defaults, max_lr_snapshot=float(lr) if real else lr)
+
+    def _group_values(self, group: dict[str, Any]) -> dict[str, Any]:
+        # (an older state dict's groups may lack it: timm then takes the defaults')
+        if "max_lr_snapshot" in group:
+            return {"max_lr": group["max_lr_snapshot"]}
+        return {"max_lr": getattr(self, "defaults", {}).get("max_lr_snapshot")}
+
+
+def _with_options(name: str, options: type) -> type:
+    base = globals()[name]
+    return type(name, (options, base), {"__module__": __name__, "__qualname__": name,
+                                        "__doc__": base.__doc__ + "\n" + (options.__doc__ or "")})
+
+
+Lion = _with_options("Lion", _LionOptions)  # noqa: F811
+Adopt = _with_options("Adopt", _AdoptOptions)  # noqa: F811
 
 
 class CPUAdam(_Optimizer):

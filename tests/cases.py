@@ -40,6 +40,21 @@ CONFIGS = [
 ]
 # torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
 CONFIGS += [
+    ("Adamax", dict(lr=0.01), True),
+    ("Adamax", dict(lr=0.01, betas=(0.3, 0.999), eps=1e-6, weight_decay=0.1, maximize=True),
+     True),
+    # (50 steps: momentum steps, then rectified ones from the sixth)
+    ("RAdam", dict(lr=0.01), True),
+    ("RAdam", dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1), True),
+    ("RAdam", dict(lr=0.01, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1,
+                   decoupled_weight_decay=True, maximize=True), True),
+    # (rho_inf = 3: never rectified)
+    ("RAdam", dict(lr=0.01, betas=(0.9, 0.5), weight_decay=0.1, decoupled_weight_decay=True),
+     True),
+    ("Adadelta", dict(lr=1.0), True),
+    ("Adadelta", dict(lr=0.5, rho=0.95, eps=1e-5, weight_decay=0.1, maximize=True), True),
+    ("Rprop", dict(lr=0.01), True),
+    ("Rprop", dict(lr=0.001, etas=(0.3, 1.5), step_sizes=(1e-4, 0.05), maximize=True), True),
 ]
 # Updates with per-step scalar state: NAdam, ASGD
 CONFIGS += [
@@ -53,6 +68,16 @@ CONFIGS += [
 ]
 # Updates from outside torch.optim: Lion, ADOPT
 CONFIGS += [
+    ("Lion", dict(lr=0.01), False),
+    ("Lion", dict(lr=0.01, betas=(0.3, 0.95), weight_decay=0.1), False),
+    ("Lion", dict(lr=0.01, betas=(0.9, 1.0), weight_decay=0.5, decoupled_weight_decay=True),
+     False),
+    ("Adopt", dict(lr=0.01), False),
+    ("Adopt", dict(lr=0.01, betas=(0.3, 0.99), eps=1e-3, clip_exp=None, weight_decay=0.1,
+                   maximize=True), False),
+    ("Adopt", dict(lr=0.01, clip_exp=0.5, weight_decay=0.1, decoupled=True), False),
+    ("Adopt", dict(lr=0.01, weight_decay=0.1, decoupled=True, corrected_weight_decay=True,
+                   caution=False), False),
 ]
 # Per-tensor trust ratios: LAMB, LARS
 CONFIGS += [

@@ -93,6 +93,18 @@ def configs(draw, names=None):
     elif "betas" in HYPER_NAMES[name]:
         unit = st.one_of(st.floats(0.0, 0.999), st.sampled_from([0.0, 0.5, 0.9, 0.999]))
         h.update(betas=(draw(unit), draw(unit)), eps=eps(1e-8), amsgrad=draw(st.booleans()))
+    # torch.optim's other element-wise updates: Adamax, RAdam, Adadelta, Rprop
+    if name == "RAdam":
+        h["decoupled_weight_decay"] = draw(st.booleans())
+    elif name == "Adadelta":
+        h.update(rho=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])), eps=eps(1e-8))
+    elif name == "Rprop":
+        h.update(etas=(draw(st.sampled_from([1e-3, 0.5, 0.999])),
+                       draw(st.sampled_from([1.001, 1.2, 10.0]))),
+                 step_sizes=draw(st.sampled_from([(0.0, 0.0), (1e-6, 50.0), (0.0, math.inf),
+                                                  (1e-3, 1e-3)])))
+    # (the options drawn above that this optimizer does not have)
+    h = {k: v for k, v in h.items() if k in HYPER_NAMES[name]}
     return name, h
 
 
@@ -485,13 +497,17 @@ def hyper_ok(h):
             assert callable(v) or (type(v) is float and 0.0 <= v < math.inf), (k, v)
         elif k == "betas":
             assert all(type(b) is float and 0.0 <= b < 1.0 for b in v), (k, v)
+        elif k == "etas":  # (Rprop)
+            assert all(type(b) is float for b in v) and 0.0 < v[0] < 1.0 < v[1], (k, v)
+        elif k == "step_sizes":  # (Rprop)
+            assert all(type(b) is float for b in v) and 0.0 <= v[0] <= v[1], (k, v)
         elif k == "dampening":  # torch does not range-check dampening either
             assert type(v) is float, (k, v)
             if h["nesterov"]:
                 assert h["momentum"] > 0 and v == 0, h
         else:
             assert type(v) is float and 0.0 <= v < math.inf, (k, v)
-            if k == "alpha":
+            if k in ("alpha", "rho"):
                 assert v <= 1.0
 
 
@@ -574,8 +590,18 @@ def expected_hyper_error(name, base, key, value):
             if not 0.0 <= float(b) < 1.0:
                 return ValueError
         return None
+    if key in ("etas", "step_sizes"):  # (Rprop's pairs, range-checked together)
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            return ValueError
+        for b in value:
+            err = real(b)
+            if err:
+                return err
+        lo, hi = (float(b) for b in value)
+        ok = 0.0 < lo < 1.0 < hi if key == "etas" else 0.0 <= lo <= hi
+        return None if ok else ValueError
     if key == "lr" and callable(value):
-        return None
+        return TypeError if name == "Rprop" else None  # (Rprop's lr only starts its state)
     err = real(value)
     if err:
         return err
@@ -584,7 +610,7 @@ def expected_hyper_error(name, base, key, value):
         return ValueError if base.get("nesterov") and v != 0 else None
     if not 0.0 <= v < math.inf:
         return ValueError
-    if key == "alpha" and v > 1.0:
+    if key in ("alpha", "rho") and v > 1.0:
         return ValueError
     if key == "momentum" and base.get("nesterov") and v <= 0:
         return ValueError
@@ -614,7 +640,7 @@ def test_every_hyper_value_against_an_oracle():
                     assert getattr(opt, key) is bool(value)
                     continue
                 got = opt.hyperparams[key]
-                if key == "betas":
+                if key in ("betas", "etas", "step_sizes"):
                     assert got == tuple(float(b) for b in value) and \
                         all(type(b) is float for b in got)
                 elif key in BOOL_HYPER:

@@ -32,6 +32,8 @@ def configs(draw):
     elif "betas" in SPECS[name].arguments:
         h.update(betas=(draw(unit), draw(unit)), eps=draw(st.floats(1e-8, 1e-3)),
                  amsgrad=draw(st.booleans()))
+    # (the options drawn above that this optimizer does not have)
+    h = {k: v for k, v in h.items() if k in SPECS[name].arguments}
     return name, h
 
 

@@ -8,7 +8,7 @@ from typing import cast
 
 import numpy as np
 
-from .optimizers import OPTIMIZERS
+from .optimizers import FULL_SIZES, OPTIMIZERS
 
 DTYPES: dict[str, type[np.floating]] = {"f32": np.float32, "f64": np.float64}
 # The transformer of the torch-API cases: 9 encoder layers of width 32 (4 heads, feed-forward
@@ -95,12 +95,11 @@ def all_cases(quick):
     """Every case, in run (and table) order; quick mode drops float64 at 16M (the low-precision
     cases run at 1M and 16M in both modes)."""
     cases = []
-    for opt in OPTIMIZERS:
-        for dt in DTYPES:
-            for size in ("1k", "1M", "16M"):
-                if quick and dt == "f64" and size == "16M":
-                    continue
-                cases.append(Case(f"{opt} {dt} {size}", "optim", opt, dt, size))
+    for opt, o in OPTIMIZERS.items():
+        for dt, size in o.sizes:
+            if quick and dt == "f64" and size == "16M":
+                continue
+            cases.append(Case(f"{opt} {dt} {size}", "optim", opt, dt, size))
     for opt in ("adam", "adamw"):
         for dt in DTYPES:
             for size in ("1000x256", "200x10k"):
@@ -111,6 +110,12 @@ def all_cases(quick):
     # one large tensor.
     cases.append(Case("torch-api adam f32 transformer", "torch", "adam", "f32", "transformer"))
     cases.append(Case("torch-api adam f32 16M", "torch", "adam", "f32", "16M"))
+    # Every later optimizer through lrfast.torch on the same model, against torch.optim's class
+    # or the implementation its users know.
+    for opt, o in OPTIMIZERS.items():
+        if o.sizes is not FULL_SIZES:
+            cases.append(Case(f"torch-api {opt} f32 transformer", "torch", opt, "f32",
+                              "transformer"))
     # Low precision and offload (a second table): Adam with half-precision params, grads and
     # state; bf16 params with fp32 state; the offload step; float32 against DeepSpeedCPUAdam.
     for variant in ("bf16", "f16", "bf16 f32-state", "offload"):

@@ -22,7 +22,9 @@ from .cases import DTYPES, SCALAR_STEP, SCHEDULE_ARGS, VECTOR_STEPS, VARIANTS
 from .optimizers import OPTIMIZERS
 from .timing import short_error
 
-PEERS = ("numpy-ref", "torch-loop", "torch-foreach", "torch-fused", "optax-jit")
+# "original": for an optimizer torch.optim lacks, the implementation its users know
+# (lion-pytorch, timm, schedulefree) on torch tensors.
+PEERS = ("numpy-ref", "torch-loop", "torch-foreach", "torch-fused", "optax-jit", "original")
 # The peers of the low-precision / offload cases (kind "lowp", their own table):
 # * torch-fused: torch.optim.Adam(fused=True) on params of the case's dtype (its state has the
 #   params' dtype, so it has no bf16-params-with-fp32-state form);
@@ -189,6 +191,8 @@ def _lowp_skip(c, peer, peers, quick=False):
 
 def _peer_skip(c, peer, peers, quick):
     torch_peer = peer.startswith("torch")
+    if peer == "original":
+        return _original_skip(c, peers)
     if c.kind == "schedule-scalar" and peer not in ("numpy-ref", "torch-loop"):
         return Skip("no scalar schedule peer", "n/a")
     if c.kind == "schedule-vector" and peer not in ("numpy-ref", "optax-jit"):
@@ -202,13 +206,14 @@ def _peer_skip(c, peer, peers, quick):
     if c.kind == "torch" and quick and c.size == "16M" and peer in ("torch-loop",
                                                                        "torch-foreach"):
         return Skip("--quick")
-    if c.kind in ("optim", "flat"):
+    if c.kind in ("optim", "flat", "torch"):
         if torch_peer and not OPTIMIZERS[c.opt].in_torch:
             return Skip(f"torch has no {OPTIMIZERS[c.opt].cls}", "n/a")
-        if peer == "optax-jit" and OPTIMIZERS[c.opt].optax is None:
-            return Skip(f"no optax peer for {OPTIMIZERS[c.opt].cls}", "n/a")
         if peer == "torch-fused" and not OPTIMIZERS[c.opt].torch_fused:
             return Skip(f"torch has no fused {OPTIMIZERS[c.opt].cls}", "n/a")
+    if c.kind in ("optim", "flat"):
+        if peer == "optax-jit" and OPTIMIZERS[c.opt].optax is None:
+            return Skip(f"no optax peer for {OPTIMIZERS[c.opt].cls}", "n/a")
         if peer == "optax-jit" and c.dtype == "f64" and not peers.x64:
             return Skip("jax x64 disabled")
         if quick and c.size == "16M" and peer in ("torch-loop", "torch-foreach"):
@@ -216,6 +221,32 @@ def _peer_skip(c, peer, peers, quick):
         if quick and c.size == "1000x256" and peer == "optax-jit":
             return Skip("--quick (1000-leaf jit compile)")
     return None
+
+
+def _original_skip(c, peers):
+    """Whether the "original" peer (lion-pytorch, timm, schedulefree) runs in case ``c``."""
+    if c.kind not in ("optim", "torch") or c.dtype != "f32":
+        return Skip("no original-implementation peer for this case", "n/a")
+    load = OPTIMIZERS[c.opt].original
+    if load is None:
+        return Skip("torch.optim has it" if OPTIMIZERS[c.opt].in_torch
+                    else "no other implementation", "n/a")
+    if peers.torch is None:
+        return Skip(peers.torch_reason)
+    try:
+        load()
+    except ImportError:
+        return Skip(f"{load.package} not installed")
+    except Exception as e:
+        return Skip(f"{load.package} failed to import: {short_error(e)}")
+    return None
+
+
+def _train_mode(opt):
+    """Schedule-free optimizers step only in train mode."""
+    if hasattr(opt, "train"):
+        opt.train()
+    return opt
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,10 +278,10 @@ def lrfast_step(case, data):
         for n, p, g in zip(names, data.params, data.grads):
             flat.params[n][...] = p
             flat.grads[n][...] = g
-        opt = getattr(lrfast, o.cls)(flat, **o.hyper)
+        opt = _train_mode(getattr(lrfast, o.cls)(flat, **o.hyper))
         return opt.step, ()
     params, grads = data.copies()
-    opt = getattr(lrfast, o.cls)(params, **o.hyper)
+    opt = _train_mode(getattr(lrfast, o.cls)(params, **o.hyper))
     return opt.step, (grads,)
 
 
@@ -266,7 +297,10 @@ def _torch_step(case, data, peer, torch):
     tensors = [torch.from_numpy(p) for p in params]   # shares memory with the copies
     for t, g in zip(tensors, grads):
         t.grad = torch.from_numpy(g)
-    opt = getattr(torch.optim, o.cls)(tensors, **o.hyper, **TORCH_FLAGS[peer])
+    if peer == "original":
+        opt = _train_mode(o.original()(tensors, **o.hyper))
+    else:
+        opt = getattr(torch.optim, o.cls)(tensors, **o.hyper, **TORCH_FLAGS[peer])
     return opt.step, ()
 
 
@@ -320,15 +354,17 @@ def _torch_api_step(case, impl, peers):
     torch = peers.torch
     if torch is None:
         raise Skip(peers.torch_reason)
+    o = OPTIMIZERS[case.opt]
     if impl == "lrfast":
         try:
-            import lrfast.torch as module
+            import lrfast.torch as lt
         except ImportError as e:
             raise Skip(f"lrfast.torch: {short_error(e)}") from e
-        flags = {}
+        cls, flags = getattr(lt, o.cls), dict[str, Any]()
+    elif impl == "original":
+        cls, flags = o.original(), {}
     else:
-        module, flags = torch.optim, TORCH_FLAGS[impl]
-    o = OPTIMIZERS[case.opt]
+        cls, flags = getattr(torch.optim, o.cls), TORCH_FLAGS[impl]
     gen = torch.Generator().manual_seed(SEED)
     if case.size == "transformer":
         torch.manual_seed(SEED)
@@ -341,7 +377,7 @@ def _torch_api_step(case, impl, peers):
         params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in case.sizes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    opt = getattr(module, o.cls)(params, **o.hyper, **flags)
+    opt = _train_mode(cls(params, **o.hyper, **flags))
     return opt.step, ()
 
 
