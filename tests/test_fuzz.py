@@ -103,6 +103,14 @@ def configs(draw, names=None):
                        draw(st.sampled_from([1.001, 1.2, 10.0]))),
                  step_sizes=draw(st.sampled_from([(0.0, 0.0), (1e-6, 50.0), (0.0, math.inf),
                                                   (1e-3, 1e-3)])))
+    # Updates with per-step scalar state: NAdam, ASGD
+    if name == "NAdam":
+        h.update(momentum_decay=draw(st.sampled_from([0.0, 4e-3, 0.1, 10.0])),
+                 decoupled_weight_decay=draw(st.booleans()))
+    elif name == "ASGD":
+        h.update(lambd=draw(st.sampled_from([0.0, 1e-4, 0.1, 1.0])),
+                 alpha=draw(st.sampled_from([0.0, 0.75, 1.0, 2.0])),
+                 t0=draw(st.sampled_from([0.0, 2.0, 1e6])))
     # (the options drawn above that this optimizer does not have)
     h = {k: v for k, v in h.items() if k in HYPER_NAMES[name]}
     return name, h
