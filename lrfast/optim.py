@@ -183,6 +183,7 @@ class Optimizer:
         active = update.state_buffers(h)
         self._views: list[dict[str, np.ndarray]] = [dict() for _ in self._params]
         written = list(self._params) + list(self._half_out or [])
+        written += self._allocate_scalars(h)
         # The state's dtype per param: the param's own, or float32 (state_dtype).
         state_dtypes = [self._state_dtype_of(p) for p in self._params]
         rows: list = [self._params, None]
@@ -213,32 +214,37 @@ class Optimizer:
                                     self._half_out, out_storages)
         self._single_bank = len(self._banks) == 1
         self._plans = [b.plan(update.name) for b in self._banks]
-        self._allocate_scalars(h)
+        # each bank's scalar state (shared by the banks of one scalar dtype)
+        self._scalars: list[dict[str, np.ndarray]] = [
+            self._scalar_sets[self._scalar_dtype_of(self._params[b.indices[0]])]
+            for b in self._banks] if self._scalar_sets else []
         # {(bank, grad dtype): plan}: the plans for grads of another type than the params'
         self._grad_plans = {(i, b.grad_dtype): plan
                             for i, (b, plan) in enumerate(zip(self._banks, self._plans))}
         self._sync_plans()
 
-    def _allocate_scalars(self, h) -> None:
+    def _allocate_scalars(self, h) -> list:
         """Per-step scalar state (NAdam's mu_product, ASGD's eta and mu): one 0-d array per
-        bank (its params are always at the same step), float64 for float64 params and float32
-        otherwise, as torch keeps them; every param's state holds its bank's arrays."""
+        scalar dtype, float64 for float64 params and float32 otherwise, as torch keeps them
+        (the params always step together); every param's state holds its dtype's arrays.
+        Returns the arrays (memory the step writes)."""
         update = self._spec.update
-        self._scalars: list[dict[str, np.ndarray]] = []
+        self._scalar_sets: dict = {}
         names = update.scalar_names(h)
         if not names:
-            return
-        for bank in self._banks:
-            dtype = self._scalar_dtype_of(self._params[bank.indices[0]])
-            arrays = {}
-            for name in names:
-                value = update.initial_value(name, h)
-                if callable(value):  # ASGD's eta starts at the lr: a schedule's first value
-                    value = lr_value(value, self._step_count)
-                arrays[name] = np.array(value, dtype=dtype)
-            self._scalars.append(arrays)
-            for i in bank.indices:
-                self._views[i].update(arrays)
+            return []
+        for i, p in enumerate(self._params):
+            dtype = self._scalar_dtype_of(p)
+            if dtype not in self._scalar_sets:
+                arrays = {}
+                for name in names:
+                    value = update.initial_value(name, h)
+                    if callable(value):  # ASGD's eta starts at the lr: a schedule's first value
+                        value = lr_value(value, self._step_count)
+                    arrays[name] = np.array(value, dtype=dtype)
+                self._scalar_sets[dtype] = arrays
+            self._views[i].update(self._scalar_sets[dtype])
+        return [a for arrays in self._scalar_sets.values() for a in arrays.values()]
 
     @staticmethod
     def _scalar_dtype_of(param) -> np.dtype:
