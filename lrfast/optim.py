@@ -240,7 +240,10 @@ class Optimizer:
                 for name in names:
                     value = update.initial_value(name, h)
                     if callable(value):  # ASGD's eta starts at the lr: a schedule's first value
-                        value = lr_value(value, self._step_count)
+                        try:
+                            value = lr_value(value, self._step_count)
+                        except (TypeError, ValueError):  # (the step reports a bad schedule)
+                            value = math.nan
                     arrays[name] = np.array(value, dtype=dtype)
                 self._scalar_sets[dtype] = arrays
             self._views[i].update(self._scalar_sets[dtype])

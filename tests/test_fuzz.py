@@ -509,6 +509,8 @@ def hyper_ok(h):
             assert all(type(b) is float for b in v) and 0.0 < v[0] < 1.0 < v[1], (k, v)
         elif k == "step_sizes":  # (Rprop)
             assert all(type(b) is float for b in v) and 0.0 <= v[0] <= v[1], (k, v)
+        elif k in ("lambd", "t0") or (k == "alpha" and "lambd" in h):  # (ASGD: any real)
+            assert type(v) is float, (k, v)
         elif k == "dampening":  # torch does not range-check dampening either
             assert type(v) is float, (k, v)
             if h["nesterov"]:
@@ -614,6 +616,8 @@ def expected_hyper_error(name, base, key, value):
     if err:
         return err
     v = float(value)
+    if name == "ASGD" and key in ("lambd", "alpha", "t0"):  # any real, as torch
+        return None
     if key == "dampening":  # any real, as torch; Nesterov needs it to be 0
         return ValueError if base.get("nesterov") and v != 0 else None
     if not 0.0 <= v < math.inf:
