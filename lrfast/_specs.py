@@ -78,6 +78,10 @@ def real(name: str) -> Callable[[Any], float]:
 # The description of an update
 # ------------------------------------------------------------------------------------------
 
+def _no_rounding(x: float, fresh: bool = False) -> float:
+    return float(x)
+
+
 @dataclass(frozen=True)
 class Hyper:
     """A hyper-parameter: name, default, check; ``functional=False`` for one that only sets
@@ -94,7 +98,8 @@ class Buffer:
     """A state buffer, named as torch names it, in the kernel's row order.
 
     ``used``: when the update reads it (None: always), and ``needs`` what makes it so, for the
-    message of a missing buffer; ``init``: the hyper-parameter it starts at (zeros otherwise);
+    message of a missing buffer; ``init``: the hyper-parameter it starts at, or a number
+    (zeros otherwise);
     ``arg``: its argument name in lrfast.functional when not ``name``; ``keyword``: that
     argument is keyword-only.
     """
@@ -102,13 +107,16 @@ class Buffer:
     name: str
     used: Optional[Callable[[dict], bool]] = None
     needs: str = ""
-    init: str = ""
+    init: Any = ""  # a hyper-parameter's name, or a number
     arg: str = ""
     keyword: bool = False
     # The buffer's shape for a param of shape ``s`` (None: the param's own shape); a callable
     # that returns None says a param of that shape has no such buffer (Adafactor's factored
     # row_var/col_var for matrices, variance for vectors).
     shape: Optional[Callable[[tuple], Optional[tuple]]] = None
+    # A per-param scalar (torch's 0-d tensor: NAdam's mu_product, ASGD's eta and mu) that the
+    # Python layer keeps and advances; not a kernel row (see ``Update.scalar_state``).
+    scalar: bool = False
 
     @property
     def argname(self) -> str:
@@ -139,6 +147,16 @@ class Update:
     # kernel's PASS_UPDATES. An optimizer over a FlatParams then treats each named view as a
     # tensor, not the whole buffer as one.
     per_tensor: bool = False
+    # Per-param scalar state (``Buffer(..., scalar=True)``, named as torch names it), not in the
+    # kernel's address table, and the rule that advances it: ``advance(h, step, lr, state,
+    # rnd)`` with the validated hyper-parameters, the 1-based step, this step's lr and the
+    # current values ({name: float}) returns (the kernel's per-step ``scalars``, the new
+    # values); ``rnd(x, fresh=False)`` rounds a float to the state's element type (float32 or
+    # float64), as a 0-d tensor of that type stores it (``fresh``: a value torch makes as a new
+    # tensor of its default dtype before copying it into the state; only lrfast.torch rounds
+    # those differently). Called only for a step that runs.
+    scalar_state: tuple = ()
+    advance: Optional[Callable[..., tuple]] = None
 
     def hyper(self, name: str) -> Hyper:
         for h in self.hypers:
@@ -170,10 +188,26 @@ class Update:
         """Names of the buffers the update uses under validated hyper-parameters ``h``."""
         return tuple(b.name for b in self.buffers if b.is_used(h))
 
+    def scalar_names(self, h: dict) -> tuple:
+        """Names of the scalar state the update keeps under validated hyper-parameters ``h``."""
+        return tuple(b.name for b in self.scalar_state if b.is_used(h))
+
+    def step_scalars(self, h: dict, step: int, lr: float, state: dict,
+                     rnd: Optional[Callable[..., float]] = None) -> tuple:
+        """(the kernel's per-step scalars, the new scalar state) for the step ``step`` (see
+        ``advance``); ``((), {})`` for an update without scalar state."""
+        if self.advance is None:
+            return (), {}
+        if rnd is None:
+            rnd = _no_rounding
+        return self.advance(h, step, lr, state, rnd)
+
     def initial_value(self, name: str, h: dict) -> float:
-        for b in self.buffers:
+        for b in self.buffers + self.scalar_state:
             if b.name == name:
-                return h[b.init] if b.init else 0.0
+                if isinstance(b.init, str):
+                    return h[b.init] if b.init else 0.0
+                return float(b.init)
         raise KeyError(name)
 
     def kernel_values(self, h: dict, kernels) -> list:
@@ -600,6 +634,81 @@ _add(
 # ------------------------------------------------------------------------------------------
 # Updates with per-step scalar state: NAdam (mu_product), ASGD (eta, mu)
 # ------------------------------------------------------------------------------------------
+
+def _nadam_advance(h, step, lr, state, rnd):
+    # torch: mu_t = beta1 (1 - 0.5 * 0.96^(t psi)) in Python floats, then ``mu_product *= mu_t``
+    # on the 0-d tensor (the product of two values of its type, rounded to it). The kernel
+    # reads the new product; mu_{t+1} and the next product are formed in double in _prepare.
+    mu = h["beta1"] * (1.0 - 0.5 * (0.96 ** (step * h["momentum_decay"])))
+    product = rnd(state["mu_product"] * rnd(mu))
+    return (product,), {"mu_product": product}
+
+
+NADAM_UPDATE = Update(
+    "nadam",
+    hypers=(
+        _lr(2e-3),
+        Hyper("beta1", 0.9, beta(0)),
+        Hyper("beta2", 0.999, beta(1)),
+        _eps(1e-8),
+        _weight_decay(),
+        Hyper("momentum_decay", 4e-3, nonneg("Invalid momentum_decay value")),
+        Hyper("decoupled_weight_decay", False, flag("decoupled_weight_decay")),
+        _maximize(),
+    ),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    takes_step=True,
+    title="NAdam",
+    scalars=("mu_product",),
+    scalar_state=(Buffer("mu_product", init=1.0, scalar=True),),
+    advance=_nadam_advance,
+)
+
+
+def _asgd_advance(h, step, lr, state, rnd):
+    # torch's update reads eta and mu as they are, then sets the next ones from this step's
+    # number and lr: eta = lr / (1 + lambd lr t)^alpha, mu = 1 / max(1, t - t0).
+    # (torch makes each as a tensor of the default dtype and copies it into the state: fresh)
+    eta = rnd(lr / ((1 + h["lambd"] * lr * step) ** h["alpha"]), True)
+    mu = rnd(1 / max(1, step - h["t0"]), True)
+    return (state["eta"], state["mu"]), {"eta": eta, "mu": mu}
+
+
+ASGD_UPDATE = Update(
+    "asgd",
+    hypers=(
+        _lr(1e-2),
+        Hyper("lambd", 1e-4, real("lambd")),
+        Hyper("alpha", 0.75, real("alpha")),
+        Hyper("t0", 1e6, real("t0")),
+        _weight_decay(),
+        _maximize(),
+    ),
+    buffers=(Buffer("ax"),),
+    takes_step=True,
+    title="ASGD",
+    scalars=("eta", "mu"),
+    scalar_state=(Buffer("eta", init="lr", scalar=True), Buffer("mu", init=1.0, scalar=True)),
+    advance=_asgd_advance,
+)
+
+_add(
+    OptimizerSpec(
+        "NAdam", NADAM_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay", "momentum_decay",
+                    "decoupled_weight_decay"),
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec("NAdam", older=dict(maximize=False, foreach=None, capturable=False,
+                                            differentiable=False,
+                                            decoupled_weight_decay=False)),
+    ),
+    OptimizerSpec(
+        "ASGD", ASGD_UPDATE,
+        positional=("lr", "lambd", "alpha", "t0", "weight_decay"),
+        torch=TorchSpec("ASGD", older=dict(foreach=None, maximize=False, differentiable=False,
+                                           capturable=False)),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------------

@@ -82,8 +82,9 @@ def _as_lists(named) -> tuple[list[tuple[str, Any]], bool]:
     return out, single
 
 
-def _run(update: Update, named, h: dict, step: int, options: dict) -> None:
-    """Validate ``named`` = [("param", ...), ("grad", ...), state...] and run the update."""
+def _run(update: Update, named, h: dict, step: int, options: dict, scalars=()) -> None:
+    """Validate ``named`` = [("param", ...), ("grad", ...), state...] and run the update
+    (``scalars``: its per-step values, see ``Update.scalars``)."""
     bits = check_bool(options["bfloat16_bits"], "bfloat16_bits")
     rounding = _precision.check_rounding(options["rounding"])
     seed = _precision.check_seed(options["seed"])
@@ -137,7 +138,7 @@ def _run(update: Update, named, h: dict, step: int, options: dict) -> None:
         plan.set_options(False, False, rounding, seed)
     # Every grad is checked before any kernel runs.
     bad = _dispatch.kernels.step_plans(plans, [bank.grads_of(grads, covers_all) for bank in banks],
-                                       h["lr"], step, get_num_threads())
+                                       h["lr"], step, get_num_threads(), 1.0, scalars)
     if bad is not None:
         i, code, k = bad
         banks[i].raise_bad_grad((code, k), grads, params, grad_labels, covers_all)
@@ -165,6 +166,8 @@ def _signature(update: Update) -> inspect.Signature:
         if not b.keyword:
             params.append(P(b.argname, P.POSITIONAL_OR_KEYWORD,
                             default=REQUIRED if b.used is None else None))
+    for b in update.scalar_state:  # 0-d arrays, one per call, advanced in place
+        params.append(P(b.argname, P.POSITIONAL_OR_KEYWORD))
     if update.takes_step:
         params.append(P("step", P.KEYWORD_ONLY))
     for h in update.hypers:
@@ -193,7 +196,42 @@ def _apply(update: Update, a: dict) -> None:
         elif value is None:
             raise ValueError(update.missing_buffer_message(b))
         named.append((b.argname, value))
-    _run(update, named, h, step, {name: a[name] for name in _OPTIONS})
+    empty = isinstance(a["param"], (list, tuple)) and not a["param"]
+    if not update.scalar_state or empty:  # (no tensors: no step, the scalar state stays)
+        _run(update, named, h, step, {name: a[name] for name in _OPTIONS})
+        return
+    arrays = _scalar_state(update, a, h)
+    rnd = next(iter(arrays.values())).dtype.type
+    scalars, new = update.step_scalars(h, step, h["lr"], {n: float(x) for n, x in arrays.items()},
+                                       lambda x, fresh=False: float(rnd(x)))
+    _run(update, named, h, step, {name: a[name] for name in _OPTIONS}, scalars)
+    for name, value in new.items():  # only once the update has run
+        arrays[name][...] = value
+
+
+def _scalar_state(update: Update, a: dict, h: dict) -> dict:
+    """The update's scalar state arguments, checked: writeable 0-d float32 or float64 arrays,
+    all of one dtype (the state's values are rounded to it)."""
+    out = {}
+    for b in update.scalar_state:
+        if not b.is_used(h):
+            continue
+        x = a[b.argname]
+        if not isinstance(x, np.ndarray) or x.shape != ():
+            raise TypeError(f"{b.argname} must be a 0-d numpy.ndarray (the scalar state, "
+                            f"updated in place), got {type(x).__name__}"
+                            f"{' of shape ' + str(x.shape) if isinstance(x, np.ndarray) else ''}")
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{b.argname} has dtype {x.dtype}; the scalar state is float32 "
+                            "(float64 for float64 params)")
+        if not x.flags.writeable:
+            raise ValueError(f"{b.argname} is read-only")
+        out[b.name] = x
+    dtypes = {x.dtype for x in out.values()}
+    if len(dtypes) > 1:
+        raise TypeError(f"the scalar state {sorted(out)} must have one dtype, got "
+                        f"{sorted(str(d) for d in dtypes)}")
+    return out
 
 
 def _make(update: Update, body: Callable[[Update, dict], None] = _apply) -> Callable[..., None]:

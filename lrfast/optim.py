@@ -181,8 +181,10 @@ class Optimizer:
         return self._spec.expand(hyper)
 
     def _active_state(self, hyper) -> tuple:
-        """The state buffers these hyper-parameters use."""
-        return self._spec.update.state_buffers(self._update_values(hyper))
+        """The state these hyper-parameters use: element-wise buffers, then scalar state."""
+        h = self._update_values(hyper)
+        update = self._spec.update
+        return update.state_buffers(h) + update.scalar_names(h)
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -194,6 +196,7 @@ class Optimizer:
         active = update.state_buffers(h)
         self._views: list[dict[str, np.ndarray]] = [dict() for _ in self._params]
         written = list(self._params) + list(self._half_out or [])
+        written += self._allocate_scalars(h)
         # The state's dtype per param: the param's own, or float32 (state_dtype).
         state_dtypes = [self._state_dtype_of(p) for p in self._params]
         rows: list = [self._params, None]
@@ -224,10 +227,70 @@ class Optimizer:
                                     self._half_out, out_storages)
         self._single_bank = len(self._banks) == 1
         self._plans = [b.plan(update.name) for b in self._banks]
+        # each bank's scalar state (shared by the banks of one scalar dtype)
+        self._scalars: list[dict[str, np.ndarray]] = [
+            self._scalar_sets[self._scalar_dtype_of(self._params[b.indices[0]])]
+            for b in self._banks] if self._scalar_sets else []
         # {(bank, grad dtype): plan}: the plans for grads of another type than the params'
         self._grad_plans = {(i, b.grad_dtype): plan
                             for i, (b, plan) in enumerate(zip(self._banks, self._plans))}
         self._sync_plans()
+
+    def _allocate_scalars(self, h) -> list:
+        """Per-step scalar state (NAdam's mu_product, ASGD's eta and mu): one 0-d array per
+        scalar dtype, float64 for float64 params and float32 otherwise, as torch keeps them
+        (the params always step together); every param's state holds its dtype's arrays.
+        Returns the arrays (memory the step writes)."""
+        update = self._spec.update
+        self._scalar_sets: dict = {}
+        names = update.scalar_names(h)
+        if not names:
+            return []
+        for i, p in enumerate(self._params):
+            dtype = self._scalar_dtype_of(p)
+            if dtype not in self._scalar_sets:
+                arrays = {}
+                for name in names:
+                    value = update.initial_value(name, h)
+                    if callable(value):  # ASGD's eta starts at the lr: a schedule's first value
+                        try:
+                            value = lr_value(value, self._step_count)
+                        except (TypeError, ValueError):  # (the step reports a bad schedule)
+                            value = math.nan
+                    arrays[name] = np.array(value, dtype=dtype)
+                self._scalar_sets[dtype] = arrays
+            self._views[i].update(self._scalar_sets[dtype])
+        return [a for arrays in self._scalar_sets.values() for a in arrays.values()]
+
+    @staticmethod
+    def _scalar_dtype_of(param) -> np.dtype:
+        """The dtype of ``param``'s scalar state: float64 for float64 params, else float32."""
+        return np.dtype(np.float64 if param.dtype == np.float64 else np.float32)
+
+    def _step_scalars(self, lr, t):
+        """Per bank: the kernel's per-step scalars and the new scalar state for step ``t``."""
+        update = self._spec.update
+        h = self._update_values(self._hyper)
+        out = []
+        for arrays in self._scalars:
+            rnd = next(iter(arrays.values())).dtype.type
+            out.append(update.step_scalars(h, t, lr, {n: float(a) for n, a in arrays.items()},
+                                           lambda x, fresh=False: float(rnd(x))))
+        return out
+
+    def _step_banks(self, grads, lr, t, nthreads, inv_scale, scalars):
+        """step_plans with each bank's own scalars: every grad checked, then the non-finite
+        check, then the updates."""
+        for i, (bank, plan) in enumerate(zip(self._banks, self._plans)):
+            bad = plan.gather(bank.grads_of(grads, False))
+            if bad is not None:
+                return (i, *bad)
+        if self._skip_nonfinite and not all(plan.all_finite(inv_scale, nthreads)
+                                            for plan in self._plans):
+            return (-1, STEP_SKIPPED_NONFINITE, -1)
+        for plan, (values, _) in zip(self._plans, scalars):
+            plan.run(lr, t, nthreads, inv_scale, values)
+        return None
 
     def _state_dtype_of(self, param) -> np.dtype:
         """The dtype of ``param``'s state buffers: its own, or float32 (state_dtype)."""
@@ -297,6 +360,14 @@ class Optimizer:
     def lr(self, value):
         self._hyper = self._validate({**self._hyper, "lr": value})
         self._sync_plans()
+        if self._step_count == 0 and self._scalars:
+            # scalar state that starts at the lr (ASGD's eta) takes the lr of the first step,
+            # as torch's, made at that step
+            h = self._update_values(self._hyper)
+            for bank, arrays in zip(self._banks, self._scalars):
+                for name, arr in arrays.items():
+                    value = self._spec.update.initial_value(name, h)
+                    arr[...] = lr_value(value, 0) if callable(value) else value
 
     @property
     def hyperparams(self) -> dict:
@@ -370,10 +441,14 @@ class Optimizer:
                 lr = lr_value(lr, self._step_count)
             t = self._step_count + 1
             nthreads = get_num_threads()
+            scalars = self._step_scalars(lr, t) if self._scalars else None
             while True:
                 if self._single_bank:
-                    bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale)
+                    bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale,
+                                              scalars[0][0] if scalars else ())
                     i, bad = 0, None if bad is None else (0, *bad)
+                elif scalars:
+                    bad = self._step_banks(grads, lr, t, nthreads, inv_scale, scalars)
                 else:
                     bad = _dispatch.kernels.step_plans(
                         self._plans, [bank.grads_of(grads, False) for bank in self._banks],
@@ -390,6 +465,9 @@ class Optimizer:
                         i, self._banks[i].grads_of(grads, self._single_bank)[0])):
                     self._banks[i].raise_bad_grad((code, k), grads, self._params, self._labels,
                                                   self._single_bank)
+            for arrays, (_, new) in zip(self._scalars, scalars or ()):
+                for name, value in new.items():
+                    arrays[name][...] = value
             self._step_count = t
             self._last_lr = lr
             return True
@@ -421,8 +499,11 @@ class Optimizer:
         if self._flat is None or self._flat_views:
             return list(zip(self._keys, self._params, self._views))
         flat = self._flat
-        per_buffer = {name: flat.views(view) for name, view in self._views[0].items()}
-        return [(key, flat.params[key], {name: per_buffer[name][key] for name in per_buffer})
+        per_buffer = {name: flat.views(view) for name, view in self._views[0].items()
+                      if view.ndim}
+        scalars = self._scalars[0] if self._scalars else {}
+        return [(key, flat.params[key],
+                 {**{name: per_buffer[name][key] for name in per_buffer}, **scalars})
                 for key in flat.names]
 
     def load_state_dict(self, state_dict) -> None:
@@ -470,6 +551,8 @@ class Optimizer:
                 f"got {list(state) if isinstance(state, Mapping) else state!r}"
             )
         active = self._active_state(hyper)
+        scalar_names = self._spec.update.scalar_names(self._update_values(hyper))
+        scalar_values: dict = {}
         for key, p, _ in entries:
             entry = state[key]
             want = self._state_dtype_of(p)
@@ -484,6 +567,9 @@ class Optimizer:
                 what = f"state_dict['state'][{key!r}][{buf_name!r}]"
                 if not isinstance(arr, np.ndarray):
                     raise TypeError(f"{what} must be a numpy.ndarray, got {type(arr).__name__}")
+                if buf_name in scalar_names:
+                    self._check_scalar_state(what, arr, p, buf_name, scalar_values)
+                    continue
                 shape = self._buffer_shape(buf_name, p)
                 if arr.shape != shape:
                     raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape "
@@ -501,6 +587,20 @@ class Optimizer:
     def _buffer_shape(self, name, param) -> tuple:
         """The shape of ``param``'s buffer ``name`` (the param's own here)."""
         return param.shape
+
+    def _check_scalar_state(self, what, arr, p, name, seen) -> None:
+        """A saved scalar state value: 0-d, of the param's scalar dtype, and the same for every
+        param of that dtype (they step together)."""
+        want = self._scalar_dtype_of(p)
+        if arr.shape != ():
+            raise ValueError(f"{what} must be a 0-d array, got shape {arr.shape}")
+        if arr.dtype != want:
+            raise TypeError(f"{what} has dtype {arr.dtype}, but this optimizer keeps it as "
+                            f"{want}")
+        first = seen.setdefault((name, want), arr)
+        if not (first == arr or (first != first and arr != arr)):
+            raise ValueError(f"{what} is {arr}, but another {want} parameter's is {first}: "
+                             f"the params of {type(self).__name__} step together and share it")
 
     def _commit_state(self, checked):
         """Apply a validated state dict (cannot fail)."""
@@ -1023,6 +1123,122 @@ class Rprop(Optimizer):
 # ------------------------------------------------------------------------------------------
 # Updates with per-step scalar state: NAdam (mu_product), ASGD (eta, mu)
 # ------------------------------------------------------------------------------------------
+
+
+class NAdam(Optimizer):
+    r"""NAdam: Adam with Nesterov momentum and a momentum schedule.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 2e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    momentum_decay : float, default 4e-3 (:math:`\psi`)
+    decoupled_weight_decay : bool, default False (True: decay the weights directly, NAdamW)
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    With :math:`t` = ``step_count + 1`` and the momentum schedule
+    :math:`\mu_t = \beta_1 (1 - \frac12 0.96^{t\psi})`:
+
+    .. math::
+        \Pi_t &= \Pi_{t-1}\,\mu_t \quad (\Pi_0 = 1) \\
+        \theta &\leftarrow \theta (1 - \eta\lambda) \ \text{(decoupled)} \quad\text{or}\quad
+            g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+        m_t &= \operatorname{lerp}(m_{t-1}, g_t, 1-\beta_1), \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \theta_t &= \theta - \eta\Bigl(\frac{1-\mu_t}{1-\Pi_t}\, g_t
+            + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\, m_t\Bigr)
+            \Big/ \Bigl(\sqrt{v_t / (1-\beta_2^t)} + \epsilon\Bigr)
+
+    Dozat, 2016 ("Incorporating Nesterov Momentum into Adam"); formulas as torch.optim.NAdam.
+    The momentum product :math:`\Pi_t` is per-param scalar state, ``mu_product`` in
+    ``state_dict()``, kept as torch keeps it: float64 for float64 params, else float32.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = lrfast.NAdam([w], lr=0.1)
+    >>> opt.step([np.array([0.5, -3.0])])
+    True
+    >>> w.round(6).tolist()
+    [0.894355, -1.894355]
+    >>> float(opt.state_dict()["state"][0]["mu_product"])
+    0.45007347359129607
+    """
+
+    _spec = OPTIMIZERS["NAdam"]
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
+
+
+class ASGD(Optimizer):
+    r"""Averaged SGD: SGD with a decaying step size and a running average of the weights.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1e-2
+    lambd : float, default 1e-4 (decay term)
+    alpha : float, default 0.75 (power of the step size's decay)
+    t0 : float, default 1e6 (the step at which averaging starts)
+    weight_decay : float, default 0
+    maximize : bool, default False
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    With :math:`t` = ``step_count + 1``, and the step size :math:`\eta_t` and averaging weight
+    :math:`\mu_t` of the previous step (:math:`\eta_1 = \eta`, :math:`\mu_1 = 1`):
+
+    .. math::
+        g_t &\leftarrow g_t + \lambda_{wd}\,\theta_{t-1} \\
+        \theta_t &= \theta_{t-1} (1 - \lambda\eta_t) - \eta_t\, g_t \\
+        \bar x_t &= \bar x_{t-1} + \mu_t (\theta_t - \bar x_{t-1})
+            \quad (\bar x_t = \theta_t \text{ when } \mu_t = 1) \\
+        \eta_{t+1} &= \eta / (1 + \lambda\eta t)^{\alpha}, \qquad
+        \mu_{t+1} = 1 / \max(1, t - t_0)
+
+    ``ax`` (:math:`\bar x`) is the Polyak average of the iterates (Polyak and Juditsky, 1992:
+    the averaged weights, which are what one evaluates); it is the param itself until step
+    :math:`t_0 + 1`, the uniform average of the iterates after. ``eta`` and ``mu`` are
+    per-param scalar state in ``state_dict()``, kept as torch keeps them (float64 for float64
+    params, else float32). Formulas as torch.optim.ASGD.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = lrfast.ASGD([w], lr=0.1)
+    >>> opt.step([np.array([0.5, -3.0])])
+    True
+    >>> w.round(6).tolist()
+    [0.94999, -1.69998]
+    >>> st = opt.state_dict()["state"][0]
+    >>> round(float(st["eta"]), 6), float(st["mu"])
+    (0.099999, 1.0)
+    """
+
+    _spec = OPTIMIZERS["ASGD"]
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
+                 maximize=False,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
 
 
 # ------------------------------------------------------------------------------------------

@@ -287,6 +287,89 @@ def rprop_(param, grad, prev, step_size, *, etaminus=0.5, etaplus=1.2, step_size
 # Updates with per-step scalar state: NAdam (mu_product), ASGD (eta, mu)
 # ------------------------------------------------------------------------------------------
 
+#
+# The scalar state is a 0-d array (float32, or float64 for float64 params), one per call: the
+# tensors of a call are at the same step, so they share it. It is advanced here, in its own
+# type, as torch advances its 0-d tensors.
+
+__all__ += ["nadam_", "asgd_"]
+
+
+def nadam_(param, grad, exp_avg, exp_avg_sq, mu_product, *, step, lr, beta1=0.9, beta2=0.999,
+           eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False,
+           maximize=False):
+    r"""NAdam (torch.optim.NAdam): Adam with Nesterov momentum (Dozat, 2016).
+
+    .. math::
+        \mu_t &= \beta_1 \bigl(1 - \tfrac12\, 0.96^{t\psi}\bigr), \qquad
+        \mu_{t+1} = \beta_1 \bigl(1 - \tfrac12\, 0.96^{(t+1)\psi}\bigr) \\
+        \Pi_t &= \Pi_{t-1}\, \mu_t \ \text{(mu\_product, 0-d, in its own type)} \\
+        \theta &\leftarrow \theta (1 - \eta\lambda) \ \text{(decoupled)}, \qquad
+        g \leftarrow \pm g + \lambda\theta \ \text{(otherwise)} \\
+        m &\leftarrow \operatorname{lerp}(m, g, 1 - \beta_1), \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        d &= \sqrt{v / (1 - \beta_2^t)} + \epsilon \\
+        \theta &\leftarrow \theta - \frac{\eta (1 - \mu_t)}{1 - \Pi_t} \frac{g}{d}
+            - \frac{\eta\,\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} \frac{m}{d}
+
+    :math:`\psi` is ``momentum_decay``; the coefficients are formed in double precision.
+    """
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    # the 0-d product times mu, in the product's type (a Python float meeting a float32 array
+    # is rounded to float32 first)
+    mu_product[...] = mu_product * mu
+    product = float(mu_product)
+    grad_coef = -lr * (1.0 - mu) / (1.0 - product)
+    avg_coef = (-lr * mu_next) / (1.0 - product * mu_next)
+    bias_correction2 = 1 - beta2 ** step
+    for p, g, m, v in _tensors(param, grad, exp_avg, exp_avg_sq):
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p *= 1 - lr * weight_decay
+            else:
+                g = g + weight_decay * p
+        _lerp_(m, g, 1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * g * g
+        denom = np.sqrt(v / bias_correction2) + eps
+        p += (grad_coef * g) / denom
+        p += (avg_coef * m) / denom
+
+
+def asgd_(param, grad, ax, eta, mu, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6,
+          weight_decay=0.0, maximize=False):
+    r"""Averaged SGD (torch.optim.ASGD): SGD with a decaying step size, and ``ax``, the Polyak
+    (Polyak and Juditsky, 1992) running average of the iterates.
+
+    With :math:`\eta_t`, :math:`\mu_t` the 0-d ``eta`` and ``mu`` as they are on entry:
+
+    .. math::
+        g &\leftarrow \pm g + \lambda_{wd}\theta \\
+        \theta &\leftarrow \theta (1 - \lambda \eta_t) - \eta_t g \\
+        \bar x &\leftarrow \bar x + \mu_t (\theta - \bar x) \ (\mu_t \ne 1), \qquad
+            \bar x \leftarrow \theta \ (\mu_t = 1) \\
+        \eta_{t+1} &= \eta / (1 + \lambda \eta t)^{\alpha}, \qquad
+        \mu_{t+1} = 1 / \max(1, t - t_0)
+
+    ``eta`` starts at the lr and ``mu`` at 1; both are written back rounded to their type.
+    """
+    eta_t = float(eta)
+    mu_t = float(mu)
+    for p, g, a in _tensors(param, grad, ax):
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        p *= 1 - lambd * eta_t
+        p += -eta_t * g
+        if mu_t != 1:
+            a += (p - a) * mu_t
+        else:
+            a[...] = p
+    eta[...] = lr / ((1 + lambd * lr * step) ** alpha)
+    mu[...] = 1 / max(1, step - t0)
+
 
 # ------------------------------------------------------------------------------------------
 # Updates from outside torch.optim: Lion, ADOPT

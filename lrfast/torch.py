@@ -118,6 +118,35 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _round_to(dtype: torch.dtype):
+    """``x -> x`` rounded to ``dtype`` as a 0-d tensor of it stores it."""
+    if dtype == torch.float64:
+        return float
+    if dtype == torch.float32:
+        return lambda x: float(np.float32(x))
+    box = torch.empty((), dtype=dtype)
+
+    def rnd(x):
+        box.fill_(x)
+        return box.item()
+    return rnd
+
+
+def _rounder(dtype: torch.dtype):
+    """The scalar state's rounding (see ``Update.advance``): to ``dtype``, the state's type;
+    a ``fresh`` value, which torch makes as a tensor of the default dtype
+    (``torch.as_tensor(x)``) and copies into the state, to the default dtype first."""
+    to_state = _round_to(dtype)
+    default = torch.get_default_dtype()
+    to_default = _round_to(default) if default != dtype else None
+
+    def rnd(x, fresh=False):
+        if fresh and to_default is not None:
+            x = to_default(x)
+        return to_state(x)
+    return rnd
+
+
 def _check_param(p: Any, where: str) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(p).__name__}")
@@ -189,6 +218,11 @@ class _Plan:
         self.states = states
         self.needs = needs
         self.state_obj = opt.state
+        # Per-param scalar state (NAdam's mu_product, ASGD's eta and mu): read at each step,
+        # the params of a bucket sharing its values, and written back after the kernel ran.
+        self.update = opt._spec.update
+        self.scalar_names = tuple(b.name for b in self.update.scalar_state
+                                  if all(b.name in st for st in states))
         self.steps = None
         # Does the step number change the kernel's arguments?
         self.key_splits = opt._spec.update.takes_step
@@ -216,9 +250,10 @@ class _Plan:
         for i, p in enumerate(params):
             sdt = tuple(local[i][n].dtype for n in needs)
             odt = outs[i].dtype if outs is not None else None
-            groups.setdefault((p.dtype, gdtypes[i], sdt, odt, keys[i]), []).append(i)
+            scal = self._scalar_key(i)
+            groups.setdefault((p.dtype, gdtypes[i], sdt, odt, keys[i], scal), []).append(i)
         self.buckets = []
-        for (dtype, gdtype, sdt, odt, key), idx in groups.items():
+        for (dtype, gdtype, sdt, odt, key, _), idx in groups.items():
             storage = _STORAGE[dtype]
             rows: list[Any] = [[self.param_ptrs[i] for i in idx], None]
             types: list[Any] = [storage, _STORAGE[gdtype]]
@@ -250,6 +285,11 @@ class _Plan:
         # A plan whose keys change after this step (SGD's first step) is used once.
         self.reusable = not any(key == 1 for _, key, _, _ in self.buckets)
 
+    def _scalar_key(self, i):
+        """Param ``i``'s scalar state: (value, dtype) per name; () without scalar state."""
+        st = self.states[i]
+        return tuple((st[n].item(), st[n].dtype) for n in self.scalar_names)
+
     def grad_pointers(self, group, state):
         """The gradients' addresses if this plan still describes the group, else None."""
         gparams = group["params"]
@@ -277,15 +317,19 @@ class _Plan:
             return None
         return out
 
-    def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None, grad_sumsq=None):
+    def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None, hyper=None,
+            grad_sumsq=None):
         """Run the update (hyper-parameters ``values`` in the kernel's order) with these
         gradient addresses. False (nothing done) when the params' step counts no longer fall
         into this plan's buckets. ``calls``: the optimizer's count of steps, the stochastic
         rounding's step where torch keeps none (SGD); ``kernel_step``: the step the kernel is
-        told whatever the counts (CPUAdam without bias correction); ``grad_sumsq``: the sum
-        of the squares of all the optimizer's grads (LAMB's clipping)."""
+        told whatever the counts (CPUAdam without bias correction); ``hyper``: the validated
+        hyper-parameters (for an update with scalar state); ``grad_sumsq``: the sum of the
+        squares of all the optimizer's grads (LAMB's clipping). False also when the params of a
+        bucket no longer share their scalar state."""
         steps = self.steps.tolist() if self.steps is not None else None
         calls_ = []
+        scalars = []
         for plan, key, idx, table in self.buckets:
             if steps is not None and self.key_splits:
                 if self.single:
@@ -296,8 +340,18 @@ class _Plan:
                 if hi != lo:
                     return False
                 key = int(lo) + 1  # this update's 1-based step
+            if self.scalar_names:
+                first = self._scalar_key(idx[0])
+                if any(self._scalar_key(i) != first for i in idx[1:]):
+                    return False
+                step = 1 if key is None else key
+                scalars.append(self.update.step_scalars(
+                    hyper, step, lr, {n: v for n, (v, _) in zip(self.scalar_names, first)},
+                    _rounder(first[0][1])))
+            else:
+                scalars.append(((), {}))
             calls_.append((plan, key, idx, table))
-        for plan, key, idx, table in calls_:
+        for (plan, key, idx, table), (kscalars, new) in zip(calls_, scalars):
             table[_layout.GRAD_ROW] = gptrs if self.single else [gptrs[i] for i in idx]
             plan.set_hyper(values)
             step = 1 if key is None else key
@@ -312,9 +366,13 @@ class _Plan:
                 elif not self.key_splits:
                     step = int(max(steps[i] for i in idx)) + 1
             if grad_sumsq is None:
-                plan.run(lr, step, nthreads)
+                plan.run(lr, step, nthreads, 1.0, kscalars)
             else:
-                plan.run(lr, step, nthreads, grad_sumsq=grad_sumsq)
+                plan.run(lr, step, nthreads, 1.0, kscalars, grad_sumsq=grad_sumsq)
+            for i in idx:
+                st = self.states[i]
+                for name, value in new.items():
+                    st[name].fill_(value)
         if self.steps is not None:
             self.steps.add_(1)
         return True
@@ -401,6 +459,9 @@ class _Optimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and "step" in st and not torch.is_tensor(st["step"]):
                     st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+                for b in self._spec.update.scalar_state:  # kept as a number by older torch
+                    if st and b.name in st and not torch.is_tensor(st[b.name]):
+                        st[b.name] = torch.tensor(float(st[b.name]), dtype=_scalar_dtype())
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -451,8 +512,15 @@ class _Optimizer(torch.optim.Optimizer):
                 self._hyper(group)
                 for k, p in enumerate(group["params"]):
                     want = self._state_dtype_for(p)
+                    scalar_state = self._spec.update.scalar_names(self._hyper(group))
                     for name, buf in list(self.state.get(p, {}).items()):
                         if name == "step":
+                            continue
+                        if name in scalar_state:
+                            if (not isinstance(buf, torch.Tensor) or buf.dim() != 0
+                                    or not buf.is_floating_point()):
+                                raise ValueError(f"state {name!r} of parameter {k} of group "
+                                                 f"{gi} must be a 0-d floating-point tensor")
                             continue
                         if not isinstance(buf, torch.Tensor):
                             raise ValueError(f"state {name!r} of parameter {k} of group {gi} "
@@ -491,6 +559,15 @@ class _Optimizer(torch.optim.Optimizer):
         momentum buffer then starts as the gradient) and 2 after."""
         needs = self._needs(hyper)
         counts = self._counts_steps
+        scalar_state = self._spec.update.scalar_names(hyper)
+        if scalar_state and not self.state.get(p):
+            # torch's order: step, the scalar state (0-d tensors of torch's scalar dtype),
+            # then the buffers
+            st = self.state[p]
+            st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            for name in scalar_state:
+                st[name] = torch.tensor(float(self._spec.update.initial_value(name, hyper)),
+                                        dtype=_scalar_dtype())
         if not needs and not counts:
             # No state: torch makes no entry for the param (self.state is a defaultdict, so
             # only ``get`` leaves it untouched).
@@ -577,7 +654,7 @@ class _Optimizer(torch.optim.Optimizer):
             lr = hyper["lr"]
             kstep = kernel_steps[gi] if kernel_steps is not None else None
             if plan is not None and plan.run(values, lr, nthreads, grads, self._calls, kstep,
-                                             grad_sumsq):
+                                             hyper, grad_sumsq):
                 continue
             if plan is not None:  # step counts diverged from the plan's buckets: lay out again
                 grads = self._checked_grads(gi, group, outs)
@@ -602,12 +679,13 @@ class _Optimizer(torch.optim.Optimizer):
             plan = _Plan(self, group, needs, targets, states, [None] * len(params) if count
                          else keys, count, gdtypes, halves)
             gptrs = [g.data_ptr() for _, g, _ in grads]
-            if not plan.run(values, lr, nthreads, gptrs, self._calls, kstep, grad_sumsq):
+            if not plan.run(values, lr, nthreads, gptrs, self._calls, kstep, hyper,
+                            grad_sumsq):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
                 plan = _Plan(self, group, needs, targets, states, keys, False, gdtypes, halves)
-                plan.run(values, lr, nthreads, gptrs, self._calls, kstep, grad_sumsq)
+                plan.run(values, lr, nthreads, gptrs, self._calls, kstep, hyper, grad_sumsq)
                 for st in states:
                     st["step"].add_(1)
             elif plan.reusable and not gathered and outs is None:
@@ -715,7 +793,7 @@ def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
         defaults.update(fixed_entries)
         base.__init__(self, params, defaults, **extra)
 
-    buffers = ", ".join(f"``{b.name}``" for b in spec.update.buffers)
+    buffers = ", ".join(f"``{b.name}``" for b in spec.update.scalar_state + spec.update.buffers)
     doc = (f"{spec.name} over torch tensors: "
            f"{'torch.optim.' + spec.name + chr(39) + 's' if torch_cls else 'the'} signature, "
            f"defaults and state dict format, run by lrfast's kernel.\n\n"

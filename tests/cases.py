@@ -58,6 +58,13 @@ CONFIGS += [
 ]
 # Updates with per-step scalar state: NAdam, ASGD
 CONFIGS += [
+    ("NAdam", dict(lr=0.01), True),
+    ("NAdam", dict(lr=0.01, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1, momentum_decay=0.05),
+     True),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True), True),
+    ("ASGD", dict(lr=0.01), True),
+    ("ASGD", dict(lr=0.05, lambd=0.01, alpha=0.5, t0=2, weight_decay=0.1), True),
+    ("ASGD", dict(lr=0.05, lambd=0.001, t0=0, maximize=True), True),
 ]
 # Updates from outside torch.optim: Lion, ADOPT
 CONFIGS += [
@@ -146,6 +153,20 @@ class ReferenceRun:
                   for p in self.params]
             for buf in update.state_buffers(self.values)
         }
+        # Scalar state (NAdam's mu_product, ASGD's eta and mu): one 0-d array per scalar dtype
+        # (float64 for float64 params, else float32), shared by the params of that dtype, which
+        # step together.
+        for name in update.scalar_names(self.values):
+            value = update.initial_value(name, self.values)
+            if callable(value):  # a schedule: its first value
+                value = value(0)
+            shared: dict = {}
+            self.state[name] = [shared.setdefault(sd, np.array(value, dtype=sd))
+                                for sd in map(self._scalar_dtype, self.params)]
+
+    @staticmethod
+    def _scalar_dtype(p):
+        return np.dtype(np.float64 if p.dtype == np.float64 else np.float32)
 
     def step(self, grads):
         self.t += 1
@@ -154,14 +175,31 @@ class ReferenceRun:
     def call(self, module, grads, single=False):
         """``module``'s function for the update (lrfast.reference or lrfast.functional), on this
         run's params and state at step ``self.t``; ``single``: on the first tensor's arrays
-        rather than on lists."""
+        rather than on lists. With scalar state, one call per scalar dtype."""
+        if self.spec.update.scalar_state and not single:
+            groups: dict = {}
+            for k, p in enumerate(self.params):
+                groups.setdefault(self._scalar_dtype(p), []).append(k)
+            if len(groups) > 1:
+                for idx in groups.values():
+                    self._call(module, [grads[k] for k in idx], idx)
+                return
+        self._call(module, grads, None, single)
+
+    def _call(self, module, grads, idx, single=False):
         update = self.spec.update
 
         def arrays(lst):
-            return None if lst is None else (lst[0] if single else lst)
+            if lst is None:
+                return None
+            if idx is not None:
+                lst = [lst[k] for k in idx]
+            return lst[0] if single else lst
 
         args = [arrays(self.params), grads] + [arrays(self.state.get(b.name))
                                                for b in update.buffers if not b.keyword]
+        # the scalar state: one 0-d array per call
+        args += [self.state[b.name][0 if idx is None else idx[0]] for b in update.scalar_state]
         kwargs = {h.name: self.values[h.name] for h in update.hypers if h.functional}
         kwargs.update({b.argname: arrays(self.state.get(b.name))
                        for b in update.buffers if b.keyword})

@@ -103,6 +103,14 @@ def configs(draw, names=None):
                        draw(st.sampled_from([1.001, 1.2, 10.0]))),
                  step_sizes=draw(st.sampled_from([(0.0, 0.0), (1e-6, 50.0), (0.0, math.inf),
                                                   (1e-3, 1e-3)])))
+    # Updates with per-step scalar state: NAdam, ASGD
+    if name == "NAdam":
+        h.update(momentum_decay=draw(st.sampled_from([0.0, 4e-3, 0.1, 10.0])),
+                 decoupled_weight_decay=draw(st.booleans()))
+    elif name == "ASGD":
+        h.update(lambd=draw(st.sampled_from([0.0, 1e-4, 0.1, 1.0])),
+                 alpha=draw(st.sampled_from([0.0, 0.75, 1.0, 2.0])),
+                 t0=draw(st.sampled_from([0.0, 2.0, 1e6])))
     # (the options drawn above that this optimizer does not have)
     h = {k: v for k, v in h.items() if k in HYPER_NAMES[name]}
     return name, h
@@ -511,6 +519,8 @@ def hyper_ok(h):
             assert all(type(b) is float for b in v) and 0.0 < v[0] < 1.0 < v[1], (k, v)
         elif k == "step_sizes":  # (Rprop)
             assert all(type(b) is float for b in v) and 0.0 <= v[0] <= v[1], (k, v)
+        elif k in ("lambd", "t0") or (k == "alpha" and "lambd" in h):  # (ASGD: any real)
+            assert type(v) is float, (k, v)
         elif k == "dampening":  # torch does not range-check dampening either
             assert type(v) is float, (k, v)
             if h["nesterov"]:
@@ -637,6 +647,8 @@ def expected_hyper_error(name, base, key, value):
     if err:
         return err
     v = float(value)
+    if name == "ASGD" and key in ("lambd", "alpha", "t0"):  # any real, as torch
+        return None
     if key == "dampening":  # any real, as torch; Nesterov needs it to be 0
         return ValueError if base.get("nesterov") and v != 0 else None
     if not 0.0 <= v < math.inf:

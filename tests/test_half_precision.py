@@ -94,6 +94,9 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
                  for b in update.buffers}
     ref_half = None if O is None else [O.ref(O.zeros(s)) for s in SHAPES]
     kwargs = {h.name: values[h.name] for h in update.hypers if h.functional}
+    # scalar state (NAdam, ASGD): one 0-d float32 array per call, as the optimizer keeps it
+    kwargs.update({b.argname: np.array(update.initial_value(b.name, values), np.float32)
+                   for b in update.scalar_state})
     storages = {"param": ps, "grad": gs, **{b.argname: ss for b in update.buffers}}
     grng = np.random.default_rng(1)
     # With ``threads``, one element per thread at least: these small tensors are then split

@@ -32,6 +32,13 @@ def configs(draw):
     elif "betas" in SPECS[name].arguments:
         h.update(betas=(draw(unit), draw(unit)), eps=draw(st.floats(1e-8, 1e-3)),
                  amsgrad=draw(st.booleans()))
+    # Updates with per-step scalar state: NAdam, ASGD
+    if name == "NAdam":
+        h.update(momentum_decay=draw(st.floats(0.0, 0.1)),
+                 decoupled_weight_decay=draw(st.booleans()))
+    elif name == "ASGD":
+        h.update(lambd=draw(st.floats(0.0, 0.1)), alpha=draw(st.floats(0.0, 1.0)),
+                 t0=draw(st.sampled_from([0.0, 2.0, 1e6])))
     # (the options drawn above that this optimizer does not have)
     h = {k: v for k, v in h.items() if k in SPECS[name].arguments}
     return name, h

@@ -57,8 +57,10 @@ def test_functional_and_reference_signatures_are_the_spec(name):
     for arg in f_all:
         assert _same(f_all[arg], r_all[arg]), (arg, f_all[arg], r_all[arg])
     # and both say what the spec says: param, grad, the buffers, step, the hyper-parameters
-    buffers = {b.argname: b for b in update.buffers}
-    assert f_pos == ["param", "grad"] + [b.argname for b in update.buffers if not b.keyword]
+    # (then the scalar state, 0-d arrays: required)
+    buffers = {b.argname: b for b in update.buffers + update.scalar_state}
+    assert f_pos == (["param", "grad"] + [b.argname for b in update.buffers if not b.keyword]
+                     + [b.argname for b in update.scalar_state])
     expected_kw = {h.name: (REQUIRED if h.name == "lr" else h.default)
                    for h in update.hypers if h.functional}
     expected_kw.update({b.argname: None for b in update.buffers if b.keyword})
@@ -66,7 +68,8 @@ def test_functional_and_reference_signatures_are_the_spec(name):
         expected_kw["step"] = REQUIRED
     assert f_kw == expected_kw
     for arg in f_pos[2:]:
-        assert f_all[arg] is (REQUIRED if buffers[arg].used is None else None)
+        assert f_all[arg] is (REQUIRED if buffers[arg].used is None or buffers[arg].scalar
+                              else None)
 
 
 @pytest.mark.parametrize("name", sorted(UPDATES))

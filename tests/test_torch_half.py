@@ -62,6 +62,10 @@ class MixedRun:
             init = np.float32(self.update.initial_value(b, self.values))
             self.state[b] = [self._store(np.full(p.shape, init, np.float32), self.sst)
                              for p in params]
+        # scalar state (NAdam, ASGD): 0-d, torch's default dtype (float32), one per run
+        self.scalars = {b.name: np.array(self.update.initial_value(b.name, self.values),
+                                         np.float32)
+                        for b in self.update.scalar_state}
         self.t = 0
 
     @staticmethod
@@ -81,6 +85,7 @@ class MixedRun:
             buffers[b.argname] = self.state.get(b.name)
             storages[b.argname] = self.sst
         kwargs = {h.name: self.values[h.name] for h in self.update.hypers if h.functional}
+        kwargs.update(self.scalars)
         reference.mixed_(getattr(reference, self.update.name + "_"), buffers, storages,
                          step=self.t if hash_step is None else hash_step, rounding=rounding,
                          seed=seed, **kwargs)
@@ -94,7 +99,10 @@ def assert_bitwise(run, params, opt, pdtype, sdtype):
         got = bits(p) if pdtype in HALF else p.detach().numpy()
         np.testing.assert_array_equal(got, run.params[k], err_msg=f"param {k}")
         st = opt.state[p]
-        assert set(st) - {"step"} == set(run.state), (sorted(st), sorted(run.state))
+        assert set(st) - {"step"} - set(run.scalars) == set(run.state), (sorted(st),
+                                                                          sorted(run.state))
+        for name, value in run.scalars.items():
+            assert st[name].item() == float(value), (name, st[name].item(), float(value))
         for name, bufs in run.state.items():
             assert st[name].dtype == sdtype, (name, st[name].dtype)
             got = bits(st[name]) if sdtype in HALF else st[name].numpy()
