@@ -9,6 +9,10 @@ as the optimizer classes do. The same signatures, in pure NumPy, are in :mod:`lr
 increment): the first update is ``step=1``. Bias corrections (Adam), the learning-rate decay
 (Adagrad) and the first momentum buffer (SGD) depend on it.
 
+Updates whose kernel reads per-step values derived from state the optimizer classes keep
+(``Update.scalars``) take them as required keyword arguments: schedule-free's ``ckp1`` (with
+``lr`` the warmup-scheduled lr), from :func:`lrfast.reference.schedule_free_values`.
+
 All inputs are checked before anything is written: a call that raises has changed nothing.
 
 Element types are the optimizer classes' (see :mod:`lrfast.optim`): float32, float64, float16
@@ -45,7 +49,7 @@ import numpy as np
 from . import _dispatch, _layout, _precision
 from ._specs import REQUIRED, UPDATES, Update
 from ._threads import get_num_threads
-from ._validation import check_array, check_bool, check_disjoint, check_step
+from ._validation import _real, check_array, check_bool, check_disjoint, check_step
 
 __all__ = [name + "_" for name in UPDATES]
 
@@ -82,8 +86,9 @@ def _as_lists(named) -> tuple[list[tuple[str, Any]], bool]:
     return out, single
 
 
-def _run(update: Update, named, h: dict, step: int, options: dict) -> None:
-    """Validate ``named`` = [("param", ...), ("grad", ...), state...] and run the update."""
+def _run(update: Update, named, h: dict, step: int, options: dict, scalars=()) -> None:
+    """Validate ``named`` = [("param", ...), ("grad", ...), state...] and run the update
+    (``scalars``: its per-step values, in the order of ``update.scalars``)."""
     bits = check_bool(options["bfloat16_bits"], "bfloat16_bits")
     rounding = _precision.check_rounding(options["rounding"])
     seed = _precision.check_seed(options["seed"])
@@ -137,7 +142,7 @@ def _run(update: Update, named, h: dict, step: int, options: dict) -> None:
         plan.set_options(False, False, rounding, seed)
     # Every grad is checked before any kernel runs.
     bad = _dispatch.kernels.step_plans(plans, [bank.grads_of(grads, covers_all) for bank in banks],
-                                       h["lr"], step, get_num_threads())
+                                       h["lr"], step, get_num_threads(), 1.0, scalars)
     if bad is not None:
         i, code, k = bad
         banks[i].raise_bad_grad((code, k), grads, params, grad_labels, covers_all)
@@ -167,6 +172,8 @@ def _signature(update: Update) -> inspect.Signature:
                             default=REQUIRED if b.used is None else None))
     if update.takes_step:
         params.append(P("step", P.KEYWORD_ONLY))
+    for name in update.scalars:  # per-step values the caller derives (required)
+        params.append(P(name, P.KEYWORD_ONLY))
     for h in update.hypers:
         if h.functional:
             params.append(P(h.name, P.KEYWORD_ONLY,
@@ -193,7 +200,8 @@ def _apply(update: Update, a: dict) -> None:
         elif value is None:
             raise ValueError(update.missing_buffer_message(b))
         named.append((b.argname, value))
-    _run(update, named, h, step, {name: a[name] for name in _OPTIONS})
+    scalars = [_real(a[name], name) for name in update.scalars]
+    _run(update, named, h, step, {name: a[name] for name in _OPTIONS}, scalars)
 
 
 def _make(update: Update) -> Callable[..., None]:
