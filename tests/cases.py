@@ -17,6 +17,26 @@ from lrfast._specs import OPTIMIZERS as SPECS
 # Every optimizer of the spec table, by its class name.
 OPTIMIZERS = {name: getattr(lrfast, name) for name in SPECS}
 
+# Updates whose kernel reads per-step values (``Update.scalars``) derived from state the classes
+# keep: {update name: (validated update values, 1-based step) -> that step's keyword arguments
+# for the reference and functional calls (the scalars, and any value they replace)}. Each
+# family registers its own below, beside its CONFIGS.
+STEP_KWARGS: dict = {}
+
+
+def initial_buffer(update, name, values, param):
+    """Buffer ``name`` of ``param`` as the classes start it: a copy of the param
+    (``Buffer.init`` PARAM), else full of the spec's initial value."""
+    if any(b.name == name and b.starts_as_param for b in update.buffers):
+        return param.copy()
+    return np.full_like(param, update.initial_value(name, values))
+
+
+def step_kwargs(update, values, t):
+    """The per-step keyword arguments of ``update`` at step ``t`` (see STEP_KWARGS)."""
+    fn = STEP_KWARGS.get(update.name)
+    return {} if fn is None else fn(values, t)
+
 # (optimizer, hyper-parameters, has a torch.optim equivalent). Every option appears at least once;
 # the lerp weights 1-beta1 = 0.7 and 1-alpha = 0.55 take torch.lerp's second branch.
 CONFIGS = [
@@ -55,7 +75,31 @@ CONFIGS += [
 ]
 # Schedule-free AdamW and SGD
 CONFIGS += [
+    ("AdamWScheduleFree", dict(lr=0.01), False),
+    ("AdamWScheduleFree", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1,
+                               warmup_steps=5, r=0.5, weight_lr_power=1.0), False),
+    ("AdamWScheduleFree", dict(lr=0.02, betas=(0.3, 0.9), warmup_steps=3, r=1.0,
+                               weight_lr_power=0.0), False),
+    ("SGDScheduleFree", dict(lr=0.1), False),
+    ("SGDScheduleFree", dict(lr=0.05, momentum=0.5, weight_decay=0.01, warmup_steps=4,
+                             r=0.25, weight_lr_power=3.0), False),
 ]
+
+
+def _schedule_free_kwargs(values, t):
+    """Step ``t``'s warmup-scheduled lr and averaging weight ckp1, from lrfast.reference's
+    derivation of the group scalars over steps 0..t-1 (a constant lr)."""
+    lr_max, weight_sum = -1.0, 0.0
+    for k in range(t):
+        v = reference.schedule_free_values(
+            k, values["lr"], warmup_steps=values["warmup_steps"], r=values["r"],
+            weight_lr_power=values["weight_lr_power"], lr_max=lr_max, weight_sum=weight_sum)
+        lr_max, weight_sum = v["lr_max"], v["weight_sum"]
+    return {"lr": v["lr"], "ckp1": v["ckp1"]}
+
+
+STEP_KWARGS.update(adamw_schedule_free=_schedule_free_kwargs,
+                   sgd_schedule_free=_schedule_free_kwargs)
 # Every optimizer of the spec table is covered: one without a configuration above runs with
 # lr=0.01 and its other defaults (compared with torch.optim where torch has the class).
 CONFIGS += [(name, dict(lr=0.01), spec.torch is not None and spec.torch.cls is not None)
@@ -94,7 +138,7 @@ class ReferenceRun:
         self.t = 0
         update = self.spec.update
         self.state = {
-            buf: [np.full_like(p, update.initial_value(buf, self.values)) for p in self.params]
+            buf: [initial_buffer(update, buf, self.values, p) for p in self.params]
             for buf in update.state_buffers(self.values)
         }
 
@@ -118,6 +162,7 @@ class ReferenceRun:
                        for b in update.buffers if b.keyword})
         if update.takes_step:
             kwargs["step"] = self.t
+        kwargs.update(step_kwargs(update, self.values, self.t))
         getattr(module, update.name + "_")(*args, **kwargs)
 
 
