@@ -541,7 +541,8 @@ def _schedule_free_hypers():
     return (
         Hyper("warmup_steps", 0, _check_warmup_steps, functional=False),
         Hyper("r", 0.0, _finite("r"), functional=False),
-        Hyper("weight_lr_power", 2.0, _finite("weight_lr_power"), functional=False),
+        Hyper("weight_lr_power", 2.0, nonneg("Invalid weight_lr_power value"),
+              functional=False),
     )
 
 
