@@ -507,8 +507,10 @@ def _add(*specs: OptimizerSpec) -> None:
 
 
 def _check_warmup_steps(v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-        raise ValueError(f"Invalid warmup_steps value: {v!r} (an int >= 0)")
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"warmup_steps must be an int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"Invalid warmup_steps value: {v}")
     return int(v)
 
 

@@ -843,7 +843,7 @@ def _make_class(spec: OptimizerSpec) -> type:
         bound.apply_defaults()
         defaults = {k: v for k, v in bound.arguments.items() if k != "params"}
         defaults.update(fixed_entries)
-        base.__init__(self, params, defaults, **extra)
+        base.__init__(self, params, defaults, **extra)  # type: ignore[misc]  # (a base above)
 
     buffers = ", ".join(f"``{b.name}``" for b in spec.update.buffers)
     doc = (f"{spec.name} over torch tensors: "
@@ -855,6 +855,8 @@ def _make_class(spec: OptimizerSpec) -> type:
            "lrfast-only keywords: ``state_dtype`` (None: the params' dtype, as torch's fused "
            "kernels; ``torch.float32`` for bfloat16/float16 params), ``rounding`` "
            "(``'nearest'`` or ``'stochastic'``) and ``seed``; see :mod:`lrfast.torch`.\n")
+    if base is not _Optimizer and base.__doc__:
+        doc += "\n" + inspect.cleandoc(base.__doc__) + "\n"
     __init__.__signature__ = sig  # type: ignore[attr-defined]
     cls = type(spec.name, (base,), {
         "__init__": __init__, "__doc__": doc, "__module__": __name__,
