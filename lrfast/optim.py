@@ -860,10 +860,16 @@ class _ScheduleFree(Optimizer):
         nthreads = get_num_threads()
         # Stochastic rounding draws from a step number no update uses (the top bit set).
         step = (1 << 63) | self._step_count
-        for table, offsets, pst, zst, out in self._swap_tables:
-            _dispatch.kernels.schedule_free_interpolate(table, offsets, pst, zst, weight,
-                                                        nthreads, out, self._rounding,
-                                                        self._seed, step)
+        if not self._busy.acquire(False):
+            raise RuntimeError(f"{type(self).__name__}.step() is running in another thread; "
+                               "train() and eval() must not overlap it")
+        try:
+            for table, offsets, pst, zst, out in self._swap_tables:
+                _dispatch.kernels.schedule_free_interpolate(table, offsets, pst, zst, weight,
+                                                            nthreads, out, self._rounding,
+                                                            self._seed, step)
+        finally:
+            self._busy.release()
 
     def eval(self) -> None:
         """Put the params at x, the average (for evaluation and for saving a model): each
