@@ -18,9 +18,10 @@ from lrfast._specs import OPTIMIZERS as SPECS
 OPTIMIZERS = {name: getattr(lrfast, name) for name in SPECS}
 
 # Updates whose kernel reads per-step values (``Update.scalars``) derived from state the classes
-# keep: {update name: (validated update values, 1-based step) -> that step's keyword arguments
-# for the reference and functional calls (the scalars, and any value they replace)}. Each
-# family registers its own below, beside its CONFIGS.
+# keep: {update name: (validated update values, 1-based step, the run's scalar state, a dict
+# the function reads and advances) -> that step's keyword arguments for the reference and
+# functional calls (the scalars, and any value they replace)}. Each family registers its own
+# below, beside its CONFIGS.
 STEP_KWARGS: dict = {}
 
 
@@ -32,10 +33,11 @@ def initial_buffer(update, name, values, param):
     return np.full_like(param, update.initial_value(name, values))
 
 
-def step_kwargs(update, values, t):
-    """The per-step keyword arguments of ``update`` at step ``t`` (see STEP_KWARGS)."""
+def step_kwargs(update, values, t, scalar_state):
+    """The per-step keyword arguments of ``update`` at step ``t``, advancing ``scalar_state``
+    (a dict, empty at the start of a run; see STEP_KWARGS)."""
     fn = STEP_KWARGS.get(update.name)
-    return {} if fn is None else fn(values, t)
+    return {} if fn is None else fn(values, t, scalar_state)
 
 # (optimizer, hyper-parameters, has a torch.optim equivalent). Every option appears at least once;
 # the lerp weights 1-beta1 = 0.7 and 1-alpha = 0.55 take torch.lerp's second branch.
@@ -86,15 +88,15 @@ CONFIGS += [
 ]
 
 
-def _schedule_free_kwargs(values, t):
-    """Step ``t``'s warmup-scheduled lr and averaging weight ckp1, from lrfast.reference's
-    derivation of the group scalars over steps 0..t-1 (a constant lr)."""
-    lr_max, weight_sum = -1.0, 0.0
-    for k in range(t):
-        v = reference.schedule_free_values(
-            k, values["lr"], warmup_steps=values["warmup_steps"], r=values["r"],
-            weight_lr_power=values["weight_lr_power"], lr_max=lr_max, weight_sum=weight_sum)
-        lr_max, weight_sum = v["lr_max"], v["weight_sum"]
+def _schedule_free_kwargs(values, t, state):
+    """Step ``t``'s warmup-scheduled lr and averaging weight ckp1 from lrfast.reference's
+    derivation, advancing the group scalars in ``state`` (lr_max, weight_sum: the classes'
+    state dict entries of the same names)."""
+    v = reference.schedule_free_values(
+        t - 1, values["lr"], warmup_steps=values["warmup_steps"], r=values["r"],
+        weight_lr_power=values["weight_lr_power"], lr_max=state.get("lr_max", -1.0),
+        weight_sum=state.get("weight_sum", 0.0))
+    state.update(lr_max=v["lr_max"], weight_sum=v["weight_sum"])
     return {"lr": v["lr"], "ckp1": v["ckp1"]}
 
 
@@ -136,6 +138,7 @@ class ReferenceRun:
         self.h = self.spec.collapse(self.values)  # the class's (Adam: ``betas``)
         self.params = [p.copy() for p in params]
         self.t = 0
+        self.scalar_state: dict = {}  # per-step values' state (STEP_KWARGS)
         update = self.spec.update
         self.state = {
             buf: [initial_buffer(update, buf, self.values, p) for p in self.params]
@@ -162,7 +165,7 @@ class ReferenceRun:
                        for b in update.buffers if b.keyword})
         if update.takes_step:
             kwargs["step"] = self.t
-        kwargs.update(step_kwargs(update, self.values, self.t))
+        kwargs.update(step_kwargs(update, self.values, self.t, self.scalar_state))
         getattr(module, update.name + "_")(*args, **kwargs)
 
 

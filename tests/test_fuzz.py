@@ -1044,6 +1044,7 @@ def test_fuzz_load_state_dict(name, data, seed, layout, env):
         ref = ReferenceRun(name, h, loaded_params)  # its state and step count: the loaded ones
         ref.t = int(sd["step_count"])
         ref.state = {b: [now["state"][k][b] for k in state_keys] for b in ref.state}
+        ref.scalar_state.update(now.get("schedule_free", {}))  # schedule-free's group scalars
         reference_step(ref, grads, 1.0)
         assert_matches_reference(opt, ref, state_keys)
 

@@ -103,6 +103,7 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
     kwargs = {h.name: values[h.name] for h in update.hypers if h.functional}
     storages = {"param": ps, "grad": gs, **{b.argname: ss for b in update.buffers}}
     grng = np.random.default_rng(1)
+    scalar_state: dict = {}
     # With ``threads``, one element per thread at least: these small tensors are then split
     # over that many threads (by default they are below every update's threshold).
     with environment(lrfast._dispatch.name, threads or lrfast.get_num_threads(),
@@ -113,7 +114,7 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
             R.mixed_(getattr(R, update.name + "_"),
                      {"param": ref_params, "grad": [G.ref(g) for g in grads], **ref_state},
                      storages, step=t, rounding=rounding, seed=1234, out=ref_half,
-                     out_storage=out, **{**kwargs, **step_kwargs(update, values, t)})
+                     out_storage=out, **{**kwargs, **step_kwargs(update, values, t, scalar_state)})
     return opt, params, half, ref_params, ref_state, ref_half, P, S, O
 
 
