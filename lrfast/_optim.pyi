@@ -68,6 +68,19 @@ def _convert(
     first: int = 0,
 ) -> None: ...
 def _widen_to(src: NDArray[np.uint16], dst: NDArray[np.float32], storage: str) -> None: ...
+# Schedule-free's train()/eval() (src/_updates_schedule_free.pxi): params <- lerp(params, z, w).
+def schedule_free_interpolate(
+    table: NDArray[np.intp],
+    offsets: NDArray[np.intp],
+    storage: str,
+    z_storage: str,
+    weight: float,
+    nthreads: int,
+    out: str | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    step: int = 0,
+) -> None: ...
 def _row_types(
     storage: str, nrows: int, rows: Sequence[str | None] | None, out: str | None
 ) -> list[int]: ...

@@ -27,6 +27,7 @@ from ._optim import (
     _debug_index as _debug_index,
     _convert as _convert,
     _widen_to as _widen_to,
+    schedule_free_interpolate as schedule_free_interpolate,
     _row_types as _row_types,
     Plan as Plan,
     step_plans as step_plans,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -40,6 +41,8 @@ from ._validation import (
 
 REQUIRED = inspect.Parameter.empty
 _NAN = float("nan")
+# Buffer.init for a buffer that starts as a copy of its param (schedule-free's z).
+PARAM = "param"
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,7 +101,8 @@ class Buffer:
     """A state buffer, named as torch names it, in the kernel's row order.
 
     ``used``: when the update reads it (None: always), and ``needs`` what makes it so, for the
-    message of a missing buffer; ``init``: the hyper-parameter it starts at, or a number
+    message of a missing buffer; ``init``: the hyper-parameter it starts at, a number, or
+    ``PARAM``: a copy of its param (``initial_value`` is then 0; each layer copies the param)
     (zeros otherwise);
     ``arg``: its argument name in lrfast.functional when not ``name``; ``keyword``: that
     argument is keyword-only.
@@ -128,6 +132,10 @@ class Buffer:
 
     def is_used(self, h: dict) -> bool:
         return self.used is None or bool(self.used(h))
+
+    @property
+    def starts_as_param(self) -> bool:
+        return self.init == PARAM
 
 
 @dataclass(frozen=True)
@@ -206,7 +214,7 @@ class Update:
         for b in self.buffers + self.scalar_state:
             if b.name == name:
                 if isinstance(b.init, str):
-                    return h[b.init] if b.init else 0.0
+                    return h[b.init] if b.init and b.init != PARAM else 0.0
                 return float(b.init)
         raise KeyError(name)
 
@@ -987,3 +995,103 @@ _add(OptimizerSpec(
 # ------------------------------------------------------------------------------------------
 # Schedule-free AdamW and SGD
 # ------------------------------------------------------------------------------------------
+
+# Both keep z (the base sequence; the params hold y during training) in the state, starting as
+# a copy of the param (``Buffer.init == PARAM``), and per group the package's scalar state: k,
+# lr_max, weight_sum, scheduled_lr and the train/eval mode (kept by the classes, not here).
+# Each step the classes derive the warmup-scheduled lr (the kernel's lr) and the averaging
+# weight ckp1 (the kernel's one per-step scalar); see lrfast.reference.schedule_free_values.
+# warmup_steps, r and weight_lr_power only shape those values: class arguments, not the
+# kernel's (``functional=False``).
+
+
+def _check_warmup_steps(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"warmup_steps must be an int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"Invalid warmup_steps value: {v}")
+    return int(v)
+
+
+def _finite(name):
+    def check(v):
+        out = _real(v, name)
+        if not math.isfinite(out):
+            raise ValueError(f"Invalid {name} value: {v}")
+        return out
+    return check
+
+
+def _schedule_free_beta1(v):
+    # eval() divides by beta1 (x = lerp(y, z, 1 - 1/beta1)): 0 has no average to return to.
+    out = check_beta(v, 0)
+    if out == 0:
+        raise ValueError(f"Invalid beta parameter at index 0: {v} (schedule-free needs "
+                         "0 < beta1 < 1)")
+    return out
+
+
+def _sgd_schedule_free_momentum(v):
+    out = _real(v, "momentum")
+    if not 0 < out < 1:
+        raise ValueError(f"Momentum must be between 0 and 1 exclusive: {v}")
+    return out
+
+
+def _schedule_free_hypers():
+    return (
+        Hyper("warmup_steps", 0, _check_warmup_steps, functional=False),
+        Hyper("r", 0.0, _finite("r"), functional=False),
+        Hyper("weight_lr_power", 2.0, nonneg("Invalid weight_lr_power value"),
+              functional=False),
+    )
+
+
+ADAMW_SCHEDULE_FREE_UPDATE = Update(
+    "adamw_schedule_free",
+    hypers=(
+        _lr(0.0025),
+        Hyper("beta1", 0.9, _schedule_free_beta1),
+        Hyper("beta2", 0.999, beta(1)),
+        _eps(1e-8),
+        _weight_decay(),
+        *_schedule_free_hypers(),
+    ),
+    buffers=(Buffer("z", init=PARAM), Buffer("exp_avg_sq")),
+    takes_step=True,  # k + 1: the second moment's bias correction
+    title="Schedule-free AdamW",
+    scalars=("ckp1",),
+)
+
+SGD_SCHEDULE_FREE_UPDATE = Update(
+    "sgd_schedule_free",
+    hypers=(
+        _lr(1.0),
+        Hyper("momentum", 0.9, _sgd_schedule_free_momentum),
+        _weight_decay(),
+        *_schedule_free_hypers(),
+    ),
+    buffers=(Buffer("z", init=PARAM),),
+    takes_step=False,
+    title="Schedule-free SGD",
+    scalars=("ckp1",),
+)
+
+# The package's trailing switch: foreach (its default: torch has _foreach_mul_). lrfast's
+# kernel runs either way; the value is stored so state dicts keep the package's keys.
+_SCHEDULE_FREE_FLAGS = (("foreach", True),)
+
+_add(
+    OptimizerSpec(
+        "AdamWScheduleFree", ADAMW_SCHEDULE_FREE_UPDATE,
+        positional=("lr", "betas", "eps", "weight_decay", "warmup_steps", "r",
+                    "weight_lr_power"),
+        pairs={"betas": ("beta1", "beta2")},
+        torch=TorchSpec(None, step_state=False, flags=_SCHEDULE_FREE_FLAGS),
+    ),
+    OptimizerSpec(
+        "SGDScheduleFree", SGD_SCHEDULE_FREE_UPDATE,
+        positional=("lr", "momentum", "weight_decay", "warmup_steps", "r", "weight_lr_power"),
+        torch=TorchSpec(None, step_state=False, flags=_SCHEDULE_FREE_FLAGS),
+    ),
+)

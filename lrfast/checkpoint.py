@@ -192,6 +192,12 @@ def save_checkpoint(path, optimizer, *, plateaus=()) -> None:
         "params": entries,
         "plateaus": [p.state_dict() for p in plateaus],
     }
+    # Entries a class adds to its state dict (schedule-free's group scalars: numbers, bools),
+    # kept as they are in the header.
+    extra = {k: v for k, v in sd.items()
+             if k not in ("optimizer", "step_count", "skipped_steps", "hyperparams", "state")}
+    if extra:
+        header["extra"] = extra
     header["digest"] = _digest(header, arrays)
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
 
@@ -243,6 +249,8 @@ def _read(path):
                 and isinstance(e["shape"], list) and isinstance(e["state"], list)
                 and e["dtype"] in ("<f4", "<f8", ">f4", ">f8")):
             raise CheckpointError(f"{path!r}: a parameter entry of the header is malformed")
+    if not isinstance(header.get("extra", {}), dict):
+        raise CheckpointError(f"{path!r}: the header's 'extra' entry is malformed")
     if header["lr"].get("kind") not in ("schedule", "callable", "constant"):
         raise CheckpointError(f"{path!r}: the header's 'lr' entry is malformed")
     digest = header.pop("digest")
@@ -341,6 +349,7 @@ def load_checkpoint(path, optimizer, *, plateaus=()) -> None:
             for i, key in enumerate(keys)
         },
     }
+    state_dict.update({k: v for k, v in header.get("extra", {}).items() if k not in state_dict})
     try:
         checked = optimizer._check_state_dict(state_dict)
     except (TypeError, ValueError) as exc:

@@ -9,6 +9,10 @@ as the optimizer classes do. The same signatures, in pure NumPy, are in :mod:`lr
 increment): the first update is ``step=1``. Bias corrections (Adam), the learning-rate decay
 (Adagrad) and the first momentum buffer (SGD) depend on it.
 
+Updates whose kernel reads per-step values derived from state the optimizer classes keep
+(``Update.scalars``) take them as required keyword arguments: schedule-free's ``ckp1`` (with
+``lr`` the warmup-scheduled lr), from :func:`lrfast.reference.schedule_free_values`.
+
 All inputs are checked before anything is written: a call that raises has changed nothing.
 
 Element types are the optimizer classes' (see :mod:`lrfast.optim`): float32, float64, float16
@@ -45,7 +49,7 @@ import numpy as np
 from . import _dispatch, _layout, _precision
 from ._specs import REQUIRED, UPDATES, Update
 from ._threads import get_num_threads
-from ._validation import check_array, check_bool, check_disjoint, check_step
+from ._validation import _real, check_array, check_bool, check_disjoint, check_step
 
 __all__ = [name + "_" for name in UPDATES]
 
@@ -170,6 +174,8 @@ def _signature(update: Update) -> inspect.Signature:
         params.append(P(b.argname, P.POSITIONAL_OR_KEYWORD))
     if update.takes_step:
         params.append(P("step", P.KEYWORD_ONLY))
+    for name in update.scalars:  # per-step values the caller derives (required)
+        params.append(P(name, P.KEYWORD_ONLY))
     for h in update.hypers:
         if h.functional:
             params.append(P(h.name, P.KEYWORD_ONLY,
@@ -196,15 +202,18 @@ def _apply(update: Update, a: dict) -> None:
         elif value is None:
             raise ValueError(update.missing_buffer_message(b))
         named.append((b.argname, value))
-    empty = isinstance(a["param"], (list, tuple)) and not a["param"]
-    if not update.scalar_state or empty:  # (no tensors: no step, the scalar state stays)
-        _run(update, named, h, step, {name: a[name] for name in _OPTIONS})
+    opts = {name: a[name] for name in _OPTIONS}
+    if update.advance is None:  # per-step values the caller derives (schedule-free's ckp1)
+        _run(update, named, h, step, opts, [_real(a[name], name) for name in update.scalars])
+        return
+    if isinstance(a["param"], (list, tuple)) and not a["param"]:
+        _run(update, named, h, step, opts)  # (no tensors: no step, the scalar state stays)
         return
     arrays = _scalar_state(update, a, h)
     rnd = next(iter(arrays.values())).dtype.type
     scalars, new = update.step_scalars(h, step, h["lr"], {n: float(x) for n, x in arrays.items()},
                                        lambda x, fresh=False: float(rnd(x)))
-    _run(update, named, h, step, {name: a[name] for name in _OPTIONS}, scalars)
+    _run(update, named, h, step, opts, scalars)
     for name, value in new.items():  # only once the update has run
         arrays[name][...] = value
 

@@ -1842,3 +1842,323 @@ class Adafactor(Optimizer):
 # ------------------------------------------------------------------------------------------
 # Schedule-free AdamW and SGD
 # ------------------------------------------------------------------------------------------
+
+
+def _schedule_free_step_values(k, lr, hyper, lr_max, weight_sum):
+    """(scheduled lr, ckp1, new lr_max, new weight_sum) of step ``k`` (0-based), in the
+    schedulefree package's arithmetic (see lrfast.reference.schedule_free_values)."""
+    warmup = hyper["warmup_steps"]
+    lr = lr * ((k + 1) / warmup if k < warmup else 1.0)
+    lr_max = max(lr, lr_max)
+    weight = ((k + 1) ** hyper["r"]) * (lr_max ** hyper["weight_lr_power"])
+    weight_sum = weight_sum + weight
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    return lr, ckp1, lr_max, weight_sum
+
+
+def _widen_into(dst, src, storage):
+    """dst (float32) <- src, a bfloat16/float16 array (or uint16 bfloat16 bits) widened."""
+    if storage == "bfloat16":
+        dst[...] = (src.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        dst[...] = src.view(np.float16).astype(np.float32)
+
+
+class _ScheduleFree(Optimizer):
+    r"""What :class:`AdamWScheduleFree` and :class:`SGDScheduleFree` share.
+
+    The params hold y (where gradients are taken) while training, and x (the average, where
+    the model is evaluated) after :meth:`eval`; the state keeps z, the base sequence, which
+    starts as a copy of the params. The optimizer keeps the package's group scalars: k (here
+    ``step_count``), ``lr_max``, ``weight_sum``, ``scheduled_lr`` and the train/eval mode.
+    Unlike the package's classes, a new optimizer is in train mode: its z equals the params,
+    so x = y and the package's first ``train()`` would change nothing.
+    """
+
+    _beta_argument: str  # the hyper-parameter holding beta: "betas" (its first) or "momentum"
+
+    def __init__(self, params, arguments):
+        self._train_mode = True
+        self._lr_max = -1.0
+        self._weight_sum = 0.0
+        self._scheduled_lr = 0.0
+        super().__init__(params, arguments)
+
+    def _beta(self) -> float:
+        value = self._hyper[self._beta_argument]
+        return value[0] if isinstance(value, tuple) else value
+
+    def _allocate(self) -> None:
+        super()._allocate()
+        # z starts as the param (in the state's element type)
+        for p, st, views in zip(self._params, self._storages, self._views):
+            z = views["z"]
+            if z.dtype == p.dtype:
+                np.copyto(z, p)
+            else:
+                _widen_into(z, p, st)
+        # One (table, offsets, param type, z type, half copy type) per bank for train()/eval():
+        # rows params and z, and the half copy's when the bank writes one.
+        self._swap_tables = []
+        z_row = 2  # the update's first state row
+        for bank in self._banks:
+            rows = [0, z_row] + ([bank.table.shape[0] - 1] if bank.out is not None else [])
+            self._swap_tables.append((np.ascontiguousarray(bank.table[rows]), bank.offsets,
+                                      bank.storages[0], bank.storages[z_row], bank.out))
+
+    # -- train / eval -----------------------------------------------------------------------
+
+    @property
+    def train_mode(self) -> bool:
+        """True while the params hold y (training), False while they hold x (evaluation)."""
+        return self._train_mode
+
+    @property
+    def scheduled_lr(self) -> float:
+        """The warmup-scheduled lr of the last step (0 before the first)."""
+        return self._scheduled_lr
+
+    def _interpolate(self, weight: float) -> None:
+        nthreads = get_num_threads()
+        # Stochastic rounding draws from a step number no update uses (the top bit set).
+        step = (1 << 63) | self._step_count
+        if not self._busy.acquire(False):
+            raise RuntimeError(f"{type(self).__name__}.step() is running in another thread; "
+                               "train() and eval() must not overlap it")
+        try:
+            for table, offsets, pst, zst, out in self._swap_tables:
+                _dispatch.kernels.schedule_free_interpolate(table, offsets, pst, zst, weight,
+                                                            nthreads, out, self._rounding,
+                                                            self._seed, step)
+        finally:
+            self._busy.release()
+
+    def eval(self) -> None:
+        """Put the params at x, the average (for evaluation and for saving a model): each
+        param becomes lerp(y, z, 1 - 1/beta). Nothing happens in eval mode."""
+        if self._train_mode:
+            self._interpolate(1 - 1 / self._beta())
+            self._train_mode = False
+
+    def train(self) -> None:
+        """Put the params back at y, where gradients are taken: each param becomes
+        lerp(x, z, 1 - beta). Nothing happens in train mode."""
+        if not self._train_mode:
+            self._interpolate(1 - self._beta())
+            self._train_mode = True
+
+    # -- step -------------------------------------------------------------------------------
+
+    def step(self, grads=None, *, grad_scale=1.0) -> bool:
+        """As :meth:`Optimizer.step`; the step must be taken in train mode (call
+        :meth:`train` after :meth:`eval`). A skipped step changes nothing, the group scalars
+        (k, lr_max, weight_sum) included."""
+        if not self._train_mode:
+            raise RuntimeError("Optimizer was not in train mode when step is called. Please "
+                               "insert .train() and .eval() calls on the optimizer. See "
+                               "documentation for details.")
+        inv_scale = _inverse_scale(grad_scale)
+        if not self._busy.acquire(False):
+            raise RuntimeError(
+                f"{type(self).__name__}.step() is already running in another thread; steps of "
+                "one optimizer must not overlap (use one optimizer per thread, or a lock)"
+            )
+        try:
+            grads = self._grad_list(grads)
+            lr = self._hyper["lr"]
+            if callable(lr):
+                lr = lr_value(lr, self._step_count)
+            k = self._step_count
+            lr_k, ckp1, lr_max, weight_sum = _schedule_free_step_values(
+                k, lr, self._hyper, self._lr_max, self._weight_sum)
+            scalars = (ckp1,)
+            t = k + 1
+            nthreads = get_num_threads()
+            while True:
+                if self._single_bank:
+                    bad = self._plans[0].step(grads, lr_k, t, nthreads, inv_scale, scalars)
+                    i, bad = 0, None if bad is None else (0, *bad)
+                else:
+                    bad = _dispatch.kernels.step_plans(
+                        self._plans, [bank.grads_of(grads, False) for bank in self._banks],
+                        lr_k, t, nthreads, inv_scale, scalars)
+                if bad is None:
+                    break
+                i, code, idx = bad
+                if code == STEP_SKIPPED_NONFINITE:
+                    self._skipped += 1
+                    return False
+                if not (code == GATHER_DTYPE and idx == 0 and self._switch_grad_plan(
+                        i, self._banks[i].grads_of(grads, self._single_bank)[0])):
+                    self._banks[i].raise_bad_grad((code, idx), grads, self._params,
+                                                  self._labels, self._single_bank)
+            self._step_count = t
+            self._last_lr = lr
+            self._scheduled_lr = lr_k
+            self._lr_max = lr_max
+            self._weight_sum = weight_sum
+            return True
+        finally:
+            self._busy.release()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """:meth:`Optimizer.state_dict` and ``"schedule_free"``: the group scalars
+        ``lr_max``, ``weight_sum``, ``scheduled_lr`` and ``train_mode`` (k is ``step_count``).
+        Save in eval mode, as the package advises, to keep x in the saved model."""
+        sd = super().state_dict()
+        sd["schedule_free"] = {"lr_max": self._lr_max, "weight_sum": self._weight_sum,
+                               "scheduled_lr": self._scheduled_lr,
+                               "train_mode": self._train_mode}
+        return sd
+
+    def _check_state_dict(self, state_dict):
+        checked = super()._check_state_dict(state_dict)
+        group = state_dict.get("schedule_free")
+        keys = {"lr_max", "weight_sum", "scheduled_lr", "train_mode"}
+        if not isinstance(group, Mapping) or set(group) != keys:
+            raise ValueError(f"state_dict['schedule_free'] must be a dict with the keys "
+                             f"{sorted(keys)}, got {group!r}")
+        values = {}
+        for name in ("lr_max", "weight_sum", "scheduled_lr"):
+            v = _real(group[name], f"state_dict['schedule_free'][{name!r}]")
+            if not math.isfinite(v):
+                raise ValueError(f"state_dict['schedule_free'][{name!r}] must be finite, "
+                                 f"got {group[name]!r}")
+            values[name] = v
+        values["train_mode"] = check_bool(group["train_mode"],
+                                          "state_dict['schedule_free']['train_mode']")
+        return checked, values
+
+    def _commit_state(self, checked):
+        checked, values = checked
+        super()._commit_state(checked)
+        self._lr_max = values["lr_max"]
+        self._weight_sum = values["weight_sum"]
+        self._scheduled_lr = values["scheduled_lr"]
+        self._train_mode = values["train_mode"]
+
+
+class AdamWScheduleFree(_ScheduleFree):
+    r"""Schedule-free AdamW: no learning-rate decay schedule, a linear warmup built in, and the
+    average of the iterates to evaluate at.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 0.0025
+    betas : (float, float), default (0.9, 0.999); 0 < beta1 < 1
+    eps : float, default 1e-8
+    weight_decay : float, default 0 (at y, added to the normalised gradient)
+    warmup_steps : int, default 0 (linear warmup of the lr over this many steps)
+    r : float, default 0 (the averaging weights grow as (k+1)^r)
+    weight_lr_power : float, default 2 (and as lr_max^weight_lr_power)
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    The params hold :math:`y`; the state :math:`z` (starting as the params) and :math:`v`.
+    Step :math:`k` (0-based, ``step_count``), with :math:`t = k+1`:
+
+    .. math::
+        \eta_k &= \eta \min(1, t / \text{warmup\_steps}), \quad
+        \eta_{\max} \leftarrow \max(\eta_{\max}, \eta_k) \\
+        w_k &= t^r \eta_{\max}^{\,\text{weight\_lr\_power}}, \quad W \leftarrow W + w_k, \quad
+        c = w_k / W \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2, \quad
+        d = g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda y \\
+        y &\leftarrow \operatorname{lerp}(y, z, c) + \eta_k (\beta_1 (1 - c) - 1)\, d, \quad
+        z \leftarrow z - \eta_k d
+
+    :meth:`eval` sets the params to :math:`x = \operatorname{lerp}(y, z, 1 - 1/\beta_1)`,
+    :meth:`train` back to :math:`y = \operatorname{lerp}(x, z, 1 - \beta_1)`; a step in eval
+    mode is an error. A callable ``lr`` (an lrfast schedule) gives :math:`\eta` at each step,
+    before the warmup factor. Defazio et al., 2024 ("The Road Less Scheduled"); formulas as the
+    schedulefree package's AdamWScheduleFree.
+
+    Examples
+    --------
+    The first step has c = 1: y moves to z, then both take the step, whose normalised gradient
+    is sign(g) (up to eps): y = z = w - lr sign(g).
+
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0, -2.0])
+    >>> opt = lrfast.AdamWScheduleFree([w], lr=0.1)
+    >>> opt.step([np.array([0.5, -3.0])])
+    True
+    >>> w.round(6).tolist()
+    [0.9, -1.9]
+    >>> opt.step([np.array([0.5, -3.0])])   # c = 1/2: y = (y + z)/2 + 0.1 (0.9/2 - 1) sign(g)
+    True
+    >>> opt.eval(); w.round(6).tolist()     # x = lerp(y, z, 1 - 1/0.9)
+    [0.85, -1.85]
+    >>> opt.train()
+    """
+
+    _spec = OPTIMIZERS["AdamWScheduleFree"]
+    _beta_argument = "betas"
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())
+
+
+class SGDScheduleFree(_ScheduleFree):
+    r"""Schedule-free SGD: momentum through interpolation and averaging, no decay schedule, a
+    linear warmup built in.
+
+    Parameters
+    ----------
+    params : list, tuple or dict of float32, float64, float16 or bfloat16 arrays, updated in place
+    lr : float or callable, default 1.0
+    momentum : float, default 0.9; 0 < momentum < 1
+    weight_decay : float, default 0 (at y, added to the gradient)
+    warmup_steps : int, default 0 (linear warmup of the lr over this many steps)
+    r : float, default 0 (the averaging weights grow as (k+1)^r)
+    weight_lr_power : float, default 2 (and as lr_max^weight_lr_power)
+    skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
+        options every optimizer takes (see the module docstring)
+
+    Notes
+    -----
+    As :class:`AdamWScheduleFree` (the same :math:`\eta_k` and :math:`c`), without the second
+    moment, :math:`\mu` for :math:`\beta_1`:
+
+    .. math::
+        d &= g + \lambda y \\
+        y &\leftarrow \operatorname{lerp}(y, z, c) + \eta_k (\mu (1 - c) - 1)\, d, \quad
+        z \leftarrow z - \eta_k d
+
+    :meth:`eval`: :math:`x = \operatorname{lerp}(y, z, 1 - 1/\mu)`; :meth:`train`:
+    :math:`y = \operatorname{lerp}(x, z, 1 - \mu)`. Defazio et al., 2024; formulas as the
+    schedulefree package's SGDScheduleFree.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lrfast
+    >>> w = np.array([1.0])
+    >>> opt = lrfast.SGDScheduleFree([w], lr=0.1, momentum=0.5)
+    >>> opt.step([np.array([2.0])]); w.round(6).tolist()    # c = 1: y = z = 1 - 0.1 * 2
+    True
+    [0.8]
+    >>> opt.step([np.array([2.0])]); w.round(6).tolist()    # z = 0.6, y = 0.8 - 0.1 * 0.75 * 2
+    True
+    [0.65]
+    >>> opt.eval(); w.round(6).tolist()                     # x = lerp(y, z, -1) = 2y - z
+    [0.7]
+    """
+
+    _spec = OPTIMIZERS["SGDScheduleFree"]
+    _beta_argument = "momentum"
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
+                 weight_lr_power=2.0, *,
+                 skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
+                 rounding="nearest", seed=0, bfloat16_bits=False):
+        super().__init__(params, locals())

@@ -631,6 +631,101 @@ def adafactor_(param, grad, row_var, col_var, variance, *, step, lr, beta2_decay
 # Schedule-free AdamW and SGD
 # ------------------------------------------------------------------------------------------
 
+#
+# Defazio et al., 2024, "The Road Less Scheduled"; the schedulefree package's
+# AdamWScheduleFree and SGDScheduleFree. The params hold y during training; z is a state
+# buffer (starting as a copy of the param); x, the average, is the params in eval mode.
+
+__all__ += ["adamw_schedule_free_", "sgd_schedule_free_", "schedule_free_values",
+            "schedule_free_interpolate_"]
+
+
+def schedule_free_values(k, lr, *, warmup_steps=0, r=0.0, weight_lr_power=2.0, lr_max=-1.0,
+                         weight_sum=0.0):
+    r"""The per-step values of step ``k`` (0-based: the number of steps taken before it) from
+    a group's scalar state, as the schedulefree package derives them.
+
+    .. math::
+        \eta_k &= \eta \min\!\left(1, \tfrac{k+1}{\text{warmup\_steps}}\right) \\
+        \eta_{\max} &\leftarrow \max(\eta_{\max}, \eta_k) \\
+        w_k &= (k+1)^r\, \eta_{\max}^{\,\text{weight\_lr\_power}}, \qquad
+        W \leftarrow W + w_k \\
+        c_{k+1} &= w_k / W \quad (0 \text{ when } W = 0)
+
+    ``lr_max`` starts at -1 and ``weight_sum`` at 0. Returns ``{"lr": the scheduled lr,
+    "ckp1": c, "lr_max": ..., "weight_sum": ...}`` (the last two: the group's new state).
+    """
+    sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+    lr_k = lr * sched
+    lr_max = max(lr_k, lr_max)
+    weight = ((k + 1) ** r) * (lr_max ** weight_lr_power)
+    weight_sum = weight_sum + weight
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    return {"lr": lr_k, "ckp1": ckp1, "lr_max": lr_max, "weight_sum": weight_sum}
+
+
+def _torch_lerp_(start, end, weight):
+    """torch.lerp with a scalar weight: its first form for |w| < 0.5 (w in the array's type)."""
+    w = start.dtype.type(weight)
+    if abs(w) < 0.5:
+        start += w * (end - start)
+    else:
+        start[...] = end - (end - start) * (1 - w)
+
+
+def adamw_schedule_free_(param, grad, z, exp_avg_sq, *, step, ckp1, lr, beta1=0.9,
+                         beta2=0.999, eps=1e-8, weight_decay=0.0):
+    r"""Schedule-free AdamW (the schedulefree package's AdamWScheduleFree), one step on y.
+
+    ``step`` is k + 1, ``lr`` the warmup-scheduled lr of this step and ``ckp1`` its averaging
+    weight (both from :func:`schedule_free_values`).
+
+    .. math::
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        d &= g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda y \\
+        y &\leftarrow \operatorname{lerp}(y, z, c) + \eta (\beta_1 (1 - c) - 1)\, d \\
+        z &\leftarrow z - \eta\, d
+    """
+    bias_correction2 = 1 - beta2 ** step
+    y_lr = lr * (beta1 * (1 - ckp1) - 1)
+    for y, g, zz, v in _tensors(param, grad, z, exp_avg_sq):
+        v *= beta2
+        v += (1 - beta2) * g * g
+        d = g / (np.sqrt(v / bias_correction2) + eps)
+        if weight_decay != 0:
+            d = d + weight_decay * y
+        _torch_lerp_(y, zz, ckp1)
+        y += y_lr * d
+        zz -= lr * d
+
+
+def sgd_schedule_free_(param, grad, z, *, ckp1, lr, momentum=0.9, weight_decay=0.0):
+    r"""Schedule-free SGD (the schedulefree package's SGDScheduleFree), one step on y.
+
+    ``lr`` is the warmup-scheduled lr of this step and ``ckp1`` its averaging weight (both from
+    :func:`schedule_free_values`).
+
+    .. math::
+        d &= g + \lambda y \\
+        y &\leftarrow \operatorname{lerp}(y, z, c) + \eta (\mu (1 - c) - 1)\, d \\
+        z &\leftarrow z - \eta\, d
+    """
+    y_lr = lr * (momentum * (1 - ckp1) - 1)
+    for y, g, zz in _tensors(param, grad, z):
+        d = g + weight_decay * y if weight_decay != 0 else g
+        _torch_lerp_(y, zz, ckp1)
+        y += y_lr * d
+        zz -= lr * d
+
+
+def schedule_free_interpolate_(param, z, weight):
+    r"""``param <- lerp(param, z, weight)`` for each tensor: train() (``weight = 1 - beta``, x to
+    y) and eval() (``weight = 1 - 1/beta``, y to x), where y = lerp(z, x, beta) and beta is
+    beta1 or the momentum."""
+    for p, zz in _tensors(param, z):
+        _torch_lerp_(p, zz, weight)
+
+
 
 # ------------------------------------------------------------------------------------------
 # Element types: half precision in, float32 math, rounded back (src/_storage.pxi)

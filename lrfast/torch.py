@@ -318,15 +318,17 @@ class _Plan:
         return out
 
     def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None, hyper=None,
-            grad_sumsq=None):
+            grad_sumsq=None, step_scalars=None):
         """Run the update (hyper-parameters ``values`` in the kernel's order) with these
         gradient addresses. False (nothing done) when the params' step counts no longer fall
         into this plan's buckets. ``calls``: the optimizer's count of steps, the stochastic
         rounding's step where torch keeps none (SGD); ``kernel_step``: the step the kernel is
-        told whatever the counts (CPUAdam without bias correction); ``hyper``: the validated
-        hyper-parameters (for an update with scalar state); ``grad_sumsq``: the sum of the
-        squares of all the optimizer's grads (LAMB's clipping). False also when the params of a
-        bucket no longer share their scalar state."""
+        told whatever the counts (CPUAdam without bias correction, schedule-free's k + 1);
+        ``hyper``: the validated hyper-parameters (for an update with scalar state);
+        ``grad_sumsq``: the sum of the squares of all the optimizer's grads (LAMB's clipping);
+        ``step_scalars``: the update's per-step values (``Update.scalars``) where the class
+        derives them itself (schedule-free). False also when the params of a bucket no longer
+        share their scalar state."""
         steps = self.steps.tolist() if self.steps is not None else None
         calls_ = []
         scalars = []
@@ -365,6 +367,8 @@ class _Plan:
                     step = 1 if key == 1 else calls + 1
                 elif not self.key_splits:
                     step = int(max(steps[i] for i in idx)) + 1
+            if step_scalars is not None:
+                kscalars = step_scalars
             if grad_sumsq is None:
                 plan.run(lr, step, nthreads, 1.0, kscalars)
             else:
@@ -627,11 +631,13 @@ class _Optimizer(torch.optim.Optimizer):
         self._step_groups()
         return loss
 
-    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None):
+    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None):
         """The step of every group. ``outs``: per group, a list (by position in the group)
         of half tensors receiving the updated float32 params (CPUAdam's fp16_param_groups);
         ``kernel_steps``: per group, the step the kernel is told, or None (its count);
-        ``grad_sumsq``: the sum of the squares of every group's grads (LAMB's clipping)."""
+        ``grad_sumsq``: the sum of the squares of every group's grads (LAMB's clipping);
+        ``step_values``: per group, (lr, per-step scalars) in place of the group's lr, for an
+        update that reads scalars (schedule-free: the warmup-scheduled lr and ckp1)."""
         update = self._spec.update
         nthreads = get_num_threads()
         # Every group and gradient is checked before any state is created or memory written.
@@ -652,9 +658,12 @@ class _Optimizer(torch.optim.Optimizer):
         self._calls += 1  # (after the checks: a step that raises changes nothing)
         for gi, group, hyper, needs, values, plan, grads in work:
             lr = hyper["lr"]
+            scalars: tuple = ()
+            if step_values is not None:
+                lr, scalars = step_values[gi]
             kstep = kernel_steps[gi] if kernel_steps is not None else None
             if plan is not None and plan.run(values, lr, nthreads, grads, self._calls, kstep,
-                                             hyper, grad_sumsq):
+                                             hyper, grad_sumsq, scalars):
                 continue
             if plan is not None:  # step counts diverged from the plan's buckets: lay out again
                 grads = self._checked_grads(gi, group, outs)
@@ -680,12 +689,13 @@ class _Optimizer(torch.optim.Optimizer):
                          else keys, count, gdtypes, halves)
             gptrs = [g.data_ptr() for _, g, _ in grads]
             if not plan.run(values, lr, nthreads, gptrs, self._calls, kstep, hyper,
-                            grad_sumsq):
+                            grad_sumsq, scalars):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
                 plan = _Plan(self, group, needs, targets, states, keys, False, gdtypes, halves)
-                plan.run(values, lr, nthreads, gptrs, self._calls, kstep, hyper, grad_sumsq)
+                plan.run(values, lr, nthreads, gptrs, self._calls, kstep, hyper, grad_sumsq,
+                         scalars)
                 for st in states:
                     st["step"].add_(1)
             elif plan.reusable and not gathered and outs is None:
@@ -749,6 +759,148 @@ class _Optimizer(torch.optim.Optimizer):
 
 
 
+# ------------------------------------------------------------------------------------------
+# Schedule-free AdamW and SGD: the schedulefree package's group entries, train()/eval() and
+# step (k, lr_max, weight_sum, scheduled_lr and train_mode kept in each param group, as the
+# package keeps them, so its state dicts load here and back)
+# ------------------------------------------------------------------------------------------
+
+_SCHEDULE_FREE_MESSAGE = ("Optimizer was not in train mode when step is called. Please insert "
+                          ".train() and .eval() calls on the optimizer. See documentation for "
+                          "details.")
+
+
+def _check_group_scalars(group: dict[str, Any]) -> None:
+    """A group's schedule-free entries, where it has them: k an int >= 0, lr_max, weight_sum
+    and scheduled_lr real numbers, train_mode a bool."""
+    k = group.get("k", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"the group entry 'k' (steps taken) must be an int >= 0, got {k!r}")
+    for name in ("lr_max", "weight_sum", "scheduled_lr"):
+        v = _scalar(group.get(name, 0.0))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ValueError(f"the group entry {name!r} must be a real number, got {v!r}")
+    if not isinstance(group.get("train_mode", False), bool):
+        raise ValueError(f"the group entry 'train_mode' must be a bool, got "
+                         f"{group['train_mode']!r}")
+
+
+class _ScheduleFreeOptimizer(_Optimizer):
+    """The schedulefree package's AdamWScheduleFree / SGDScheduleFree over lrfast's kernels.
+
+    Group entries as the package's: the arguments, then ``k`` (steps taken), ``train_mode``
+    (False until :meth:`train`: as in the package, call ``train()`` before the first step),
+    ``weight_sum``, ``lr_max`` and ``scheduled_lr``; state ``z`` (a copy of the param at its
+    first step) and, for AdamW, ``exp_avg_sq``. Differences: the gradients are not modified
+    (the package divides them in place), a step in eval mode raises RuntimeError (the
+    package's message, as a subclass of the Exception it raises), and ``foreach`` is stored
+    but lrfast's kernel runs either way.
+    """
+
+    # The package's group entries in its order: the arguments with its scalar state.
+    _ORDER = ("lr", "betas", "momentum", "eps", "r", "k", "warmup_steps", "train_mode",
+              "weight_sum", "lr_max", "scheduled_lr", "weight_lr_power", "weight_decay",
+              "foreach")
+
+    def __init__(self, params, defaults, **extra):
+        full = dict(defaults, k=0, train_mode=False, weight_sum=0.0, lr_max=-1.0,
+                    scheduled_lr=0.0)
+        ordered = {name: full[name] for name in self._ORDER if name in full}
+        ordered.update(full)
+        _Optimizer.__init__(self, params, ordered, **extra)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        hyper = super()._hyper(group)
+        _check_group_scalars(group)
+        return hyper
+
+    def _beta(self, group: dict[str, Any]) -> float:
+        return float(_scalar(group["betas"][0] if "betas" in group else group["momentum"]))
+
+    def _new_buffer(self, name: str, p: torch.Tensor, hyper: dict[str, Any]) -> torch.Tensor:
+        if name == "z":  # starts as the param, as the package's torch.clone(p)
+            return p.detach().clone(memory_format=torch.contiguous_format).to(
+                self._state_dtype_for(p))
+        return super()._new_buffer(name, p, hyper)
+
+    @torch.no_grad()
+    def _interpolate(self, group: dict[str, Any], weight: float) -> None:
+        """Every param of ``group`` that has a z: p <- lerp(p, z, weight), one native pass per
+        (param dtype, z dtype)."""
+        buckets: dict[tuple, list] = {}
+        copies = []
+        for p in group["params"]:
+            st = self.state.get(p)
+            if not st or "z" not in st:
+                continue
+            local, z = _local(p), _local(st["z"])
+            target = local if local.is_contiguous() else local.contiguous()
+            if target is not local:
+                copies.append((local, target))
+            buckets.setdefault((target.dtype, z.dtype), []).append((target, z.contiguous()))
+        nthreads = get_num_threads()
+        step = (1 << 63) | int(group["k"])  # stochastic rounding: a step no update uses
+        for (pdt, zdt), pairs in buckets.items():
+            table, offsets = _layout.table(
+                [[t.data_ptr() for t, _ in pairs], [z.data_ptr() for _, z in pairs]],
+                [t.numel() * (2 if t.is_complex() else 1) for t, _ in pairs])
+            _dispatch.kernels.schedule_free_interpolate(
+                table, offsets, _STORAGE[pdt], _STORAGE[zdt], weight, nthreads, None,
+                self._rounding, self._seed, step)
+        for local, target in copies:
+            local.copy_(target)
+
+    def eval(self) -> None:
+        """Params to x (lerp(y, z, 1 - 1/beta)) in every group in train mode."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                self._interpolate(group, 1 - 1 / self._beta(group))
+                group["train_mode"] = False
+
+    def train(self) -> None:
+        """Params to y (lerp(x, z, 1 - beta)) in every group in eval mode."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                self._interpolate(group, 1 - self._beta(group))
+                group["train_mode"] = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One schedule-free step of every group (the first group must be in train mode, as
+        the package checks); returns ``closure()``'s loss."""
+        if not self.param_groups[0]["train_mode"]:
+            raise RuntimeError(_SCHEDULE_FREE_MESSAGE)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        news, kernel_steps, step_values = [], [], []
+        for group in self.param_groups:
+            hyper = self._hyper(group)
+            k = group["k"]
+            warmup = hyper["warmup_steps"]
+            lr = hyper["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
+            lr_max = max(lr, float(_scalar(group["lr_max"])))
+            weight = ((k + 1) ** hyper["r"]) * (lr_max ** hyper["weight_lr_power"])
+            weight_sum = float(_scalar(group["weight_sum"])) + weight
+            ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+            news.append((lr, lr_max, weight_sum, k + 1))
+            kernel_steps.append(k + 1)
+            step_values.append((lr, (ckp1,)))
+        self._step_groups(kernel_steps=kernel_steps, step_values=step_values)
+        for group, (lr, lr_max, weight_sum, k) in zip(self.param_groups, news):
+            group["scheduled_lr"] = lr
+            group["lr_max"] = lr_max
+            group["weight_sum"] = weight_sum
+            group["k"] = k
+        return loss
+
+
+# Classes whose behaviour goes beyond _Optimizer's, by name (the others are _Optimizer).
+_BASES: dict[str, type] = {"AdamWScheduleFree": _ScheduleFreeOptimizer,
+                           "SGDScheduleFree": _ScheduleFreeOptimizer}
+
+
 def _check_tensor_rules(defaults: dict[str, Any]) -> None:
     """torch's Adam and AdamW refuse tensor lr and betas with foreach=True (and without
     capturable), and betas that mix tensors and numbers."""
@@ -771,7 +923,8 @@ def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
     where torch has none, the spec's, with torch's implementation switches), torch's defaults
     and state names, lrfast's kernel. ``base``: the class it derives from (``_Optimizer``
     unless an optimizer needs its own step)."""
-    base = _Optimizer if base is None else base
+    if base is None:
+        base = _BASES.get(spec.name, _Optimizer)
     t = spec.torch
     torch_cls = getattr(torch.optim, t.cls, None) if t is not None and t.cls else None
     if torch_cls is not None:
@@ -803,6 +956,8 @@ def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
            "lrfast-only keywords: ``state_dtype`` (None: the params' dtype, as torch's fused "
            "kernels; ``torch.float32`` for bfloat16/float16 params), ``rounding`` "
            "(``'nearest'`` or ``'stochastic'``) and ``seed``; see :mod:`lrfast.torch`.\n")
+    if base is not _Optimizer and base.__doc__:
+        doc += "\n" + inspect.cleandoc(base.__doc__) + "\n"
     __init__.__signature__ = sig  # type: ignore[attr-defined]
     cls = type(spec.name, (base,), {
         "__init__": __init__, "__doc__": doc, "__module__": __name__,
@@ -893,7 +1048,7 @@ class _Adafactor(_Optimizer):
             raise
         self._plans.clear()
 
-    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None):
+    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None):
         nthreads = get_num_threads()
         work = []
         # Every group and gradient is checked before any state is made or memory written.

@@ -17,6 +17,35 @@ from lrfast._specs import OPTIMIZERS as SPECS
 # Every optimizer of the spec table, by its class name.
 OPTIMIZERS = {name: getattr(lrfast, name) for name in SPECS}
 
+# Updates whose kernel reads per-step values (``Update.scalars``) derived from state the classes
+# keep: {update name: (validated update values, 1-based step, the run's scalar state, a dict
+# the function reads and advances) -> that step's keyword arguments for the reference and
+# functional calls (the scalars, and any value they replace)}. Each family registers its own
+# below, beside its CONFIGS.
+STEP_KWARGS: dict = {}
+
+
+def initial_buffer(update, name, values, param):
+    """Buffer ``name`` of ``param`` as the classes start it: a copy of the param
+    (``Buffer.init`` PARAM), else full of the spec's initial value (None: the param has no
+    such buffer)."""
+    buf = next(b for b in update.buffers if b.name == name)
+    if buf.starts_as_param:
+        return param.copy()
+    # shaped by its spec for its param (Adafactor's row_var/col_var; None where a param has
+    # no such buffer), else as the param
+    shape = buf.shape_for(param.shape)
+    if shape is None:
+        return None
+    return np.full(shape, update.initial_value(name, values), param.dtype)
+
+
+def step_kwargs(update, values, t, scalar_state):
+    """The per-step keyword arguments of ``update`` at step ``t``, advancing ``scalar_state``
+    (a dict, empty at the start of a run; see STEP_KWARGS)."""
+    fn = STEP_KWARGS.get(update.name)
+    return {} if fn is None else fn(values, t, scalar_state)
+
 # (optimizer, hyper-parameters, has a torch.optim equivalent). Every option appears at least once;
 # the lerp weights 1-beta1 = 0.7 and 1-alpha = 0.55 take torch.lerp's second branch.
 CONFIGS = [
@@ -105,7 +134,31 @@ CONFIGS += [
 ]
 # Schedule-free AdamW and SGD
 CONFIGS += [
+    ("AdamWScheduleFree", dict(lr=0.01), False),
+    ("AdamWScheduleFree", dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1,
+                               warmup_steps=5, r=0.5, weight_lr_power=1.0), False),
+    ("AdamWScheduleFree", dict(lr=0.02, betas=(0.3, 0.9), warmup_steps=3, r=1.0,
+                               weight_lr_power=0.0), False),
+    ("SGDScheduleFree", dict(lr=0.1), False),
+    ("SGDScheduleFree", dict(lr=0.05, momentum=0.5, weight_decay=0.01, warmup_steps=4,
+                             r=0.25, weight_lr_power=3.0), False),
 ]
+
+
+def _schedule_free_kwargs(values, t, state):
+    """Step ``t``'s warmup-scheduled lr and averaging weight ckp1 from lrfast.reference's
+    derivation, advancing the group scalars in ``state`` (lr_max, weight_sum: the classes'
+    state dict entries of the same names)."""
+    v = reference.schedule_free_values(
+        t - 1, values["lr"], warmup_steps=values["warmup_steps"], r=values["r"],
+        weight_lr_power=values["weight_lr_power"], lr_max=state.get("lr_max", -1.0),
+        weight_sum=state.get("weight_sum", 0.0))
+    state.update(lr_max=v["lr_max"], weight_sum=v["weight_sum"])
+    return {"lr": v["lr"], "ckp1": v["ckp1"]}
+
+
+STEP_KWARGS.update(adamw_schedule_free=_schedule_free_kwargs,
+                   sgd_schedule_free=_schedule_free_kwargs)
 # Every optimizer of the spec table is covered: one without a configuration above runs with
 # lr=0.01 and its other defaults (compared with torch.optim where torch has the class).
 CONFIGS += [(name, dict(lr=0.01), spec.torch is not None and spec.torch.cls is not None)
@@ -142,15 +195,10 @@ class ReferenceRun:
         self.h = self.spec.collapse(self.values)  # the class's (Adam: ``betas``)
         self.params = [p.copy() for p in params]
         self.t = 0
+        self.scalar_state: dict = {}  # per-step values' state (STEP_KWARGS)
         update = self.spec.update
-        # Each buffer shaped by its spec for its param (Adafactor's row_var/col_var; None
-        # where a param has no such buffer), else as the param.
-        buffers = {b.name: b for b in update.buffers}
         self.state = {
-            buf: [None if buffers[buf].shape_for(p.shape) is None else
-                  np.full(buffers[buf].shape_for(p.shape),
-                          update.initial_value(buf, self.values), p.dtype)
-                  for p in self.params]
+            buf: [initial_buffer(update, buf, self.values, p) for p in self.params]
             for buf in update.state_buffers(self.values)
         }
         # Scalar state (NAdam's mu_product, ASGD's eta and mu): one 0-d array per scalar dtype
@@ -205,6 +253,7 @@ class ReferenceRun:
                        for b in update.buffers if b.keyword})
         if update.takes_step:
             kwargs["step"] = self.t
+        kwargs.update(step_kwargs(update, self.values, self.t, self.scalar_state))
         getattr(module, update.name + "_")(*args, **kwargs)
 
 

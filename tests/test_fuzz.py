@@ -72,6 +72,22 @@ def configs(draw, names=None):
     def eps(lo):
         return 0.0 if draw(st.integers(0, 7)) == 0 else draw(st.floats(lo, 1e-3))
 
+    if name in ("AdamWScheduleFree", "SGDScheduleFree"):  # no maximize; 0 < beta < 1
+        h = {"lr": draw(st.one_of(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 10.0]),
+                                  st.floats(1e-6, 0.5))),
+             "weight_decay": draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0])),
+             "warmup_steps": draw(st.sampled_from([0, 1, 3])),
+             "r": draw(st.sampled_from([0.0, 0.5, 2.0])),
+             "weight_lr_power": draw(st.sampled_from([0.0, 1.0, 2.0]))}
+        beta = st.one_of(st.floats(0.01, 0.999), st.sampled_from([0.5, 0.9, 0.999]))
+        if name == "SGDScheduleFree":
+            h["momentum"] = draw(beta)
+        else:
+            h.update(betas=(draw(beta), draw(st.one_of(st.floats(0.0, 0.999),
+                                                       st.sampled_from([0.0, 0.999])))),
+                     eps=eps(1e-8))
+        return name, h
+
     h = {"lr": draw(st.one_of(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 10.0]),
                               st.floats(1e-6, 0.5))),
          "weight_decay": draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0])),
@@ -521,6 +537,10 @@ def hyper_ok(h):
             assert all(type(b) is float for b in v) and 0.0 <= v[0] <= v[1], (k, v)
         elif k in ("lambd", "t0") or (k == "alpha" and "lambd" in h):  # (ASGD: any real)
             assert type(v) is float, (k, v)
+        elif k == "warmup_steps":  # schedule-free's: a count of steps
+            assert type(v) is int and v >= 0, (k, v)
+        elif k == "r":  # schedule-free's averaging power: any finite value
+            assert type(v) is float and math.isfinite(v), (k, v)
         elif k == "dampening":  # torch does not range-check dampening either
             assert type(v) is float, (k, v)
             if h["nesterov"]:
@@ -621,14 +641,26 @@ def expected_hyper_error(name, base, key, value):
         if key == "flush_subnormals" and value and not _dispatch.kernels.has_flush_to_zero():
             return ValueError
         return None
+    schedule_free = name in ("AdamWScheduleFree", "SGDScheduleFree")
+    if schedule_free and key == "warmup_steps":  # an int >= 0
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return TypeError
+        return ValueError if value < 0 else None
+    if schedule_free and key == "r":  # any finite real
+        err = real(value)
+        return err or (None if math.isfinite(float(value)) else ValueError)
+    if schedule_free and key == "momentum":  # in (0, 1)
+        return real(value) or (None if 0.0 < float(value) < 1.0 else ValueError)
     if key == "betas":
         if not isinstance(value, (tuple, list)) or len(value) != 2:
             return ValueError
-        for b in value:
+        for i, b in enumerate(value):
             err = real(b)
             if err:
                 return err
             if not 0.0 <= float(b) < 1.0:
+                return ValueError
+            if schedule_free and i == 0 and float(b) == 0.0:  # eval() divides by beta1
                 return ValueError
         return None
     if key in ("etas", "step_sizes"):  # (Rprop's pairs, range-checked together)
@@ -696,6 +728,8 @@ def test_every_hyper_value_against_an_oracle():
                     assert got is bool(value)
                 elif callable(value):
                     assert got is value
+                elif key == "warmup_steps":  # schedule-free's count of steps
+                    assert type(got) is int and got == value, (key, value, got)
                 else:
                     assert type(got) is float and (got == float(value) or math.isnan(got)), \
                         (key, value, got)
@@ -1089,6 +1123,7 @@ def test_fuzz_load_state_dict(name, data, seed, layout, env):
         ref.t = int(sd["step_count"])
         # (.get: Adafactor's None where a param has no such buffer)
         ref.state = {b: [now["state"][k].get(b) for k in state_keys] for b in ref.state}
+        ref.scalar_state.update(now.get("schedule_free", {}))  # schedule-free's group scalars
         reference_step(ref, grads, 1.0)
         assert_matches_reference(opt, ref, state_keys)
 

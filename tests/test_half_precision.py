@@ -10,7 +10,7 @@ from lrfast import functional as F
 from lrfast import reference as R
 from lrfast._specs import OPTIMIZERS as SPECS
 
-from cases import CONFIGS, OPTIMIZERS, config_id, environment
+from cases import CONFIGS, OPTIMIZERS, config_id, environment, step_kwargs
 
 try:
     import ml_dtypes
@@ -89,8 +89,15 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
     update = spec.update
     active = update.state_buffers(values)
     ref_params = [P.ref(P.make(x)) for x in start]
-    ref_state = {b.argname: [S.ref(S.make(np.full(s, update.initial_value(b.name, values))))
-                             for s in SHAPES] if b.name in active else None
+
+    def first_value(b, s, x):
+        if b.starts_as_param:  # a copy of the param (schedule-free's z), in the state's type
+            p = P.make(x)
+            return p.astype(np.float32) if ps == "float32" else R.widen(P.ref(p), ps)
+        return np.full(s, update.initial_value(b.name, values))
+
+    ref_state = {b.argname: [S.ref(S.make(first_value(b, s, x))) for s, x in zip(SHAPES, start)]
+                 if b.name in active else None
                  for b in update.buffers}
     ref_half = None if O is None else [O.ref(O.zeros(s)) for s in SHAPES]
     kwargs = {h.name: values[h.name] for h in update.hypers if h.functional}
@@ -99,6 +106,7 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
                    for b in update.scalar_state})
     storages = {"param": ps, "grad": gs, **{b.argname: ss for b in update.buffers}}
     grng = np.random.default_rng(1)
+    scalar_state: dict = {}
     # With ``threads``, one element per thread at least: these small tensors are then split
     # over that many threads (by default they are below every update's threshold).
     with environment(lrfast._dispatch.name, threads or lrfast.get_num_threads(),
@@ -109,7 +117,7 @@ def _run_both(name, hyper, combo, rounding, bits, steps=3, threads=None):
             R.mixed_(getattr(R, update.name + "_"),
                      {"param": ref_params, "grad": [G.ref(g) for g in grads], **ref_state},
                      storages, step=t, rounding=rounding, seed=1234, out=ref_half,
-                     out_storage=out, **kwargs)
+                     out_storage=out, **{**kwargs, **step_kwargs(update, values, t, scalar_state)})
     return opt, params, half, ref_params, ref_state, ref_half, P, S, O
 
 

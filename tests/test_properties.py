@@ -14,6 +14,16 @@ positive = st.floats(1e-6, 0.5)
 @st.composite
 def configs(draw):
     name = draw(st.sampled_from(sorted(OPTIMIZERS)))
+    if name in ("AdamWScheduleFree", "SGDScheduleFree"):  # no maximize; 0 < beta < 1
+        h = {"lr": draw(positive), "weight_decay": draw(st.sampled_from([0.0, 1e-3, 0.1])),
+             "warmup_steps": draw(st.integers(0, 4)), "r": draw(st.floats(0.0, 2.0)),
+             "weight_lr_power": draw(st.floats(0.0, 3.0))}
+        if name == "SGDScheduleFree":
+            h["momentum"] = draw(st.floats(0.01, 0.99))
+        else:
+            h.update(betas=(draw(st.floats(0.01, 0.999)), draw(unit)),
+                     eps=draw(st.floats(1e-8, 1e-3)))
+        return name, h
     h = {"lr": draw(positive), "weight_decay": draw(st.sampled_from([0.0, 1e-3, 0.1])),
          "maximize": draw(st.booleans())}
     if name == "SGD":

@@ -164,6 +164,9 @@ class Benched:
         args = [params, grads] + [state.get(b.name) for b in update.buffers if not b.keyword]
         kwargs = {h.name: values[h.name] for h in update.hypers if h.functional}
         kwargs.update({b.argname: state.get(b.name) for b in update.buffers if b.keyword})
+        # per-step values derived from class state (Update.scalars): a fixed one times the same
+        # arithmetic
+        kwargs.update(dict.fromkeys(update.scalars, 0.5))
         fn = getattr(reference, update.name + "_")
         if not update.takes_step:
             return functools.partial(fn, *args, **kwargs)
