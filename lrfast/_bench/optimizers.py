@@ -96,16 +96,17 @@ PEER_FACTS = {
                       optax=lambda optax, h: optax.lion(h["lr"],
                                                         weight_decay=h["weight_decay"])),
     "Adopt": PeerFacts(dict(lr=1e-3), original=Original("timm", "Adopt")),
-    # LAMB: the global grad norm (grads once), then moments and norms (p, g, m, v read; m, v
-    # written), then the update (p, m, v read; p written).
+    # LAMB: the global grad norm (g read), the norms (p, g, m, v read), then the update (p, g,
+    # m, v read; p, m, v written).
     "Lamb": PeerFacts(dict(lr=1e-3, weight_decay=1e-2), original=Original("timm", "Lamb"),
-                      transfers=11),
+                      transfers=12),
     # LARS with weight decay (so the trust ratio is used): norms (p, g), then momentum SGD.
     "Lars": PeerFacts(dict(lr=1.0, momentum=0.9, weight_decay=1e-4),
                       original=Original("timm", "Lars"), transfers=7),
-    # Adafactor: norms and row/column sums (p, g), the update's norm (g), the update (p, g
-    # read, p written); its factored state is not per element.
-    "Adafactor": PeerFacts(dict(lr=1e-2), transfers=6),
+    # Adafactor on the bench's 1-D tensors: the norms and the variance (p, g, variance read;
+    # variance written), then the update (p, g, variance read; p written). (A matrix's
+    # factored state is not per element: 6.)
+    "Adafactor": PeerFacts(dict(lr=1e-2), transfers=8),
     "AdamWScheduleFree": PeerFacts(dict(lr=2.5e-3),
                                    original=Original("schedulefree", "AdamWScheduleFree")),
     "SGDScheduleFree": PeerFacts(dict(lr=1.0), original=Original("schedulefree",
