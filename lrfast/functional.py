@@ -174,8 +174,9 @@ def _signature(update: Update) -> inspect.Signature:
         params.append(P(b.argname, P.POSITIONAL_OR_KEYWORD))
     if update.takes_step:
         params.append(P("step", P.KEYWORD_ONLY))
-    for name in update.scalars:  # per-step values the caller derives (required)
-        params.append(P(name, P.KEYWORD_ONLY))
+    if update.advance is None:  # per-step values the caller derives (required)
+        for name in update.scalars:
+            params.append(P(name, P.KEYWORD_ONLY))
     for h in update.hypers:
         if h.functional:
             params.append(P(h.name, P.KEYWORD_ONLY,
