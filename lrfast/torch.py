@@ -658,7 +658,7 @@ class _Optimizer(torch.optim.Optimizer):
         self._calls += 1  # (after the checks: a step that raises changes nothing)
         for gi, group, hyper, needs, values, plan, grads in work:
             lr = hyper["lr"]
-            scalars: tuple = ()
+            scalars: Any = None  # (None: the plan derives them, if the update has any)
             if step_values is not None:
                 lr, scalars = step_values[gi]
             kstep = kernel_steps[gi] if kernel_steps is not None else None

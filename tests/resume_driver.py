@@ -33,20 +33,33 @@ class Run:
     def __init__(self, run_id):
         i, d, layout = run_id.split("-")
         name, hyper, _ = CONFIGS[int(i)]
+        self.name = name
         self.dtype = DTYPES[d]
         self.layout = layout
         rng = np.random.default_rng(100 + int(i))
         init = {k: rng.standard_normal(s).astype(self.dtype) for k, s in SHAPES.items()}
         self.plateau = lrfast.ReduceLROnPlateau(patience=1, factor=0.5)
         lr = lrfast.schedules.warmup_cosine(0.0, hyper["lr"], 10, END) * self.plateau
-        hyper = {**hyper, "lr": lr}
-        if layout == "flat":
-            self.flat = lrfast.FlatParams(SHAPES, self.dtype, init=init)
-            self.opt = OPTIMIZERS[name](self.flat, **hyper)
-        else:
-            self.params = [init[k] for k in SHAPES]
-            self.opt = OPTIMIZERS[name](self.params, **hyper, skip_nonfinite=True)
+        self.opt = self._make(name, {**hyper, "lr": lr}, init)
+        self.scheduled = self.opt is not None
+        if self.opt is None:
+            # An optimizer that refuses a schedule as lr (Rprop's lr only starts its step
+            # sizes; LAMB's corrected decay needs the peak lr): its number.
+            self.opt = self._make(name, hyper, init)
         self.seed = 7 + int(i)
+
+    def _make(self, name, hyper, init):
+        """The optimizer, or None when a callable lr is refused."""
+        try:
+            if self.layout == "flat":
+                self.flat = lrfast.FlatParams(SHAPES, self.dtype, init=init)
+                return OPTIMIZERS[name](self.flat, **hyper)
+            self.params = [init[k].copy() for k in SHAPES]
+            return OPTIMIZERS[name](self.params, **hyper, skip_nonfinite=True)
+        except (TypeError, ValueError):
+            if callable(hyper["lr"]):
+                return None
+            raise
 
     def grads(self, t):
         rng = np.random.default_rng([self.seed, t])

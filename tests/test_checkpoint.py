@@ -46,11 +46,17 @@ def test_resume_in_a_fresh_process_is_bitwise_the_uninterrupted_run(resumed, run
     lrfast.load_checkpoint(final, back.opt)
     assert back.opt.step_count == straight.opt.step_count
     assert back.opt.skipped_steps == straight.opt.skipped_steps
-    assert back.plateau.state_dict() == straight.plateau.state_dict()
-    assert back.opt.lr(back.opt.step_count) == straight.opt.lr(straight.opt.step_count)
     if run_id.endswith("list"):
         assert straight.opt.skipped_steps > 0
-    assert straight.plateau.scale < 1  # the plateau acted during the run
+    if not straight.scheduled:  # (an optimizer that takes lr only as a number)
+        assert back.opt.lr == straight.opt.lr
+        return
+    assert back.plateau.state_dict() == straight.plateau.state_dict()
+    assert back.opt.lr(back.opt.step_count) == straight.opt.lr(straight.opt.step_count)
+    if straight.name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW"):
+        # the plateau acted during the run (the metric, the params' size, plateaus for these
+        # within the run; for some later optimizers it keeps falling)
+        assert straight.plateau.scale < 1
 
 
 # --------------------------------------------------------------------------------------------
