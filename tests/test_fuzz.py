@@ -127,6 +127,10 @@ def configs(draw, names=None):
         h.update(lambd=draw(st.sampled_from([0.0, 1e-4, 0.1, 1.0])),
                  alpha=draw(st.sampled_from([0.0, 0.75, 1.0, 2.0])),
                  t0=draw(st.sampled_from([0.0, 2.0, 1e6])))
+    # Updates from outside torch.optim: Lion, ADOPT (Lion's lr must be > 0, as lion-pytorch's)
+    if name == "Lion":
+        h["lr"] = h["lr"] or 1e-3
+        h["decoupled_weight_decay"] = draw(st.booleans())
     # (the options drawn above that this optimizer does not have)
     h = {k: v for k, v in h.items() if k in HYPER_NAMES[name]}
     return name, h
@@ -640,7 +644,15 @@ def expected_hyper_error(name, base, key, value):
             return ValueError
         if key == "flush_subnormals" and value and not _dispatch.kernels.has_flush_to_zero():
             return ValueError
+        if (name, key) == ("Adopt", "caution") and value:  # (refused: a per-tensor mean)
+            return ValueError
         return None
+    if (name, key) in (("Adopt", "clip_exp"), ("Lamb", "max_grad_norm")) and value is None:
+        return None  # (None: no clipping)
+    if (name, key) == ("Adopt", "clip_exp"):  # any finite real
+        return real(value) or (None if math.isfinite(float(value)) else ValueError)
+    if (name, key) in (("Lamb", "max_grad_norm"), ("Lion", "lr")) and not callable(value):
+        return real(value) or (None if 0.0 < float(value) < math.inf else ValueError)
     schedule_free = name in ("AdamWScheduleFree", "SGDScheduleFree")
     if schedule_free and key == "warmup_steps":  # an int >= 0
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -658,8 +670,8 @@ def expected_hyper_error(name, base, key, value):
             err = real(b)
             if err:
                 return err
-            if not 0.0 <= float(b) < 1.0:
-                return ValueError
+            if not (0.0 <= float(b) < 1.0 or name == "Lion" and float(b) == 1.0):
+                return ValueError  # (lion-pytorch allows a beta of 1)
             if schedule_free and i == 0 and float(b) == 0.0:  # eval() divides by beta1
                 return ValueError
         return None
@@ -730,6 +742,8 @@ def test_every_hyper_value_against_an_oracle():
                     assert got is value
                 elif key == "warmup_steps":  # schedule-free's count of steps
                     assert type(got) is int and got == value, (key, value, got)
+                elif value is None:  # (an optional value: no clipping)
+                    assert got is None, (key, got)
                 else:
                     assert type(got) is float and (got == float(value) or math.isnan(got)), \
                         (key, value, got)
@@ -961,6 +975,9 @@ def mutate_state_dict(sd, op, draw, rng, params, name):
     state, hyper = sd["state"], sd["hyperparams"]
     keys = sorted(state, key=str)
     entries = [(k, b) for k in keys for b in sorted(state[k])]
+    if op in VALID_LOAD_OPS:  # (a param's scalar state is shared by the params: not edited alone)
+        shared = {b.name for b in SPECS[name].update.scalar_state}
+        entries = [(k, b) for k, b in entries if b not in shared]
     if op.startswith("buf_") and op not in ("buf_add",) and not entries:
         return sd, "ok"  # no state buffers (SGD without momentum): nothing to change
     if op.startswith("buf_") and op != "buf_add":
@@ -1124,6 +1141,10 @@ def test_fuzz_load_state_dict(name, data, seed, layout, env):
         # (.get: Adafactor's None where a param has no such buffer)
         ref.state = {b: [now["state"][k].get(b) for k in state_keys] for b in ref.state}
         ref.scalar_state.update(now.get("schedule_free", {}))  # schedule-free's group scalars
+        for b in SPECS[name].update.scalar_state:  # one array per dtype, as ReferenceRun's
+            if b.name in ref.state:
+                one: dict = {}
+                ref.state[b.name] = [one.setdefault(a.dtype, a) for a in ref.state[b.name]]
         reference_step(ref, grads, 1.0)
         assert_matches_reference(opt, ref, state_keys)
 
