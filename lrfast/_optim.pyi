@@ -26,6 +26,9 @@ NORM_BLOCK_SIZE: Final = 4096
 UPDATE_IDS: dict[str, int]
 UPDATE_ARGS: dict[str, tuple[str, ...]]
 UPDATE_SCALARS: dict[str, tuple[str, ...]]
+# The multi-pass updates (src/_updates_trust.pxi): {update: (passes at most, the
+# hyper-parameter that turns on clipping by the global grad norm, or None)}.
+PASS_UPDATES: dict[str, tuple[int, str | None]]
 # Element types (src/_storage.pxi): name -> code, code -> bytes; rounding modes.
 STORAGE_CODES: dict[str, int]
 STORAGE_ITEMSIZE: dict[int, int]
@@ -81,6 +84,16 @@ def schedule_free_interpolate(
     seed: int = 0,
     step: int = 0,
 ) -> None: ...
+# Adafactor's own plan (src/_updates_factored.pxi): its passes over one element type's tensors.
+@disjoint_base
+class AdafactorPlan:
+    def __init__(self, shapes: Sequence[Any], f64: bool, table: NDArray[np.intp]) -> None: ...
+    def set_options(self, flush_subnormals: bool) -> None: ...
+    def units(self) -> int: ...
+    def set_hyper(self, values: Sequence[float]) -> None: ...
+    def all_finite(self, inv_scale: float, nthreads: int) -> bool: ...
+    def run(self, lr: float, step: int, nthreads: int, inv_scale: float = 1.0) -> None: ...
+
 def _row_types(
     storage: str, nrows: int, rows: Sequence[str | None] | None, out: str | None
 ) -> list[int]: ...
@@ -112,8 +125,9 @@ class Plan:
     def all_finite(self, inv_scale: float, nthreads: int) -> bool: ...
     def run(
         self, lr: float, step: int, nthreads: int, inv_scale: float = 1.0,
-        scalars: Sequence[float] = (),
+        scalars: Sequence[float] = (), grad_sumsq: float | None = None,
     ) -> None: ...
+    def grad_sumsq(self, nthreads: int) -> float: ...
     def step(
         self, grads: Sequence[Any], lr: float, step: int, nthreads: int, inv_scale: float = 1.0,
         scalars: Sequence[float] = (),
