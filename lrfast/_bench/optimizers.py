@@ -163,11 +163,15 @@ class Benched:
         values = self.spec.validate(self.hyper)
         state = {b: [np.zeros_like(p) for p in params] for b in update.state_buffers(values)}
         args = [params, grads] + [state.get(b.name) for b in update.buffers if not b.keyword]
+        # per-param scalar state (NAdam's mu_product, ASGD's eta and mu): one 0-d array
+        args += [np.array(update.initial_value(b.name, values), dtype=params[0].dtype)
+                 for b in update.scalar_state]
         kwargs = {h.name: values[h.name] for h in update.hypers if h.functional}
         kwargs.update({b.argname: state.get(b.name) for b in update.buffers if b.keyword})
-        # per-step values derived from class state (Update.scalars): a fixed one times the same
-        # arithmetic
-        kwargs.update(dict.fromkeys(update.scalars, 0.5))
+        if update.advance is None:
+            # per-step values derived from class state (Update.scalars, schedule-free's ckp1):
+            # a fixed one times the same arithmetic
+            kwargs.update(dict.fromkeys(update.scalars, 0.5))
         fn = getattr(reference, update.name + "_")
         if not update.takes_step:
             return functools.partial(fn, *args, **kwargs)
