@@ -33,31 +33,43 @@ cdef inline double _lanes_sum(const double* s) noexcept nogil:
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
 
 
-cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
-    """sum x^2 in double, eight running sums combined in a fixed order (they vectorise)."""
+cdef inline double _sumsq_scaled(const floating* x, Py_ssize_t n, floating f) noexcept nogil:
+    """sum (f x)^2 in double (f x rounded in x's precision): eight running sums, lane i % 8,
+    combined in a fixed order (they vectorise; one loop summing two arrays does not)."""
     cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, d
     cdef Py_ssize_t i, m = n - n % 8
     for i in range(0, m, 8):
-        d = x[i]
+        d = f * x[i]
         s0 += d * d
-        d = x[i + 1]
+        d = f * x[i + 1]
         s1 += d * d
-        d = x[i + 2]
+        d = f * x[i + 2]
         s2 += d * d
-        d = x[i + 3]
+        d = f * x[i + 3]
         s3 += d * d
-        d = x[i + 4]
+        d = f * x[i + 4]
         s4 += d * d
-        d = x[i + 5]
+        d = f * x[i + 5]
         s5 += d * d
-        d = x[i + 6]
+        d = f * x[i + 6]
         s6 += d * d
-        d = x[i + 7]
+        d = f * x[i + 7]
         s7 += d * d
     for i in range(m, n):
-        d = x[i]
+        d = f * x[i]
         s0 += d * d
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+cdef enum:
+    # A loop that sums the squares of values it computes writes a tile of them to a local
+    # array, then _sumsq adds them: both loops vectorise, where one fused loop would not.
+    SUM_TILE = 256
+
+
+cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
+    """sum x^2 in double, eight running sums combined in a fixed order (they vectorise)."""
+    return _sumsq_scaled(x, n, <floating>1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from libc.float cimport DBL_EPSILON, FLT_EPSILON
 cdef enum:
     AF_UNIT = 32768
     AF_MAX_BLOCKS = 64
-    AF_LANES = 8
     MIN_PER_THREAD_ADAFACTOR = 16384
 
 _MIN_PER_THREAD["adafactor"] = MIN_PER_THREAD_ADAFACTOR
@@ -106,23 +105,12 @@ cdef struct AFStep:
 cdef inline double _af_row(const floating* g, Py_ssize_t n, floating fac,
                            double* col) noexcept nogil:
     """Sum over a grad row of (fac g)^2 in double; each square is also added to ``col``."""
-    cdef double lanes[AF_LANES]
-    cdef double t, tail = 0.0
-    cdef Py_ssize_t i, j, m = n - n % AF_LANES
-    for j in range(AF_LANES):
-        lanes[j] = 0.0
-    for i in range(0, m, 8):  # AF_LANES
-        for j in range(AF_LANES):
-            t = <double>(fac * g[i + j])
-            t = t * t
-            col[i + j] += t
-            lanes[j] += t
-    for i in range(m, n):
+    cdef double t
+    cdef Py_ssize_t i
+    for i in range(n):
         t = <double>(fac * g[i])
-        t = t * t
-        col[i] += t
-        tail += t
-    return _lanes_sum(lanes) + tail
+        col[i] += t * t
+    return _sumsq_scaled(g, n, fac)  # the row again, from cache
 
 
 cdef inline floating _af_lerp(floating start, floating end, floating w) noexcept nogil:
@@ -141,10 +129,11 @@ cdef void _af_pass_a(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
     cdef floating* a = <floating*>s.table[2 * s.ntensors + k]
     cdef floating fac = <floating>s.fac, w = <floating>s.w, eps1 = <floating>s.eps1
     cdef floating eps1sq = <floating>(s.eps1 * s.eps1)
-    cdef floating gi, vi, ui
+    cdef floating gi, vi
+    cdef floating ut[SUM_TILE]
     cdef double* col
-    cdef double lanes[AF_LANES]
-    cdef double t, tail = 0.0
+    cdef double t, su = 0.0
+    cdef Py_ssize_t start, count
     if s.shape[3 * s.ntensors + k]:
         # factored: rows [lo, hi) of slice b
         col = s.scratch + s.uscr[u]
@@ -163,24 +152,20 @@ cdef void _af_pass_a(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
     p = p + lo
     g = g + lo
     a = a + lo
-    for j in range(AF_LANES):
-        lanes[j] = 0.0
-    for i in range(0, n - n % AF_LANES, 8):  # AF_LANES
-        for j in range(AF_LANES):
-            gi = fac * g[i + j]
-            vi = _af_lerp(a[i + j], gi * gi, w)
-            a[i + j] = vi
+    # a tile of updates at a time into ``ut``, whose squares _sumsq then adds
+    start = 0
+    while start < n:
+        count = n - start if n - start < SUM_TILE else SUM_TILE
+        for j in range(count):
+            i = start + j
+            gi = fac * g[i]
+            vi = _af_lerp(a[i], gi * gi, w)
+            a[i] = vi
             vi = eps1sq if vi < eps1sq else vi
-            ui = (1 / _sqrt(vi)) * gi
-            lanes[j] += <double>ui * <double>ui
-    for i in range(n - n % AF_LANES, n):
-        gi = fac * g[i]
-        vi = _af_lerp(a[i], gi * gi, w)
-        a[i] = vi
-        vi = eps1sq if vi < eps1sq else vi
-        ui = (1 / _sqrt(vi)) * gi
-        tail += <double>ui * <double>ui
-    s.accu[u] = _lanes_sum(lanes) + tail
+            ut[j] = (1 / _sqrt(vi)) * gi
+        su += _sumsq(ut, count)
+        start += count
+    s.accu[u] = su
     s.accp[u] = _sumsq(p, n)
 
 
@@ -222,7 +207,7 @@ cdef inline floating _af_update(floating gi, floating r, floating c, floating m,
 
 cdef void _af_pass_c(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nogil:
     """Sum of the update's squares over a factored unit."""
-    cdef Py_ssize_t k = s.uk[u], b = s.ub[u], lo = s.ulo[u], hi = s.uhi[u], r, i, j, mm
+    cdef Py_ssize_t k = s.uk[u], b = s.ub[u], lo = s.ulo[u], hi = s.uhi[u], r, i, j
     if not s.shape[3 * s.ntensors + k]:
         return
     cdef Py_ssize_t R = s.shape[s.ntensors + k], C = s.shape[2 * s.ntensors + k]
@@ -230,24 +215,24 @@ cdef void _af_pass_c(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nog
     cdef const floating* rv = <const floating*>s.table[2 * s.ntensors + k] + b * R
     cdef const floating* cv = <const floating*>s.table[3 * s.ntensors + k] + b * C
     cdef floating fac = <floating>s.fac, m = <floating>s.mean[s.ufirst[u]]
-    cdef floating eps1sq = <floating>(s.eps1 * s.eps1), ri, ui
-    cdef double lanes[AF_LANES]
-    cdef double tail = 0.0
+    cdef floating eps1sq = <floating>(s.eps1 * s.eps1), ri
+    cdef floating ut[SUM_TILE]
+    cdef double su = 0.0
+    cdef Py_ssize_t start, count
     cdef const floating* gr
-    mm = C - C % AF_LANES
-    for j in range(AF_LANES):
-        lanes[j] = 0.0
     for r in range(lo, hi):
         gr = g + r * C
         ri = rv[r]
-        for i in range(0, mm, 8):  # AF_LANES
-            for j in range(AF_LANES):
-                ui = _af_update(fac * gr[i + j], ri, cv[i + j], m, eps1sq)
-                lanes[j] += <double>ui * <double>ui
-        for i in range(mm, C):
-            ui = _af_update(fac * gr[i], ri, cv[i], m, eps1sq)
-            tail += <double>ui * <double>ui
-    s.accu[u] = _lanes_sum(lanes) + tail
+        # a tile of the row's updates at a time into ``ut``, whose squares _sumsq then adds
+        start = 0
+        while start < C:
+            count = C - start if C - start < SUM_TILE else SUM_TILE
+            for j in range(count):
+                i = start + j
+                ut[j] = _af_update(fac * gr[i], ri, cv[i], m, eps1sq)
+            su += _sumsq(ut, count)
+            start += count
+    s.accu[u] = su
 
 
 cdef void _af_pass_d(const AFStep* s, Py_ssize_t u, floating dummy) noexcept nogil:

@@ -267,10 +267,6 @@ cdef void _lamb_apply_loop(floating* p, const floating* g, floating* m, floating
         p[i] = pi + neg_lr * (ui * tr)
 
 
-cdef enum:
-    SUM_TILE = 256
-
-
 # What a read-only LAMB pass sums (types, as the switches above).
 cdef struct SumsPlain:  # pass 1 without caution: sum p^2, sum u^2
     char unused
@@ -546,28 +542,10 @@ cdef void _lars_prepare(void* out, const double* hyper, const StepValues* s) noe
 
 cdef inline void _lars_norms_loop(const floating* p, const floating* g, Py_ssize_t n,
                                   const LarsArgs* a, double* acc) noexcept nogil:
-    # sum p^2 and sum (g / grad_scale)^2 in eight lanes of doubles, combined in a fixed order.
-    cdef floating f = <floating>a.grad_factor
-    cdef double sp[8]
-    cdef double sg[8]
-    cdef double d
-    cdef Py_ssize_t i, i0, j, m8 = n - n % 8
-    for j in range(8):
-        sp[j] = 0
-        sg[j] = 0
-    for i0 in range(0, m8, 8):
-        for j in range(8):
-            d = p[i0 + j]
-            sp[j] += d * d
-            d = f * g[i0 + j]
-            sg[j] += d * d
-    for i in range(m8, n):
-        d = p[i]
-        sp[0] += d * d
-        d = f * g[i]
-        sg[0] += d * d
-    acc[LARS_SP] += _lanes_sum(sp)
-    acc[LARS_SG] += _lanes_sum(sg)
+    # sum p^2 and sum (g / grad_scale)^2 in double, one array at a time (_sumsq's eight lanes
+    # vectorise; summing both in one loop did not).
+    acc[LARS_SP] += _sumsq(p, n)
+    acc[LARS_SG] += _sumsq_scaled(g, n, <floating>a.grad_factor)
 
 
 cdef inline void _lars_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,
