@@ -427,6 +427,7 @@ class Optimizer:
         is written: a step that raises, or is skipped, changes nothing but ``skipped_steps``.
         """
         inv_scale = _inverse_scale(grad_scale)
+        self._check_can_step()
         # The kernel runs without the GIL, so a second Python thread could enter step() on the
         # same optimizer meanwhile and overwrite its gradient addresses: refuse that instead.
         if not self._busy.acquire(False):
@@ -440,39 +441,57 @@ class Optimizer:
             if callable(lr):
                 lr = lr_value(lr, self._step_count)
             t = self._step_count + 1
-            nthreads = get_num_threads()
-            scalars = self._step_scalars(lr, t) if self._scalars else None
-            while True:
-                if self._single_bank:
-                    bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale,
-                                              scalars[0][0] if scalars else ())
-                    i, bad = 0, None if bad is None else (0, *bad)
-                elif scalars:
-                    bad = self._step_banks(grads, lr, t, nthreads, inv_scale, scalars)
-                else:
-                    bad = _dispatch.kernels.step_plans(
-                        self._plans, [bank.grads_of(grads, False) for bank in self._banks],
-                        lr, t, nthreads, inv_scale)
-                if bad is None:
-                    break
-                i, code, k = bad
-                if code == STEP_SKIPPED_NONFINITE:
-                    self._skipped += 1
-                    return False
-                # Grads of another element type than the last step's (fp32 params with half
-                # grads): switch plans and check again; anything else is an error.
-                if not (code == GATHER_DTYPE and k == 0 and self._switch_grad_plan(
-                        i, self._banks[i].grads_of(grads, self._single_bank)[0])):
-                    self._banks[i].raise_bad_grad((code, k), grads, self._params, self._labels,
-                                                  self._single_bank)
-            for arrays, (_, new) in zip(self._scalars, scalars or ()):
-                for name, value in new.items():
-                    arrays[name][...] = value
+            if not self._apply(grads, lr, t, get_num_threads(), inv_scale):
+                self._skipped += 1
+                return False
             self._step_count = t
             self._last_lr = lr
             return True
         finally:
             self._busy.release()
+
+    def _check_can_step(self) -> None:
+        """Raise if the optimizer may not step now (before anything is read)."""
+
+    def _apply(self, grads, lr, t, nthreads, inv_scale) -> bool:
+        """Step ``t`` with this ``lr``: check everything, then write params and state (or
+        nothing). False: skipped, a gradient is not finite. Subclasses with state of their own
+        extend it (the step count and last lr are the caller's)."""
+        scalars = self._step_scalars(lr, t) if self._scalars else None
+        if not self._run_plans(grads, lr, t, nthreads, inv_scale, scalars):
+            return False
+        for arrays, (_, new) in zip(self._scalars, scalars or ()):
+            for name, value in new.items():
+                arrays[name][...] = value
+        return True
+
+    def _run_plans(self, grads, lr, t, nthreads, inv_scale, bank_scalars=None,
+                   shared=()) -> bool:
+        """Every bank's plan for step ``t``; False when skipped for a non-finite gradient.
+        ``bank_scalars``: per bank, (its per-step scalars, its new scalar state), from
+        _step_scalars; ``shared``: per-step scalars common to all banks (schedule-free)."""
+        while True:
+            if self._single_bank:
+                bad = self._plans[0].step(grads, lr, t, nthreads, inv_scale,
+                                          bank_scalars[0][0] if bank_scalars else shared)
+                bad = None if bad is None else (0, *bad)
+            elif bank_scalars:
+                bad = self._step_banks(grads, lr, t, nthreads, inv_scale, bank_scalars)
+            else:
+                bad = _dispatch.kernels.step_plans(
+                    self._plans, [bank.grads_of(grads, False) for bank in self._banks],
+                    lr, t, nthreads, inv_scale, shared)
+            if bad is None:
+                return True
+            i, code, k = bad
+            if code == STEP_SKIPPED_NONFINITE:
+                return False
+            # Grads of another element type than the last step's (fp32 params with half
+            # grads): switch plans and check again; anything else is an error.
+            if not (code == GATHER_DTYPE and k == 0 and self._switch_grad_plan(
+                    i, self._banks[i].grads_of(grads, self._single_bank)[0])):
+                self._banks[i].raise_bad_grad((code, k), grads, self._params, self._labels,
+                                              self._single_bank)
 
     def state_dict(self) -> dict:
         """A copy of everything needed to resume: step count, hyper-parameters, state buffers.
@@ -1807,36 +1826,18 @@ class Adafactor(Optimizer):
         return _adafactor_grad_addresses(grads, self._params, self._labels, self._wstart,
                                          self._wend)
 
-    def step(self, grads=None, *, grad_scale=1.0) -> bool:
-        """As :meth:`Optimizer.step` (``grads`` of the params' dtypes and shapes)."""
-        inv_scale = _inverse_scale(grad_scale)
-        if not self._busy.acquire(False):
-            raise RuntimeError(
-                f"{type(self).__name__}.step() is already running in another thread; steps of "
-                "one optimizer must not overlap (use one optimizer per thread, or a lock)"
-            )
-        try:
-            grads = self._grad_list(grads)
-            addrs = self._grad_addresses(grads)
-            lr = self._hyper["lr"]
-            if callable(lr):
-                lr = lr_value(lr, self._step_count)
-            t = self._step_count + 1
-            nthreads = get_num_threads()
-            for idx, table, _ in self._af_plans:
-                table[1] = addrs[idx]
-            if self._skip_nonfinite:
-                sign = -inv_scale if self._hyper["maximize"] else inv_scale
-                if not all(plan.all_finite(sign, nthreads) for _, _, plan in self._af_plans):
-                    self._skipped += 1
-                    return False
-            for _, _, plan in self._af_plans:
-                plan.run(lr, t, nthreads, inv_scale)
-            self._step_count = t
-            self._last_lr = lr
-            return True
-        finally:
-            self._busy.release()
+    def _apply(self, grads, lr, t, nthreads, inv_scale) -> bool:
+        # Adafactor runs its own plans (AdafactorPlan), one per element type.
+        addrs = self._grad_addresses(grads)
+        for idx, table, _ in self._af_plans:
+            table[1] = addrs[idx]
+        if self._skip_nonfinite:
+            sign = -inv_scale if self._hyper["maximize"] else inv_scale
+            if not all(plan.all_finite(sign, nthreads) for _, _, plan in self._af_plans):
+                return False
+        for _, _, plan in self._af_plans:
+            plan.run(lr, t, nthreads, inv_scale)
+        return True
 
 
 # ------------------------------------------------------------------------------------------
@@ -1953,53 +1954,24 @@ class _ScheduleFree(Optimizer):
         """As :meth:`Optimizer.step`; the step must be taken in train mode (call
         :meth:`train` after :meth:`eval`). A skipped step changes nothing, the group scalars
         (k, lr_max, weight_sum) included."""
+        return super().step(grads, grad_scale=grad_scale)
+
+    def _check_can_step(self) -> None:
         if not self._train_mode:
             raise RuntimeError("Optimizer was not in train mode when step is called. Please "
                                "insert .train() and .eval() calls on the optimizer. See "
                                "documentation for details.")
-        inv_scale = _inverse_scale(grad_scale)
-        if not self._busy.acquire(False):
-            raise RuntimeError(
-                f"{type(self).__name__}.step() is already running in another thread; steps of "
-                "one optimizer must not overlap (use one optimizer per thread, or a lock)"
-            )
-        try:
-            grads = self._grad_list(grads)
-            lr = self._hyper["lr"]
-            if callable(lr):
-                lr = lr_value(lr, self._step_count)
-            k = self._step_count
-            lr_k, ckp1, lr_max, weight_sum = _schedule_free_step_values(
-                k, lr, self._hyper, self._lr_max, self._weight_sum)
-            scalars = (ckp1,)
-            t = k + 1
-            nthreads = get_num_threads()
-            while True:
-                if self._single_bank:
-                    bad = self._plans[0].step(grads, lr_k, t, nthreads, inv_scale, scalars)
-                    i, bad = 0, None if bad is None else (0, *bad)
-                else:
-                    bad = _dispatch.kernels.step_plans(
-                        self._plans, [bank.grads_of(grads, False) for bank in self._banks],
-                        lr_k, t, nthreads, inv_scale, scalars)
-                if bad is None:
-                    break
-                i, code, idx = bad
-                if code == STEP_SKIPPED_NONFINITE:
-                    self._skipped += 1
-                    return False
-                if not (code == GATHER_DTYPE and idx == 0 and self._switch_grad_plan(
-                        i, self._banks[i].grads_of(grads, self._single_bank)[0])):
-                    self._banks[i].raise_bad_grad((code, idx), grads, self._params,
-                                                  self._labels, self._single_bank)
-            self._step_count = t
-            self._last_lr = lr
-            self._scheduled_lr = lr_k
-            self._lr_max = lr_max
-            self._weight_sum = weight_sum
-            return True
-        finally:
-            self._busy.release()
+
+    def _apply(self, grads, lr, t, nthreads, inv_scale) -> bool:
+        # The kernel steps with the warmup-scheduled lr and this step's averaging weight.
+        lr_k, ckp1, lr_max, weight_sum = _schedule_free_step_values(
+            t - 1, lr, self._hyper, self._lr_max, self._weight_sum)
+        if not self._run_plans(grads, lr_k, t, nthreads, inv_scale, shared=(ckp1,)):
+            return False
+        self._scheduled_lr = lr_k
+        self._lr_max = lr_max
+        self._weight_sum = weight_sum
+        return True
 
     # -- state ------------------------------------------------------------------------------
 
