@@ -48,6 +48,22 @@ def _lerp_(start, end, weight):
         start[...] = end - (end - start) * (1 - w)
 
 
+def _adam_moments_(p, g, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize):
+    """The moments step Adam, RAdam and NAdam share (torch's order): g negated when
+    maximizing; weight decay decoupled (p *= 1 - lr wd) or added to g; m lerped towards g by
+    1 - beta1, v <- beta2 v + (1 - beta2) g^2. Returns the g the moments saw."""
+    g = -g if maximize else g
+    if weight_decay != 0:
+        if decoupled:
+            p *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * p
+    _lerp_(m, g, 1 - beta1)
+    v *= beta2
+    v += (1 - beta2) * g * g
+    return g
+
+
 def sgd_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,
          nesterov=False, weight_decay=0.0, maximize=False):
     r"""SGD with momentum (torch.optim.SGD).
@@ -144,15 +160,7 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999,
     neg_step = -(lr / (1 - beta1 ** step)) * bias_correction2_sqrt
     eps_hat = eps * bias_correction2_sqrt
     for p, g, m, v, vmax in _tensors(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if decoupled:
-                p *= 1 - lr * weight_decay
-            else:
-                g = g + weight_decay * p
-        _lerp_(m, g, 1 - beta1)
-        v *= beta2
-        v += (1 - beta2) * g * g
+        g = _adam_moments_(p, g, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize)
         if amsgrad:
             np.maximum(vmax, v, out=vmax)
             v = vmax
@@ -211,15 +219,8 @@ def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * beta2 ** step / bc2
     for p, g, m, v in _tensors(param, grad, exp_avg, exp_avg_sq):
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p *= 1 - lr * weight_decay
-            else:
-                g = g + weight_decay * p
-        _lerp_(m, g, 1 - beta1)
-        v *= beta2
-        v += (1 - beta2) * g * g
+        g = _adam_moments_(p, g, m, v, lr, beta1, beta2, weight_decay, decoupled_weight_decay,
+                           maximize)
         update = m / bc1 * lr
         if rho_t > 5:
             rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
@@ -324,15 +325,8 @@ def nadam_(param, grad, exp_avg, exp_avg_sq, mu_product, *, step, lr, beta1=0.9,
     avg_coef = (-lr * mu_next) / (1.0 - product * mu_next)
     bias_correction2 = 1 - beta2 ** step
     for p, g, m, v in _tensors(param, grad, exp_avg, exp_avg_sq):
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p *= 1 - lr * weight_decay
-            else:
-                g = g + weight_decay * p
-        _lerp_(m, g, 1 - beta1)
-        v *= beta2
-        v += (1 - beta2) * g * g
+        g = _adam_moments_(p, g, m, v, lr, beta1, beta2, weight_decay, decoupled_weight_decay,
+                           maximize)
         denom = np.sqrt(v / bias_correction2) + eps
         p += (grad_coef * g) / denom
         p += (avg_coef * m) / denom
@@ -587,8 +581,10 @@ def adafactor_(param, grad, row_var, col_var, variance, *, step, lr, beta2_decay
     maximizing) and :math:`w = t^{	au}` (:math:`	au` = ``beta2_decay``):
 
     .. math::
-        ho &= \min(\eta, 1/\sqrt t), \qquad
-        lpha = \max(\epsilon_2, \operatorname{RMS}(	heta))\,ho \
+        
+ho &= \min(\eta, 1/\sqrt t), \qquad
+        lpha = \max(\epsilon_2, \operatorname{RMS}(	heta))\,
+ho \
         	heta &\leftarrow 	heta (1 - \eta\lambda) \
         R &\leftarrow \operatorname{lerp}(R, \operatorname{mean}_{-1} G^2, w), \quad
         C \leftarrow \operatorname{lerp}(C, \operatorname{mean}_{-2} G^2, w), \quad
