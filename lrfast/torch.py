@@ -896,11 +896,6 @@ class _ScheduleFreeOptimizer(_Optimizer):
         return loss
 
 
-# Classes whose behaviour goes beyond _Optimizer's, by name (the others are _Optimizer).
-_BASES: dict[str, type] = {"AdamWScheduleFree": _ScheduleFreeOptimizer,
-                           "SGDScheduleFree": _ScheduleFreeOptimizer}
-
-
 def _check_tensor_rules(defaults: dict[str, Any]) -> None:
     """torch's Adam and AdamW refuse tensor lr and betas with foreach=True (and without
     capturable), and betas that mix tensors and numbers."""
@@ -918,13 +913,16 @@ def _check_tensor_rules(defaults: dict[str, Any]) -> None:
                              "and foreach=True")
 
 
-def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
+def _make_class(spec: OptimizerSpec, extras: tuple = ()) -> type:
     """lrfast.torch's class for ``spec``: torch.optim's class of that name's signature (or,
     where torch has none, the spec's, with torch's implementation switches), torch's defaults
-    and state names, lrfast's kernel. ``base``: the class it derives from (``_Optimizer``
-    unless an optimizer needs its own step)."""
-    if base is None:
-        base = _BASES.get(spec.name, _Optimizer)
+    and state names, lrfast's kernel. ``extras``: the classes it derives from before
+    ``_Optimizer`` (see _EXTRAS), whose docstrings extend its own."""
+    bases = tuple(extras)
+    if not any(issubclass(b, _Optimizer) for b in bases):
+        bases += (_Optimizer,)
+    # the first base that is an _Optimizer takes the group defaults (mixins have no __init__)
+    init_base = next(b for b in bases if issubclass(b, _Optimizer))
     t = spec.torch
     torch_cls = getattr(torch.optim, t.cls, None) if t is not None and t.cls else None
     if torch_cls is not None:
@@ -944,7 +942,7 @@ def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
         bound.apply_defaults()
         defaults = {k: v for k, v in bound.arguments.items() if k != "params"}
         defaults.update(fixed_entries)
-        base.__init__(self, params, defaults, **extra)
+        init_base.__init__(self, params, defaults, **extra)
 
     buffers = ", ".join(f"``{b.name}``" for b in spec.update.scalar_state + spec.update.buffers)
     doc = (f"{spec.name} over torch tensors: "
@@ -956,10 +954,11 @@ def _make_class(spec: OptimizerSpec, base: Any = None) -> type:
            "lrfast-only keywords: ``state_dtype`` (None: the params' dtype, as torch's fused "
            "kernels; ``torch.float32`` for bfloat16/float16 params), ``rounding`` "
            "(``'nearest'`` or ``'stochastic'``) and ``seed``; see :mod:`lrfast.torch`.\n")
-    if base is not _Optimizer and base.__doc__:
-        doc += "\n" + inspect.cleandoc(base.__doc__) + "\n"
+    for extra in extras:
+        if extra.__doc__:
+            doc += "\n" + inspect.cleandoc(extra.__doc__) + "\n"
     __init__.__signature__ = sig  # type: ignore[attr-defined]
-    cls = type(spec.name, (base,), {
+    cls = type(spec.name, bases, {
         "__init__": __init__, "__doc__": doc, "__module__": __name__,
         "__qualname__": spec.name, "_spec": spec})
     cls.__signature__ = sig  # type: ignore[attr-defined]
@@ -1114,20 +1113,6 @@ class _Adafactor(_Optimizer):
                     states[i]["step"].add_(1)
 
 
-# Optimizers whose class derives from a base of its own (above) rather than _Optimizer.
-_OWN_STEP = {"Adafactor": _Adafactor}
-globals().update({name: _make_class(OPTIMIZERS[name], base) for name, base in _OWN_STEP.items()})
-# Its buffers depend on each param's shape, not on the hyper-parameters: say so.
-globals()["Adafactor"].__doc__ = (
-    "Adafactor over torch tensors: torch.optim.Adafactor's signature, defaults and state dict "
-    "format, run by lrfast's kernel.\n\nThe update is :class:`lrfast.Adafactor`'s. State per "
-    "param, as torch names it: ``step``; ``row_var`` (..., R, 1) and ``col_var`` (..., 1, C) "
-    "for params of two or more dimensions, ``variance`` for the others.\n\n"
-    + (_Adafactor.__doc__ or ""))
-
-globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()
-                  if name not in _OWN_STEP})
-
 # ------------------------------------------------------------------------------------------
 # Per-tensor trust ratios: LAMB, LARS (timm's Lamb and Lars)
 # ------------------------------------------------------------------------------------------
@@ -1140,7 +1125,8 @@ globals().update({name: _make_class(spec) for name, spec in OPTIMIZERS.items()
 
 
 class _TrustRatio:
-    """Mixed into the generated Lamb and Lars: real params only."""
+    """Real params only: a complex param is refused when its group is added (timm's formulas
+    are written for real values)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)  # type: ignore[misc]
@@ -1163,7 +1149,11 @@ def _max_lr_snapshot(lr: Any, corrected: bool) -> float:
 
 
 class _LambSteps(_TrustRatio):
-    """Mixed into the generated Lamb (see the section comment)."""
+    """As timm's Lamb: each group counts its steps in a ``step`` entry (a tensor, advanced
+    whether or not the group has gradients) and keeps the constructor's lr as
+    ``max_lr_snapshot`` (corrected weight decay's peak lr); clipping uses the global norm of
+    every group's gradients and the optimizer's own ``max_grad_norm``. Real params only: a
+    complex param is refused when its group is added."""
 
     def _check_defaults(self, defaults: dict[str, Any]) -> None:
         super()._check_defaults(defaults)  # type: ignore[misc]
@@ -1226,38 +1216,6 @@ class _LambSteps(_TrustRatio):
         for group in groups:
             group["step"].add_(1)
         return loss
-
-
-def _trust_class(base: Any, mixin: type) -> type:
-    cls = type(base.__name__, (mixin, base), {"__doc__": base.__doc__, "__module__": __name__,
-                                               "__qualname__": base.__qualname__})
-    cls.__signature__ = base.__signature__  # type: ignore[attr-defined]
-    return cls
-
-
-globals()["Lamb"] = _trust_class(globals()["Lamb"], _LambSteps)
-globals()["Lars"] = _trust_class(globals()["Lars"], _TrustRatio)
-
-
-if TYPE_CHECKING:  # what the loop above defines, for type checkers (signatures are torch's)
-    SGD: Any
-    Adagrad: Any
-    RMSprop: Any
-    Adam: Any
-    AdamW: Any
-    Adamax: Any
-    RAdam: Any
-    Adadelta: Any
-    Rprop: Any
-    NAdam: Any
-    ASGD: Any
-    Lion: Any
-    Adopt: Any
-    Lamb: Any
-    Lars: Any
-    Adafactor: Any
-    AdamWScheduleFree: Any
-    SGDScheduleFree: Any
 
 
 # ------------------------------------------------------------------------------------------
@@ -1324,14 +1282,53 @@ class _AdoptOptions:
         return {"max_lr": getattr(self, "defaults", {}).get("max_lr_snapshot")}
 
 
-def _with_options(name: str, options: type) -> type:
-    base = globals()[name]
-    return type(name, (options, base), {"__module__": __name__, "__qualname__": name,
-                                        "__doc__": base.__doc__ + "\n" + (options.__doc__ or "")})
+# ------------------------------------------------------------------------------------------
+# The classes
+# ------------------------------------------------------------------------------------------
+
+# What an optimizer's class needs beyond _Optimizer, by name: a base with a step of its own
+# (Adafactor, schedule-free) or mixins that keep a reference class's group entries and checks
+# (LAMB, LARS, Lion, ADOPT). Every other optimizer of the spec table is _Optimizer alone.
+_EXTRAS: dict[str, tuple[type, ...]] = {
+    "Adafactor": (_Adafactor,),
+    "AdamWScheduleFree": (_ScheduleFreeOptimizer,),
+    "SGDScheduleFree": (_ScheduleFreeOptimizer,),
+    "Lamb": (_LambSteps,),
+    "Lars": (_TrustRatio,),
+    "Lion": (_LionOptions,),
+    "Adopt": (_AdoptOptions,),
+}
+globals().update({name: _make_class(spec, _EXTRAS.get(name, ()))
+                  for name, spec in OPTIMIZERS.items()})
+# Adafactor's buffers depend on each param's shape, not on the hyper-parameters: say so.
+globals()["Adafactor"].__doc__ = (
+    "Adafactor over torch tensors: torch.optim.Adafactor's signature, defaults and state dict "
+    "format, run by lrfast's kernel.\n\nThe update is :class:`lrfast.Adafactor`'s. State per "
+    "param, as torch names it: ``step``; ``row_var`` (..., R, 1) and ``col_var`` (..., 1, C) "
+    "for params of two or more dimensions, ``variance`` for the others.\n\n"
+    + inspect.cleandoc(_Adafactor.__doc__ or ""))
+
+if TYPE_CHECKING:  # what the line above defines, for type checkers (signatures are torch's)
+    SGD: Any
+    Adagrad: Any
+    RMSprop: Any
+    Adam: Any
+    AdamW: Any
+    Adamax: Any
+    RAdam: Any
+    Adadelta: Any
+    Rprop: Any
+    NAdam: Any
+    ASGD: Any
+    Lion: Any
+    Adopt: Any
+    Lamb: Any
+    Lars: Any
+    Adafactor: Any
+    AdamWScheduleFree: Any
+    SGDScheduleFree: Any
 
 
-Lion = _with_options("Lion", _LionOptions)  # noqa: F811
-Adopt = _with_options("Adopt", _AdoptOptions)  # noqa: F811
 
 
 class CPUAdam(_Optimizer):
