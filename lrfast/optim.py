@@ -1419,11 +1419,11 @@ class Lamb(Optimizer):
     elements whose sign agrees with ``g``, divided by the fraction kept (at least 1e-3).
 
     The per-tensor norms need a pass over each tensor before its update, so a step is two
-    passes over the memory: the first reads p, g, m, v, the second reads them again and
-    writes m, v, p, 44 bytes per float32 element (88 float64; Adam moves 28). ``caution`` adds
-    a read-only pass (+16), ``max_grad_norm`` a read of the grads for the global norm (+4);
-    with no ratio (``weight_decay=0``, no ``always_adapt`` or ``caution``) it is one pass of
-    28 (src/_updates_trust.pxi). Over a FlatParams each named view is its own tensor.
+    passes over the memory: the first reads p, g, m, v and writes the new m, v, the second
+    reads p, m, v and writes p, 40 bytes per float32 element (80 float64; Adam moves 28).
+    ``caution`` adds a read-only pass and a read of g in the last (+20), ``max_grad_norm`` a
+    read of the grads for the global norm (+4); with no ratio (``weight_decay=0``, no
+    ``always_adapt`` or ``caution``) it is one pass of 28 (src/_updates_trust.pxi). Over a FlatParams each named view is its own tensor.
 
     Examples
     --------

@@ -397,6 +397,7 @@ cdef class Plan:
         values.storage = self.math
         memcpy(values.scalars, scalars, MAX_SCALARS * sizeof(double))
         values.grad_sumsq = grad_sumsq
+        values.tiled = self.mixed
         with nogil:
             kernel.prepare(block, self.hyper, &values)
             if self.mixed:

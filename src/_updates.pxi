@@ -96,6 +96,10 @@ cdef struct StepValues:
     # The sum of the squares of all the step's grads (every plan of the optimizer), times
     # inv_scale**2 not applied; for the updates that clip by the global norm (LAMB), else 0.
     double grad_sumsq
+    # The buffers go through the mixed-type tiles (some are not of the math type), where a
+    # pass's writes are rounded to their storage type: a multi-pass update must not read in
+    # one pass what an earlier one wrote.
+    bint tiled
 
 ctypedef void (*prepare_fn)(void* out, const double* hyper,
                             const StepValues* s) noexcept nogil

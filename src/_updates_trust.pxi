@@ -8,12 +8,13 @@
 # per-tensor sums are bitwise the same for any number of threads.
 #
 # Memory traffic per element (float32 bytes; float64 twice that), the floor a bench can state:
-#   LAMB   pass 1 reads p, g, m, v (16 bytes) and writes nothing; pass 2 reads them again and
-#          writes m, v, p (28 bytes): 44 bytes in all (11 accesses). Every pass recomputes the
-#          element's update from the old values, so only the last one writes. caution adds a
-#          read-only pass (16 bytes) between them: 60; max_grad_norm a read of g before pass 1
-#          (4 bytes). With weight_decay 0 and neither always_adapt nor caution there is no
-#          ratio: one pass of 28 bytes (Adam's traffic).
+#   LAMB   pass 1 reads p, g, m, v and writes the new m, v (24 bytes); pass 2 reads p, m, v and
+#          writes p (16 bytes): 40 bytes in all (10 accesses). caution adds a pass between them
+#          that reads p, g, m, v (16 bytes), and its last pass reads g too: 60. max_grad_norm
+#          adds a read of g before pass 1 (4 bytes). With weight_decay 0 and neither
+#          always_adapt nor caution there is no ratio: one pass of 28 bytes (Adam's traffic).
+#          When a buffer is of a half type (the tile driver), passes before the last write
+#          nothing and each pass computes m and v again from the old values: 44 bytes.
 #   LARS   pass 1 reads p, g (8 bytes); pass 2 reads p, g, momentum_buffer and writes p and
 #          the buffer (20 bytes): 28 bytes in all (20 without momentum). Without a ratio
 #          (weight_decay 0, always_adapt off) it is momentum SGD in one pass: 20 bytes (12
@@ -135,6 +136,10 @@ cdef struct LambArgs:
     bint trust_clip
     bint caution
     bint fused  # no per-tensor factor: pass 1 is the whole update
+    # (not fused) the first pass writes the new m and v and the later ones read them: every
+    # pass then writes or reads state once, and the last reads g only for caution. Not when
+    # the buffers go through the mixed-type tiles, which would round m and v in between.
+    bint stored
 
 
 cdef void _lamb_prepare(void* out, const double* hyper, const StepValues* s) noexcept nogil:
@@ -175,6 +180,7 @@ cdef void _lamb_prepare(void* out, const double* hyper, const StepValues* s) noe
     a.trust_clip = h.trust_clip != 0
     a.caution = h.caution != 0
     a.fused = not a.adapt and not a.caution
+    a.stored = not a.fused and not s.tiled
 
 
 cdef inline floating _lamb_grad(const floating* g, Py_ssize_t i, floating f, floating clip,
@@ -224,13 +230,38 @@ ctypedef fused decay_k:
     DecayCoupled
     DecayDecoupled
 
+# Where the last pass takes m and v from (and whether it reads g), and whether the passes
+# before it store m and v (``LambArgs.stored``).
+cdef struct FromGrads:  # computes them from g and the old values, and writes them
+    char unused
+cdef struct FromState:  # reads the new values a sums pass stored; g unread
+    char unused
+cdef struct FromStateMasked:  # reads them, and g for caution's mask
+    char unused
+cdef struct StoreOff:
+    char unused
+cdef struct StoreOn:
+    char unused
+
+ctypedef fused src_k:
+    FromGrads
+    FromState
+    FromStateMasked
+
+ctypedef fused store_k:
+    StoreOff
+    StoreOn
+
 
 cdef void _lamb_apply_loop(floating* p, const floating* g, floating* m, floating* v,
                            Py_ssize_t n, const LambArgs* a, const double* acc, lerp_k lk,
-                           decay_k dk) noexcept nogil:
-    # The last pass (the only one when there are no factors): the step, writing m, v and p.
-    # Caution's mask multiplies by cm or 0 (by 1 or 1 without caution: exact); the trust ratio
-    # is 1 without adaptation (exact too).
+                           decay_k dk, src_k sk) noexcept nogil:
+    # The last pass: the step. FromGrads (the fused one-pass update, or after sums passes
+    # that stored nothing) computes m and v from g and writes m, v and p; after a sums pass
+    # that stored them it reads the new m and v (bitwise what it would compute again) and
+    # writes p alone, reading g only for caution's mask. Caution's mask multiplies by cm or 0
+    # (FromGrads without caution: by 1 or 1, exact); the trust ratio is 1 without adaptation
+    # (exact too).
     cdef floating f = <floating>a.grad_factor
     cdef floating clip = <floating>a.clip if a.clipping else 1
     cdef floating w = <floating>(1.0 - a.beta1)
@@ -246,28 +277,36 @@ cdef void _lamb_apply_loop(floating* p, const floating* g, floating* m, floating
     cdef floating gi, mi, vi, pi, ui
     cdef Py_ssize_t i
     for i in range(n):
-        gi = (f * g[i]) / clip
-        if lerp_k is LerpSmall:
-            mi = _lerp(m[i], gi, w, omw, True)
-        elif lerp_k is LerpLarge:
-            mi = _lerp(m[i], gi, w, omw, False)
+        if src_k is FromGrads:
+            gi = (f * g[i]) / clip
+            if lerp_k is LerpSmall:
+                mi = _lerp(m[i], gi, w, omw, True)
+            elif lerp_k is LerpLarge:
+                mi = _lerp(m[i], gi, w, omw, False)
+            else:
+                mi = m[i] * beta1 + beta3 * gi
+            vi = v[i] * beta2 + (omb2 * gi) * gi
         else:
-            mi = m[i] * beta1 + beta3 * gi
-        vi = v[i] * beta2 + (omb2 * gi) * gi
+            mi = m[i]
+            vi = v[i]
         pi = p[i]
         if decay_k is DecayDecoupled:
             pi = pi + decay * pi
         # timm: (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)
         ui = (mi / bc1) / (_sqrt(vi) / bc2s + eps)
-        ui = ui * (cm if ui * gi > 0 else off)
+        if src_k is FromGrads:
+            ui = ui * (cm if ui * gi > 0 else off)
+        elif src_k is FromStateMasked:
+            gi = (f * g[i]) / clip
+            ui = ui * (cm if ui * gi > 0 else off)
         if decay_k is DecayCoupled:
             ui = ui + wd * pi
-        m[i] = mi
-        v[i] = vi
+        if src_k is FromGrads:
+            m[i] = mi
+            v[i] = vi
         p[i] = pi + neg_lr * (ui * tr)
 
 
-# What a read-only LAMB pass sums (types, as the switches above).
 cdef struct SumsPlain:  # pass 1 without caution: sum p^2, sum u^2
     char unused
 cdef struct SumsCount:  # pass 1 with caution: sum p^2, the count of agreeing signs
@@ -281,12 +320,13 @@ ctypedef fused sums_k:
     SumsMasked
 
 
-cdef void _lamb_sums_loop(const floating* p, const floating* g, const floating* m,
-                          const floating* v, Py_ssize_t n, const LambArgs* a, double* acc,
-                          sums_k sk, lerp_k lk, decay_k dk) noexcept nogil:
-    # The read-only passes: the element's update by _lamb_apply_loop's operations (so bitwise
-    # its values), a tile at a time into local arrays, whose squares are then summed (a count
-    # is the sum of the squares of 0s and 1s).
+cdef void _lamb_sums_loop(const floating* p, const floating* g, floating* m, floating* v,
+                          Py_ssize_t n, const LambArgs* a, double* acc, sums_k sk, lerp_k lk,
+                          decay_k dk, store_k tk) noexcept nogil:
+    # The passes before the last: the element's update by _lamb_apply_loop's operations (so
+    # bitwise its values), a tile at a time into local arrays, whose squares are then summed (a
+    # count is the sum of the squares of 0s and 1s). With ``a.stored`` the first pass also
+    # writes the new m and v, which the later passes read instead of computing them again.
     cdef floating f = <floating>a.grad_factor
     cdef floating clip = <floating>a.clip if a.clipping else 1
     cdef floating w = <floating>(1.0 - a.beta1)
@@ -306,13 +346,20 @@ cdef void _lamb_sums_loop(const floating* p, const floating* g, const floating* 
         for k in range(count):
             i = start + k
             gi = (f * g[i]) / clip
-            if lerp_k is LerpSmall:
-                mi = _lerp(m[i], gi, w, omw, True)
-            elif lerp_k is LerpLarge:
-                mi = _lerp(m[i], gi, w, omw, False)
+            if sums_k is SumsMasked and store_k is StoreOn:
+                mi = m[i]
+                vi = v[i]
             else:
-                mi = m[i] * beta1 + beta3 * gi
-            vi = v[i] * beta2 + (omb2 * gi) * gi
+                if lerp_k is LerpSmall:
+                    mi = _lerp(m[i], gi, w, omw, True)
+                elif lerp_k is LerpLarge:
+                    mi = _lerp(m[i], gi, w, omw, False)
+                else:
+                    mi = m[i] * beta1 + beta3 * gi
+                vi = v[i] * beta2 + (omb2 * gi) * gi
+                if sums_k is not SumsMasked and store_k is StoreOn:
+                    m[i] = mi
+                    v[i] = vi
             pi = p[i]
             if decay_k is DecayDecoupled:
                 pi = pi + decay * pi
@@ -340,20 +387,39 @@ cdef void _lamb_sums_loop(const floating* p, const floating* g, const floating* 
         acc[LAMB_SU] += su
 
 
-cdef inline void _lamb_run(floating* p, const floating* g, floating* m, floating* v,
-                           Py_ssize_t n, const LambArgs* a, double* acc, int stage, lerp_k lk,
-                           decay_k dk) noexcept nogil:
+cdef inline void _lamb_sums(floating* p, const floating* g, floating* m, floating* v,
+                            Py_ssize_t n, const LambArgs* a, double* acc, int stage,
+                            lerp_k lk, decay_k dk, store_k tk) noexcept nogil:
     cdef SumsPlain plain
     cdef SumsCount count
     cdef SumsMasked masked
-    if stage == LAMB_APPLY:
-        _lamb_apply_loop(p, g, m, v, n, a, acc, lk, dk)
-    elif stage == LAMB_CAUTION:
-        _lamb_sums_loop(p, g, m, v, n, a, acc, masked, lk, dk)
+    if stage == LAMB_CAUTION:
+        _lamb_sums_loop(p, g, m, v, n, a, acc, masked, lk, dk, tk)
     elif a.caution:
-        _lamb_sums_loop(p, g, m, v, n, a, acc, count, lk, dk)
+        _lamb_sums_loop(p, g, m, v, n, a, acc, count, lk, dk, tk)
     else:
-        _lamb_sums_loop(p, g, m, v, n, a, acc, plain, lk, dk)
+        _lamb_sums_loop(p, g, m, v, n, a, acc, plain, lk, dk, tk)
+
+
+cdef inline void _lamb_run(floating* p, const floating* g, floating* m, floating* v,
+                           Py_ssize_t n, const LambArgs* a, double* acc, int stage, lerp_k lk,
+                           decay_k dk) noexcept nogil:
+    cdef FromGrads grads
+    cdef FromState state
+    cdef FromStateMasked masked
+    cdef StoreOff off
+    cdef StoreOn on
+    if stage == LAMB_APPLY:
+        if not a.stored:
+            _lamb_apply_loop(p, g, m, v, n, a, acc, lk, dk, grads)
+        elif a.caution:
+            _lamb_apply_loop(p, g, m, v, n, a, acc, lk, dk, masked)
+        else:
+            _lamb_apply_loop(p, g, m, v, n, a, acc, lk, dk, state)
+    elif a.stored:
+        _lamb_sums(p, g, m, v, n, a, acc, stage, lk, dk, on)
+    else:
+        _lamb_sums(p, g, m, v, n, a, acc, stage, lk, dk, off)
 
 
 cdef inline void _lamb_decay(floating* p, const floating* g, floating* m, floating* v,
@@ -542,10 +608,19 @@ cdef void _lars_prepare(void* out, const double* hyper, const StepValues* s) noe
 
 cdef inline void _lars_norms_loop(const floating* p, const floating* g, Py_ssize_t n,
                                   const LarsArgs* a, double* acc) noexcept nogil:
-    # sum p^2 and sum (g / grad_scale)^2 in double, one array at a time (_sumsq's eight lanes
-    # vectorise; summing both in one loop did not).
-    acc[LARS_SP] += _sumsq(p, n)
-    acc[LARS_SG] += _sumsq_scaled(g, n, <floating>a.grad_factor)
+    # sum p^2 and sum (g / grad_scale)^2 in double, a tile of each array in turn (_sumsq's
+    # loop vectorises over one array; alternating tiles keeps both streams in flight, which
+    # a read-only pass needs to approach the bandwidth of one that writes).
+    cdef floating f = <floating>a.grad_factor
+    cdef double sp = 0, sg = 0
+    cdef Py_ssize_t start = 0, count
+    while start < n:
+        count = n - start if n - start < SUM_TILE else SUM_TILE
+        sp += _sumsq(p + start, count)
+        sg += _sumsq_scaled(g + start, count, f)
+        start += count
+    acc[LARS_SP] += sp
+    acc[LARS_SG] += sg
 
 
 cdef inline void _lars_loop(floating* p, const floating* g, floating* buf, Py_ssize_t n,

@@ -96,10 +96,10 @@ PEER_FACTS = {
                       optax=lambda optax, h: optax.lion(h["lr"],
                                                         weight_decay=h["weight_decay"])),
     "Adopt": PeerFacts(dict(lr=1e-3), original=Original("timm", "Adopt")),
-    # LAMB: the global grad norm (g read), the norms (p, g, m, v read), then the update (p, g,
-    # m, v read; p, m, v written).
+    # LAMB: the global grad norm (g read), the norms (p, g, m, v read; m, v written), then the
+    # update (p, m, v read; p written).
     "Lamb": PeerFacts(dict(lr=1e-3, weight_decay=1e-2), original=Original("timm", "Lamb"),
-                      transfers=12),
+                      transfers=11),
     # LARS with weight decay (so the trust ratio is used): norms (p, g), then momentum SGD.
     "Lars": PeerFacts(dict(lr=1.0, momentum=0.9, weight_decay=1e-4),
                       original=Original("timm", "Lars"), transfers=7),
