@@ -103,8 +103,8 @@ class Optimizer:
         self._flush_subnormals = flush_subnormals
         self._skipped = 0
         self._flat = params if isinstance(params, FlatParams) else None
-        # An update with per-tensor factors (LAMB, LARS) sees a FlatParams' named views as
-        # tensors; any other sees the whole buffer as one.
+        # An update with per-tensor factors (LAMB, LARS, ADOPT's caution) sees a FlatParams'
+        # named views as tensors; any other sees the whole buffer as one.
         self._flat_views = self._flat is not None and self._spec.update.per_tensor
         half_out = arguments["half_out"]
         if self._flat is not None and self._flat_views:

@@ -644,8 +644,6 @@ def expected_hyper_error(name, base, key, value):
             return ValueError
         if key == "flush_subnormals" and value and not _dispatch.kernels.has_flush_to_zero():
             return ValueError
-        if (name, key) == ("Adopt", "caution") and value:  # (refused: a per-tensor mean)
-            return ValueError
         return None
     if (name, key) in (("Adopt", "clip_exp"), ("Lamb", "max_grad_norm")) and value is None:
         return None  # (None: no clipping)
