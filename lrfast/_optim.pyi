@@ -26,8 +26,9 @@ NORM_BLOCK_SIZE: Final = 4096
 UPDATE_IDS: dict[str, int]
 UPDATE_ARGS: dict[str, tuple[str, ...]]
 UPDATE_SCALARS: dict[str, tuple[str, ...]]
-# The multi-pass updates (src/_updates_trust.pxi): {update: (passes at most, the
-# hyper-parameter that turns on clipping by the global grad norm, or None)}.
+# The multi-pass updates (src/_updates.pxi's _register_passes: LAMB, LARS, ADOPT): {update:
+# (passes at most, the hyper-parameter that turns on clipping by the global grad norm, or
+# None)}.
 PASS_UPDATES: dict[str, tuple[int, str | None]]
 # Element types (src/_storage.pxi): name -> code, code -> bytes; rounding modes.
 STORAGE_CODES: dict[str, int]

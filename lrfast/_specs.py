@@ -151,9 +151,9 @@ class Update:
     # Names of the per-step values the kernel reads besides lr and the step, derived by the
     # Python layer from scalar state it keeps (the kernel's UPDATE_SCALARS, in its order).
     scalars: tuple = ()
-    # The update scales each tensor by factors made from its own norms (LAMB, LARS): the
-    # kernel's PASS_UPDATES. An optimizer over a FlatParams then treats each named view as a
-    # tensor, not the whole buffer as one.
+    # The update scales each tensor by factors made from a reduction over it (LAMB's and LARS's
+    # norms, ADOPT's cautious mask mean): the kernel's PASS_UPDATES. An optimizer over a
+    # FlatParams then treats each named view as a tensor, not the whole buffer as one.
     per_tensor: bool = False
     # Per-param scalar state (``Buffer(..., scalar=True)``, named as torch names it), not in the
     # kernel's address table, and the rule that advances it: ``advance(h, step, lr, state,
@@ -755,14 +755,6 @@ def _optional_real(name: str, positive: bool = False) -> Callable[[Any], Optiona
     return check
 
 
-def _no_caution(v):
-    if check_bool(v, "caution"):
-        raise ValueError("caution=True is not supported by lrfast's Adopt: its mask is scaled by "
-                         "a per-tensor mean, a reduction the element-wise kernels do not make "
-                         "(use timm.optim.Adopt)")
-    return False
-
-
 def _adopt_rule(h):
     if h["corrected_weight_decay"] and h["max_lr"] is not None and h["max_lr"] <= 0:
         raise ValueError(f"Corrected weight decay requires a positive max lr, got {h['max_lr']}. "
@@ -797,7 +789,8 @@ ADOPT_UPDATE = Update(
         _weight_decay(),
         Hyper("decoupled", False, flag("decoupled")),
         Hyper("corrected_weight_decay", False, flag("corrected_weight_decay")),
-        Hyper("caution", False, _no_caution),
+        # caution's mask is scaled by its mean over each tensor: the kernel's second pass
+        Hyper("caution", False, flag("caution")),
         _maximize(),
         # corrected_weight_decay's peak lr (timm: the constructor's lr); None: the step's lr.
         Hyper("max_lr", None, _optional_real("max_lr")),
@@ -806,6 +799,7 @@ ADOPT_UPDATE = Update(
     takes_step=True,  # the first step only fills exp_avg_sq; later ones clip by step**clip_exp
     rule=_adopt_rule,
     title="ADOPT",
+    per_tensor=True,  # (caution's per-tensor mean)
 )
 
 _add(

@@ -103,8 +103,8 @@ class Optimizer:
         self._flush_subnormals = flush_subnormals
         self._skipped = 0
         self._flat = params if isinstance(params, FlatParams) else None
-        # An update with per-tensor factors (LAMB, LARS) sees a FlatParams' named views as
-        # tensors; any other sees the whole buffer as one.
+        # An update with per-tensor factors (LAMB, LARS, ADOPT's caution) sees a FlatParams'
+        # named views as tensors; any other sees the whole buffer as one.
         self._flat_views = self._flat is not None and self._spec.update.per_tensor
         half_out = arguments["half_out"]
         if self._flat is not None and self._flat_views:
@@ -1342,8 +1342,11 @@ class Adopt(Optimizer):
         timm's: decoupled decay scaled by :math:`\eta^2/\eta_{max}` instead of :math:`\eta`,
         :math:`\eta_{max}` the constructor's lr. Here :math:`\eta_{max}` is the step's lr (so
         it equals the uncorrected decay); lrfast.torch.Adopt uses the constructor's lr, as timm.
-    caution : bool, default False; True is refused (cautious masking scales by a per-tensor
-        mean of the mask, a reduction these element-wise kernels do not make)
+    caution : bool, default False
+        timm's cautious step (Liang et al., 2024): only the elements where the new ``m``
+        agrees in sign with ``g`` move, by ``m`` divided by the fraction of the tensor's
+        elements that agree (that fraction taken as at least 1e-3); ``exp_avg`` keeps the
+        unmasked ``m``.
     maximize : bool, default False
     skip_nonfinite, flush_subnormals, state_dtype, half_out, rounding, seed, bfloat16_bits :
         options every optimizer takes (see the module docstring)
@@ -1359,8 +1362,17 @@ class Adopt(Optimizer):
         n &= \operatorname{clip}\!\left(\frac{g}{\max(\sqrt{v}, \epsilon)},
              \pm (t-1)^{c}\right) \ \text{(no clip when } c \text{ is None)} \\
         m &\leftarrow \operatorname{lerp}(m, n, 1-\beta_1) \\
-        \theta &\leftarrow \theta - \eta\, m \\
+        u &= m \cdot \frac{[m g > 0]}{\max(\operatorname{mean}[m g > 0], 10^{-3})}
+            \ \text{(caution; else } u = m) \\
+        \theta &\leftarrow \theta - \eta\, u \\
         v &\leftarrow \beta_2 v + (1-\beta_2)\, g^2
+
+    The step reads p, g, m, v and writes p, m, v once (28 bytes per float32 element, 56
+    float64: Adam's traffic). With ``caution`` the mean is over each tensor, so a step is two
+    passes: the first reads g, m, v (and p with the decay added to g) to count each tensor's
+    agreeing elements, the second is the step: 40 bytes per float32 element (44 with the
+    coupled decay; src/_updates_community.pxi). Over a FlatParams each named view is its own
+    tensor.
 
     Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate",
     2024; operations in timm's order.

@@ -405,7 +405,7 @@ def lion_(param, grad, exp_avg, *, lr, beta1=0.9, beta2=0.99, weight_decay=0.0,
 def adopt_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.9999, eps=1e-6,
            clip_exp=0.333, weight_decay=0.0, decoupled=False, corrected_weight_decay=False,
            caution=False, maximize=False, max_lr=None):
-    r"""ADOPT (timm's ``Adopt``), ``caution=False`` only.
+    r"""ADOPT (timm's ``Adopt``).
 
     With :math:`g \leftarrow \pm g + \lambda\theta` (unless decoupled): at step 1 only
     :math:`v \leftarrow v + g^2`; at step :math:`t > 1`
@@ -414,14 +414,15 @@ def adopt_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999
         \theta &\leftarrow \theta - s\lambda\,\theta \ \text{(decoupled;}\ s = \eta^2/\eta_{max}
             \text{ when corrected, else } \eta) \\
         n &= \operatorname{clip}(g / \max(\sqrt v, \epsilon), \pm (t-1)^{c}) \\
-        m &\leftarrow \operatorname{lerp}(m, n, 1-\beta_1), \qquad
-        \theta \leftarrow \theta - \eta m, \qquad
+        m &\leftarrow \operatorname{lerp}(m, n, 1-\beta_1) \\
+        u &= m \cdot \frac{[m g > 0]}{\max(\operatorname{mean}[m g > 0], 10^{-3})}
+            \ \text{(caution; else } u = m) \\
+        \theta &\leftarrow \theta - \eta u, \qquad
         v \leftarrow \beta_2 v + (1-\beta_2)\, g^2
 
     (no clipping when ``clip_exp`` is None; :math:`\eta_{max}` is ``max_lr``, None: ``lr``).
+    The mean is over each tensor, and the stored :math:`m` is the unmasked one.
     """
-    if caution:
-        raise ValueError("caution=True is not implemented by lrfast")
     scale = lr
     if corrected_weight_decay and max_lr is not None:
         scale = lr ** 2 / max_lr
@@ -439,7 +440,15 @@ def adopt_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999
             bound = (step - 1) ** clip_exp
             n = np.clip(n, -bound, bound)
         _lerp_(m, n, 1 - beta1)
-        p += -lr * m
+        u = m
+        if caution and m.size:
+            # timm: mask = [m g > 0]; mask / max(mean(mask), 1e-3), the mean (an exact count in
+            # double) in the tensor's precision
+            t = p.dtype.type
+            mask = (m * g > 0).astype(p.dtype)
+            mean = max(t(np.sum(mask, dtype=np.float64)) / t(mask.size), t(1e-3))
+            u = m * (mask / mean)
+        p += -lr * u
         v *= beta2
         v += (1 - beta2) * g * g
 

@@ -160,7 +160,7 @@ cdef int _launch(segment_fn fn, intptr_t[:, ::1] table, Py_ssize_t[::1] offsets,
 
 
 # --------------------------------------------------------------------------------------------
-# Block driver: passes that fold per-tensor values (the trust ratios of LAMB and LARS)
+# Block driver: passes that fold per-tensor values (trust ratios, the cautious mask's mean)
 # --------------------------------------------------------------------------------------------
 #
 # Each tensor is cut into blocks of PASS_BLOCK elements from its own start; block ``j`` of

@@ -8,7 +8,8 @@
 #   _<name>_loop    the element loop, written once over the storage and math types
 #   _<name>_segment the loop's specialisations, picked by the storage code
 #
-# and one _register call that puts them in the table ``Plan`` runs from (_plans.pxi).
+# and one _register call that puts them in the table ``Plan`` runs from (_plans.pxi); an update
+# with per-tensor factors adds a _register_passes call (the multi-pass registry, below).
 
 # --------------------------------------------------------------------------------------------
 # Element helpers
@@ -146,6 +147,90 @@ cdef int _register(str name, tuple args, segment_fn segment, prepare_fn prepare,
     _MIN_PER_THREAD[name] = min_per_thread
     _num_updates += 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of multi-pass updates
+# --------------------------------------------------------------------------------------------
+#
+# An update that scales each tensor by a factor made from a reduction over that tensor (LAMB's
+# and LARS's trust ratios, the cautious mask's mean of LAMB and ADOPT) registers, after its
+# _register call, its further passes and the "between passes" function that turns the
+# per-tensor sums of one pass into the factors the next one reads (_register_passes). Plan runs
+# such an update with the block driver of _partition.pxi, pass after pass; its first pass is
+# the registry's segment, which may also be the whole update when a step needs no factor.
+# Defined here, with the one-pass registry, so that any family's file can register passes.
+
+cdef enum:
+    MAX_PASSES = 3
+
+# After pass ``done`` has run, combine the per-block sums into per-tensor values (in block
+# order), write the per-tensor factors into every block's slots, and return the next pass to
+# run (0: the update is complete). ``offsets``: the tensors' prefix sums; ``args``: the
+# update's prepared arguments, which it may read and change.
+ctypedef int (*between_fn)(double* slots, Py_ssize_t nslots, const Py_ssize_t* blockbase,
+                           const Py_ssize_t* offsets, Py_ssize_t ntensors, int done,
+                           void* args) noexcept nogil
+
+cdef struct MultiPass:
+    int npasses  # 0: a one-pass update (the plain drivers run it)
+    segment_fn passes[MAX_PASSES]  # passes[0] is the registry's segment
+    between_fn between
+    Py_ssize_t nslots  # doubles per block
+    # The hyper-parameter (index into Plan.hyper) that, when > 0, makes the update read
+    # StepValues.grad_sumsq (the global norm of the grads: LAMB's max_grad_norm), or -1.
+    int sumsq_hyper
+
+cdef MultiPass _PASSES[MAX_UPDATES]
+
+# {update: (passes at most, the hyper-parameter that turns on its clipping by the global grad
+# norm, or None)}
+PASS_UPDATES = {}
+
+
+cdef int _register_passes(str name, segment_fn second, segment_fn third, between_fn between,
+                          Py_ssize_t nslots, str sumsq_hyper=None) except -1:
+    cdef int u = UPDATE_IDS[name]
+    _PASSES[u].npasses = 3 if third != NULL else 2
+    _PASSES[u].passes[0] = _UPDATES[u].segment
+    _PASSES[u].passes[1] = second
+    _PASSES[u].passes[2] = third
+    _PASSES[u].between = between
+    _PASSES[u].nslots = nslots
+    _PASSES[u].sumsq_hyper = -1 if sumsq_hyper is None else UPDATE_ARGS[name].index(sumsq_hyper)
+    PASS_UPDATES[name] = (_PASSES[u].npasses, sumsq_hyper)
+    return 0
+
+
+# What between functions share: per-tensor sums and factors over the blocks' slots, and the
+# cautious mask's factor.
+
+cdef inline double _tensor_sum(const double* slots, Py_ssize_t nslots, Py_ssize_t b0,
+                               Py_ssize_t b1, int j) noexcept nogil:
+    """Slot ``j`` summed over blocks [b0, b1), in block order."""
+    cdef double s = 0
+    cdef Py_ssize_t b
+    for b in range(b0, b1):
+        s += slots[b * nslots + j]
+    return s
+
+
+cdef inline void _tensor_set(double* slots, Py_ssize_t nslots, Py_ssize_t b0, Py_ssize_t b1,
+                             int j, double value) noexcept nogil:
+    cdef Py_ssize_t b
+    for b in range(b0, b1):
+        slots[b * nslots + j] = value
+
+
+cdef inline floating _mask_factor(floating count, floating n) noexcept nogil:
+    """Caution's 1 / max(mean(mask), 1e-3), in the tensor's precision (timm's
+    mask.div_(mask.mean().clamp_(min=1e-3)), from the count of kept elements)."""
+    cdef floating mean = count / n
+    cdef floating floor = <floating>1e-3
+    cdef floating one = 1
+    if mean < floor:
+        mean = floor
+    return one / mean
 
 
 # Below this many elements per thread a second thread costs more than it saves. The cheaper the

@@ -1,11 +1,11 @@
 # Per-tensor trust ratios: LAMB and LARS (a norm pass per tensor, then the update).
 #
 # Each update is written as those of _updates.pxi are (Hyper, Args, prepare, loop, segment,
-# one _register call), plus a second registry entry (_register_passes) naming its further
-# passes and the "between passes" function that turns the per-tensor sums of one pass into the
-# per-tensor factors the next one reads. Plan runs the passes with the block driver of
-# _partition.pxi: every pass is one parallel region over all tensors of the plan, and the
-# per-tensor sums are bitwise the same for any number of threads.
+# one _register call), plus a second registry entry (_register_passes, in _updates.pxi) naming
+# its further passes and the "between passes" function that turns the per-tensor sums of one
+# pass into the per-tensor factors the next one reads. Plan runs the passes with the block
+# driver of _partition.pxi: every pass is one parallel region over all tensors of the plan, and
+# the per-tensor sums are bitwise the same for any number of threads.
 #
 # Memory traffic per element (float32 bytes; float64 twice that), the floor a bench can state:
 #   LAMB   pass 1 reads p, g, m, v and writes the new m, v (24 bytes); pass 2 reads p, m, v and
@@ -21,68 +21,6 @@
 #          without momentum).
 #   Half-precision buffers go through the tile driver, whose read-only passes also write back
 #   the (unchanged) half values of the rows other than the grads.
-
-# --------------------------------------------------------------------------------------------
-# The registry of multi-pass updates
-# --------------------------------------------------------------------------------------------
-
-cdef enum:
-    MAX_PASSES = 3
-
-# After pass ``done`` has run, combine the per-block sums into per-tensor values (in block
-# order), write the per-tensor factors into every block's slots, and return the next pass to
-# run (0: the update is complete). ``offsets``: the tensors' prefix sums; ``args``: the
-# update's prepared arguments, which it may read and change.
-ctypedef int (*between_fn)(double* slots, Py_ssize_t nslots, const Py_ssize_t* blockbase,
-                           const Py_ssize_t* offsets, Py_ssize_t ntensors, int done,
-                           void* args) noexcept nogil
-
-cdef struct MultiPass:
-    int npasses  # 0: a one-pass update (the plain drivers run it)
-    segment_fn passes[MAX_PASSES]  # passes[0] is the registry's segment
-    between_fn between
-    Py_ssize_t nslots  # doubles per block
-    # The hyper-parameter (index into Plan.hyper) that, when > 0, makes the update read
-    # StepValues.grad_sumsq (the global norm of the grads: LAMB's max_grad_norm), or -1.
-    int sumsq_hyper
-
-cdef MultiPass _PASSES[MAX_UPDATES]
-
-# {update: (passes at most, the hyper-parameter that turns on its clipping by the global grad
-# norm, or None)}
-PASS_UPDATES = {}
-
-
-cdef int _register_passes(str name, segment_fn second, segment_fn third, between_fn between,
-                          Py_ssize_t nslots, str sumsq_hyper=None) except -1:
-    cdef int u = UPDATE_IDS[name]
-    _PASSES[u].npasses = 3 if third != NULL else 2
-    _PASSES[u].passes[0] = _UPDATES[u].segment
-    _PASSES[u].passes[1] = second
-    _PASSES[u].passes[2] = third
-    _PASSES[u].between = between
-    _PASSES[u].nslots = nslots
-    _PASSES[u].sumsq_hyper = -1 if sumsq_hyper is None else UPDATE_ARGS[name].index(sumsq_hyper)
-    PASS_UPDATES[name] = (_PASSES[u].npasses, sumsq_hyper)
-    return 0
-
-
-cdef inline double _tensor_sum(const double* slots, Py_ssize_t nslots, Py_ssize_t b0,
-                               Py_ssize_t b1, int j) noexcept nogil:
-    """Slot ``j`` summed over blocks [b0, b1), in block order."""
-    cdef double s = 0
-    cdef Py_ssize_t b
-    for b in range(b0, b1):
-        s += slots[b * nslots + j]
-    return s
-
-
-cdef inline void _tensor_set(double* slots, Py_ssize_t nslots, Py_ssize_t b0, Py_ssize_t b1,
-                             int j, double value) noexcept nogil:
-    cdef Py_ssize_t b
-    for b in range(b0, b1):
-        slots[b * nslots + j] = value
-
 
 # --------------------------------------------------------------------------------------------
 # LAMB (timm's Lamb, its single-tensor formulas)
@@ -492,16 +430,6 @@ cdef inline floating _lamb_ratio(floating w, floating u, bint clip) noexcept nog
     if clip and r > one:
         r = one
     return r
-
-
-cdef inline floating _mask_factor(floating count, floating n) noexcept nogil:
-    """Caution's 1 / max(mean(mask), 1e-3), in the tensor's precision."""
-    cdef floating mean = count / n
-    cdef floating floor = <floating>1e-3
-    cdef floating one = 1
-    if mean < floor:
-        mean = floor
-    return one / mean
 
 
 cdef int _lamb_between(double* slots, Py_ssize_t nslots, const Py_ssize_t* blockbase,

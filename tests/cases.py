@@ -107,6 +107,13 @@ CONFIGS += [
     ("Adopt", dict(lr=0.01, clip_exp=0.5, weight_decay=0.1, decoupled=True), False),
     ("Adopt", dict(lr=0.01, weight_decay=0.1, decoupled=True, corrected_weight_decay=True,
                    caution=False), False),
+    # caution: each tensor's mask mean (coupled decay in the mask's g; torch.lerp's second
+    # branch with 1 - beta1 = 0.7; maximize)
+    ("Adopt", dict(lr=0.01, caution=True), False),
+    ("Adopt", dict(lr=0.01, betas=(0.3, 0.99), weight_decay=0.1, caution=True, maximize=True),
+     False),
+    ("Adopt", dict(lr=0.01, clip_exp=None, weight_decay=0.1, decoupled=True, caution=True),
+     False),
 ]
 # Per-tensor trust ratios: LAMB, LARS
 CONFIGS += [

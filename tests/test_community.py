@@ -184,10 +184,16 @@ def test_lion_follows_an_lr_schedule_as_lion_pytorch():
 # Parity with timm's Adopt
 # ------------------------------------------------------------------------------------------
 
-def _adopt_groups(params):
-    return [dict(params=params[:60], weight_decay=0.1),
-            dict(params=params[60:], lr=2e-3, betas=(0.8, 0.99), eps=1e-8, clip_exp=None,
-                 weight_decay=0.05, decoupled=True, corrected_weight_decay=True, maximize=True)]
+def _adopt_groups(params, cautious=None):
+    """Two groups of different options; ``cautious``: the group (0 or 1) with caution=True
+    (the first's decay is coupled, so it enters the mask's g; the second maximizes)."""
+    groups = [dict(params=params[:60], weight_decay=0.1),
+              dict(params=params[60:], lr=2e-3, betas=(0.8, 0.99), eps=1e-8, clip_exp=None,
+                   weight_decay=0.05, decoupled=True, corrected_weight_decay=True,
+                   maximize=True)]
+    if cautious is not None:
+        groups[cautious]["caution"] = True
+    return groups
 
 
 def _absent(step, k):
@@ -196,13 +202,16 @@ def _absent(step, k):
     return (k % 17 == 0 and step < 5) or (k == 7 and step % 4 == 2)
 
 
+@pytest.mark.parametrize("cautious", [None, 0, 1], ids=["plain", "caution0", "caution1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_adopt_matches_timm(dtype, record_property):
+def test_adopt_matches_timm(dtype, cautious, record_property):
+    """60 steps on 120 tensors in two groups, params that get their first gradient late;
+    ``cautious``: the group with caution=True (its mask's mean is each tensor's own)."""
     Adopt = _adopt_peer()
     with _default_dtype(dtype):
         pa, pb = _twin_params(dtype)
-        peer = Adopt(_adopt_groups(pa), lr=4e-3, foreach=False)
-        ours = LT.Adopt(_adopt_groups(pb), lr=4e-3, foreach=False)
+        peer = Adopt(_adopt_groups(pa, cautious), lr=4e-3, foreach=False)
+        ours = LT.Adopt(_adopt_groups(pb, cautious), lr=4e-3, foreach=False)
         _run(peer, ours, pa, pb, STEPS, absent=_absent)
         worst = _assert_same(ours, peer, pa, pb, dtype)
         # the group entries are timm's (max_lr_snapshot included)
@@ -210,7 +219,7 @@ def test_adopt_matches_timm(dtype, record_property):
             assert {k: v for k, v in ga.items() if k != "params"} == \
                 {k: v for k, v in gb.items() if k != "params"}
     record_property("max_rel_error", worst)
-    print(f"Adopt {dtype}: max relative error {worst:.3g}")
+    print(f"Adopt {dtype} cautious group {cautious}: max relative error {worst:.3g}")
 
 
 def test_adopt_first_step_leaves_the_param():
@@ -271,11 +280,12 @@ def test_lion_state_dict_round_trip():
                 lambda p: LT.Lion(_lion_groups(p), lr=1e-3, decoupled_weight_decay=True))
 
 
-def test_adopt_state_dict_round_trip():
+@pytest.mark.parametrize("cautious", [None, 1])
+def test_adopt_state_dict_round_trip(cautious):
     Adopt = _adopt_peer()
     with _default_dtype(torch.float64):
-        _round_trip(lambda p: Adopt(_adopt_groups(p), lr=4e-3, foreach=False),
-                    lambda p: LT.Adopt(_adopt_groups(p), lr=4e-3, foreach=False),
+        _round_trip(lambda p: Adopt(_adopt_groups(p, cautious), lr=4e-3, foreach=False),
+                    lambda p: LT.Adopt(_adopt_groups(p, cautious), lr=4e-3, foreach=False),
                     absent=_absent)
 
 
@@ -355,7 +365,7 @@ ADOPT_BAD = [
     (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value"),
     (dict(clip_exp="big"), TypeError, "clip_exp must be a real number"),
     (dict(clip_exp=float("inf")), ValueError, "Invalid clip_exp value"),
-    (dict(caution=True), ValueError, "caution=True is not supported"),
+    (dict(caution="yes"), TypeError, "caution must be a bool"),
     (dict(maximize=1), TypeError, "maximize must be a bool"),
 ]
 
@@ -443,8 +453,8 @@ def test_adopt_bad_state_dict_changes_nothing():
         opt.step()
     saved = opt.state_dict()
     bad = opt.state_dict()
-    bad["param_groups"][0]["caution"] = True
-    with pytest.raises(ValueError, match="caution=True"):
+    bad["param_groups"][0]["caution"] = "yes"
+    with pytest.raises(TypeError, match="caution must be a bool"):
         opt.load_state_dict(bad)
     assert opt.param_groups[0]["caution"] is False
     now = opt.state_dict()
@@ -462,6 +472,107 @@ def test_reference_lion_by_hand():
     reference.lion_(p, g, m, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.2)
     np.testing.assert_allclose(p, [0.98 - 0.1, -1.96 + 0.1, 2.94], rtol=1e-15)
     np.testing.assert_allclose(m, 0.01 * g, rtol=1e-15)
+
+
+def _adopt_by_hand_layers(p, g, m, v, **kw):
+    """One ADOPT step of the kernel (lrfast.functional) and of lrfast.reference, each on copies
+    of the same arrays: [(layer, p, m, v)]."""
+    out = []
+    for layer, module in (("functional", functional), ("reference", reference)):
+        q, qm, qv = p.copy(), m.copy(), v.copy()
+        module.adopt_(q, g, qm, qv, **kw)
+        out.append((layer, q, qm, qv))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adopt_caution_by_hand(dtype):
+    """Step 2 (the clip bound (2 - 1)**0.333 is 1), lr 0.1, beta1 0.9: n = clip(g/sqrt(v)),
+    m' = m + 0.1 (n - m); the mask keeps the elements where m' g > 0, and the step is
+    lr * m' * mask / max(mean(mask), 1e-3); m' is stored unmasked."""
+    t = np.dtype(dtype).type
+    p = np.array([1.0, -2.0, 3.0, 0.5], dtype)
+    g = np.array([2.0, -1.0, -3.0, 0.5], dtype)
+    m = np.array([0.5, 0.5, -0.5, -0.5], dtype)
+    v = np.array([1.0, 4.0, 1.0, 16.0], dtype)
+    kw = dict(step=2, lr=0.1, beta1=0.9, beta2=0.99, caution=True)
+    # n = [2/1, -1/2, -3/1, 0.5/4] clipped to +-1 = [1, -0.5, -1, 0.125]
+    # m' = [0.55, 0.4, -0.55, -0.4375]; m' g = [1.1, -0.4, 1.65, -0.21875]: kept 1 and 3
+    # mean 0.5: the factor 2, the step 0.1 * [1.1, 0, -1.1, 0]
+    want_m = np.array([0.55, 0.4, -0.55, -0.4375])
+    want_p = np.array([1.0 - 0.11, -2.0, 3.0 + 0.11, 0.5])
+    want_v = 0.99 * v.astype(np.float64) + 0.01 * g.astype(np.float64) ** 2
+    tol = dict(rtol=1e-14, atol=0) if dtype == np.float64 else dict(rtol=1e-6, atol=0)
+    for layer, q, qm, qv in _adopt_by_hand_layers(p, g, m, v, **kw):
+        np.testing.assert_allclose(q, want_p, err_msg=layer, **tol)
+        np.testing.assert_allclose(qm, want_m, err_msg=layer, **tol)
+        np.testing.assert_allclose(qv, want_v, err_msg=layer, **tol)
+        assert q[1] == p[1] and q[3] == p[3], layer  # masked: not moved at all
+    # Without caution every element moves by lr * m'.
+    q, qm, qv = p.copy(), m.copy(), v.copy()
+    functional.adopt_(q, g, qm, qv, **dict(kw, caution=False))
+    np.testing.assert_allclose(q, p - t(0.1) * want_m.astype(dtype), **tol)
+
+    # The floor of the mean: 1 element kept of 2000 is a mean of 5e-4, taken as 1e-3, so the
+    # kept element moves by lr * m' * 1000 (not * 2000). g = 1 and v = 1 give n = 1; m = -1
+    # becomes m' = -0.8 (dropped), m = 1 stays 1 (kept).
+    n = 2000
+    p = np.zeros(n, dtype)
+    g = np.ones(n, dtype)
+    m = np.full(n, -1.0, dtype)
+    m[7] = 1.0
+    v = np.ones(n, dtype)
+    want_p = np.zeros(n)
+    want_p[7] = -0.1 * 1.0 * 1000
+    want_m = np.full(n, -0.8)
+    want_m[7] = 1.0
+    for layer, q, qm, qv in _adopt_by_hand_layers(p, g, m, v, **kw):
+        np.testing.assert_allclose(q, want_p, err_msg=layer, **tol)
+        np.testing.assert_allclose(qm, want_m, err_msg=layer, **tol)
+
+    # The first step only fills v, with or without caution.
+    for layer, q, qm, qv in _adopt_by_hand_layers(p, g, np.zeros(n, dtype), np.zeros(n, dtype),
+                                                  **dict(kw, step=1)):
+        assert not q.any() and not qm.any(), layer
+        np.testing.assert_array_equal(qv, np.ones(n), err_msg=layer)
+
+
+def test_adopt_caution_class_and_timm_by_hand():
+    """The NumPy class and lrfast.torch over three steps, against timm and the formula: the
+    second step's m = 0.1 n agrees with g everywhere (the mean is 1), the third's does not."""
+    p0 = np.array([1.0, -2.0, 3.0])
+    grads = [np.array([1.0, 2.0, -1.0]), np.array([2.0, -1.0, -0.5]),
+             np.array([-4.0, -1.0, 0.2])]
+    w = [p0.copy()]
+    opt = lrfast.Adopt(w, lr=0.1, clip_exp=None, caution=True)
+    for gr in grads:
+        opt.step([gr])
+    # step 1: v = g1^2 = [1, 4, 1]. step 2: n = g2/sqrt(v) = [2, -0.5, -0.5], m = 0.1 n =
+    # [0.2, -0.05, -0.05], all agreeing with g2 (factor 1): p -= 0.1 m; v = b2 v + (1-b2) g2^2.
+    b2 = 0.9999
+    v = b2 * grads[0] ** 2 + (1 - b2) * grads[1] ** 2
+    m = np.array([0.2, -0.05, -0.05])
+    p = p0 - 0.1 * m
+    # step 3: n = g3/sqrt(v); m = m + 0.1 (n - m); elements 0 and 1 agree with g3 (m < 0,
+    # g < 0), element 2 does not (m < 0, g > 0): factor 1/(2/3) = 1.5 on the two kept.
+    n = grads[2] / np.sqrt(v)
+    m = m + 0.1 * (n - m)
+    assert list(m * grads[2] > 0) == [True, True, False]
+    p = p - 0.1 * (m * np.array([1.5, 1.5, 0.0]))
+    np.testing.assert_allclose(w[0], p, rtol=1e-13)
+    np.testing.assert_allclose(opt.state_dict()["state"][0]["exp_avg"], m, rtol=1e-13)
+    Adopt = _adopt_peer()
+    a = torch.nn.Parameter(torch.tensor(p0))
+    b = torch.nn.Parameter(torch.tensor(p0))
+    with _default_dtype(torch.float64):
+        peer = Adopt([a], lr=0.1, clip_exp=None, caution=True, foreach=False)
+        ours = LT.Adopt([b], lr=0.1, clip_exp=None, caution=True, foreach=False)
+        for gr in grads:
+            a.grad, b.grad = torch.tensor(gr), torch.tensor(gr)
+            peer.step()
+            ours.step()
+    np.testing.assert_allclose(a.detach().numpy(), p, rtol=1e-13)
+    np.testing.assert_allclose(b.detach().numpy(), p, rtol=1e-13)
 
 
 # ------------------------------------------------------------------------------------------
@@ -542,6 +653,7 @@ def _same_or_both_nan(x, y):
     ("Adopt", _adopt_peer, dict(lr=0.1, weight_decay=0.1, foreach=False)),
     ("Adopt", _adopt_peer, dict(lr=0.1, weight_decay=0.1, decoupled=True, clip_exp=None,
                                 foreach=False)),
+    ("Adopt", _adopt_peer, dict(lr=0.1, weight_decay=0.1, caution=True, foreach=False)),
 ])
 def test_nonfinite_values_as_the_peer(name, peer, kw):
     """NaN and infinities in params and grads end where the peer puts them (sign(NaN) = 0 in
@@ -561,13 +673,16 @@ def test_nonfinite_values_as_the_peer(name, peer, kw):
             _same_or_both_nan(pb.state[b][key], value)
 
 
-def test_adopt_complex_params_as_timm():
+@pytest.mark.parametrize("caution", [False, True])
+def test_adopt_complex_params_as_timm(caution):
+    """Updated on the real view, as timm does (with caution, the mask's mean is over the real
+    view's elements, twice the param's)."""
     Adopt = _adopt_peer()
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(5, 3, generator=gen, dtype=torch.complex128)
     a, b = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
-    pa = Adopt([a], lr=0.01, weight_decay=0.1, foreach=False)
-    pb = LT.Adopt([b], lr=0.01, weight_decay=0.1, foreach=False)
+    pa = Adopt([a], lr=0.01, weight_decay=0.1, caution=caution, foreach=False)
+    pb = LT.Adopt([b], lr=0.01, weight_decay=0.1, caution=caution, foreach=False)
     with _default_dtype(torch.float64):
         for _ in range(6):
             g = torch.randn(5, 3, generator=gen, dtype=torch.complex128)

@@ -131,6 +131,9 @@ def configs(draw, names=None):
     if name == "Lion":
         h["lr"] = h["lr"] or 1e-3
         h["decoupled_weight_decay"] = draw(st.booleans())
+    elif name == "Adopt":
+        h.update(caution=draw(st.booleans()), decoupled=draw(st.booleans()),
+                 clip_exp=draw(st.sampled_from([None, 0.333, 1.0])))
     # (the options drawn above that this optimizer does not have)
     h = {k: v for k, v in h.items() if k in HYPER_NAMES[name]}
     return name, h
@@ -545,6 +548,8 @@ def hyper_ok(h):
             assert type(v) is int and v >= 0, (k, v)
         elif k == "r":  # schedule-free's averaging power: any finite value
             assert type(v) is float and math.isfinite(v), (k, v)
+        elif k == "clip_exp":  # ADOPT's: None (no clipping) or any finite value
+            assert v is None or (type(v) is float and math.isfinite(v)), (k, v)
         elif k == "dampening":  # torch does not range-check dampening either
             assert type(v) is float, (k, v)
             if h["nesterov"]:
@@ -643,8 +648,6 @@ def expected_hyper_error(name, base, key, value):
                                                 and base.get("dampening", 0) == 0):
             return ValueError
         if key == "flush_subnormals" and value and not _dispatch.kernels.has_flush_to_zero():
-            return ValueError
-        if (name, key) == ("Adopt", "caution") and value:  # (refused: a per-tensor mean)
             return ValueError
         return None
     if (name, key) in (("Adopt", "clip_exp"), ("Lamb", "max_grad_norm")) and value is None:

@@ -1,6 +1,7 @@
-"""LAMB and LARS (timm's Lamb and Lars): parity with timm on a many-tensor model, per-tensor
-sums that do not depend on the thread count, a FlatParams' named views as tensors, the
-functional form and the reference, bad inputs, and state dicts in both directions."""
+"""LAMB and LARS (timm's Lamb and Lars), and ADOPT with caution (timm's Adopt, whose mask is
+scaled by its mean over each tensor): parity with timm on a many-tensor model, per-tensor sums
+that do not depend on the thread count, a FlatParams' named views as tensors, the functional
+form and the reference, bad inputs, and state dicts in both directions."""
 import copy
 import inspect
 
@@ -56,7 +57,16 @@ LARS_CASES = [
                     "trust_clip": True, "trust_coeff": 0.01}]),
     ({"lr": 0.1}, [{}, {"weight_decay": 1e-3, "eps": 1e-6, "trust_clip": True}]),
 ]
+# ADOPT: caution in both groups, the first with coupled decay (in the mask's g), the second
+# with torch.lerp's second branch (1 - beta1 = 0.7), decoupled corrected decay, maximize.
+ADOPT_CASES = [
+    ({"lr": 1e-2}, [{"caution": True, "weight_decay": 0.1},
+                    {"lr": 5e-3, "betas": (0.3, 0.99), "caution": True, "weight_decay": 0.05,
+                     "decoupled": True, "corrected_weight_decay": True, "maximize": True,
+                     "clip_exp": None}]),
+]
 CASES = [("Lamb", c) for c in LAMB_CASES] + [("Lars", c) for c in LARS_CASES]
+CASES += [("Adopt", c) for c in ADOPT_CASES]
 
 
 def _tol(dtype):
@@ -100,7 +110,8 @@ def _max_rel(x, y):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name,case", CASES, ids=[f"{n}-{i}" for n, i in
                                                    [("Lamb", i) for i in range(3)]
-                                                   + [("Lars", i) for i in range(2)]])
+                                                   + [("Lars", i) for i in range(2)]
+                                                   + [("Adopt", i) for i in range(1)]])
 def test_parity_with_timm_after_55_steps_on_108_tensors_in_two_groups(name, case, dtype):
     dtype = getattr(torch, dtype)
     a, b, ta, tb = _pair(name, case, dtype, 55)
@@ -211,6 +222,9 @@ NP_CASES = [
     ("Lamb", dict(lr=1e-2, decoupled_decay=True, max_grad_norm=3.0)),
     ("Lamb", dict(lr=1e-2, weight_decay=0.0, max_grad_norm=None)),
     ("Lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-2, trust_clip=True)),
+    ("Adopt", dict(lr=1e-2, caution=True, weight_decay=0.1)),
+    ("Adopt", dict(lr=1e-2, caution=True, betas=(0.3, 0.99), weight_decay=0.1, decoupled=True,
+                   clip_exp=None)),
 ]
 
 
@@ -299,6 +313,29 @@ def test_flat_params_are_not_one_tensor_for_trust_ratios():
     assert sd["state"]["w"]["exp_avg"].shape == (4, 4)
 
 
+def test_flat_params_are_not_one_tensor_for_adopts_caution():
+    # The mask's mean is per named view. At step 3, m = 0.1 everywhere; a gradient of -0.5
+    # leaves m > 0 (0.9 * 0.1 - 0.1 * 0.5): w keeps all of its 4 elements (factor 1), b 1 of
+    # its 4 (factor 4), where the whole buffer as one tensor would keep 5 of 8 (factor 1.6).
+    init = {"w": np.zeros(4), "b": np.zeros(4)}
+    flat = lrfast.FlatParams({"w": (4,), "b": (4,)}, np.float64, init=init)
+    opt = lrfast.Adopt(flat, lr=0.1, caution=True)
+    g1 = g2 = np.ones(8)
+    g3 = np.array([1.0, 1.0, 1.0, 1.0, 1.0, -0.5, -0.5, -0.5])
+    for g in (g1, g2, g3):
+        flat.grad[...] = g
+        opt.step()
+    views = [np.zeros(4), np.zeros(4)]
+    whole = [np.zeros(8)]
+    state = {"views": ([np.zeros(4), np.zeros(4)], [np.zeros(4), np.zeros(4)]),
+             "whole": ([np.zeros(8)], [np.zeros(8)])}
+    for t, g in enumerate((g1, g2, g3), start=1):
+        R.adopt_(views, [g[:4], g[4:]], *state["views"], step=t, lr=0.1, caution=True)
+        R.adopt_(whole, [g], *state["whole"], step=t, lr=0.1, caution=True)
+    np.testing.assert_allclose(flat.param, np.concatenate(views), rtol=1e-14)
+    assert not np.allclose(flat.param, whole[0])
+
+
 def test_numpy_lamb_corrects_the_decay_with_the_lr_it_was_made_with():
     rng = np.random.default_rng(5)
     shapes = [(30,), (4, 5)]
@@ -335,13 +372,16 @@ def test_numpy_lamb_corrects_the_decay_with_the_lr_it_was_made_with():
                   weight_decay=0.0, max_grad_norm=None)),
     ("lars", dict(momentum=0.9, nesterov=True, weight_decay=0.01, trust_clip=True)),
     ("lars", dict(always_adapt=True, trust_coeff=0.02)),
+    ("adopt", dict(caution=True, weight_decay=0.1)),
+    ("adopt", dict(caution=True, beta1=0.3, weight_decay=0.1, decoupled=True, maximize=True,
+                   clip_exp=None)),
 ])
 def test_functional_matches_the_reference(name, hyper, dtype):
     rng = np.random.default_rng(2)
     shapes = [(9000,), (5,), (0,), (3, 7)]
     params = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ref = [p.copy() for p in params]
-    nbuf = 2 if name == "lamb" else (1 if hyper.get("momentum") else 0)
+    nbuf = 2 if name in ("lamb", "adopt") else (1 if hyper.get("momentum") else 0)
     bufs = [[np.zeros(s, dtype) for s in shapes] for _ in range(nbuf)]
     rbufs = [[b.copy() for b in row] for row in bufs]
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-15)
@@ -455,6 +495,7 @@ def test_the_specs_per_tensor_updates_are_the_kernels_multi_pass_ones():
     passes = _dispatch.kernels.PASS_UPDATES
     assert {name for name, u in UPDATES.items() if u.per_tensor} == set(passes)
     assert passes["lamb"] == (3, "max_grad_norm") and passes["lars"] == (2, None)
+    assert passes["adopt"] == (2, None)
 
 
 def test_lamb_without_clipping_reads_no_global_norm():
