@@ -587,21 +587,19 @@ def _rms(x):
 def adafactor_(param, grad, row_var, col_var, variance, *, step, lr, beta2_decay=-0.8,
                eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False):
     r"""Adafactor (torch.optim.Adafactor). Per tensor, with :math:`G` the gradient (negated when
-    maximizing) and :math:`w = t^{	au}` (:math:`	au` = ``beta2_decay``):
+    maximizing) and :math:`w = t^{\tau}` (:math:`\tau` = ``beta2_decay``):
 
     .. math::
-        
-ho &= \min(\eta, 1/\sqrt t), \qquad
-        lpha = \max(\epsilon_2, \operatorname{RMS}(	heta))\,
-ho \
-        	heta &\leftarrow 	heta (1 - \eta\lambda) \
+        \rho &= \min(\eta, 1/\sqrt t), \qquad
+        \alpha = \max(\epsilon_2, \operatorname{RMS}(\theta))\,\rho \\
+        \theta &\leftarrow \theta (1 - \eta\lambda) \\
         R &\leftarrow \operatorname{lerp}(R, \operatorname{mean}_{-1} G^2, w), \quad
         C \leftarrow \operatorname{lerp}(C, \operatorname{mean}_{-2} G^2, w), \quad
-        \hat V = rac{R\,C}{\max(\operatorname{mean}_{-2} R, \epsilon_1)}
-        \ 	ext{(two or more dimensions)} \
-        \hat V &= V \leftarrow \operatorname{lerp}(V, G^2, w) \ 	ext{(fewer)} \
+        \hat V = \frac{R\,C}{\max(\operatorname{mean}_{-2} R, \epsilon_1)}
+        \ \text{(two or more dimensions)} \\
+        \hat V &= V \leftarrow \operatorname{lerp}(V, G^2, w) \ \text{(fewer)} \\
         U &= G / \sqrt{\max(\hat V, \epsilon_1^2)}, \qquad
-        	heta \leftarrow 	heta - rac{lpha}{\max(1, \operatorname{RMS}(U)/d)}\,U
+        \theta \leftarrow \theta - \frac{\alpha}{\max(1, \operatorname{RMS}(U)/d)}\,U
 
     ``row_var`` (..., R, 1) and ``col_var`` (..., 1, C) for params of two or more dimensions
     (``variance`` None), ``variance`` shaped as the param otherwise (the others None); single
