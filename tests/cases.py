@@ -299,11 +299,11 @@ def snapshot(opt):
     )
 
 
-def run_python(code, **env):
+def run_python(code, timeout=120, **env):
     """Run ``code`` in a fresh interpreter that imports the same lrfast as this process.
 
     It runs from an empty folder, so a source checkout in the working directory cannot shadow
-    the installed package.
+    the installed package. ``timeout``: seconds before it counts as hung.
     """
     root = os.path.dirname(os.path.dirname(os.path.abspath(lrfast.__file__)))
     full_env = dict(os.environ, **env)
@@ -311,7 +311,7 @@ def run_python(code, **env):
         [root] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
     with tempfile.TemporaryDirectory() as cwd:
         return subprocess.run([sys.executable, "-c", code], env=full_env, cwd=cwd,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=timeout)
 
 
 @contextmanager

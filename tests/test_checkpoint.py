@@ -18,8 +18,9 @@ def resumed(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("resume"))
     tests = os.path.dirname(os.path.abspath(__file__))
     for phase in ("save", "resume"):
+        # every config in one process: minutes on a loaded 2-core machine, so a long timeout
         out = run_python(f"import resume_driver; resume_driver.main({phase!r}, {folder!r})",
-                         PYTHONPATH=tests)
+                         timeout=900, PYTHONPATH=tests)
         assert out.returncode == 0, out.stderr[-3000:]
     return folder
 
