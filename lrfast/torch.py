@@ -71,6 +71,8 @@ Examples
 from __future__ import annotations
 
 import inspect
+from itertools import repeat
+from operator import attrgetter, getitem, is_
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -178,6 +180,13 @@ def _check_param(p: Any, where: str) -> None:
     # contiguous copy, gathered and scattered back at each step (see _Optimizer.step).
 
 
+_GRAD = attrgetter("grad")
+_DTYPE = attrgetter("dtype")
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_is = is_
+
+
 def _identity_check(names):
     """``check(st, tensors)``: is ``st[names[i]] is tensors[i]`` for every i? Written out per
     count (at most four buffers), since this runs for every param at every step."""
@@ -243,6 +252,14 @@ class _Plan:
             entries[k] = (self.param_ptrs[i], gdtypes[i], states[i],
                           tuple(states[i][n] for n in names))
         self.entries = entries
+        # The same checks as flat lists, for grad_pointers' fast path (every param of the group
+        # had a gradient): each runs as one C-level map over the group instead of per param.
+        self.dense = len(self.positions) == self.ngroup
+        self.gdtypes = list(gdtypes)
+        self.state_dicts = list(states)
+        self.buffer_dicts = [st for st in states for _ in names]
+        self.buffer_names = [n for _ in states for n in names]
+        self.buffer_tensors = [st[n] for st in states for n in names]
         update = opt._spec.update
         # The state buffers' local memory (a DTensor's shard)
         local = [{n: _local(states[i][n]) for n in needs} for i in range(len(params))]
@@ -295,6 +312,8 @@ class _Plan:
         gparams = group["params"]
         if state is not self.state_obj or len(gparams) != len(self.group_params):
             return None
+        if self.dense:
+            return self._dense_grad_pointers(gparams, state)
         out: list[int] = []
         append = out.append
         same = self.same
@@ -316,6 +335,26 @@ class _Plan:
         except (RuntimeError, KeyError):  # a sparse gradient; a state buffer removed
             return None
         return out
+
+    def _dense_grad_pointers(self, gparams, state):
+        """grad_pointers' checks when every param had a gradient, each a map over the group
+        (this runs at every step: per-param Python was most of a small model's step)."""
+        try:
+            if not all(map(_is, gparams, self.group_params)):
+                return None
+            grads = list(map(_GRAD, gparams))
+            if any(map(_is, grads, repeat(None))):
+                return None
+            if (list(map(_DATA_PTR, gparams)) != self.param_ptrs
+                    or not all(map(_is, map(_DTYPE, grads), self.gdtypes))
+                    or not all(map(_IS_CONTIGUOUS, grads))
+                    or not all(map(_is, map(state.get, gparams), self.state_dicts))
+                    or not all(map(_is, map(getitem, self.buffer_dicts, self.buffer_names),
+                                   self.buffer_tensors))):
+                return None
+            return list(map(_DATA_PTR, grads))
+        except (RuntimeError, KeyError):  # a sparse gradient; a state buffer removed
+            return None
 
     def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None, hyper=None,
             grad_sumsq=None, step_scalars=None):
@@ -631,19 +670,21 @@ class _Optimizer(torch.optim.Optimizer):
         self._step_groups()
         return loss
 
-    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None):
+    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
+                     hypers=None):
         """The step of every group. ``outs``: per group, a list (by position in the group)
         of half tensors receiving the updated float32 params (CPUAdam's fp16_param_groups);
         ``kernel_steps``: per group, the step the kernel is told, or None (its count);
         ``grad_sumsq``: the sum of the squares of every group's grads (LAMB's clipping);
         ``step_values``: per group, (lr, per-step scalars) in place of the group's lr, for an
-        update that reads scalars (schedule-free: the warmup-scheduled lr and ckp1)."""
+        update that reads scalars (schedule-free: the warmup-scheduled lr and ckp1);
+        ``hypers``: per group, its validated hyper-parameters where the caller has them."""
         update = self._spec.update
         nthreads = get_num_threads()
         # Every group and gradient is checked before any state is created or memory written.
         work = []
         for gi, group in enumerate(self.param_groups):
-            hyper = self._hyper(group)
+            hyper = self._hyper(group) if hypers is None else hypers[gi]
             needs = self._needs(hyper)
             values = update.kernel_values(hyper, _dispatch.kernels)
             plan = self._plans.get(gi)
@@ -874,9 +915,10 @@ class _ScheduleFreeOptimizer(_Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        news, kernel_steps, step_values = [], [], []
+        news, kernel_steps, step_values, hypers = [], [], [], []
         for group in self.param_groups:
             hyper = self._hyper(group)
+            hypers.append(hyper)
             k = group["k"]
             warmup = hyper["warmup_steps"]
             lr = hyper["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
@@ -887,7 +929,7 @@ class _ScheduleFreeOptimizer(_Optimizer):
             news.append((lr, lr_max, weight_sum, k + 1))
             kernel_steps.append(k + 1)
             step_values.append((lr, (ckp1,)))
-        self._step_groups(kernel_steps=kernel_steps, step_values=step_values)
+        self._step_groups(kernel_steps=kernel_steps, step_values=step_values, hypers=hypers)
         for group, (lr, lr_max, weight_sum, k) in zip(self.param_groups, news):
             group["scheduled_lr"] = lr
             group["lr_max"] = lr_max
@@ -1047,7 +1089,8 @@ class _Adafactor(_Optimizer):
             raise
         self._plans.clear()
 
-    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None):
+    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
+                     hypers=None):
         nthreads = get_num_threads()
         work = []
         # Every group and gradient is checked before any state is made or memory written.
