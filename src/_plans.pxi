@@ -120,23 +120,27 @@ cdef intptr_t _no_range = 0
 
 cdef struct GradSqArgs:
     int storage  # the grads' STORE_* code
+    double inv_scale  # the grads' factor, applied to each before it is squared
 
 
 cdef int _gradsq_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
                          Py_ssize_t first) noexcept nogil:
-    """acc[0] += sum g^2 over the segment (row 1; half grads widened a tile at a time)."""
-    cdef int t = (<const GradSqArgs*>args).storage
+    """acc[0] += sum (f g)^2 over the segment (row 1; f g rounded to the update's math type,
+    as its loop computes it; half grads widened a tile at a time). Scaling before squaring
+    keeps the sum finite for grads whose squares overflow until unscaled."""
+    cdef const GradSqArgs* a = <const GradSqArgs*>args
+    cdef int t = a.storage
     cdef float tile[TILE]
     cdef Py_ssize_t start = 0, m
     if t == STORE_F64:
-        acc[0] += _norm_loop(<const double*>ptrs[1], n, NORM_SUMSQ, 2.0)
+        acc[0] += _sumsq_scaled(<const double*>ptrs[1], n, <double>a.inv_scale)
     elif t == STORE_F32:
-        acc[0] += _norm_loop(<const float*>ptrs[1], n, NORM_SUMSQ, 2.0)
+        acc[0] += _sumsq_scaled(<const float*>ptrs[1], n, <float>a.inv_scale)
     else:
         while start < n:
             m = n - start if n - start < TILE else TILE
             _widen(ptrs[1] + start * 2, t, tile, m)
-            acc[0] += _norm_loop(<const float*>tile, m, NORM_SUMSQ, 2.0)
+            acc[0] += _sumsq_scaled(<const float*>tile, m, <float>a.inv_scale)
             start += m
     return 0
 
@@ -301,35 +305,38 @@ cdef class Plan:
         """Run the update with the recorded grads (``step`` is 1-based), unconditionally.
         ``scalars``: the update's per-step values, in the order of ``UPDATE_SCALARS``.
         ``grad_sumsq``: for an update that clips by the global grad norm (``PASS_UPDATES``),
-        the sum of the squares of all the step's grads (None: of this plan's)."""
+        the sum of the squares of all the step's grads times ``inv_scale`` (None: of this
+        plan's)."""
         cdef double vals[MAX_SCALARS]
         cdef double sumsq = 0
         if not self.ready:
             raise RuntimeError("set_hyper() must be called before the plan runs")
         self._scalars(scalars, vals)
         if self._reads_sumsq():
-            sumsq = self._grad_sumsq(nthreads) if grad_sumsq is None else grad_sumsq
+            sumsq = self._grad_sumsq(nthreads, inv_scale) if grad_sumsq is None else grad_sumsq
         self._run(lr, step, nthreads, inv_scale, vals, sumsq)
 
-    def grad_sumsq(self, int nthreads):
-        """The sum of the squares of the recorded grads (float32/float64 plans of multi-pass
-        updates), bitwise the same for any ``nthreads``."""
+    def grad_sumsq(self, int nthreads, double inv_scale=1.0):
+        """The sum of the squares of the recorded grads, each times ``inv_scale`` (plans of
+        multi-pass updates), bitwise the same for any ``nthreads``."""
         if not _PASSES[self.update].npasses:
             raise ValueError("grad_sumsq is kept for multi-pass updates (PASS_UPDATES)")
-        return self._grad_sumsq(nthreads)
+        return self._grad_sumsq(nthreads, inv_scale)
 
     cdef bint _reads_sumsq(self) noexcept:
         """Does this step's update read the global grad norm (StepValues.grad_sumsq)?"""
         cdef int j = _PASSES[self.update].sumsq_hyper
         return _PASSES[self.update].npasses != 0 and j >= 0 and self.hyper[j] > 0
 
-    cdef double _grad_sumsq(self, int nthreads) noexcept:
-        # Per block sums of g^2 into each block's first slot, then added in block order.
+    cdef double _grad_sumsq(self, int nthreads, double inv_scale) noexcept:
+        # Per block sums of (inv_scale g)^2 into each block's first slot, then added in block
+        # order.
         cdef GradSqArgs ga
         cdef const MultiPass* mp = &_PASSES[self.update]
         cdef Py_ssize_t b
         cdef double s = 0
         ga.storage = self.types[1]
+        ga.inv_scale = inv_scale
         with nogil:
             memset(self.slots, 0, self.nblocks * mp.nslots * sizeof(double))
             _run_blocks(_gradsq_segment, self.table, self.nbuf, self.offsets, self.ntensors,
@@ -519,7 +526,7 @@ cdef object _step_plans(plans, grads, double lr, long long step, int nthreads,
     if global_sumsq:
         # The global grad norm (LAMB's clipping) over every plan's grads, in plan order.
         for i in range(n):
-            sumsq += (<Plan>plans[i])._grad_sumsq(nthreads)
+            sumsq += (<Plan>plans[i])._grad_sumsq(nthreads, inv_scale)
     for i in range(n):
         plan = <Plan>plans[i]
         plan._run(lr, step, nthreads, inv_scale, vals, sumsq)

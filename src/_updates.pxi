@@ -94,8 +94,8 @@ cdef struct StepValues:
     # mu_product, ASGD's eta and mu, schedule-free's averaging weight), in the order of the
     # names given to _register (UPDATE_SCALARS); unused by most updates.
     double scalars[MAX_SCALARS]
-    # The sum of the squares of all the step's grads (every plan of the optimizer), times
-    # inv_scale**2 not applied; for the updates that clip by the global norm (LAMB), else 0.
+    # The sum of the squares of all the step's grads, each times inv_scale first (every plan
+    # of the optimizer), for the updates that clip by the global norm (LAMB), else 0.
     double grad_sumsq
     # The buffers go through the mixed-type tiles (some are not of the math type), where a
     # pass's writes are rounded to their storage type: a multi-pass update must not read in

@@ -91,7 +91,7 @@ cdef void _lamb_prepare(void* out, const double* hyper, const StepValues* s) noe
     a.clip = 1.0
     if a.clipping:
         # timm: (global norm / max_grad_norm).clamp_(min=1) (NaN stays NaN)
-        norm = sqrt(s.grad_sumsq) * s.inv_scale
+        norm = sqrt(s.grad_sumsq)  # (the grads were scaled before they were squared)
         a.clip = norm / h.max_grad_norm
         if a.clip < 1.0:
             a.clip = 1.0

@@ -508,3 +508,23 @@ def test_lamb_without_clipping_reads_no_global_norm():
     clipped = [np.ones(4), np.ones(3)]
     lrfast.Lamb(clipped, lr=0.1).step([np.full(4, 0.5), np.array([np.nan, 1.0, 1.0])])
     assert np.isnan(clipped[0]).all()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_lamb_global_norm_scales_the_grads_before_squaring(weight_decay):
+    """grad_scale's factor applies to each grad before its square enters the global norm: 1e155
+    squared overflows double, times 1e-300 first it is 1e-145, and the clipped grads (hence the
+    moments) are then as the reference's on the unscaled grads, not zero."""
+    grads = [np.array([0.0, 0.0, 1.0, 1e155])]
+    params = [np.array([0.5, -1.0, 2.0, 1.0])]
+    opt = lrfast.Lamb([params[0].copy()], lr=0.1, weight_decay=weight_decay, max_grad_norm=1.0)
+    assert opt.step(grads, grad_scale=1e300)
+    ref_p, m, v = [params[0].copy()], [np.zeros(4)], [np.zeros(4)]
+    R.lamb_(ref_p, [grads[0] * 1e-300], m, v, step=1, lr=0.1, weight_decay=weight_decay,
+            max_grad_norm=1.0)
+    state = opt.state_dict()["state"][0]
+    # by hand: the global norm is 1e-145 (< 1: no clipping), m = (1 - 0.9) g
+    assert state["exp_avg"][3] == pytest.approx(0.1 * 1e-145, rel=1e-12)
+    np.testing.assert_allclose(state["exp_avg"], m[0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(state["exp_avg_sq"], v[0], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(opt.params[0], ref_p[0], rtol=1e-12, atol=0)
