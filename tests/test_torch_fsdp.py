@@ -25,7 +25,14 @@ def test_fsdp2_cpu_offload_matches_unsharded():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.pt")
-        mp.spawn(fsdp_worker.run, args=(2, _free_port(), out), nprocs=2, join=True)
+        try:
+            mp.spawn(fsdp_worker.run, args=(2, _free_port(), out), nprocs=2, join=True)
+        except mp.ProcessExitedException:
+            # A rank killed by a signal after both passed the final barrier died in gloo's
+            # teardown (std::terminate in its destructors, seen once in CI), after all the work
+            # this test checks; anything earlier is a failure.
+            if not all(os.path.exists(f"{out}.rank{r}.done") for r in range(2)):
+                raise
         full, states = torch.load(out)
     # the optimizer state follows the params: DTensors, as torch.optim keeps it
     assert set(states.values()) == {"DTensor"}
