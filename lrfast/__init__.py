@@ -5,7 +5,8 @@ Optimizers (torch.optim's names, defaults and formulas, over NumPy arrays, updat
 their pure-NumPy twins: ``lrfast.reference``. Threads: ``set_num_threads``, ``get_num_threads``,
 ``threads``. Learning-rate schedules: ``lrfast.schedules`` (closed form, scalar and vector
 paths) and ``ReduceLROnPlateau``. Gradient clipping: ``clip_grad_norm_``, ``grad_norm``. Exact
-resume: ``save_checkpoint``, ``load_checkpoint``. Build facts: ``show_config``.
+resume: ``save_checkpoint``, ``load_checkpoint``. Weight averages (EMA, SWA): ``Averager``.
+Build facts: ``show_config``.
 """
 from ._version import __version__
 
@@ -23,6 +24,7 @@ from ._config import show_config  # noqa: E402
 from ._threads import get_num_threads, set_num_threads, threads  # noqa: E402
 from .flat import FlatParams  # noqa: E402
 from . import optim  # noqa: E402
+from .averaging import Averager, num_updates_decay, warmup_decay  # noqa: E402
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
 from .plateau import ReduceLROnPlateau  # noqa: E402
 
@@ -30,6 +32,9 @@ __all__ = [
     "__version__",
     "Optimizer",
     "FlatParams",
+    "Averager",
+    "warmup_decay",
+    "num_updates_decay",
     "SGD",
     "Adagrad",
     "RMSprop",

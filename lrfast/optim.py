@@ -34,6 +34,11 @@ Options every optimizer takes (keyword-only):
     so a run is reproducible for any number of threads.
 ``bfloat16_bits`` (default False)
     uint16 arrays (params, grads, state, ``half_out``) hold bfloat16 bit patterns.
+``ema`` (default None)
+    An :class:`lrfast.Averager` over the same params: each applied step also updates the
+    average, fused into the update's pass (each tile of params is averaged right after it is
+    written). A skipped step leaves it alone; ``state_dict()`` and checkpoints include it (an
+    ``"average"`` buffer per param and the ``"averager"`` counters).
 
 Element types: params may be float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``
 arrays, or uint16 arrays of bfloat16 bits with ``bfloat16_bits=True``); half-precision updates
@@ -57,6 +62,7 @@ import numpy as np
 from . import _dispatch, _layout, _precision
 from ._precision import HALF
 from ._specs import OPTIMIZERS, OptimizerSpec
+from .averaging import Averager
 from .flat import FlatParams
 from ._threads import get_num_threads
 from ._validation import (
@@ -86,6 +92,9 @@ class Optimizer:
     """
 
     _spec: OptimizerSpec
+    # Does the update run through Plans that fuse the average (False: it is taken in a pass of
+    # its own after the step)?
+    _fuses_average = True
 
     def __init__(self, params, arguments):
         """``arguments``: the subclass's arguments by name (its ``locals()``): the spec's
@@ -140,7 +149,41 @@ class Optimizer:
         self._step_count = 0
         self._last_lr = None
         self._busy = threading.Lock()
+        self._averager = self._check_averager(arguments["ema"])
         self._allocate()
+        if self._averager is not None:
+            self._averager._owner = f"{type(self).__name__} at {id(self):#x}"
+
+    def _check_averager(self, ema):
+        """``ema``: None, or an Averager over these params that no other optimizer owns."""
+        if ema is None:
+            return None
+        if not isinstance(ema, Averager):
+            raise TypeError(f"ema must be an lrfast.Averager over the params, got "
+                            f"{type(ema).__name__}")
+        if ema._owner is not None:
+            raise ValueError(f"this Averager is already updated by {ema._owner}")
+        for p, what in zip(self._params, self._labels):
+            avg = ema._average_of(p)
+            if avg is None or avg.shape != p.shape:
+                raise ValueError(f"ema does not average {what.replace('grads', 'params', 1)}: "
+                                 "build the Averager over the optimizer's params")
+        return ema
+
+    def _attach_averages(self) -> None:
+        """Give every plan its tensors' averages, and list them as state (``"average"``)."""
+        av = self._averager
+        if av is None:
+            return
+        for i, p in enumerate(self._params):
+            self._views[i]["average"] = av._average_of(p)
+        if not self._fuses_average:
+            return
+        self._avg_addrs = [np.array([_layout.address(self._views[i]["average"])
+                                     for i in bank.indices], dtype=np.intp)
+                           for bank in self._banks]
+        for (i, _), plan in self._grad_plans.items():
+            plan.set_averages(self._avg_addrs[i])
 
     def _check_half_out(self, half_out, keys, arrays, is_dict):
         """The half copies as a list in the params' order (None when not asked for)."""
@@ -235,6 +278,7 @@ class Optimizer:
         self._grad_plans = {(i, b.grad_dtype): plan
                             for i, (b, plan) in enumerate(zip(self._banks, self._plans))}
         self._sync_plans()
+        self._attach_averages()
 
     def _allocate_scalars(self, h) -> list:
         """Per-step scalar state (NAdam's mu_product, ASGD's eta and mu): one 0-d array per
@@ -321,6 +365,8 @@ class Optimizer:
                 return False
             plan = self._grad_plans[key] = bank.plan(self._spec.update.name, grad.dtype, storage)
             self._sync_plans()
+            if self._averager is not None:
+                plan.set_averages(self._avg_addrs[i])
         if plan is self._plans[i]:
             return False
         self._plans[i] = plan
@@ -368,6 +414,11 @@ class Optimizer:
                 for name, arr in arrays.items():
                     value = self._spec.update.initial_value(name, h)
                     arr[...] = lr_value(value, 0) if callable(value) else value
+
+    @property
+    def ema(self):
+        """The Averager this optimizer's steps update (None without ``ema=``)."""
+        return self._averager
 
     @property
     def hyperparams(self) -> dict:
@@ -441,9 +492,20 @@ class Optimizer:
             if callable(lr):
                 lr = lr_value(lr, self._step_count)
             t = self._step_count + 1
+            av = self._averager
+            if av is not None:
+                av._check_not_swapped("step")
+                average = av._next()
+                if self._fuses_average:
+                    for plan in self._grad_plans.values():
+                        plan.set_average_step(average[0], average[1])
             if not self._apply(grads, lr, t, get_num_threads(), inv_scale):
                 self._skipped += 1
                 return False
+            if av is not None:
+                if not self._fuses_average and average[0] != "none":
+                    av._run(average[0], average[1])
+                av._commit(average)
             self._step_count = t
             self._last_lr = lr
             return True
@@ -502,7 +564,9 @@ class Optimizer:
         hyper = dict(self._hyper)
         if callable(hyper["lr"]):
             hyper["lr"] = None
-        return {
+        if self._averager is not None:
+            self._averager._check_not_swapped("save the state")
+        sd = {
             "optimizer": type(self).__name__,
             "step_count": self._step_count,
             "skipped_steps": self._skipped,
@@ -512,6 +576,9 @@ class Optimizer:
                 for key, _, views in self._named_state()
             },
         }
+        if self._averager is not None:
+            sd["averager"] = self._averager._counters()
+        return sd
 
     def _named_state(self):
         """(key, parameter view, {buffer: state view}) per named parameter."""
@@ -572,10 +639,17 @@ class Optimizer:
         active = self._active_state(hyper)
         scalar_names = self._spec.update.scalar_names(self._update_values(hyper))
         scalar_values: dict = {}
+        av = self._averager
+        counters = None
+        if av is not None:
+            av._check_not_swapped("load the state")
+            if not isinstance(state_dict.get("averager"), Mapping):
+                raise ValueError("state_dict is missing 'averager' (this optimizer has ema=)")
+            counters = av._check_counters(state_dict["averager"], "state_dict['averager']")
         for key, p, _ in entries:
             entry = state[key]
             want = self._state_dtype_of(p)
-            names = self._buffers_of(p, active)
+            names = tuple(self._buffers_of(p, active)) + (("average",) if av is not None else ())
             if not isinstance(entry, Mapping) or set(entry) != set(names):
                 raise ValueError(
                     f"state_dict['state'][{key!r}] must hold {sorted(names)}, "
@@ -589,6 +663,9 @@ class Optimizer:
                 if buf_name in scalar_names:
                     self._check_scalar_state(what, arr, p, buf_name, scalar_values)
                     continue
+                if buf_name == "average":
+                    Averager._check_average(arr, p, what)
+                    continue
                 shape = self._buffer_shape(buf_name, p)
                 if arr.shape != shape:
                     raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape "
@@ -597,7 +674,7 @@ class Optimizer:
                 if arr.dtype != want:
                     raise TypeError(f"{what} has dtype {arr.dtype}, but this optimizer keeps "
                                     f"it as {want}")
-        return hyper, active, state, int(steps), int(skipped)
+        return hyper, active, state, int(steps), int(skipped), counters
 
     def _buffers_of(self, param, active) -> tuple:
         """The state buffers ``param`` has under the buffers ``active`` (all of them here)."""
@@ -623,7 +700,7 @@ class Optimizer:
 
     def _commit_state(self, checked):
         """Apply a validated state dict (cannot fail)."""
-        hyper, active, state, steps, skipped = checked
+        hyper, active, state, steps, skipped, counters = checked
         if active != self._active_state(self._hyper):
             self._hyper = hyper
             self._allocate()
@@ -634,6 +711,8 @@ class Optimizer:
                 np.copyto(view, state[key][buf_name])
         self._step_count = steps
         self._skipped = skipped
+        if counters is not None:
+            self._averager._commit_counters(counters)
 
     def __repr__(self):
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
@@ -698,7 +777,7 @@ class SGD(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -752,7 +831,7 @@ class Adagrad(Optimizer):
                  initial_accumulator_value=0.0, eps=1e-10, *, eps_inside_sqrt=False,
                  maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -806,7 +885,7 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -863,7 +942,7 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -894,7 +973,7 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         Optimizer.__init__(self, params, locals())
 
 
@@ -954,7 +1033,7 @@ class Adamax(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -1019,7 +1098,7 @@ class RAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -1070,7 +1149,7 @@ class Adadelta(Optimizer):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -1135,7 +1214,7 @@ class Rprop(Optimizer):
     def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *,
                  maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -1198,7 +1277,7 @@ class NAdam(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -1256,7 +1335,7 @@ class ASGD(Optimizer):
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
                  maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -1322,7 +1401,7 @@ class Lion(Optimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
                  decoupled_weight_decay=False, *,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         Optimizer.__init__(self, params, locals())
 
 
@@ -1400,7 +1479,7 @@ class Adopt(Optimizer):
                  weight_decay=0.0, decoupled=False, corrected_weight_decay=False, *,
                  caution=False, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         Optimizer.__init__(self, params, locals())
 
 
@@ -1470,7 +1549,7 @@ class Lamb(Optimizer):
                  always_adapt=False, caution=False, decoupled_decay=False,
                  corrected_weight_decay=False, *,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         # timm's max_lr_snapshot: the lr the optimizer is made with, the peak lr of
         # corrected_weight_decay (kept when lr changes later).
         self._max_lr = None
@@ -1532,7 +1611,7 @@ class Lars(Optimizer):
                  nesterov=False, trust_coeff=0.001, eps=1e-8, trust_clip=False,
                  always_adapt=False, *,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         Optimizer.__init__(self, params, locals())
 
 
@@ -1758,10 +1837,13 @@ class Adafactor(Optimizer):
 
     _spec = OPTIMIZERS["Adafactor"]
 
+    # Its own plans (AdafactorPlan): an ``ema`` takes a pass of its own after the step.
+    _fuses_average = False
+
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                  weight_decay=0.0, *, maximize=False,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         # A FlatParams is optimized through its named views (each tensor's own shape: the
         # factored state needs it), its grads read from its grad buffer's views.
         self._af_flat = params if isinstance(params, FlatParams) else None
@@ -1808,6 +1890,7 @@ class Adafactor(Optimizer):
         self._wstart = np.array([r[0] for r in ranges], dtype=np.int64)
         self._wend = np.array([r[1] for r in ranges], dtype=np.int64)
         self._sync_plans()
+        self._attach_averages()
 
     def _sync_plans(self):
         values = _adafactor_kernel_values(self._update_values(self._hyper))
@@ -2088,7 +2171,7 @@ class AdamWScheduleFree(_ScheduleFree):
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  warmup_steps=0, r=0.0, weight_lr_power=2.0, *,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())
 
 
@@ -2144,5 +2227,5 @@ class SGDScheduleFree(_ScheduleFree):
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
                  weight_lr_power=2.0, *,
                  skip_nonfinite=False, flush_subnormals=False, state_dtype=None, half_out=None,
-                 rounding="nearest", seed=0, bfloat16_bits=False):
+                 rounding="nearest", seed=0, bfloat16_bits=False, ema=None):
         super().__init__(params, locals())

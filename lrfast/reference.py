@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "widen", "narrow", "random_bits", "mixed_",
-           "all_finite", "grad_norm", "clip_grad_norm_", "schedule_values"]
+           "all_finite", "grad_norm", "clip_grad_norm_", "average_", "schedule_values"]
 
 
 def _tensors(*arrays):
@@ -860,6 +860,28 @@ def mixed_(fn, buffers, storages, *, step, rounding="nearest", seed=0, out=None,
 # ------------------------------------------------------------------------------------------
 # Gradient checks and clipping (lrfast.optim's skip_nonfinite, lrfast.clipping)
 # ------------------------------------------------------------------------------------------
+
+def average_(average, param, *, mode, weight=0.0, storage=None):
+    """One weight-average step (lrfast.Averager) for one array: ``mode`` "copy" (average <-
+    param) or "lerp" (torch.lerp with a scalar weight: ``a + w (p - a)`` for ``|w| < 0.5``,
+    else ``p - (p - a)(1 - w)``, ``w`` in the arrays' precision).
+
+    ``storage`` "bfloat16"/"float16": the arrays hold half-precision bits (uint16); the lerp
+    computes in float32 and the average is rounded to nearest even.
+    """
+    if mode == "copy":
+        average[...] = param
+        return average
+    if mode != "lerp":
+        raise ValueError(f"mode must be 'copy' or 'lerp', got {mode!r}")
+    if storage in ("bfloat16", "float16"):
+        a = widen(average.reshape(-1), storage)
+        _torch_lerp_(a, widen(param.reshape(-1), storage), weight)
+        average[...] = narrow(a, storage).reshape(average.shape)
+        return average
+    _torch_lerp_(average, param, weight)
+    return average
+
 
 def all_finite(grads, grad_scale=1.0):
     """Are all elements of ``grads`` (a list of arrays), times 1/grad_scale, finite?"""

@@ -118,6 +118,11 @@ def collect_arrays(object arrays, intptr_t[::1] addrs, Py_ssize_t[::1] sizes,
 cdef intptr_t _no_range = 0
 
 
+cdef int _no_update(char** ptrs, Py_ssize_t n, const void* args, double* acc,
+                    Py_ssize_t first) noexcept nogil:
+    return 0
+
+
 cdef struct GradSqArgs:
     int storage  # the grads' STORE_* code
     double inv_scale  # the grads' factor, applied to each before it is squared
@@ -194,6 +199,12 @@ cdef class Plan:
     cdef const Py_ssize_t* blockbase
     cdef double* slots
     cdef Py_ssize_t nblocks
+    # A weight average fused into the step (set_averages): each tensor's average, and what
+    # the next run does to it (set_average_step).
+    cdef object _averages
+    cdef const intptr_t* averages
+    cdef int avg_mode
+    cdef double avg_weight
 
     def __init__(self, str update, cnp.ndarray table, cnp.ndarray offsets, str storage,
                  int typenum=-1, ndims=None, dims=None, wstart=None, wend=None, rows=None,
@@ -256,6 +267,10 @@ cdef class Plan:
         self.ready = False
         self.check = self.ftz = self.stochastic = False
         self.seed = 0
+        self._averages = None
+        self.averages = NULL
+        self.avg_mode = AVG_NONE
+        self.avg_weight = 0
 
     def set_hyper(self, values):
         """Store the update's hyper-parameters (validated by the caller), in the order of
@@ -283,6 +298,31 @@ cdef class Plan:
         self.ftz = flush_subnormals
         self.stochastic = rounding == "stochastic"
         self.seed = seed
+
+    def set_averages(self, addresses):
+        """Fuse a weight average into the step: ``addresses`` (np.intp, one per tensor) are
+        the averages' data, each of its param's size and element type (the caller checks);
+        None detaches it. What a run does to them is set by ``set_average_step``."""
+        if addresses is None:
+            self._averages = None
+            self.averages = NULL
+            self.avg_mode = AVG_NONE
+            return
+        if (addresses.dtype != np.intp or not addresses.flags.c_contiguous
+                or addresses.shape != (self.ntensors,)):
+            raise ValueError("addresses must be a C-contiguous np.intp array, one per tensor")
+        self._averages = addresses
+        self.averages = <const intptr_t*>cnp.PyArray_DATA(addresses)
+
+    def set_average_step(self, str mode, double weight=0.0):
+        """What the next runs do to the averages after the update: "none", "copy" (the
+        params into them) or "lerp" (toward the params by ``weight``)."""
+        if mode not in AVERAGE_MODES:
+            raise ValueError(f"mode must be one of {tuple(AVERAGE_MODES)}, got {mode!r}")
+        if mode != "none" and self.averages == NULL:
+            raise RuntimeError("set_averages() must be called first")
+        self.avg_mode = AVERAGE_MODES[mode]
+        self.avg_weight = weight
 
     @property
     def storages(self):
@@ -396,7 +436,8 @@ cdef class Plan:
         cdef StepValues values
         cdef double block[ARG_BLOCK]
         cdef MixedArgs mixed
-        cdef bint ftz = self.ftz
+        cdef FusedAverageArgs fused
+        cdef bint ftz = self.ftz, averaged = self.avg_mode != AVG_NONE and self.averages != NULL
         cdef int r
         values.lr = lr
         values.step = step
@@ -405,6 +446,15 @@ cdef class Plan:
         memcpy(values.scalars, scalars, MAX_SCALARS * sizeof(double))
         values.grad_sumsq = grad_sumsq
         values.tiled = self.mixed
+        if averaged:
+            fused.averages = self.averages
+            fused.offsets = self.offsets
+            fused.ntensors = self.ntensors
+            fused.nbuf = self.nbuf
+            fused.sizes = self.sizes
+            fused.average.mode = self.avg_mode
+            fused.average.storage = self.types[0]
+            fused.average.weight = self.avg_weight
         with nogil:
             kernel.prepare(block, self.hyper, &values)
             if self.mixed:
@@ -439,6 +489,18 @@ cdef class Plan:
                                       self.ntensors, done, block)
                     if done <= 0:
                         break
+                if averaged:
+                    # The last pass is not known ahead: the average takes a pass of its own.
+                    fused.inner = _no_update
+                    fused.inner_args = NULL
+                    _run(_fused_average_segment, self.table, self.nbuf, self.offsets,
+                         self.ntensors, self.sizes, nthreads, MIN_PER_THREAD_AVERAGE, &fused,
+                         False)
+            elif averaged:
+                fused.inner = _mixed_segment if self.mixed else kernel.segment
+                fused.inner_args = <const void*>&mixed if self.mixed else <const void*>block
+                _run(_fused_average_segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                     self.sizes, nthreads, kernel.min_per_thread, &fused, ftz)
             elif not self.mixed:
                 _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
                      self.sizes, nthreads, kernel.min_per_thread, block, ftz)
