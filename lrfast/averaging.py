@@ -109,7 +109,8 @@ def _decay_value(decay, e):
     if not callable(decay):
         return decay
     value = decay(e)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not 0 <= float(value) <= 1:
         raise ValueError(f"the decay schedule returned {value!r} at averaging step {e}; a decay "
                          "must be a real number in [0, 1]")
     return float(value)

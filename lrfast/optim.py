@@ -150,6 +150,7 @@ class Optimizer:
         self._last_lr = None
         self._busy = threading.Lock()
         self._averager = self._check_averager(arguments["ema"])
+        self._average_step = ("none", 0.0)  # what this step does to the averages
         self._allocate()
         if self._averager is not None:
             self._averager._owner = f"{type(self).__name__} at {id(self):#x}"
@@ -366,7 +367,9 @@ class Optimizer:
             plan = self._grad_plans[key] = bank.plan(self._spec.update.name, grad.dtype, storage)
             self._sync_plans()
             if self._averager is not None:
+                # (made during a step: it also takes that step's average)
                 plan.set_averages(self._avg_addrs[i])
+                plan.set_average_step(*self._average_step)
         if plan is self._plans[i]:
             return False
         self._plans[i] = plan
@@ -496,9 +499,10 @@ class Optimizer:
             if av is not None:
                 av._check_not_swapped("step")
                 average = av._next()
+                self._average_step = average[:2]
                 if self._fuses_average:
                     for plan in self._grad_plans.values():
-                        plan.set_average_step(average[0], average[1])
+                        plan.set_average_step(*self._average_step)
             if not self._apply(grads, lr, t, get_num_threads(), inv_scale):
                 self._skipped += 1
                 return False
