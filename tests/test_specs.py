@@ -10,7 +10,8 @@ from lrfast import _dispatch, functional, reference
 from lrfast._specs import OPTIMIZERS, REQUIRED, TORCH_FLAGS, UPDATES
 
 OPTIONS = (("skip_nonfinite", False), ("flush_subnormals", False), ("state_dtype", None),
-           ("half_out", None), ("rounding", "nearest"), ("seed", 0), ("bfloat16_bits", False))
+           ("half_out", None), ("rounding", "nearest"), ("seed", 0), ("bfloat16_bits", False),
+           ("ema", None))
 # lrfast.functional's element-type options (lrfast.reference runs other element types through
 # reference.mixed_, so its functions do not take them).
 FUNCTIONAL_OPTIONS = {"half_out": None, "rounding": "nearest", "seed": 0, "bfloat16_bits": False}
