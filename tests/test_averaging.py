@@ -432,3 +432,39 @@ def test_averager_load_state_dict_checks_first():
     for x, y in zip(ema.averages, before):
         assert x.tobytes() == y.tobytes()
     assert ema.step_count == 0
+
+
+# -- fuzz: the kernel against the reference on hard values -----------------------------------
+
+def test_fuzz_average_matches_reference():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    special = st.sampled_from([0.0, -0.0, 1e-40, -1e-45, 3e38, -3e38, np.inf, -np.inf, np.nan,
+                               1.0, -2.5])
+    values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), special)
+
+    @settings(max_examples=150, deadline=None)
+    @given(dtype=st.sampled_from([np.float32, np.float64]),
+           n=st.integers(0, 3000),
+           weight=st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.5, 1.0, 1e-30])),
+           mode=st.sampled_from(["lerp", "copy"]),
+           threads=st.sampled_from([1, 2]),
+           data=st.data())
+    def check(dtype, n, weight, mode, threads, data):
+        a = data.draw(hnp.arrays(dtype, n, elements=values))
+        p = data.draw(hnp.arrays(dtype, n, elements=values))
+        with np.errstate(all="ignore"):
+            expected = reference.average_(a.copy(), p, mode=mode, weight=weight)
+        table, offsets = lrfast._layout.table([[lrfast._layout.address(a)],
+                                               [lrfast._layout.address(p)]], [n])
+        lrfast._dispatch.kernels.set_min_elements_per_thread(16)
+        try:
+            lrfast._dispatch.kernels.average_update(table, offsets, np.dtype(dtype).name, mode,
+                                                    weight, threads)
+        finally:
+            lrfast._dispatch.kernels.set_min_elements_per_thread(None)
+        np.testing.assert_array_equal(a, expected)  # NaN-aware, and +-0 alike
+
+    check()
