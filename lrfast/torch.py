@@ -51,6 +51,23 @@ the updated float32 params are written in the same kernel pass). torchao's
 per offloaded param; tested only on CPU under a stand-in accelerator (no real host-device
 transfer was tested).
 
+Weight averages. :func:`ema_multi_avg_fn` and :func:`swa_multi_avg_fn` are ``multi_avg_fn``s
+for ``torch.optim.swa_utils.AveragedModel`` (in place of torch's ``get_ema_multi_avg_fn`` and
+``get_swa_multi_avg_fn``): one native call per dtype for all the float tensors, torch's own
+function for the others. Every class also takes ``ema=(averaged_model, model)`` (lrfast-only),
+with an AveragedModel built with one of them: each ``step()`` then does what
+``averaged_model.update_parameters(model)`` after it would, the averages of the params it
+updates taken in the same native pass (the first update copies, ``n_averaged`` counts as
+torch's; buffers copied, not averaged, as torch's default, or averaged with
+``use_buffers=True``). A step that is not taken (a GradScaler step skipped for an inf
+gradient, a step that raises) leaves the average alone. The pairing: ``model.parameters()``
+with ``averaged_model.module.parameters()``, in order, of the same shapes and dtypes; every
+optimizer param must be one of the model's. A model param the step did not update (not in the
+optimizer, or without a gradient) is still averaged, after the step, as torch would. The
+pairing is read when the optimizer is made (params replaced in either module later are not
+seen; their memory moving, by ``.to()`` or ``.data``, is), and is not pickled: a copy of the
+optimizer has no ``ema``. Save ``averaged_model.state_dict()`` beside the optimizer's.
+
 This module imports torch; ``import lrfast`` never does. Its classes are made from the
 optimizer specs (``lrfast._specs.OPTIMIZERS``), one per spec, each with torch.optim's signature
 for the class of its name.
@@ -71,6 +88,7 @@ Examples
 from __future__ import annotations
 
 import inspect
+import numbers
 from itertools import repeat
 from operator import attrgetter, getitem, is_
 from typing import TYPE_CHECKING, Any
@@ -83,7 +101,7 @@ from ._specs import OPTIMIZERS, TORCH_FLAGS, TORCH_REFUSED, OptimizerSpec
 from ._precision import check_rounding, check_seed
 from ._threads import get_num_threads
 
-__all__ = list(OPTIMIZERS) + ["CPUAdam"]
+__all__ = list(OPTIMIZERS) + ["CPUAdam", "ema_multi_avg_fn", "swa_multi_avg_fn"]
 
 # The dtypes updated, and the kernel storage each runs as. A complex param is updated on its
 # real view (``torch.view_as_real``: the real and imaginary parts as two real elements), as
@@ -93,7 +111,7 @@ _STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.complex64:
 _HALF = (torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # The lrfast-only keywords every class takes after torch's arguments (see the module docstring).
-_LRFAST_KEYWORDS = {"state_dtype": None, "rounding": "nearest", "seed": 0}
+_LRFAST_KEYWORDS = {"state_dtype": None, "rounding": "nearest", "seed": 0, "ema": None}
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -219,7 +237,7 @@ class _Plan:
     """
 
     def __init__(self, opt, group, needs, params, states, keys, count_steps, gdtypes,
-                 outs=None):
+                 outs=None, averages=None):
         self.params = params
         self.positions = [k for k, p in enumerate(group["params"]) if p.grad is not None]
         self.ngroup = len(group["params"])
@@ -263,14 +281,21 @@ class _Plan:
         update = opt._spec.update
         # The state buffers' local memory (a DTensor's shard)
         local = [{n: _local(states[i][n]) for n in needs} for i in range(len(params))]
+        # ``averages``: per param, the tensor of an ``ema=`` AveragedModel its step also
+        # averages (None: none, or one the step cannot write; see _EmaLink). A bucket's
+        # tensors are all averaged or none is.
+        if averages is None:
+            averages = [None] * len(params)
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             sdt = tuple(local[i][n].dtype for n in needs)
             odt = outs[i].dtype if outs is not None else None
             scal = self._scalar_key(i)
-            groups.setdefault((p.dtype, gdtypes[i], sdt, odt, keys[i], scal), []).append(i)
+            groups.setdefault((p.dtype, gdtypes[i], sdt, odt, keys[i], scal,
+                               averages[i] is not None), []).append(i)
         self.buckets = []
-        for (dtype, gdtype, sdt, odt, key, _), idx in groups.items():
+        self.averaged: list[bool] = []
+        for (dtype, gdtype, sdt, odt, key, _, averaged), idx in groups.items():
             storage = _STORAGE[dtype]
             rows: list[Any] = [[self.param_ptrs[i] for i in idx], None]
             types: list[Any] = [storage, _STORAGE[gdtype]]
@@ -297,7 +322,14 @@ class _Plan:
                                           out=None if odt is None else _STORAGE[odt])
             if opt._rounding != "nearest":
                 plan.set_options(False, False, opt._rounding, opt._seed)
+            if averaged:
+                plan.set_averages(np.array([averages[i].data_ptr() for i in idx],
+                                           dtype=np.intp))
             self.buckets.append((plan, key, idx, table))
+            self.averaged.append(averaged)
+        # The model params whose average this plan's run takes (``ema=``), by identity.
+        self.fused = [group["params"][k] for k, a in zip(self.positions, averages)
+                      if a is not None]
         self.single = len(self.buckets) == 1
         # A plan whose keys change after this step (SGD's first step) is used once.
         self.reusable = not any(key == 1 for _, key, _, _ in self.buckets)
@@ -357,7 +389,7 @@ class _Plan:
             return None
 
     def run(self, values, lr, nthreads, gptrs, calls=1, kernel_step=None, hyper=None,
-            grad_sumsq=None, step_scalars=None):
+            grad_sumsq=None, step_scalars=None, average=None):
         """Run the update (hyper-parameters ``values`` in the kernel's order) with these
         gradient addresses. False (nothing done) when the params' step counts no longer fall
         into this plan's buckets. ``calls``: the optimizer's count of steps, the stochastic
@@ -367,7 +399,8 @@ class _Plan:
         ``grad_sumsq``: the sum of the squares of all the optimizer's grads (LAMB's clipping);
         ``step_scalars``: the update's per-step values (``Update.scalars``) where the class
         derives them itself (schedule-free). False also when the params of a bucket no longer
-        share their scalar state."""
+        share their scalar state. ``average``: (mode, weight) of the fused weight average
+        (``ema=``) for the buckets that have one; None: they leave their averages alone."""
         steps = self.steps.tolist() if self.steps is not None else None
         calls_ = []
         scalars = []
@@ -392,9 +425,12 @@ class _Plan:
             else:
                 scalars.append(((), {}))
             calls_.append((plan, key, idx, table))
-        for (plan, key, idx, table), (kscalars, new) in zip(calls_, scalars):
+        for (plan, key, idx, table), (kscalars, new), averaged in zip(calls_, scalars,
+                                                                      self.averaged):
             table[_layout.GRAD_ROW] = gptrs if self.single else [gptrs[i] for i in idx]
             plan.set_hyper(values)
+            if averaged:
+                plan.set_average_step(*(average or ("none", 0.0)))
             step = 1 if key is None else key
             if kernel_step is not None:
                 step = kernel_step
@@ -427,8 +463,16 @@ class _Optimizer(torch.optim.Optimizer):
     signature; see :func:`_make_class`."""
 
     _spec: OptimizerSpec
+    # ``ema=``: the AveragedModel each step also updates (see _EmaLink); not pickled, so a copy
+    # or an unpickled optimizer has none.
+    _ema: _EmaLink | None = None
+    # During a step with ``ema=``: (mode, weight) of its average, and the lists of model params
+    # whose average the plans' runs took (see _step_groups).
+    _avg_step: tuple[str, float] | None = None
+    _avg_fused: list[list[torch.Tensor]] | None = None
 
-    def __init__(self, params, defaults, state_dtype=None, rounding="nearest", seed=0):
+    def __init__(self, params, defaults, state_dtype=None, rounding="nearest", seed=0,
+                 ema=None):
         self._plans: dict[int, _Plan] = {}
         defaults = self._group_defaults(defaults)
         # The hyper-parameters are checked before ``params`` is read, as torch does: a bad
@@ -444,6 +488,13 @@ class _Optimizer(torch.optim.Optimizer):
         self._seed = check_seed(seed)
         self._calls = 0  # step() calls: the stochastic rounding's step where torch keeps none
         super().__init__(params, defaults)
+        if ema is not None:
+            self._ema = _EmaLink(self, ema)
+
+    @property
+    def ema(self) -> Any:
+        """The ``torch.optim.swa_utils.AveragedModel`` each step updates (``ema=``), or None."""
+        return self._ema.averaged if self._ema is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -520,6 +571,8 @@ class _Optimizer(torch.optim.Optimizer):
                 _check_param(p, where)
                 self._state_dtype_for(p, where)
             self._hyper(group)
+            if self._ema is not None:
+                self._ema.check_params(group["params"], len(self.param_groups) - 1)
         except Exception:
             self.param_groups.pop()
             raise
@@ -672,6 +725,30 @@ class _Optimizer(torch.optim.Optimizer):
 
     def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
                      hypers=None):
+        """The step of every group (``_run_groups``) and, with ``ema=``, its weight average:
+        fused into the plans' runs where it can be, then the rest (see _EmaLink)."""
+        ema = self._ema
+        if ema is None:
+            self._run_groups(outs, kernel_steps, grad_sumsq, step_values, hypers)
+            return
+        average = ema.begin(self)  # (checks only: a step that raises changes nothing)
+        self._avg_step, self._avg_fused = average, []
+        try:
+            self._run_groups(outs, kernel_steps, grad_sumsq, step_values, hypers)
+            fused = self._avg_fused
+        finally:
+            self._avg_step = self._avg_fused = None
+        ema.finish(average, fused)
+
+    def _averages_of(self, params):
+        """Per param (of a group, with a gradient): the ``ema=`` average its step writes, or
+        None (see _EmaLink); None without ``ema=``."""
+        if self._avg_step is None or self._ema is None:
+            return None
+        return self._ema.fusable(params)
+
+    def _run_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
+                    hypers=None):
         """The step of every group. ``outs``: per group, a list (by position in the group)
         of half tensors receiving the updated float32 params (CPUAdam's fp16_param_groups);
         ``kernel_steps``: per group, the step the kernel is told, or None (its count);
@@ -703,8 +780,11 @@ class _Optimizer(torch.optim.Optimizer):
             if step_values is not None:
                 lr, scalars = step_values[gi]
             kstep = kernel_steps[gi] if kernel_steps is not None else None
+            average = self._avg_step
             if plan is not None and plan.run(values, lr, nthreads, grads, self._calls, kstep,
-                                             hyper, grad_sumsq, scalars):
+                                             hyper, grad_sumsq, scalars, average):
+                if self._avg_fused is not None:
+                    self._avg_fused.append(plan.fused)
                 continue
             if plan is not None:  # step counts diverged from the plan's buckets: lay out again
                 grads = self._checked_grads(gi, group, outs)
@@ -726,21 +806,25 @@ class _Optimizer(torch.optim.Optimizer):
             gdtypes = [g.dtype for _, g, _ in grads]
             halves = None if outs is None else [h for _, _, h in grads]
             count = self._counts_steps
+            averages = self._averages_of(params)
             plan = _Plan(self, group, needs, targets, states, [None] * len(params) if count
-                         else keys, count, gdtypes, halves)
+                         else keys, count, gdtypes, halves, averages)
             gptrs = [g.data_ptr() for _, g, _ in grads]
             if not plan.run(values, lr, nthreads, gptrs, self._calls, kstep, hyper,
-                            grad_sumsq, scalars):
+                            grad_sumsq, scalars, average):
                 # Params at different step counts (added, or without a gradient, at other
                 # times): one call per (dtype, step), laid out for this step only.
                 keys = [int(st["step"]) + 1 for st in states]
-                plan = _Plan(self, group, needs, targets, states, keys, False, gdtypes, halves)
+                plan = _Plan(self, group, needs, targets, states, keys, False, gdtypes, halves,
+                             averages)
                 plan.run(values, lr, nthreads, gptrs, self._calls, kstep, hyper, grad_sumsq,
-                         scalars)
+                         scalars, average)
                 for st in states:
                     st["step"].add_(1)
             elif plan.reusable and not gathered and outs is None:
                 self._plans[gi] = plan
+            if self._avg_fused is not None:
+                self._avg_fused.append(plan.fused)
             for w, p in zip(targets, local):
                 if w is not p:
                     p.copy_(w)
@@ -995,7 +1079,8 @@ def _make_class(spec: OptimizerSpec, extras: tuple = ()) -> type:
            "(each where the hyper-parameters use it).\n\n"
            "lrfast-only keywords: ``state_dtype`` (None: the params' dtype, as torch's fused "
            "kernels; ``torch.float32`` for bfloat16/float16 params), ``rounding`` "
-           "(``'nearest'`` or ``'stochastic'``) and ``seed``; see :mod:`lrfast.torch`.\n")
+           "(``'nearest'`` or ``'stochastic'``), ``seed``, and ``ema`` (an ``(AveragedModel, "
+           "model)`` pair each step also updates); see :mod:`lrfast.torch`.\n")
     for extra in extras:
         if extra.__doc__:
             doc += "\n" + inspect.cleandoc(extra.__doc__) + "\n"
@@ -1089,8 +1174,9 @@ class _Adafactor(_Optimizer):
             raise
         self._plans.clear()
 
-    def _step_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
-                     hypers=None):
+    def _run_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
+                    hypers=None):
+        # (its own plans: an ``ema=`` average is taken after the step, by _EmaLink.finish)
         nthreads = get_num_threads()
         work = []
         # Every group and gradient is checked before any state is made or memory written.
@@ -1393,13 +1479,16 @@ class CPUAdam(_Optimizer):
     of the group, by position); each receives the updated float32 param rounded to its type,
     written by the same kernel pass that updates the param (a ZeRO-Offload step: float32
     master weights on the CPU, half copies for the device).
+
+    ``ema=(averaged_model, model)`` (keyword-only, lrfast's): a weight average each step
+    updates, as every lrfast.torch class takes it (see :mod:`lrfast.torch`).
     """
 
     _spec = OPTIMIZERS["Adam"]
 
     def __init__(self, model_params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0, amsgrad=False, adamw_mode=True,
-                 fp32_optimizer_states=True):
+                 fp32_optimizer_states=True, *, ema=None):
         if amsgrad:
             raise RuntimeError("DeepSpeedCPUAdam does not support the AMSGrad variant.")
         self._adamw_mode = bool(adamw_mode)
@@ -1408,7 +1497,8 @@ class CPUAdam(_Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, amsgrad=amsgrad)
         _Optimizer.__init__(self, model_params, defaults,
-                            state_dtype=torch.float32 if fp32_optimizer_states else None)
+                            state_dtype=torch.float32 if fp32_optimizer_states else None,
+                            ema=ema)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -1454,3 +1544,404 @@ class CPUAdam(_Optimizer):
             ksteps = None
         self._step_groups(outs, ksteps)
         return loss
+
+
+# ------------------------------------------------------------------------------------------
+# Weight averages: multi_avg_fns for torch.optim.swa_utils.AveragedModel, and ``ema=``
+# ------------------------------------------------------------------------------------------
+
+# The averages run natively: real floating tensors of these dtypes (complex ones go to torch).
+_AVG_STORAGE = {torch.float32: "float32", torch.float64: "float64",
+                torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SHAPE = attrgetter("shape")
+_IS_CPU = attrgetter("is_cpu")
+
+
+def _tensors_key(ts: list) -> tuple:
+    """What decides how these tensors are averaged: their types, memory, dtypes, shapes and
+    contiguity, and whether they are on the CPU. (It runs at every call: each is one C-level
+    map over the tensors, about 1 us per tensor for all six.)"""
+    return (tuple(map(type, ts)), tuple(map(_DATA_PTR, ts)), tuple(map(_DTYPE, ts)),
+            tuple(map(_SHAPE, ts)), tuple(map(_IS_CONTIGUOUS, ts)), tuple(map(_IS_CPU, ts)))
+
+
+def _native_pair(a: Any, p: Any) -> bool:
+    """Can the native kernel average ``a`` toward ``p`` in place, as torch's lerp would?"""
+    return (type(a) in _PLAIN_TENSORS and type(p) in _PLAIN_TENSORS
+            and a.is_cpu and p.is_cpu and a.layout is torch.strided
+            and p.layout is torch.strided and a.dtype is p.dtype and a.dtype in _AVG_STORAGE
+            and a.shape == p.shape and a.is_contiguous() and p.is_contiguous()
+            and (a.numel() == 0 or (a.data_ptr() != 0 and p.data_ptr() != 0)))
+
+
+def _overlapping(spans: list[tuple[int, int, bool]]) -> bool:
+    """Do some of these byte ranges ``(start, end, written)`` overlap where one of them is
+    written? (Sorted by start, overlapping ranges form connected runs; in a run of two or
+    more, each range overlaps another, so a written one in it is a conflict.)"""
+    run_end, run_size, run_written = -1, 0, False
+    for start, end, written in sorted(spans):
+        if start < run_end:
+            run_end, run_size = max(run_end, end), run_size + 1
+            run_written = run_written or written
+        else:
+            if run_size > 1 and run_written:
+                return True
+            run_end, run_size, run_written = end, 1, written
+    return run_size > 1 and run_written
+
+
+def _span(t: Any) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+class _MultiAvgFn:
+    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: see
+    :func:`ema_multi_avg_fn` and :func:`swa_multi_avg_fn`."""
+
+    _CACHE_SIZE = 16
+
+    def __init__(self, kind: str, decay: float | None = None):
+        self.kind = kind
+        self.decay = decay
+        # {the tensors' keys: ([(storage, table, offsets)], [indices torch averages])}, or the
+        # value None: torch averages them all (memory an average shares with another tensor)
+        self._layouts: dict[tuple, Any] = {}
+
+    def __repr__(self) -> str:
+        if self.kind == "ema":
+            return f"lrfast.torch.ema_multi_avg_fn({self.decay!r})"
+        return "lrfast.torch.swa_multi_avg_fn()"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"kind": self.kind, "decay": self.decay}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["kind"], state["decay"])  # type: ignore[misc]
+
+    def weight(self, num_averaged: Any) -> float:
+        """The lerp weight of an update after ``num_averaged`` samples, as torch's function
+        computes it: ``1 - decay``, or ``1 / (num_averaged + 1)``, which for a tensor
+        ``num_averaged`` (AveragedModel's ``n_averaged``, an int64 tensor) is a tensor of
+        torch's default dtype (float32 unless changed): a float64 average then moves by that
+        float32 weight, in torch's function and here alike."""
+        if self.kind == "ema":
+            return 1 - self.decay  # type: ignore[operator]
+        return float(1 / (num_averaged + 1))
+
+    def _torch_fn(self):
+        from torch.optim import swa_utils
+
+        if self.kind == "ema":
+            return swa_utils.get_ema_multi_avg_fn(self.decay)
+        return swa_utils.get_swa_multi_avg_fn()
+
+    def _tables(self, averages: list, currents: list) -> Any:
+        """The native tables for these tensors (cached on their keys), or None."""
+        try:
+            key = (_tensors_key(averages), _tensors_key(currents))
+        except Exception:  # not tensors, or tensors without memory of their own (fake ones)
+            return None
+        if key in self._layouts:
+            return self._layouts[key]
+        native, rest = [], []
+        for i, (a, p) in enumerate(zip(averages, currents)):
+            if not _native_pair(a, p):
+                rest.append(i)
+            elif a.numel():
+                native.append(i)
+        spans = ([(*_span(averages[i]), True) for i in native]
+                 + [(*_span(currents[i]), False) for i in native])
+        layout: Any = None
+        if not _overlapping(spans):
+            tables = []
+            for dtype, storage in _AVG_STORAGE.items():
+                idx = [i for i in native if averages[i].dtype is dtype]
+                if idx:
+                    table, offsets = _layout.table(
+                        [[averages[i].data_ptr() for i in idx],
+                         [currents[i].data_ptr() for i in idx]],
+                        [averages[i].numel() for i in idx])
+                    tables.append((storage, table, offsets))
+            layout = (tables, rest)
+        if len(self._layouts) >= self._CACHE_SIZE:
+            self._layouts.clear()
+        self._layouts[key] = layout
+        return layout
+
+    def _by_torch(self, averages: list, currents: list, num_averaged: Any) -> None:
+        """torch's own function over these tensors, called once per (device, dtype) of the
+        averages, as AveragedModel groups them (its integer path, for instance, is chosen by
+        the first tensor it is given)."""
+        fn = self._torch_fn()
+        groups: dict[tuple, tuple[list, list]] = {}
+        for a, p in zip(averages, currents):
+            av, cur = groups.setdefault((getattr(a, "device", None), getattr(a, "dtype", None)),
+                                        ([], []))
+            av.append(a)
+            cur.append(p)
+        for av, cur in groups.values():
+            fn(av, cur, num_averaged)
+
+    @torch.no_grad()
+    def __call__(self, averaged_param_list, current_param_list, num_averaged) -> None:
+        """Move each averaged tensor toward its current one, in place; see the factories."""
+        averages, currents = list(averaged_param_list), list(current_param_list)
+        if len(averages) != len(currents):
+            raise ValueError(f"{self!r} got {len(averages)} averaged tensors and "
+                             f"{len(currents)} current ones: they go in pairs")
+        if not averages:
+            return
+        layout = self._tables(averages, currents)
+        if layout is None:
+            self._by_torch(averages, currents, num_averaged)
+            return
+        tables, rest = layout
+        weight = self.weight(num_averaged) if tables else 0.0  # (before anything is written)
+        if rest:  # torch's own, first: where it raises (an integer SWA), nothing was written
+            self._by_torch([averages[i] for i in rest], [currents[i] for i in rest],
+                           num_averaged)
+        nthreads = get_num_threads()
+        for storage, table, offsets in tables:
+            _dispatch.kernels.average_update(table, offsets, storage, "lerp", weight, nthreads)
+
+
+def ema_multi_avg_fn(decay: float = 0.999) -> _MultiAvgFn:
+    """An exponential moving average for ``torch.optim.swa_utils.AveragedModel(model,
+    multi_avg_fn=...)``, in place of torch's ``get_ema_multi_avg_fn(decay)``:
+    ``average <- lerp(average, param, 1 - decay)`` (AveragedModel copies the params at its
+    first update).
+
+    The returned function has torch's signature ``fn(averaged_param_list,
+    current_param_list, num_averaged)``. Contiguous CPU tensors of float32, float64, bfloat16
+    and float16 are updated by lrfast's kernel, one call per dtype for all of them, in parallel
+    (the address tables are kept between calls for the same tensors); every other tensor
+    (integer buffers, complex, non-contiguous or non-CPU tensors, DTensors, an average sharing
+    memory with another tensor) by torch's own function, whose result it then is.
+
+    The kernel computes torch.lerp's two forms (``a + w (p - a)`` for ``w < 0.5``, else
+    ``p - (p - a)(1 - w)``, ``w`` rounded to the tensor's precision; half precision in float32)
+    without fused multiply-adds. torch's CPU kernels fuse them where the CPU has FMA (its AVX2
+    and AVX-512 builds), so there the two differ by rounding, up to an ulp per update; they are
+    bitwise equal where the product is exact (``1 - decay`` a power of two) and wherever torch
+    runs unfused (``ATEN_CPU_CAPABILITY=default``).
+
+    A model trained with an lrfast.torch optimizer can fuse this average into the optimizer's
+    step: ``ema=(averaged_model, model)``.
+
+    >>> import torch
+    >>> import lrfast.torch
+    >>> w = torch.nn.Linear(1, 1, bias=False)
+    >>> _ = w.weight.data.fill_(2.0)
+    >>> avg = torch.optim.swa_utils.AveragedModel(
+    ...     w, multi_avg_fn=lrfast.torch.ema_multi_avg_fn(0.75))
+    >>> avg.update_parameters(w)          # the first update copies
+    >>> _ = w.weight.data.fill_(6.0)
+    >>> avg.update_parameters(w)          # 2 + (6 - 2) / 4
+    >>> avg.module.weight.item()
+    3.0
+    """
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay <= 1:
+        raise ValueError(f"decay must be a real number in [0, 1], got {decay!r}")
+    return _MultiAvgFn("ema", decay)
+
+
+def swa_multi_avg_fn() -> _MultiAvgFn:
+    """The uniform running mean of SWA for ``torch.optim.swa_utils.AveragedModel(model,
+    multi_avg_fn=...)``, in place of torch's ``get_swa_multi_avg_fn()``: ``average <-
+    lerp(average, param, 1 / (n + 1))`` after ``n`` samples (AveragedModel copies the params
+    at its first update).
+
+    As torch's, the weight is ``1 / (num_averaged + 1)`` computed with ``num_averaged`` as
+    given: AveragedModel passes its int64 ``n_averaged`` tensor, so the weight is a tensor of
+    torch's default dtype (float32 unless changed) and float64 averages move by that rounded
+    weight. What runs natively, what goes to torch's function, and how the rounding compares
+    with torch's: as :func:`ema_multi_avg_fn`. Integer tensors go to torch's function, which
+    raises on them when ``num_averaged`` is a tensor (``use_buffers=True`` with BatchNorm's
+    ``num_batches_tracked``), as torch's does.
+
+    >>> import torch
+    >>> import lrfast.torch
+    >>> w = torch.nn.Linear(1, 1, bias=False)
+    >>> avg = torch.optim.swa_utils.AveragedModel(w, multi_avg_fn=lrfast.torch.swa_multi_avg_fn())
+    >>> for value in (1.0, 2.0, 6.0):
+    ...     _ = w.weight.data.fill_(value)
+    ...     avg.update_parameters(w)
+    >>> avg.module.weight.item(), avg.n_averaged.item()
+    (3.0, 3)
+    """
+    return _MultiAvgFn("swa")
+
+
+def _describe_avg_fn(averaged: Any) -> str:
+    """What averages an AveragedModel, in words (for the error that refuses it)."""
+    if averaged.avg_fn is not None:
+        return f"avg_fn={getattr(averaged.avg_fn, '__qualname__', averaged.avg_fn)!r}"
+    fn = averaged.multi_avg_fn
+    if fn is None:
+        return ("neither avg_fn nor multi_avg_fn (torch's default SWA, which on the CPU divides "
+                "tensor by tensor)")
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    if name.startswith(("get_ema_multi_avg_fn", "get_swa_multi_avg_fn")):
+        return f"torch's {name.split('.')[0]}() (whose decay lrfast cannot read)"
+    return f"multi_avg_fn={name!r}"
+
+
+class _EmaLink:
+    """What ``ema=(averaged_model, model)`` ties to an lrfast.torch optimizer: each applied
+    ``step()`` also does what ``averaged_model.update_parameters(model)`` would do after it.
+
+    The pairing: ``model.parameters()`` and ``averaged_model.module.parameters()`` in order
+    (AveragedModel's own), the same count, shapes and dtypes; each optimizer param must be one
+    of the model's (by identity, in any group and order). The average of a param the step
+    updates is taken in the step's own native pass, right after the param is written, where
+    the average is a contiguous CPU tensor of a real floating dtype and the param a plain
+    tensor; every other model param (not in the optimizer, without a gradient at this step,
+    complex, a DTensor) is averaged after the step by the AveragedModel's function. Then, as
+    torch: with ``use_buffers=False`` the model's buffers are copied into the averaged module's
+    (copied, not averaged); with ``use_buffers=True`` they are averaged by the function too
+    (copied at the first update); and ``n_averaged`` goes up by one.
+    """
+
+    def __init__(self, opt: _Optimizer, ema: Any):
+        from torch.optim.swa_utils import AveragedModel
+
+        if (not isinstance(ema, (tuple, list)) or len(ema) != 2
+                or not isinstance(ema[0], AveragedModel)
+                or not isinstance(ema[1], torch.nn.Module)):
+            got = type(ema).__name__
+            if isinstance(ema, (tuple, list)):
+                got = f"{got} of " + ", ".join(type(e).__name__ for e in ema)
+            raise TypeError("ema must be a pair (averaged_model, model): a "
+                            "torch.optim.swa_utils.AveragedModel and the torch.nn.Module whose "
+                            f"params the optimizer updates (its buffers are read too); got {got}")
+        self.averaged, self.model = ema
+        self.fn = self._check_fn()
+        self.model_params = list(self.model.parameters())
+        self.avg_params = list(self.averaged.module.parameters())
+        self.index = {id(p): i for i, p in enumerate(self.model_params)}
+        self._check_pairs()
+        for gi, group in enumerate(opt.param_groups):
+            self.check_params(group["params"], gi)
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _check_fn(self) -> _MultiAvgFn:
+        fn = self.averaged.multi_avg_fn
+        if self.averaged.avg_fn is not None or not isinstance(fn, _MultiAvgFn):
+            raise ValueError(
+                "ema= fuses the averages of lrfast.torch.ema_multi_avg_fn(decay) and "
+                "lrfast.torch.swa_multi_avg_fn() into the step; this AveragedModel averages "
+                f"with {_describe_avg_fn(self.averaged)}. Build it as AveragedModel(model, "
+                "multi_avg_fn=lrfast.torch.ema_multi_avg_fn(decay)) or with "
+                "multi_avg_fn=lrfast.torch.swa_multi_avg_fn()")
+        return fn
+
+    def _check_pairs(self) -> None:
+        """The params and buffers pair up; the averages share no memory with the model;
+        integer buffers are not given to the SWA average (torch's raises on them)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        if len(self.avg_params) != len(self.model_params):
+            raise ValueError(f"ema: the averaged module has {len(self.avg_params)} parameters, "
+                             f"the model {len(self.model_params)}: build the AveragedModel from "
+                             "the model the optimizer trains")
+        for name, a, p in zip(names, self.avg_params, self.model_params):
+            if a.shape != p.shape or a.dtype != p.dtype:
+                raise ValueError(f"ema: the averaged module's parameter {name!r} is "
+                                 f"{tuple(a.shape)} {a.dtype}, the model's {tuple(p.shape)} "
+                                 f"{p.dtype}: they must match")
+        bnames = [n for n, _ in self.model.named_buffers()]
+        avg_buffers = list(self.averaged.module.buffers())
+        model_buffers = list(self.model.buffers())
+        # (a step reads the buffers afresh, as torch does, unless neither module had any: a
+        # module walk costs as much as a small model's step)
+        self.has_buffers = bool(avg_buffers or model_buffers)
+        if len(avg_buffers) != len(model_buffers):
+            raise ValueError(f"ema: the averaged module has {len(avg_buffers)} buffers, the "
+                             f"model {len(model_buffers)}: they must pair up")
+        for name, a, b in zip(bnames, avg_buffers, model_buffers):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(f"ema: the averaged module's buffer {name!r} is "
+                                 f"{tuple(a.shape)} {a.dtype}, the model's {tuple(b.shape)} "
+                                 f"{b.dtype}: they must match")
+            if (self.averaged.use_buffers and self.fn.kind == "swa"
+                    and not (b.is_floating_point() or b.is_complex())):
+                raise ValueError(f"ema: with use_buffers=True the SWA average would average the "
+                                 f"buffer {name!r} of dtype {b.dtype}, and torch's SWA raises on "
+                                 "integer tensors (its addcdiv); use use_buffers=False, or an EMA")
+        plain = [t for t in self.model_params + self.avg_params + model_buffers + avg_buffers
+                 if type(t) in _PLAIN_TENSORS and t.is_cpu and t.numel() and t.data_ptr()]
+        written = {id(t) for t in self.avg_params + avg_buffers}
+        if _overlapping([(*_span(t), id(t) in written) for t in plain]):
+            raise ValueError("ema: the averaged module shares memory with the model (or its "
+                             "tensors with each other); AveragedModel(model) makes a copy")
+        self._find_fusable()
+
+    def _find_fusable(self) -> None:
+        """Which averages the step can write (by model param), and their addresses now."""
+        self.ptrs = list(map(_DATA_PTR, self.avg_params))
+        self.fused_avg: dict[int, Any] = {}
+        for p, a in zip(self.model_params, self.avg_params):
+            if (not _is_dtensor(p) and _native_pair(a, a) and a.dtype is p.dtype
+                    and a.shape == p.shape and a.numel()):
+                self.fused_avg[id(p)] = a
+
+    def check_params(self, params: list, gi: int) -> None:
+        for k, p in enumerate(params):
+            if id(p) not in self.index:
+                raise ValueError(f"ema: parameter {k} of group {gi} is not a parameter of the "
+                                 "model given in ema=(averaged_model, model)")
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def fusable(self, params: list) -> list:
+        """Per param, its average if the step writes it, else None."""
+        get = self.fused_avg.get
+        return [get(id(p)) for p in params]
+
+    def begin(self, opt: _Optimizer) -> tuple[str, float]:
+        """(mode, weight) of this step's average: "copy" at AveragedModel's first update,
+        "lerp" after it ("none" for a negative n_averaged, which torch does not average).
+        Re-checks the pairing when the averaged module's memory moved (``.to()``, ``.data``)."""
+        if self.averaged.multi_avg_fn is not self.fn or self.averaged.avg_fn is not None:
+            self.fn = self._check_fn()
+        if list(map(_DATA_PTR, self.avg_params)) != self.ptrs:
+            self._check_pairs()
+            opt._plans.clear()
+        n_averaged = self.averaged.n_averaged
+        n = int(n_averaged)
+        if n == 0:
+            return "copy", 1.0
+        if n < 0:
+            return "none", 0.0
+        return "lerp", self.fn.weight(n_averaged)
+
+    @torch.no_grad()
+    def finish(self, average: tuple[str, float], fused: list[list]) -> None:
+        """After the step's runs: average what they did not, then the buffers, then count."""
+        averaged, model = self.averaged, self.model
+        mode = average[0]
+        if mode != "none":
+            if sum(map(len, fused)) == len(self.model_params):
+                rest = []
+            else:
+                done = {id(p) for lst in fused for p in lst}
+                rest = [i for i, p in enumerate(self.model_params) if id(p) not in done]
+            avgs = [self.avg_params[i].detach() for i in rest]
+            curs = [self.model_params[i].detach() for i in rest]
+            if averaged.use_buffers and self.has_buffers:
+                avgs += [b.detach() for b in averaged.module.buffers()]
+                curs += [b.detach() for b in model.buffers()]
+            curs = [c.to(a.device) for a, c in zip(avgs, curs)]
+            if mode == "copy":
+                for a, c in zip(avgs, curs):
+                    a.copy_(c)
+            elif avgs:
+                # (AveragedModel calls its function once per (device, dtype); here one call
+                # takes them all: each tensor is averaged on its own either way)
+                self.fn(avgs, curs, averaged.n_averaged)
+        if not averaged.use_buffers and self.has_buffers:
+            for b_avg, b in zip(averaged.module.buffers(), model.buffers()):
+                b_avg.detach().copy_(b.detach().to(b_avg.device))
+        averaged.n_averaged += 1
