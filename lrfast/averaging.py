@@ -17,9 +17,10 @@ Step ``t`` (1-based: the number of updates the averager has seen, this one inclu
   ``w = 1 / (n + 1)`` (``kind="swa"``, where ``n`` is the number of samples in the mean).
 
 ``lerp`` is torch's: ``a + w (p - a)`` for ``w < 0.5``, else ``p - (p - a)(1 - w)``, with ``w``
-rounded to the params' precision, so the average is bitwise torch's
-``_foreach_lerp_(averages, params, w)``. Half-precision averages compute in float32 and round to
-nearest.
+rounded to the params' precision, and without fused multiply-adds: bitwise torch's
+``_foreach_lerp_(averages, params, w)`` on torch's baseline CPU kernels, and within rounding of
+its AVX2/AVX-512 kernels, which fuse the multiply-add (equal again when ``w`` is a power of
+two). Half-precision averages compute in float32 and round to nearest.
 
 The peers map onto it as follows (``t``: the averager's step):
 

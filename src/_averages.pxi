@@ -1,8 +1,9 @@
 # Weight averages (EMA, SWA/Polyak): an average buffer per param moved toward the param.
 #
 #   lerp   a = lerp(a, p, w): a + w (p - a) for w < 0.5, else p - (p - a)(1 - w), with w and
-#          1 - w in the math type (torch.lerp's two forms, so that torch's
-#          _foreach_lerp_(averages, params, w) is matched bitwise)
+#          1 - w in the math type (torch.lerp's two forms; no fused multiply-add, so torch's
+#          _foreach_lerp_ is matched bitwise on its baseline kernels, and to rounding on its
+#          AVX2/AVX-512 ones, which fuse it)
 #   copy   a = p (before the averaging starts, and its first sample)
 #   swap   a <-> p (evaluating with the average, and back)
 #
