@@ -172,3 +172,48 @@ def test_bad_options(tmp_path, args, fragment):
     proc = run_bench(tmp_path, "--quick", *args)
     assert proc.returncode == 2
     assert fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_weight_average_cases(tmp_path):
+    """The EMA over the transformer's 110 tensors gets a table of its own; its peers run or
+    are skipped with the reason (lrfast.torch's ema_multi_avg_fn may not exist yet)."""
+    proc = run_bench(tmp_path, "--quick", "--cases", "^ema f32 transformer$", "--no-optax",
+                     "--json", "out.json")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Weight averages (EMA, decay 0.999):" in out
+    header = next(line for line in out.splitlines() if line.startswith("case "))
+    assert "torch-ema-fn" in header and "numpy-ref" in header and "no-ema" not in header
+    table_row(out, "ema f32 transformer")
+    (case,) = json.loads((tmp_path / "out.json").read_text())["cases"]
+    assert case["kind"] == "average" and case["tensors"] == 110
+    assert case["bytes_per_step"] == 12 * case["elements"]
+    res = case["results"]
+    assert res["lrfast"]["status"] == "ok" and res["numpy-ref"]["status"] == "ok"
+    assert {res[p]["status"] for p in ("no-ema", "separate", "torch-fused+ema")} == {"n/a"}
+    for peer in ("torch-ema-fn", "timm-ema-v3", "lrfast.torch"):
+        assert res[peer]["status"] in ("ok", "skipped"), res[peer]
+        assert (res[peer]["status"] == "ok") == (peer in case["ratios"])
+    assert "EMA update, 110-tensor transformer >= 5x torch's EMA function" in out
+
+
+def test_weight_average_cases_without_torch(tmp_path):
+    """Without torch the lrfast side still runs (on NumPy arrays of the transformer's sizes),
+    and Adam's step with ema= is timed against the step alone and a separate update()."""
+    proc = run_bench(tmp_path, "--quick", "--cases", "^(ema f32 transformer|adam\\+ema f32 16M)$",
+                     "--no-optax", "--json", "out.json", hide=("torch",))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "torch-ema-fn, timm-ema-v3, lrfast.torch, torch-fused+ema: torch not installed" in out
+    cases = {c["name"]: c for c in json.loads((tmp_path / "out.json").read_text())["cases"]}
+    ema = cases["ema f32 transformer"]["results"]
+    assert ema["lrfast"]["status"] == "ok" and ema["torch-ema-fn"]["status"] == "skipped"
+    fused = cases["adam+ema f32 16M"]
+    assert fused["bytes_per_step"] == 36 * 16 * 2**20
+    assert {p: fused["results"][p]["status"] for p in ("lrfast", "no-ema", "separate")} == \
+        dict.fromkeys(("lrfast", "no-ema", "separate"), "ok")
+    assert fused["results"]["torch-fused+ema"]["status"] == "skipped"
+    assert set(fused["extra_cost_pct"]) == {"ema=", "separate"}
+    assert fused["extra_bytes_pct"]["ema="] == pytest.approx(200 / 7)
+    assert "adam+ema f32 16M: extra time over the step alone: ema= (fused) " in out
+    assert "Adam with ema= f32 16M <= +30% over Adam alone" in out

@@ -12,7 +12,8 @@ import pytest
 
 from lrfast._bench import spread as _bench_spread
 from lrfast._bench.cases import Case, all_cases
-from lrfast._bench.peers import LOWP_PEERS, PEERS
+from lrfast._bench.peers import AVERAGE_PEERS, LOWP_PEERS, PEERS
+from lrfast._bench.run import analyse
 from lrfast._bench.targets import TARGETS, Part, parts_of
 from lrfast._bench.verdicts import (
     CONFIDENCE, evaluate, estimate, median_ci, paired, references, verdict)
@@ -191,14 +192,18 @@ def test_a_target_takes_its_worst_part(spread, monkeypatch):
 # ---------------------------------------------------------------------------- the table
 
 def test_every_target_part_names_a_case_the_bench_has():
-    names = {c.name for c in all_cases(quick=False)}
+    kinds = {c.name: c.kind for c in all_cases(quick=False)}
+    names = set(kinds)
     quick = {c.name for c in all_cases(quick=True)}
+    peers_of = {"lowp": LOWP_PEERS, "average": AVERAGE_PEERS}
     for t in TARGETS:
         for p in t.parts:
             assert p.case in names, (t.name, p.case)
-            assert p.measure in ("ratio", "floor", "time", "speedup")
-            if p.measure == "ratio":
-                assert p.peer in PEERS + LOWP_PEERS or p.peer == "torch-fastest"
+            assert p.measure in ("ratio", "floor", "time", "speedup", "cost")
+            if p.measure in ("ratio", "cost"):
+                # a peer that the part's case times (torch's fastest path: a ratio's only)
+                assert p.peer in peers_of.get(kinds[p.case], PEERS) or (
+                    p.peer == "torch-fastest" and p.measure == "ratio"), p.key
             assert p.spread >= 1.1, p.key
             assert p.family in _bench_spread.FAMILIES
         assert any(p.case in quick for p in t.parts) or "f64 16M" in t.parts[0].case
@@ -226,3 +231,73 @@ def test_more_rounds_only_where_they_can_decide(spread):
     assert undecided(with_ratios([20.0, 21.0, 20.5, 21.5, 20.2, 20.8])) == []      # stays NOISE
     assert undecided(with_ratios([30.0] * 6)) == []                                 # PASS
     assert undecided(with_ratios([10.0] * 6)) == []                                 # FAIL
+
+
+# ---------------------------------------------------------------------------- weight averages
+
+def average_case(name, **results):
+    words = name.split()
+    c = Case(name, "average", "ema" if words[0] == "ema" else "adam", words[1], words[2])
+    c.results = dict(results)
+    return c
+
+
+def test_average_cases_bytes_per_step():
+    # The EMA alone: read average and param, write average (12 B per float32 element). Fused
+    # into Adam's step: Adam's 28 B plus a read and a write of the average (36 B).
+    by = {c.name: c for c in all_cases(quick=True)}
+    assert by["ema f32 16M"].bytes_per_step == 12 * 16 * 2**20
+    assert by["adam+ema f32 16M"].bytes_per_step == 36 * 16 * 2**20
+    transformer = by["ema f32 transformer"]
+    assert len(transformer.sizes) == 110
+    assert transformer.bytes_per_step == 12 * sum(transformer.sizes)
+    assert {c.kind for c in by.values() if "ema" in c.name} == {"average"}
+
+
+def test_cost_is_the_median_of_per_round_lrfast_over_peer(spread, monkeypatch):
+    # Per round lrfast/no-ema: 1.3, 1.2, 1.5, 1.25, 1.4, 1.3 -> median 1.3; n = 6: [min, max].
+    lr = [1.3, 2.4, 1.5, 1.25, 2.8, 1.3]
+    plain = [1.0, 2.0, 1.0, 1.0, 2.0, 1.0]
+    part = Part("x", "cost", 1.3, "no-ema", "ema= cost")
+    monkeypatch.setattr(_bench_spread, "PARTS", {"x: ema= cost": 1.5})
+    c = average_case("adam+ema f32 16M", lrfast=ok(lr), **{"no-ema": ok(plain)})
+    med, lo, hi, conf = estimate(c, part)
+    assert (med, lo, hi) == (pytest.approx(1.3), pytest.approx(1.2), pytest.approx(1.5))
+    assert conf == pytest.approx(1 - 2 / 64)
+    assert not part.at_least and references(c, part) == ["no-ema"]
+    assert verdict(part, (med, lo, hi, conf)) == "NOISE"          # holds 1.3
+    assert verdict(part, (1.1, 1.05, 1.2, 0.97)) == "PASS"
+    assert verdict(part, (2.2, 2.0, 2.4, 0.97)) == "FAIL"         # 2.0 / 1.5 > 1.3
+    assert verdict(part, (1.8, 1.7, 1.9, 0.97)) == "NOISE"        # 1.7 / 1.5 <= 1.3
+    assert (part.fmt(1.3, True), part.fmt(1.234), part.fmt(0.95)) == ("+30%", "+23.4%", "-5.0%")
+    c.results["no-ema"] = {"status": "skipped", "reason": "x"}
+    assert estimate(c, part) == "skipped" and references(c, part) is None
+
+
+def test_extra_cost_of_ema_and_of_a_separate_update():
+    # per round: ema= / no-ema = 1.25, 1.5, 1.25 -> median 1.25; separate / no-ema = 1.5, 1.5,
+    # 1.25 -> 1.5. Bytes: Adam moves 7 float32 per element, ema= 9 (+2/7), separate 10 (+3/7).
+    c = average_case("adam+ema f32 16M", lrfast=ok([5.0, 6.0, 5.0]),
+                     **{"no-ema": ok([4.0, 4.0, 4.0]), "separate": ok([6.0, 6.0, 5.0])})
+    a = analyse(c, None)
+    assert a["extra_cost_pct"] == {"ema=": pytest.approx(25.0), "separate": pytest.approx(50.0)}
+    assert a["extra_bytes_pct"] == {"ema=": pytest.approx(200 / 7),
+                                    "separate": pytest.approx(300 / 7)}
+    assert a["ratios"]["no-ema"] == pytest.approx(4.0 / 5.0)
+    c.results["no-ema"] = {"status": "error", "reason": "x"}
+    assert "extra_cost_pct" not in analyse(c, None)
+    assert "extra_cost_pct" not in analyse(average_case("ema f32 16M", lrfast=ok([1.0])), None)
+
+
+def test_average_targets_in_the_report(monkeypatch):
+    monkeypatch.setattr(_bench_spread, "PARTS", {})
+    c = average_case("adam+ema f32 16M", lrfast=ok([1.2] * 11), **{"no-ema": ok([1.0] * 11)})
+    rows = {name: (st, detail) for st, name, detail, _ in evaluate([c])}
+    st, detail = rows["Adam with ema= f32 16M <= +30% over Adam alone"]
+    assert st == "PASS" and detail == "ema= cost +20.0% [+20.0%, +20.0%] (<= +30%)"
+    t = average_case("ema f32 transformer", lrfast=ok([1.0] * 11),
+                     **{"torch-ema-fn": ok([6.0] * 11), "timm-ema-v3": {"status": "skipped"}})
+    rows = {name: (st, detail) for st, name, detail, _ in evaluate([t])}
+    (st, detail), = [v for k, v in rows.items() if k.startswith("EMA update, 110-tensor")]
+    assert st == "SKIP" and detail.startswith("torch-ema-fn/lrfast 6.00x") and \
+        detail.endswith("timm-ema-v3/lrfast skipped")

@@ -21,6 +21,7 @@ SCHEDULE_ARGS = (0.0, 0.1, 1000, 10**7)   # warmup_cosine(init, peak, warmup_ste
 VECTOR_STEPS = 10**7
 SCALAR_STEP = 12345
 MEMORY_BOUND = 2**20          # % of floor is reported from this many elements up
+EMA_DECAY = 0.999             # the weight-average cases' decay (torch's EMA default)
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,20 @@ VARIANTS = {
 }
 
 
+def average_transfers(opt, separate=False):
+    """Elements read and written per element by a weight-average case's step: the EMA alone
+    reads the average and the param and writes the average (3); fused into an optimizer's
+    step (``ema=``) it adds a read and a write of the average to the update's transfers (the
+    param is already in hand); as a separate pass after the step, all 3."""
+    if opt == "ema":
+        return 3
+    return OPTIMIZERS[opt].transfers + (3 if separate else 2)
+
+
 @dataclass
 class Case:
     name: str
-    kind: str                      # optim, flat, torch, lowp, schedule-scalar, schedule-vector, threads
+    kind: str                      # optim, flat, torch, lowp, average, schedule-scalar, schedule-vector, threads
     opt: str | None = None
     dtype: str | None = None
     size: str | None = None
@@ -80,6 +91,9 @@ class Case:
     def bytes_per_step(self):
         if self.kind == "lowp":
             return self.elements * VARIANTS[cast(str, self.dtype)].bytes_per_element
+        if self.kind == "average":
+            return self.elements * average_transfers(cast(str, self.opt)) * \
+                np.dtype(DTYPES[cast(str, self.dtype)]).itemsize
         if self.kind not in ("optim", "flat", "torch"):
             return None
         opt, dtype = cast(str, self.opt), cast(str, self.dtype)  # both set for these kinds
@@ -123,6 +137,12 @@ def all_cases(quick):
             cases.append(Case(f"adam {variant} {size}", "lowp", "adam", variant, size))
     for size in ("16M", "1000x256"):
         cases.append(Case(f"adam f32 {size} deepspeed", "lowp", "adam", "f32", size))
+    # Weight averages (kind "average", a table of their own): lrfast.Averager.update() on the
+    # transformer's 110 tensors and on one 16M tensor, and Adam's step with ema= (the average
+    # fused into the update's pass) against the plain step.
+    cases.append(Case("ema f32 transformer", "average", "ema", "f32", "transformer"))
+    cases.append(Case("ema f32 16M", "average", "ema", "f32", "16M"))
+    cases.append(Case("adam+ema f32 16M", "average", "adam", "f32", "16M"))
     cases.append(Case("schedule scalar", "schedule-scalar"))
     cases.append(Case("schedule vector 1e7", "schedule-vector"))
     cases.append(Case("adam f32 1M threads 1->2", "threads", "adam", "f32", "1M"))

@@ -18,7 +18,7 @@ import lrfast
 from lrfast import reference
 from lrfast import schedules as S
 
-from .cases import DTYPES, SCALAR_STEP, SCHEDULE_ARGS, VECTOR_STEPS, VARIANTS
+from .cases import DTYPES, EMA_DECAY, SCALAR_STEP, SCHEDULE_ARGS, VECTOR_STEPS, VARIANTS
 from .optimizers import OPTIMIZERS
 from .timing import short_error
 
@@ -37,6 +37,19 @@ PEERS = ("numpy-ref", "torch-loop", "torch-foreach", "torch-fused", "optax-jit",
 # * lrfast.torch: lrfast.torch.CPUAdam on the same torch tensors, where lrfast.torch has it.
 LOWP_PEERS = ("torch-fused", "torch-offload", "torch-offload-prealloc", "deepspeed",
               "lrfast.torch")
+# The peers of the weight-average cases (kind "average", their own table), EMA decay EMA_DECAY:
+# * numpy-ref: lrfast.reference.average_ on each array;
+# * torch-ema-fn: torch.optim.swa_utils.get_ema_multi_avg_fn(decay) called on the detached
+#   param lists as AveragedModel.update_parameters calls it (one torch._foreach_lerp_);
+# * timm-ema-v3: timm.utils.ModelEmaV3(model, decay).update(model);
+# * lrfast.torch: lrfast.torch.ema_multi_avg_fn(decay) on the same lists, where lrfast.torch
+#   has it;
+# and for Adam's step with ema= (the average fused into the step's pass):
+# * no-ema: lrfast.Adam's step alone;
+# * separate: lrfast.Adam's step, then Averager.update() (the average in a pass of its own);
+# * torch-fused+ema: torch.optim.Adam(fused=True).step(), then torch's EMA function.
+AVERAGE_PEERS = ("numpy-ref", "torch-ema-fn", "timm-ema-v3", "lrfast.torch", "no-ema",
+                 "separate", "torch-fused+ema")
 TORCH_FLAGS = {"torch-loop": {"foreach": False}, "torch-foreach": {"foreach": True},
                "torch-fused": {"fused": True}}
 SEED = 20240611
@@ -152,6 +165,9 @@ def plan(cases, peers, quick):
         if c.kind == "lowp":
             c.impls = {"lrfast": None, **{p: _lowp_skip(c, p, peers, quick) for p in LOWP_PEERS}}
             continue
+        if c.kind == "average":
+            c.impls = {"lrfast": None, **{p: _average_skip(c, p, peers) for p in AVERAGE_PEERS}}
+            continue
         impls: dict[str, Skip | None] = {"lrfast": None}
         if c.kind == "flat" and not flat_ok:
             impls["lrfast"] = Skip("FlatParams not available")
@@ -186,6 +202,37 @@ def _lowp_skip(c, peer, peers, quick=False):
             import lrfast.torch  # noqa: F401  (it may fail where torch itself imported)
         except ImportError as e:
             return Skip(f"lrfast.torch: {short_error(e)}")
+    return None
+
+
+def _average_skip(c, peer, peers):
+    """Which weight-average peers run in case ``c`` (None) and why the others do not."""
+    fused = c.opt != "ema"
+    if peer in ("no-ema", "separate", "torch-fused+ema") and not fused:
+        return Skip("no optimizer step in this case", "n/a")
+    if peer in ("numpy-ref", "torch-ema-fn", "lrfast.torch", "timm-ema-v3") and fused:
+        return Skip("the average alone is timed in the ema rows", "n/a")
+    if peer == "timm-ema-v3" and c.size != "transformer":
+        return Skip("timm's ModelEmaV3 averages a model: the transformer row", "n/a")
+    if peer in ("numpy-ref", "no-ema", "separate"):
+        return None
+    if peers.torch is None:
+        return Skip(peers.torch_reason)
+    if peer == "timm-ema-v3":
+        from . import peer_imports
+        try:
+            peer_imports.timm_model_ema()
+        except ImportError:
+            return Skip("timm not installed")
+        except Exception as e:
+            return Skip(f"timm failed to import: {short_error(e)}")
+    if peer == "lrfast.torch":
+        try:
+            import lrfast.torch as module
+        except ImportError as e:
+            return Skip(f"lrfast.torch: {short_error(e)}")
+        if not hasattr(module, "ema_multi_avg_fn"):
+            return Skip("lrfast.torch has no ema_multi_avg_fn")
     return None
 
 
@@ -348,6 +395,17 @@ def _schedule_step(case, impl, peers):
     return reference.schedule_values, (spec, steps)
 
 
+def _transformer(torch, sizes):
+    """The torch-API cases' model (seeded): 9 encoder layers of width 32 and a linear head."""
+    torch.manual_seed(SEED)
+    layers = [torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+              for _ in range(9)]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 8))
+    if tuple(p.numel() for p in model.parameters()) != sizes:
+        raise RuntimeError("the transformer's parameters are not SIZES['transformer']")
+    return model
+
+
 def _torch_api_step(case, impl, peers):
     """An optimizer over torch tensors with gradients: lrfast.torch's class, or torch.optim's
     (for-loop, foreach or fused). The transformer case uses a real model's parameters."""
@@ -367,12 +425,7 @@ def _torch_api_step(case, impl, peers):
         cls, flags = getattr(torch.optim, o.cls), TORCH_FLAGS[impl]
     gen = torch.Generator().manual_seed(SEED)
     if case.size == "transformer":
-        torch.manual_seed(SEED)
-        layers = [torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-                  for _ in range(9)]
-        params = list(torch.nn.Sequential(*layers, torch.nn.Linear(32, 8)).parameters())
-        if tuple(p.numel() for p in params) != case.sizes:
-            raise RuntimeError("the transformer's parameters are not SIZES['transformer']")
+        params = list(_transformer(torch, case.sizes).parameters())
     else:
         params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in case.sizes]
     for p in params:
@@ -496,9 +549,85 @@ def _lowp_step(case, impl, data, peers):
     return step_prealloc, ()
 
 
+# ------------------------------------------------------------------------------------------
+# Weight averages
+# ------------------------------------------------------------------------------------------
+
+def _average_step(case, impl, data, peers):
+    """One weight-average step of ``case`` by ``impl`` (see AVERAGE_PEERS). The transformer row
+    averages a torch model's parameters: lrfast's Averager over NumPy views of its tensors
+    (``t.detach().numpy()``; the Data arrays of the same sizes where torch is missing), each
+    peer over a model of its own made from the same seed."""
+    torch = peers.torch
+    o = OPTIMIZERS["adam"]
+    if case.size == "transformer" and impl == "lrfast" and torch is not None:
+        arrays = [p.detach().numpy() for p in _transformer(torch, case.sizes).parameters()]
+        grads = []
+    else:
+        arrays, grads = data.copies()
+    if impl == "lrfast" and case.opt == "ema":
+        return lrfast.Averager(arrays, EMA_DECAY).update, ()
+    if impl == "lrfast":
+        opt = lrfast.Adam(arrays, **o.hyper, ema=lrfast.Averager(arrays, EMA_DECAY))
+        return opt.step, (grads,)
+    if impl == "numpy-ref":
+        averages = [a.copy() for a in arrays]
+        weight = 1.0 - EMA_DECAY
+
+        def numpy_step():
+            for a, p in zip(averages, arrays):
+                reference.average_(a, p, mode="lerp", weight=weight)
+        return numpy_step, ()
+    if impl == "no-ema":
+        return lrfast.Adam(arrays, **o.hyper).step, (grads,)
+    if impl == "separate":
+        opt = lrfast.Adam(arrays, **o.hyper)
+        avg = lrfast.Averager(arrays, EMA_DECAY)
+
+        def separate_step(g):
+            opt.step(g)
+            avg.update()
+        return separate_step, (grads,)
+    if torch is None:
+        raise Skip(peers.torch_reason)
+    if impl == "timm-ema-v3":
+        from .peer_imports import timm_model_ema
+        model = _transformer(torch, case.sizes)
+        ema = timm_model_ema()(model, decay=EMA_DECAY)
+        return ema.update, (model,)
+    if case.size == "transformer":
+        params = [p.detach() for p in _transformer(torch, case.sizes).parameters()]
+    else:
+        params = [torch.from_numpy(a) for a in arrays]   # shares memory with the copies
+    averages = [p.clone() for p in params]
+    if impl == "lrfast.torch":
+        import lrfast.torch as module
+        # looked up by name: the function is newer than some lrfast.torch builds (see the skip)
+        fn = getattr(module, "ema_multi_avg_fn")(EMA_DECAY)
+    else:
+        fn = torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY)
+    # AveragedModel passes its sample count as a tensor; an EMA function does not use it.
+    count = torch.tensor(1, dtype=torch.long)
+    if impl in ("torch-ema-fn", "lrfast.torch"):
+        return fn, (averages, params, count)
+    # torch-fused+ema: the fused Adam step, then the EMA function, as a torch loop would.
+    tensors = [torch.nn.Parameter(p) for p in params]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.from_numpy(g)
+    opt = torch.optim.Adam(tensors, **o.hyper, fused=True)
+    detached = [t.detach() for t in tensors]
+
+    def torch_step():
+        opt.step()
+        fn(averages, detached, count)
+    return torch_step, ()
+
+
 def make_stepper(case, impl, data, peers):
     if case.kind == "lowp":
         return _lowp_step(case, impl, data, peers)
+    if case.kind == "average":
+        return _average_step(case, impl, data, peers)
     if case.kind.startswith("schedule"):
         return _schedule_step(case, impl, peers)
     if case.kind == "torch":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-from .cases import VARIANTS
-from .peers import LOWP_PEERS, PEERS
+from .cases import DTYPES, EMA_DECAY, VARIANTS, average_transfers
+from .optimizers import OPTIMIZERS
+from .peers import AVERAGE_PEERS, LOWP_PEERS, PEERS
 from .verdicts import evaluate
 
 
@@ -77,8 +78,9 @@ def report(cases, machine, floor, settings, out=sys.stdout):
           f"{floor['inplace_gbs']:.1f} GB/s (3 transfers/elem) -> {floor['floor_gbs']:.1f} GB/s "
           f"({floor['elements'] // 2**20}M float32, {floor['threads']} thread{'s' if floor['threads'] != 1 else ''})")
     w()
-    table = [c for c in cases if c.kind not in ("threads", "lowp")]
+    table = [c for c in cases if c.kind not in ("threads", "lowp", "average")]
     lowp = [c for c in cases if c.kind == "lowp"]
+    average = [c for c in cases if c.kind == "average"]
     if table:
         _table(w, table, PEERS)
         w()
@@ -106,9 +108,13 @@ def report(cases, machine, floor, settings, out=sys.stdout):
           "p_bf16.copy_(master);")
         w("  -prealloc: the fp32 grad in a preallocated buffer (gbuf.copy_(g_bf16)). "
           "deepspeed: DeepSpeedCPUAdam.")
-    if table or lowp:
+    if average:
+        if table or lowp:
+            w()
+        _average_report(w, average)
+    if table or lowp or average:
         reasons: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-        for c in table + lowp:
+        for c in table + lowp + average:
             for impl, r in c.results.items():
                 st, why = r.get("status"), r.get("reason")
                 if st not in ("skipped", "n/a", "error") or not why or why.startswith("no "):
@@ -142,6 +148,40 @@ def report(cases, machine, floor, settings, out=sys.stdout):
     return tg
 
 
+def _average_report(w, cases):
+    """The weight-average cases' table, what its columns are, and the cost of ema=."""
+    w(f"Weight averages (EMA, decay {EMA_DECAY}):")
+    _table(w, cases, [p for p in AVERAGE_PEERS if any(
+        c.results.get(p, {}).get("status") not in (None, "n/a") for c in cases)])
+    w()
+    w("  ema rows: lrfast is Averager.update() (transformer: over NumPy views of the model's")
+    w("  torch tensors, t.detach().numpy()). torch-ema-fn: torch's get_ema_multi_avg_fn(decay)")
+    w("  on the param lists (torch._foreach_lerp_); timm-ema-v3: ModelEmaV3(model, decay)"
+      ".update(model);")
+    w("  lrfast.torch: lrfast.torch.ema_multi_avg_fn(decay) on the same lists.")
+    w("  adam+ema row: lrfast is lrfast.Adam(params, ema=Averager(params)).step (the average fused")
+    w("  into the step's pass); no-ema: the step alone; separate: the step, then avg.update();")
+    w("  torch-fused+ema: torch.optim.Adam(fused=True).step(), then torch's EMA function.")
+    for c in cases:
+        ratios = c.analysis.get("ratios", {})
+        if "lrfast.torch" in ratios and "torch-ema-fn" in ratios:
+            w(f"  {c.name}: torch-ema-fn / lrfast.torch "
+              f"{fmt_ratio(ratios['torch-ema-fn'] / ratios['lrfast.torch'])}")
+        cost = c.analysis.get("extra_cost_pct")
+        if not cost:
+            continue
+        size = DTYPES[c.dtype]().itemsize
+        plain = OPTIMIZERS[c.opt].transfers * size
+        parts = []
+        for name, what, separate in (("ema=", "ema= (fused)", False),
+                                     ("separate", "a separate update()", True)):
+            if name in cost:
+                moved = average_transfers(c.opt, separate) * size
+                parts.append(f"{what} {cost[name]:+.1f}% (bytes {moved} vs {plain} per element: "
+                             f"{c.analysis['extra_bytes_pct'][name]:+.1f}%)")
+        w(f"  {c.name}: extra time over the step alone: " + "; ".join(parts))
+
+
 def write_plot(cases, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -149,7 +189,7 @@ def write_plot(cases, path):
     rows = [c for c in cases if c.analysis.get("ratios")]
     if not rows:
         raise ValueError("no case has a peer measurement to plot")
-    peers = [p for p in dict.fromkeys(PEERS + LOWP_PEERS)
+    peers = [p for p in dict.fromkeys(PEERS + LOWP_PEERS + AVERAGE_PEERS)
              if any(p in c.analysis["ratios"] for c in rows)]
     height = 0.8 / max(len(peers), 1)
     fig = Figure(figsize=(9, 1.0 + 0.32 * len(rows) * max(1, len(peers) / 2.5)))

@@ -2,6 +2,7 @@
 a target is within noise of its threshold), and the ratios and % of floor of the medians."""
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 import warnings
@@ -10,11 +11,12 @@ import numpy as np
 
 import lrfast
 
-from .cases import DTYPES, MEMORY_BOUND
+from .cases import DTYPES, MEMORY_BOUND, average_transfers
+from .optimizers import OPTIMIZERS
 from .peers import Data, Skip, lrfast_step, make_stepper
 from .targets import parts_of
 from .timing import Rounds, short_error
-from .verdicts import references, undecided
+from .verdicts import paired, references, undecided
 
 TARGET_ROUNDS = 11            # rounds for a case a target judges (95% interval: 2nd to 10th)
 EXTRA_ROUNDS = 8              # rounds added at a time while one of its targets is within noise
@@ -92,7 +94,7 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
         progress.advance()
     else:
         data = None
-        if case.kind in ("optim", "flat"):
+        if case.kind in ("optim", "flat", "average"):
             data = Data(case.sizes, DTYPES[case.dtype])
         elif case.kind == "lowp":
             data = Data(case.sizes, np.float32)     # each implementation narrows its copy
@@ -176,4 +178,27 @@ def analyse(case, floor):
             out["pct_floor_peers"] = {p: 100.0 * floor_s / r["median_s"]
                                       for p, r in case.results.items()
                                       if p != "lrfast" and r.get("status") == "ok"}
+    if case.kind == "average" and case.opt != "ema":
+        out.update(extra_cost(case))
+    return out
+
+
+def extra_cost(case):
+    """Adam's step with ema= against the step alone ("no-ema"): the extra time of the fused
+    average and of a separate Averager.update() after the step, in % of the step alone (the
+    medians of per-round values, timed side by side), beside the extra bytes each moves."""
+    base = case.results.get("no-ema", {})
+    if base.get("status") != "ok":
+        return {}
+    plain = OPTIMIZERS[case.opt].transfers
+    out: dict = {"extra_cost_pct": {}, "extra_bytes_pct": {}}
+    for name, impl, separate in (("ema=", "lrfast", False), ("separate", "separate", True)):
+        res = case.results.get(impl, {})
+        if res.get("status") != "ok":
+            continue
+        xs, ys = paired(res, base)
+        ratios = [x / y for x, y in zip(xs, ys)] or [res["median_s"] / base["median_s"]]
+        out["extra_cost_pct"][name] = 100.0 * (statistics.median(ratios) - 1.0)
+        out["extra_bytes_pct"][name] = 100.0 * (average_transfers(case.opt, separate) - plain) \
+            / plain
     return out

@@ -7,7 +7,9 @@ A target is one or more *parts*; a part compares one statistic of one case with 
 * ``floor``: % of the memory-bandwidth floor, (bytes moved per step / probe bandwidth) /
   lrfast's time per step (``>=``);
 * ``time``: lrfast's seconds per step (``<=``);
-* ``speedup``: lrfast's time on 1 thread / on 2 threads (``>=``).
+* ``speedup``: lrfast's time on 1 thread / on 2 threads (``>=``);
+* ``cost``: lrfast's time per step / a peer's (``<=``): what lrfast's step costs over a
+  lighter one timed beside it (Adam with ``ema=`` over Adam alone), printed as ``+x%``.
 
 How a part is judged on a noisy measurement is in ``verdicts``; each part's between-run spread
 in ``spread``.
@@ -23,9 +25,9 @@ from . import spread as _spread
 @dataclass(frozen=True)
 class Part:
     case: str
-    measure: str                  # ratio, floor, time, speedup
+    measure: str                  # ratio, floor, time, speedup, cost
     threshold: float
-    peer: str | None = None       # for ratio: a peer, or "torch-fastest"
+    peer: str | None = None       # for ratio: a peer, or "torch-fastest"; for cost: a peer
     label: str | None = None
     family: str = "16M"           # for a part without its own measured spread
 
@@ -41,15 +43,17 @@ class Part:
 
     @property
     def at_least(self):
-        return self.measure != "time"
+        return self.measure not in ("time", "cost")
 
     def name(self):
         if self.label:
             return self.label
         return {"ratio": f"{self.peer}/lrfast", "floor": "floor", "time": "lrfast",
-                "speedup": "speedup"}[self.measure]
+                "speedup": "speedup", "cost": f"lrfast/{self.peer}"}[self.measure]
 
     def fmt(self, v, threshold=False):
+        if self.measure == "cost":
+            return f"{100 * (v - 1):+g}%" if threshold else f"{100 * (v - 1):+.1f}%"
         if self.measure == "floor":
             return f"{v:g}%" if threshold else f"{v:.1f}%"
         if self.measure == "time":
@@ -172,6 +176,19 @@ _TABLE: dict[str, tuple[tuple[Any, ...], ...]] = {
     ),
     "Adam f32 1M 1->2 threads >= 1.7x": (
         ("adam f32 1M threads 1->2",       "speedup", 1.7,       None,            None,        "threads"),
+    ),
+    # Weight averages (the "average" cases). The EMA over the 110-tensor transformer is
+    # Averager.update() on NumPy views of the model's tensors. The fused EMA (ema=) moves 8 more
+    # bytes per element than Adam's 28, so its floor is +29%; a separate pass moves 12 (+43%).
+    "EMA update, 110-tensor transformer >= 5x torch's EMA function, >= 5x timm ModelEmaV3": (
+        ("ema f32 transformer",            "ratio",   5.0,       "torch-ema-fn",  None,        "torch-api"),
+        ("ema f32 transformer",            "ratio",   5.0,       "timm-ema-v3",   None,        "torch-api"),
+    ),
+    "EMA update f32 16M >= 90% floor": (
+        ("ema f32 16M",                    "floor",   90.0,      None,            None,        "16M"),
+    ),
+    "Adam with ema= f32 16M <= +30% over Adam alone": (
+        ("adam+ema f32 16M",               "cost",    1.3,       "no-ema",        "ema= cost", "16M"),
     ),
 }
 

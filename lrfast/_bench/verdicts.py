@@ -77,7 +77,7 @@ def _ok(res):
 
 
 def resolve_peer(case, part):
-    """The peer a ratio part compares with in ``case`` (None if it did not run)."""
+    """The peer a ratio or cost part compares with in ``case`` (None if it did not run)."""
     if part.peer != "torch-fastest":
         return part.peer if _ok(case.results.get(part.peer)) else None
     ran = [p for p in TORCH_PATHS if _ok(case.results.get(p))]
@@ -123,7 +123,9 @@ def estimate(case, part):
     if peer is None:
         return "skipped"
     other = res[peer]
-    if "shared_with" not in other:
+    if part.measure == "cost":        # lrfast's time over the peer's: the ratio's inverse
+        base, other = other, base
+    if "shared_with" not in other and "shared_with" not in base:
         xs, ys = paired(base, other)
         if xs:
             return median_ci([p / t for t, p in zip(xs, ys)])
