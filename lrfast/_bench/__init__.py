@@ -19,6 +19,14 @@ from torch (``torch-offload``, and ``torch-offload-prealloc`` with a preallocate
 ``deepspeed``, and ``lrfast.torch.CPUAdam`` on 1000x256 (see ``peers.LOWP_PEERS``); lrfast's
 side is ``lrfast.Adam`` on NumPy arrays (``state_dtype``, ``half_out``).
 
+The weight-average cases (kind ``average``, a table of their own) time ``lrfast.Averager``'s
+EMA update on the transformer's 110 tensors (NumPy views of the torch model's) and on one 16M
+tensor, and Adam's step with ``ema=`` (the average fused into the step's pass); their peers are
+the NumPy reference, torch's ``get_ema_multi_avg_fn`` on the param lists (``torch-ema-fn``),
+timm's ``ModelEmaV3`` (``timm-ema-v3``), ``lrfast.torch.ema_multi_avg_fn`` where it exists, and
+for the fused step: the step alone (``no-ema``), the step then ``update()`` (``separate``), and
+torch's fused Adam then its EMA function (see ``peers.AVERAGE_PEERS``).
+
 A missing package (or ``--no-torch`` / ``--no-optax`` / ``--no-deepspeed``) makes its columns
 "skipped", never an error; so does a DeepSpeed op that cannot build. Timing: one untimed step first (lazy state), then R interleaved rounds: each round
 times one batch of every implementation of the case in turn (a batch is k back-to-back steps,

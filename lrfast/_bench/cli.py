@@ -32,7 +32,7 @@ def add_arguments(p):
                    help="threads for lrfast and torch (default: their defaults)")
     p.add_argument("--cases", metavar="REGEX",
                    help="run only cases whose name matches (case-insensitive search), "
-                        "e.g. 'adam f32', '16M|1k', 'schedule', 'flat'")
+                        "e.g. 'adam f32', '16M|1k', 'schedule', 'flat', 'ema'")
     p.add_argument("--repeats", type=int, metavar="R",
                    help="rounds per case (default 9, quick 5; a case a target judges gets at "
                         f"least {TARGET_ROUNDS}, and more while the target is within noise)")
