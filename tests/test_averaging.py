@@ -17,7 +17,8 @@ import lrfast
 from lrfast import reference
 from cases import CONFIGS, OPTIMIZERS, config_id
 
-SHAPES = [(3000,), (17, 5), (), (0,), (1500,)]
+# (35001,): more than two of the fused update's tiles (FUSE_TILE, src/_averages.pxi), and a rest
+SHAPES = [(3000,), (17, 5), (), (0,), (35001,)]
 
 
 def _params(dtype, seed=0, shapes=SHAPES):
@@ -210,7 +211,7 @@ def test_fused_mixed_precision(variant):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     bf16 = np.dtype(ml_dtypes.bfloat16)
     rng = np.random.default_rng(5)
-    shapes = [(2500,), (7, 3)]
+    shapes = [(20000,), (7, 3)]  # (more than one fused tile)
     pdtype = np.float32 if variant.startswith("f32") else bf16
     gdtype = bf16
     kwargs = {"state_dtype": "float32"} if variant == "bf16 params, f32 state" else {}
