@@ -95,7 +95,9 @@ def test_every_kernel_update_has_a_spec_and_every_spec_a_kernel():
 def test_each_optimizer_has_its_classes():
     torch_mod = pytest.importorskip("lrfast.torch")
     # every spec's class, plus CPUAdam (DeepSpeed's signature over the Adam spec)
-    assert set(torch_mod.__all__) == set(OPTIMIZERS) | {"CPUAdam"}
+    # (and the weight averages' functions for AveragedModel)
+    assert set(torch_mod.__all__) == set(OPTIMIZERS) | {"CPUAdam", "ema_multi_avg_fn",
+                                                         "swa_multi_avg_fn"}
     assert torch_mod.CPUAdam._spec is OPTIMIZERS["Adam"]
     for name in OPTIMIZERS:
         assert getattr(lrfast, name)._spec is OPTIMIZERS[name]
@@ -113,11 +115,13 @@ def test_torch_signature_agrees_with_the_spec(name):
     if t is None or t.cls is None:
         pytest.skip(f"torch has no {name}")
     theirs = inspect.signature(getattr(torch.optim, t.cls))
-    # torch's signature, then lrfast's keyword-only options (half precision)
-    extra = ["state_dtype", "rounding", "seed"]
-    assert list(ours.parameters)[-3:] == extra
+    # torch's signature, then lrfast's keyword-only options (half precision, ema=)
+    extra = list(LT._LRFAST_KEYWORDS)
+    assert extra == ["state_dtype", "rounding", "seed", "ema"]
+    k = len(extra)
+    assert list(ours.parameters)[-k:] == extra
     assert all(ours.parameters[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extra)
-    assert ours.replace(parameters=list(ours.parameters.values())[:-3]) == theirs
+    assert ours.replace(parameters=list(ours.parameters.values())[:-k]) == theirs
     pos, kw, defaults = _split(theirs)
     hypers = [n for n in pos + list(kw) if n not in TORCH_FLAGS and n not in t.renamed
               and n != "params"]

@@ -16,7 +16,6 @@ compared bitwise.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import platform
 import subprocess
@@ -385,16 +384,14 @@ def test_numpy_averager_swa_float64_default_dtype(default_float64):
 # -- 3. timm's ModelEmaV3 and ema-pytorch's EMA -----------------------------------------------
 
 def timm_model_ema():
-    """timm.utils.model_ema, loaded by itself: timm's package imports torchvision, which a CPU
-    build of torch often lacks, and this module needs only torch."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
+    """timm's ModelEmaV3, imported as the bench and the optimizer parity tests import timm's
+    modules (without timm's package __init__, which needs torchvision)."""
+    from lrfast._bench import peer_imports
+
+    try:
+        return peer_imports.timm_model_ema()
+    except ImportError:
         pytest.skip("timm is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "model_ema.py")
-    module_spec = importlib.util.spec_from_file_location("_lrfast_test_timm_model_ema", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def float_state(model):
@@ -418,7 +415,7 @@ def test_timm_model_ema_v3(case, dtype):
     int64 buffer copied): lrfast.Averager over the same float tensors. float64 within 1e-12
     (its decay in double, as the Averager's; only torch's fused lerp rounds differently),
     float32 within 1e-6 of the scale; bitwise for the fixed exact decay."""
-    ModelEmaV3 = timm_model_ema().ModelEmaV3
+    ModelEmaV3 = timm_model_ema()
     keywords, decay, start = TIMM_CASES[case]
     state = {}
 

@@ -148,7 +148,7 @@ def test_torch_signature_is_timms_plus_lrfast_keywords(name):
     theirs = inspect.signature(_timm(name)).parameters
     ours = inspect.signature(_ours(name)).parameters
     P = inspect.Parameter
-    extra = {"state_dtype": None, "rounding": "nearest", "seed": 0}
+    extra = {"state_dtype": None, "rounding": "nearest", "seed": 0, "ema": None}
     assert list(ours) == list(theirs) + list(extra)
     for key, p in theirs.items():
         assert (ours[key].kind, ours[key].default) == (p.kind, p.default), key
