@@ -16,16 +16,14 @@ compared bitwise.
 from __future__ import annotations
 
 import copy
-import os
 import platform
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import lrfast
+from cases import run_python
 
 torch = pytest.importorskip("torch")
 LT = pytest.importorskip("lrfast.torch")
@@ -317,11 +315,9 @@ def test_bitwise_with_torch_unfused():
                     assert torch.equal(x, y), (dtype, (x - y).abs().max())
         print("bitwise")
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(lrfast.__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=120)
+    # (from an empty folder: a source checkout in the working directory must not shadow the
+    # lrfast this process imported, as in CI's installed runs)
+    out = run_python(script, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
     assert out.returncode == 0 and "bitwise" in out.stdout, out.stderr[-2000:]
 
 
