@@ -15,9 +15,7 @@ import pytest
 
 import lrfast
 import mpi_worker as W  # tests/ is on sys.path (pyproject's pythonpath)
-
-if importlib.util.find_spec("mpi4py") is None:
-    pytest.skip("mpi4py is not installed (pip install mpi4py mpich)", allow_module_level=True)
+from lrfast import distributed
 
 
 def _mpiexec():
@@ -28,12 +26,16 @@ def _mpiexec():
 
 
 MPIEXEC = _mpiexec()
-if MPIEXEC is None:
-    pytest.skip("no mpiexec found (pip install mpich, or an MPI on PATH)",
-                allow_module_level=True)
+HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
+needs_mpi = pytest.mark.skipif(
+    not HAVE_MPI4PY or MPIEXEC is None,
+    reason="mpi4py is not installed (pip install mpi4py mpich)" if not HAVE_MPI4PY else
+    "no mpiexec found (pip install mpich, or an MPI on PATH)")
 
 
 def _launcher_flags():
+    if MPIEXEC is None:
+        return []
     try:
         text = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True,
                               timeout=30).stdout
@@ -97,6 +99,8 @@ def _single(cls, dtype, n, hparams, dyadic=False, steps=W.STEPS, inject=None):
 
 @pytest.fixture(scope="module", params=[2, 3])
 def basic(request):
+    if not HAVE_MPI4PY or MPIEXEC is None:
+        pytest.skip(needs_mpi.kwargs["reason"])
     n = request.param
     with tempfile.TemporaryDirectory() as d:
         _run_ok(n, "basic", d)
@@ -156,6 +160,7 @@ def test_zero1_skip_nonfinite_everywhere(basic):
     np.testing.assert_allclose(res["zero_sgd_skip"], flat.param, rtol=0, atol=1e-12)
 
 
+@needs_mpi
 @pytest.mark.parametrize("saved_on, resumed_on", [(3, 2), (2, 3)])
 def test_checkpoint_resumes_on_another_rank_count(saved_on, resumed_on):
     hp = dict(lr=W.schedule(), betas=(0.9, 0.99))
@@ -187,6 +192,7 @@ def test_checkpoint_resumes_on_another_rank_count(saved_on, resumed_on):
     np.testing.assert_allclose(got["exp_avg"], exp_avg, rtol=0, atol=1e-12)
 
 
+@needs_mpi
 def test_exception_on_one_rank_ends_the_job():
     with tempfile.TemporaryDirectory() as d:
         start = time.monotonic()
@@ -197,3 +203,55 @@ def test_exception_on_one_rank_ends_the_job():
     assert "rank 1 fails mid-step" in err + out
     assert finished == []  # the ranks waiting in the Allgatherv were ended, not released
     assert took < 30
+
+
+# -- without MPI: what is checked before any communication ----------------------------------
+
+def test_shard_bounds_rule():
+    assert distributed.shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert distributed.shard_bounds(4, 1) == [(0, 4)]
+    for size, p in [(423, 2), (423, 3), (7, 7), (1000, 6)]:
+        b = distributed.shard_bounds(size, p)
+        lengths = [hi - lo for lo, hi in b]
+        assert b[0][0] == 0 and b[-1][1] == size and max(lengths) - min(lengths) <= 1
+        assert all(b[i][1] == b[i + 1][0] for i in range(p - 1))
+    with pytest.raises(ValueError, match="nranks"):
+        distributed.shard_bounds(10, 0)
+
+
+def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    g = np.ones(3)
+    with pytest.raises(ImportError, match="pip install mpi4py mpich"):
+        distributed.allreduce_grad(g)
+    flat = lrfast.FlatParams({"w": (4,)}, np.float64)
+    with pytest.raises(ImportError, match="pip install mpi4py mpich"):
+        distributed.ShardedOptimizer(flat, lrfast.Adam)
+    assert g.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda f: distributed.allreduce_grad(f.grad.astype(np.int32)), TypeError, "float32"),
+    (lambda f: distributed.allreduce_grad(f, dtype="float8"), ValueError, "dtype"),
+    (lambda f: distributed.allreduce_grad(f, dtype="bfloat16"), TypeError, "float32 gradients"),
+    (lambda f: distributed.allreduce_grad(f, average=1), TypeError, "average"),
+    (lambda f: distributed.allreduce_grad(f.grad[::2]), ValueError, "contiguous"),
+    (lambda f: distributed.ShardedOptimizer(f, lrfast.optim.Lamb), ValueError, "per-tensor"),
+    (lambda f: distributed.ShardedOptimizer(f, lrfast.optim.Adafactor), ValueError,
+     "per-tensor"),
+    (lambda f: distributed.ShardedOptimizer(f, lrfast.optim.AdamWScheduleFree), ValueError,
+     "not supported"),
+    (lambda f: distributed.ShardedOptimizer(f, "adam"), TypeError, "optimizer class"),
+    (lambda f: distributed.ShardedOptimizer(f.params, lrfast.Adam), TypeError, "FlatParams"),
+    (lambda f: distributed.ShardedOptimizer(f, lrfast.Adam, ema=object()), ValueError, "ema"),
+    (lambda f: distributed.ShardedOptimizer(
+        lrfast.FlatParams({"w": (4,)}, np.float32, grad_dtype=np.float16), lrfast.Adam),
+     TypeError, "same type"),
+])
+def test_bad_inputs_raise_before_any_communication(monkeypatch, call, error, match):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # would raise ImportError if reached
+    flat = lrfast.FlatParams({"w": (3, 2), "b": (2,)}, np.float64)
+    flat.grad[...] = 1.5
+    with pytest.raises(error, match=match):
+        call(flat)
+    assert (flat.grad == 1.5).all() and (flat.param == 0).all()
