@@ -42,7 +42,7 @@ _COMM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _mpi():
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise ImportError(f"{_INSTALL} ({exc})") from exc
     return MPI
@@ -337,7 +337,7 @@ class ShardedOptimizer:
         """One ZeRO-1 step (collective: every rank calls it). Returns True when applied, False
         when skipped on every rank for a non-finite gradient (``skip_nonfinite=True``)."""
         if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real) \
-                or not (0 < grad_scale < float("inf")):
+                or not (0 < float(grad_scale) < float("inf")):
             raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
         self.reduce_grad()
         if self._skip_nonfinite:
@@ -356,9 +356,9 @@ class ShardedOptimizer:
         MPI = self._MPI
         typ = _mpi_type(MPI, shard.dtype)
         if root is None:
-            full = np.empty(self.flat.size, shard.dtype)
-            self.comm.Allgatherv([shard, typ], [full, self._counts, self._displs, typ])
-            return full
+            every = np.empty(self.flat.size, shard.dtype)
+            self.comm.Allgatherv([shard, typ], [every, self._counts, self._displs, typ])
+            return every
         full = np.empty(self.flat.size, shard.dtype) if self.rank == root else None
         self.comm.Gatherv([shard, typ],
                           None if full is None else [full, self._counts, self._displs, typ],
@@ -369,7 +369,7 @@ class ShardedOptimizer:
         if root is None and allow_none:
             return
         if isinstance(root, bool) or not isinstance(root, numbers.Integral) \
-                or not 0 <= root < self.size:
+                or not 0 <= int(root) < self.size:
             raise ValueError(f"root must be a rank in [0, {self.size})"
                              + (" or None" if allow_none else "") + f", got {root!r}")
 
