@@ -3,7 +3,8 @@ MODE OUT [PATH]``. The test imports it too, for the shared model, data and setti
 imported only when it runs under mpiexec).
 
 Modes:
-  basic   allreduce_grad + Adam (float64), ShardedOptimizer AdamW (float32, dyadic grads) and
+  basic   allreduce_grad + Adam (float64), allreduce_grad in bfloat16 (mean and sum, every
+          rank's result), ShardedOptimizer AdamW (float32, dyadic grads) and
           SGD (float64), skip_nonfinite with an infinity on the last rank only, the gathered
           state dict; rank 0 writes OUT/basic.npz
   save    ShardedOptimizer Adam with a schedule: SAVE_AT steps, then save_checkpoint(PATH)
@@ -42,6 +43,22 @@ def grad(rank, step, dtype, dyadic=False):
     return rng.standard_normal(size()).astype(dtype)
 
 
+def bf16_grad(rank):
+    """Rank ``rank``'s float32 gradient for the bfloat16 all-reduce: normal values, and at the
+    start some exactly halfway between two bfloat16 numbers (ties; even and odd last kept
+    bit), some just off a tie, tiny ones below the smallest normal float32, and two whose
+    float32 sum over 3 ranks depends on the order of the additions: 1 + 2**-24 - 1 is 0 added
+    left to right, 2**-24 in any other order."""
+    g = grad(rank, 0, np.float32)
+    bits = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x40418000, 0x3F808001, 0x3F807FFF,
+                     0x00012345, 0x80008000], np.uint32)
+    bits[:6] += np.uint32(rank << 17)  # other values on other ranks, still ties or near them
+    g[:bits.size] = bits.view(np.float32)
+    at = bits.size
+    g[at:at + 2] = [(1.0, 2.0**-24, -1.0)[rank % 3], (-1.0, 2.0**-24, 1.0)[rank % 3]]
+    return g
+
+
 def schedule():
     import lrfast.schedules as s
     return s.cosine_decay(1e-2, decay_steps=STEPS)
@@ -69,9 +86,12 @@ def basic(comm, out):
     result["allreduce_adam"] = flat.param.copy()
 
     flat = _flat(np.float32)
-    flat.grad[...] = grad(rank, 0, np.float32)
-    dist.allreduce_grad(flat, comm, dtype="bfloat16")
-    result["allreduce_bf16"] = flat.grad.copy()
+    for key, average in (("allreduce_bf16", True), ("allreduce_bf16_sum", False)):
+        flat.grad[...] = bf16_grad(rank)
+        dist.allreduce_grad(flat, comm, average=average, dtype="bfloat16")
+        every = comm.gather(flat.grad.copy(), root=0)  # each rank's result, to compare
+        if rank == 0:
+            result[key] = np.stack(every)
 
     flat = _flat(np.float32)
     opt = dist.ShardedOptimizer(flat, lrfast.AdamW, comm, **ADAMW)

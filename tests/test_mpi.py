@@ -97,7 +97,7 @@ def _single(cls, dtype, n, hparams, dyadic=False, steps=W.STEPS, inject=None):
     return flat, opt, applied
 
 
-@pytest.fixture(scope="module", params=[2, 3])
+@pytest.fixture(scope="module", params=[1, 2, 3])
 def basic(request):
     if not HAVE_MPI4PY or MPIEXEC is None:
         pytest.skip(needs_mpi.kwargs["reason"])
@@ -115,20 +115,94 @@ def test_allreduce_matches_one_process(basic):
     assert not np.array_equal(res["allreduce_adam"], W.init(np.float64))
 
 
-def test_allreduce_bfloat16(basic):
-    n, res = basic
-    got = res["allreduce_bf16"]
-    grads = [W.grad(r, 0, np.float32) for r in range(n)]
-    exact = sum(g.astype(np.float64) for g in grads) / n
-    # every rounding to bfloat16 is within 2**-8 relative; at most n of them reach the sum
-    bound = n * 2.0**-8 * sum(np.abs(g.astype(np.float64)) for g in grads) / n
-    assert np.all(np.abs(got - exact) <= bound * (1 + 1e-6))
-    assert np.abs(got - exact).max() > 1e-6  # it did go through bfloat16
+def _bf16(x):
+    """float32 ``x`` rounded to nearest-even bfloat16 (8 significant bits, float32's exponent
+    range), as float32: computed in float64 from frexp and rint, not from bit patterns.
+    Infinities and NaN pass through."""
+    x = np.asarray(x, np.float32)
+    wide = x.astype(np.float64)
+    finite = np.isfinite(wide)
+    _, e = np.frexp(np.where(finite, wide, 0.0))
+    # the spacing of bfloat16 numbers of that exponent; 2**-133 below 2**-126 (subnormals)
+    q = np.ldexp(1.0, np.maximum(e - 8, -133))
+    r = np.rint(wide / q) * q  # rint: halfway cases to even
+    with np.errstate(over="ignore"):
+        return np.where(finite, r, wide).astype(np.float32)  # above the largest: infinity
+
+
+def _expected_bf16(grads, average):
+    """What the bfloat16 all-reduce must give: inputs rounded, added in float32 in rank order,
+    divided by the rank count when averaging, rounded once more."""
+    total = _bf16(grads[0])
+    for g in grads[1:]:
+        total = total + _bf16(g)  # float32 + float32
+    if average:
+        total = total / np.float32(len(grads))
+    return _bf16(total)
+
+
+def test_bf16_reference_rounding():
+    """The test's reference rounding, on values whose bfloat16 is known by hand."""
+    cases = [(1.0, 1.0), (1 + 2.0**-8, 1.0), (1 + 3 * 2.0**-8, 1 + 2.0**-6),  # ties to even
+             (1 + 2.0**-8 + 2.0**-20, 1 + 2.0**-7), (-(2 - 2.0**-9), -2.0), (0.0, 0.0),
+             (2.0**-140, 0.0), (3 * 2.0**-134, 2.0**-132), (np.inf, np.inf),
+             (float(np.finfo(np.float32).max), np.inf)]
+    x = np.array([c for c, _ in cases], np.float32)
+    np.testing.assert_array_equal(_bf16(x), np.array([w for _, w in cases], np.float32))
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    if n == 2:  # one addition: the result is determined
-        bf = ml_dtypes.bfloat16
-        s = grads[0].astype(bf).astype(np.float32) + grads[1].astype(bf).astype(np.float32)
-        np.testing.assert_array_equal(got, s.astype(bf).astype(np.float32) / np.float32(2))
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = x[np.isfinite(x)]
+    np.testing.assert_array_equal(_bf16(x),
+                                  x.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_bf16_bit_helpers_match_the_reference():
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32)
+    # ties and near-ties, largest finite, the subnormal range, infinities, zeros, NaNs whose
+    # payload is only in the low (dropped) bits
+    bits[:12] = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF,
+                 0x00008000, 0x00018000, 0x7F800000, 0x80000000, 0x7F800001, 0xFFFF8001]
+    x = bits.view(np.float32)
+    got = np.empty(x.size, np.uint16)
+    distributed._to_bf16_bits(x, got)
+    wide = np.empty(x.size, np.float32)
+    distributed._from_bf16_bits(got, wide)
+    nan = np.isnan(x)
+    assert nan[10] and nan[11] and np.isnan(wide[nan]).all()
+    want = _bf16(x[~nan])
+    assert np.array_equal(wide[~nan].view(np.uint32), want.view(np.uint32))  # signed zeros too
+    # widening is exact: every bfloat16 pattern round-trips
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    back = np.empty(every.size, np.float32)
+    distributed._from_bf16_bits(every, back)
+    again = np.empty(every.size, np.uint16)
+    distributed._to_bf16_bits(back, again)
+    not_nan = ~np.isnan(back)
+    np.testing.assert_array_equal(again[not_nan], every[not_nan])
+    np.testing.assert_array_equal(back[not_nan], _bf16(back[not_nan]))
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_allreduce_bfloat16(basic, average):
+    n, res = basic
+    got = res["allreduce_bf16" if average else "allreduce_bf16_sum"]
+    grads = [W.bf16_grad(r) for r in range(n)]
+    want = _expected_bf16(grads, average)
+    assert got.shape == (n, W.size())
+    for r in range(n):  # the same bits on every rank
+        assert np.array_equal(got[r].view(np.uint32), want.view(np.uint32)), r
+    if n == 1:
+        np.testing.assert_array_equal(got[0], _bf16(grads[0]))
+    # and within the documented bound of the exact mean (or sum)
+    exact = sum(g.astype(np.float64) for g in grads)
+    mag = sum(np.abs(g.astype(np.float64)) for g in grads)
+    scale = n if average else 1
+    bound = (2.0**-8 * np.abs(exact) + (2.0**-8 + 2.0**-15 + n * 2.0**-23) * mag) / scale
+    bound += 2.0**-131  # the tiny inputs are below the bound's range: an absolute 2**-134 each
+    assert np.all(np.abs(got[0] - exact / scale) <= bound)
+    assert np.abs(got[0] - exact / scale).max() > 1e-6  # it did go through bfloat16
 
 
 def test_zero1_bitwise_and_state(basic):
