@@ -3,7 +3,9 @@
 
 Per rank and round: the update of the rank's slice (``ShardedOptimizer.optimizer.step``), the
 ``Reduce_scatter`` of the gradient, the ``Allgatherv`` of the params, and for comparison the
-``Allreduce`` of the whole gradient (``allreduce_grad``; optionally its bfloat16 form). Ranks
+``Allreduce`` of the whole gradient (``allreduce_grad``; with ``--bf16`` also its bfloat16 form,
+``allreduce_grad(dtype="bfloat16")``: rounding, an ``Alltoallv`` and an ``Allgatherv`` of 2-byte
+values, the sums in float32, widening back; the column includes all of it). Ranks
 are lined up with a barrier before each timed call. The table reports, per rank count, the
 median over rounds of the slowest rank's time.
 
@@ -104,7 +106,8 @@ def main():
         med = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{p:>5} " + " ".join(f"{med[c] * 1e3:>15.2f}" for c in cols))
     print(f"bytes sent per rank per step (bandwidth-optimal algorithms, p ranks, n = {n}, "
-          f"b = {b}): Reduce_scatter and Allgatherv (p-1)/p*n*b each, Allreduce 2(p-1)/p*n*b")
+          f"b = {b}): Reduce_scatter and Allgatherv (p-1)/p*n*b each, Allreduce 2(p-1)/p*n*b"
+          + (", allreduce_bf16 2(p-1)/p*n*2 (Alltoallv + Allgatherv)" if args.bf16 else ""))
 
 
 if __name__ == "__main__":
