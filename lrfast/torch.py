@@ -771,8 +771,9 @@ class _Optimizer(torch.optim.Optimizer):
             if gptrs is not None:
                 work.append((gi, group, hyper, needs, values, plan, gptrs))
             else:
-                work.append((gi, group, hyper, needs, values, None,
-                             self._checked_grads(gi, group, outs)))
+                grads = self._checked_grads(gi, group, outs)
+                self._check_state(gi, group, needs)
+                work.append((gi, group, hyper, needs, values, None, grads))
         self._calls += 1  # (after the checks: a step that raises changes nothing)
         for gi, group, hyper, needs, values, plan, grads in work:
             lr = hyper["lr"]
@@ -828,6 +829,35 @@ class _Optimizer(torch.optim.Optimizer):
             for w, p in zip(targets, local):
                 if w is not p:
                     p.copy_(w)
+
+    def _check_state(self, gi, group, needs):
+        """The state buffers a new layout will point the kernels at, where the state was set
+        other than by ``load_state_dict`` (ZeroRedundancyOptimizer's ``load_state_dict``
+        assigns the local optimizer's ``state`` entries directly): a buffer that does not fit
+        its param (shape, kind, dtype, device) is refused before anything is written; a
+        non-contiguous one is replaced by a contiguous copy, as ``load_state_dict`` does."""
+        for k, p in enumerate(group["params"]):
+            st = self.state.get(p) if p.grad is not None else None
+            for name in needs if st else ():
+                buf = st.get(name)
+                if buf is None:
+                    continue
+                lp = _local(p)
+                lb = _local(buf) if isinstance(buf, torch.Tensor) else None
+                if (lb is None or _is_dtensor(buf) != _is_dtensor(p) or lb.shape != lp.shape
+                        or lb.dtype not in _STORAGE or lb.is_complex() != lp.is_complex()
+                        or lb.device != lp.device or lb.layout is not torch.strided):
+                    what = (f"{tuple(lb.shape)} {lb.dtype} on {lb.device}" if lb is not None
+                            else f"a {type(buf).__name__}")
+                    raise ValueError(
+                        f"state {name!r} of parameter {k} of group {gi} does not fit its "
+                        f"parameter: {what} versus {tuple(lp.shape)} {lp.dtype} on "
+                        f"{lp.device}")
+                if not lb.is_contiguous():
+                    if _is_dtensor(buf):
+                        raise ValueError(f"state {name!r} of parameter {k} of group {gi} has "
+                                         "a non-contiguous local shard")
+                    st[name] = buf.contiguous()
 
     def _checked_grads(self, gi, group, outs=None):
         """[(param, grad, half copy or None)] for the group's params with a gradient, every
