@@ -149,3 +149,63 @@ def test_group_mixing_dtensors_and_plain_tensors(runs):
     assert res["mixed_state"] == []
     _assert_params(res["mixed"], _ref("AdamW")[0])
 
+
+def _plain(t):
+    """A DTensor's local shard (a group of 1: the whole tensor), any other tensor itself."""
+    return (t.to_local() if hasattr(t, "to_local") else t).detach()
+
+
+def test_dtensor_group_layout_is_kept_between_steps(tmp_path):
+    """In this process (a group of 1, FileStore rendezvous): one group of two DTensor params
+    and a plain one, AdamW for 3 steps with new gradients each step (the layout made at the
+    first step is reused after it, the gradients' addresses read anew at each step), against
+    torch.optim.AdamW on plain copies. Then a DTensor param given a gradient that is not a
+    DTensor: refused, nothing written."""
+    if not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import lrfast.torch as lt
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        g = torch.Generator().manual_seed(3)
+        shapes = [(5, 3), (7,), (4, 2)]
+        sharded = [True, False, True]
+        values = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+        def as_ours(t, dt):
+            return distribute_tensor(t.clone(), mesh, [Shard(0)]) if dt else t.clone()
+
+        ours = [torch.nn.Parameter(as_ours(v, dt)) for v, dt in zip(values, sharded)]
+        ref = [torch.nn.Parameter(v.clone()) for v in values]
+        opt = lt.AdamW(ours, lr=0.1, weight_decay=0.1)
+        topt = torch.optim.AdamW(ref, lr=0.1, weight_decay=0.1, foreach=False)
+        plans = []
+        for _ in range(3):
+            for p, r, dt in zip(ours, ref, sharded):
+                r.grad = torch.randn(r.shape, generator=g, dtype=torch.float64)
+                p.grad = as_ours(r.grad, dt)
+            opt.step()
+            topt.step()
+            plans.append(opt._plans.get(0))
+            for p, r in zip(ours, ref):
+                torch.testing.assert_close(_plain(p), r.detach(), rtol=1e-13, atol=1e-15)
+        assert plans[0] is not None and plans[1] is plans[0] and plans[2] is plans[0]
+
+        before = [_plain(p).clone() for p in ours]
+        state = [{k: _plain(v).clone() for k, v in opt.state[p].items()} for p in ours]
+        ours[0].grad = None
+        try:
+            ours[0].grad = torch.ones(5, 3, dtype=torch.float64)
+        except (RuntimeError, TypeError):
+            pytest.skip("this torch refuses a plain gradient on a DTensor param itself")
+        with pytest.raises(ValueError, match="both be DTensors or both plain tensors"):
+            opt.step()
+        for p, b, st in zip(ours, before, state):
+            assert torch.equal(_plain(p), b)
+            assert all(torch.equal(_plain(v), st[k]) for k, v in opt.state[p].items())
+    finally:
+        dist.destroy_process_group()
