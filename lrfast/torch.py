@@ -121,7 +121,12 @@ def _is_dtensor(t: Any) -> bool:
 
 def _local(t: Any) -> Any:
     """A DTensor's local shard (a view of its memory), any other tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
+    if not _is_dtensor(t):
+        return t
+    # The DTensor's own local tensor where it has one: to_local() of a Parameter makes a new
+    # view at each call (microseconds per param, at every step); the memory is the same.
+    local = getattr(t, "_local_tensor", None)
+    return local if type(local) is torch.Tensor else t.to_local()
 
 
 def _scalar(value: Any) -> Any:
@@ -273,6 +278,9 @@ class _Plan:
         # The same checks as flat lists, for grad_pointers' fast path (every param of the group
         # had a gradient): each runs as one C-level map over the group instead of per param.
         self.dense = len(self.positions) == self.ngroup
+        # A group with DTensors (FSDP2's params) is checked param by param, on the local
+        # shards (a DTensor's own data_ptr() is 0): grad_pointers' general path.
+        self.sharded = any(map(_is_dtensor, self.group_params))
         self.gdtypes = list(gdtypes)
         self.state_dicts = list(states)
         self.buffer_dicts = [st for st in states for _ in names]
@@ -344,7 +352,7 @@ class _Plan:
         gparams = group["params"]
         if state is not self.state_obj or len(gparams) != len(self.group_params):
             return None
-        if self.dense:
+        if self.dense and not self.sharded:
             return self._dense_grad_pointers(gparams, state)
         out: list[int] = []
         append = out.append
@@ -359,11 +367,17 @@ class _Plan:
                         return None
                     continue
                 ptr, gdtype, st, tensors = entry
-                if (g is None or p.data_ptr() != ptr or g.dtype is not gdtype
-                        or not g.is_contiguous() or state.get(p) is not st
+                if g is None:
+                    return None
+                local, lg = _local(p), _local(g)
+                if (local.data_ptr() != ptr or lg.dtype is not gdtype
+                        or not lg.is_contiguous() or state.get(p) is not st
                         or not same(st, tensors)):
                     return None
-                append(g.data_ptr())
+                if (local is not p or lg is not g) and (
+                        _is_dtensor(p) != _is_dtensor(g) or lg.shape != local.shape):
+                    return None  # (_checked_grads says what is wrong)
+                append(lg.data_ptr())
         except (RuntimeError, KeyError):  # a sparse gradient; a state buffer removed
             return None
         return out
@@ -800,10 +814,10 @@ class _Optimizer(torch.optim.Optimizer):
                 keys.append(key)
             # A DTensor is updated on its local shard. A non-contiguous param is gathered into
             # a contiguous copy, updated there, and scattered back; its group is laid out anew
-            # at every step (never the others), as is a group of DTensors.
+            # at every step (never the others).
             local = [_local(p) for p in params]
             targets = [w if w.is_contiguous() else w.contiguous() for w in local]
-            gathered = any(w is not p for w, p in zip(targets, params))
+            gathered = any(w is not p for w, p in zip(targets, local))
             gdtypes = [g.dtype for _, g, _ in grads]
             halves = None if outs is None else [h for _, _, h in grads]
             count = self._counts_steps
