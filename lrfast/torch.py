@@ -852,7 +852,9 @@ class _Optimizer(torch.optim.Optimizer):
         non-contiguous one is replaced by a contiguous copy, as ``load_state_dict`` does."""
         for k, p in enumerate(group["params"]):
             st = self.state.get(p) if p.grad is not None else None
-            for name in needs if st else ():
+            if not st:
+                continue
+            for name in needs:
                 buf = st.get(name)
                 if buf is None:
                     continue
