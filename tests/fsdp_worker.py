@@ -74,6 +74,8 @@ BATCH = 12  # split evenly over 2 and over 3 ranks
 DEEP_STEPS = 4
 SAVED_AT = 2  # the checkpoint's step: saved on 2 ranks, loaded on 3, trained to DEEP_STEPS
 MAX_NORM = 0.05  # below the gradients' norm at every step: the clipping acts
+SCALER_STEPS = 3  # the loss-scaler runs' steps (2 ranks)
+INF_AT = 1  # ... and the one whose gradient holds an inf in rank 0's shard only
 
 # (name, class, keywords): each trained on the deep model by lrfast.torch's class, against
 # torch.optim's of the same name (for-loop path) on one process.
@@ -122,23 +124,26 @@ def deep_data():
             torch.randn(BATCH, 2, generator=g, dtype=torch.float64))
 
 
-def reference(cls_name, kw, steps=DEEP_STEPS, clip=None):
+def reference(cls_name, kw, steps=DEEP_STEPS, clip=None, skip=()):
     """One process, the whole batch, the model unsharded, torch.optim's class (for-loop):
-    the params after the last step, and the gradient norm clip_grad_norm_ returned at each."""
+    the params after the last step, and the gradient norm clip_grad_norm_ returned at each.
+    ``skip``: steps not taken at all (a loss scaler's step with a non-finite gradient)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # (the tensors are tiny: a second thread only waits)
     try:
-        return _reference(cls_name, kw, steps, clip)
+        return _reference(cls_name, kw, steps, clip, skip)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference(cls_name, kw, steps, clip):
+def _reference(cls_name, kw, steps, clip, skip):
     net = deep()
     opt = getattr(torch.optim, cls_name)(net.parameters(), foreach=False, **kw)
     x, y = deep_data()
     norms = []
-    for _ in range(steps):
+    for step in range(steps):
+        if step in skip:
+            continue
         opt.zero_grad()
         torch.nn.functional.mse_loss(net(x), y).backward()
         if clip is not None:
@@ -180,6 +185,32 @@ def _train(net, opt, xs, ys, steps, clip=None, plain=()):
             norms.append(float(n.full_tensor() if hasattr(n, "full_tensor") else n))
         opt.step()
     return norms
+
+
+def _scaled_train(net, opt, scaler, xs, ys):
+    """SCALER_STEPS steps through ``scaler``; at step INF_AT, after the backward pass (so
+    after FSDP's reduce-scatter), an inf written into one element of rank 0's shard of the
+    first block's weight gradient, and nowhere else. Per step, every rank's record: whether
+    its local gradients held a non-finite value before scaler.step, how many of its local
+    param shards the step changed, and the scale after update()."""
+    target = net.stages[0][0].lin.weight
+    rows = []
+    for step in range(SCALER_STEPS):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(net(xs), ys)).backward()
+        if step == INF_AT and dist.get_rank() == 0:
+            with torch.no_grad():
+                target.grad.to_local()[0, 0] = float("inf")
+        local_inf = any(not bool(torch.isfinite(p.grad.to_local()).all())
+                        for p in net.parameters())
+        before = [p.to_local().clone() for p in net.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        changed = sum(not torch.equal(b, p.to_local()) for b, p in zip(before, net.parameters()))
+        rows.append((local_inf, changed, float(scaler.get_scale())))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, rows)
+    return every
 
 
 def _full(net):
@@ -242,7 +273,9 @@ def run_deep(rank, world, port, out, ckpt):
     On both: every CONFIGS optimizer trained DEEP_STEPS steps, and the state's form. On 2
     ranks, with CPUOffloadPolicy(pin_memory=False): the small model; AdamW's run saves a
     checkpoint after SAVED_AT steps, whose optimizer state dict's form is compared with
-    torch.optim.AdamW's; AdamW after clip_grad_norm_. On 3 ranks, with no offload policy:
+    torch.optim.AdamW's; AdamW after clip_grad_norm_; AdamW through
+    torch.amp.GradScaler and through ShardedGradScaler, an inf in one rank's gradient shard at
+    one step (_scaled_train). On 3 ranks, with no offload policy:
     the checkpoint loaded into a fresh model and optimizer and trained to DEEP_STEPS; AdamW in
     one group mixing FSDP's DTensor params and plain ones. (Spread so: in each process the
     first DTensor norm, checkpoint and sharding take seconds of warm-up.)"""
@@ -312,6 +345,14 @@ def run_deep(rank, world, port, out, ckpt):
             opt = lt.AdamW(fresh().parameters(), **adamw)
             res["clip_norms"] = _train(net, opt, xs, ys, DEEP_STEPS, clip=MAX_NORM)
             res["clipped"] = _full(net)
+            # A non-finite value in one rank's gradient shard, through each loss scaler
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            res["scalers"] = {}
+            for kind, make in (("GradScaler", lambda: torch.amp.GradScaler("cpu")),
+                               ("ShardedGradScaler", lambda: ShardedGradScaler("cpu"))):
+                opt = lt.AdamW(fresh().parameters(), **adamw)
+                rows = _scaled_train(net, opt, make(), xs, ys)
+                res["scalers"][kind] = (rows, _full(net))
         else:
             # one group of DTensors (the even stages, sharded) and plain tensors (the odd
             # stages and the head, replicated, their grads averaged here)

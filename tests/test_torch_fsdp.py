@@ -7,9 +7,10 @@ their results): 2 ranks with CPUOffloadPolicy(pin_memory=False), then 3 ranks wi
 offload policy (both run on the CPU). Each trains a 202-tensor model (50 Linear + LayerNorm
 blocks in 10 fully_shard-ed stages, and the root) with lrfast.torch's AdamW, Adam(amsgrad=True)
 and SGD(nesterov). The 2-rank run also trains the small model, saves a
-torch.distributed.checkpoint after 2 of AdamW's steps and clips with clip_grad_norm_ before
-AdamW's steps; the 3-rank run loads the checkpoint into a fresh model and optimizer and trains
-on, and steps AdamW over one group mixing DTensor and plain params."""
+torch.distributed.checkpoint after 2 of AdamW's steps, clips with clip_grad_norm_ before
+AdamW's steps, and steps AdamW through GradScaler and ShardedGradScaler with an inf in one
+rank's gradient shard; the 3-rank run loads the checkpoint into a fresh model and optimizer
+and trains on, and steps AdamW over one group mixing DTensor and plain params."""
 import os
 import socket
 import tempfile
@@ -209,3 +210,32 @@ def test_dtensor_group_layout_is_kept_between_steps(tmp_path):
             assert all(torch.equal(_plain(v), st[k]) for k, v in opt.state[p].items())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["GradScaler", "ShardedGradScaler"])
+def test_inf_in_one_ranks_grad_shard_skips_the_step_on_every_rank(runs, kind):
+    """FSDP2 leaves each rank only its shard of each gradient, so an inf in one rank's shard
+    is seen by that rank alone unless the scaler's found_inf is reduced over the ranks. On 2
+    ranks, lrfast.torch.AdamW through torch.amp.GradScaler("cpu") and through FSDP's
+    ShardedGradScaler("cpu"), with an inf written after backward into one element of rank 0's
+    shard of one weight gradient at step INF_AT: both skip that step on both ranks (measured
+    with torch 2.13: DTensor reduces the found_inf of _amp_foreach_non_finite_check_and_unscale_
+    over the mesh itself, so the plain GradScaler suffices; ShardedGradScaler's own
+    all_reduce of it on top changes nothing), halve the scale on both, and the run goes on as
+    the unsharded one with that step left out. (Checked by hand: with DTensor's handler for
+    that op swapped for one running it on the local shards only, this fails for GradScaler,
+    rank 1 stepping while rank 0 skips, and still passes for ShardedGradScaler.)"""
+    rows, full = runs[2]["scalers"][kind]
+    assert len(rows) == 2
+    for step in range(fw.SCALER_STEPS):
+        hit = step == fw.INF_AT
+        # the inf was in rank 0's local gradients only (else this would not test the sync)
+        assert [r[step][0] for r in rows] == [hit, False], step
+        # no param shard changed on either rank at that step; every one at the others
+        assert [r[step][1] for r in rows] == [0 if hit else 202] * 2, step
+    # the scale: 2**16 to start, halved at the inf step (growth only after 2000 clean steps),
+    # the same on both ranks
+    want_scales = [2.0 ** 16 / (2 if s >= fw.INF_AT else 1) for s in range(fw.SCALER_STEPS)]
+    assert [[r[2] for r in ranks] for ranks in rows] == [want_scales] * 2
+    want, _ = fw.reference("AdamW", fw.CONFIGS[0][2], steps=fw.SCALER_STEPS, skip=(fw.INF_AT,))
+    _assert_params(full, want)
