@@ -54,6 +54,11 @@ def _choose():
     return wanted
 
 
+# Each build's 8-bit state maps (lrfast.quantization builds their tables once).
+for _build in BUILDS.values():
+    from . import quantization as _quantization
+    _quantization.install(_build)
+
 name = _choose()
 kernels = BUILDS[name]
 # Schedules bind their evaluator class at import; ``using`` does not switch it.

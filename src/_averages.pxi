@@ -121,7 +121,7 @@ cdef int _fused_average_segment(char** ptrs, Py_ssize_t n, const void* args, dou
     while start < n:
         m = n - start if n - start < FUSE_TILE else FUSE_TILE
         for r in range(f.nbuf):
-            rows[r] = ptrs[r] + start * f.sizes[r]
+            rows[r] = _at(<intptr_t>ptrs[r], start, f.sizes[r])
         count += f.inner(rows, m, f.inner_args, acc, first + start)
         _average_elements(avg + start * psize, rows[0], m, &f.average)
         start += m

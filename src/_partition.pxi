@@ -4,7 +4,10 @@ cdef enum:
     # Thread spans start on multiples of this many elements, so threads do not share cache lines
     # of a tensor that they split.
     SPAN_ALIGN = 64
-    MAX_BUFFERS = 8
+    # Table rows: an update's rows (params, grads, state: at most MAX_ROWS), the half copy, and
+    # a row of block scales per 8-bit state row.
+    MAX_ROWS = 8
+    MAX_BUFFERS = 12
 
 # Below this many elements per thread a parallel region costs more than it saves; each operation
 # has its own count (the updates' in _updates.pxi, the reductions' in _reductions.pxi).
@@ -45,8 +48,16 @@ ctypedef int (*segment_fn)(char** ptrs, Py_ssize_t n, const void* args, double* 
                            Py_ssize_t first) noexcept nogil
 
 # Per-row element sizes for tables whose rows all hold one type.
-cdef Py_ssize_t[MAX_BUFFERS] _SIZES4 = [4, 4, 4, 4, 4, 4, 4, 4]
-cdef Py_ssize_t[MAX_BUFFERS] _SIZES8 = [8, 8, 8, 8, 8, 8, 8, 8]
+cdef Py_ssize_t[MAX_BUFFERS] _SIZES4 = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]
+cdef Py_ssize_t[MAX_BUFFERS] _SIZES8 = [8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]
+
+
+cdef inline char* _at(intptr_t base, Py_ssize_t elem, Py_ssize_t size) noexcept nogil:
+    """The address of element ``elem`` of a row of ``size``-byte elements; ``size`` < 0 marks a
+    row of float32 block scales, one per ``-size`` elements (``elem`` is then a block start)."""
+    if size >= 0:
+        return <char*>base + elem * size
+    return <char*>base + (elem // -size) * 4
 
 
 cdef inline const Py_ssize_t* _sizes(bint is64) noexcept nogil:
@@ -90,7 +101,7 @@ cdef int _run_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
         b = end if end < offsets[k + 1] else offsets[k + 1]
         if b > a:
             for j in range(nbuf):
-                ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize[j]
+                ptrs[j] = _at(table[j * ntensors + k], a - offsets[k], itemsize[j])
             count += fn(ptrs, b - a, args, acc, a)
         k += 1
     return count
@@ -126,19 +137,61 @@ cdef int _team_size(Py_ssize_t total, int nthreads, Py_ssize_t min_per_thread) n
     return <int>(useful if useful < nthreads else nthreads)
 
 
+cdef inline Py_ssize_t _tensor_at(const Py_ssize_t* offsets, Py_ssize_t ntensors,
+                                  Py_ssize_t at) noexcept nogil:
+    """The last tensor starting at or before ``at`` (0 <= at < total): the one holding it."""
+    cdef Py_ssize_t lo = 0, hi = ntensors, mid
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if offsets[mid] <= at:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline Py_ssize_t _cut_at(const Py_ssize_t* offsets, Py_ssize_t ntensors, Py_ssize_t at,
+                               Py_ssize_t block) noexcept nogil:
+    """The first boundary of a ``block``-element block (counted from its tensor's start) at or
+    after element ``at``."""
+    cdef Py_ssize_t total = offsets[ntensors], k, r
+    if at <= 0:
+        return 0
+    if at >= total:
+        return total
+    k = _tensor_at(offsets, ntensors, at)
+    r = (at - offsets[k] + block - 1) // block * block
+    return offsets[k] + r if offsets[k] + r < offsets[k + 1] else offsets[k + 1]
+
+
 cdef int _run(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf, const Py_ssize_t* offsets,
               Py_ssize_t ntensors, const Py_ssize_t* itemsize, int nthreads,
               Py_ssize_t min_per_thread,
               const void* args, bint ftz) noexcept nogil:
     """Run ``fn`` over all elements, one contiguous span per thread; return the summed counts."""
-    cdef Py_ssize_t total = offsets[ntensors]
+    return _run_cut(fn, table, nbuf, offsets, ntensors, itemsize, nthreads, min_per_thread, args,
+                    ftz, 0)
+
+
+cdef int _run_cut(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf,
+                  const Py_ssize_t* offsets, Py_ssize_t ntensors, const Py_ssize_t* itemsize,
+                  int nthreads, Py_ssize_t min_per_thread, const void* args, bint ftz,
+                  Py_ssize_t block) noexcept nogil:
+    """``_run``, with each thread's span starting on a ``block`` boundary when ``block`` > 0
+    (8-bit state: a block is never shared between threads)."""
+    cdef Py_ssize_t total = offsets[ntensors], begin, end
     cdef int team = _team_size(total, nthreads, min_per_thread), tid
     cdef int count = 0
     if team == 1:
         return _run_span_env(fn, table, nbuf, offsets, ntensors, itemsize, 0, total, args, ftz)
     for tid in prange(team, num_threads=team, schedule='static'):
-        count += _run_span_env(fn, table, nbuf, offsets, ntensors, itemsize,
-                               _split(total, tid, team), _split(total, tid + 1, team), args, ftz)
+        begin = _split(total, tid, team)
+        end = _split(total, tid + 1, team)
+        if block > 0:
+            begin = _cut_at(offsets, ntensors, begin, block)
+            end = _cut_at(offsets, ntensors, end, block)
+        count += _run_span_env(fn, table, nbuf, offsets, ntensors, itemsize, begin, end, args,
+                               ftz)
     return count
 
 
@@ -178,30 +231,10 @@ cdef enum:
     PASS_BLOCK = 4096
 
 
-cdef inline Py_ssize_t _tensor_at(const Py_ssize_t* offsets, Py_ssize_t ntensors,
-                                  Py_ssize_t at) noexcept nogil:
-    """The last tensor starting at or before ``at`` (0 <= at < total): the one holding it."""
-    cdef Py_ssize_t lo = 0, hi = ntensors, mid
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if offsets[mid] <= at:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 cdef inline Py_ssize_t _block_cut(const Py_ssize_t* offsets, Py_ssize_t ntensors,
                                   Py_ssize_t at) noexcept nogil:
     """The first block boundary at or after element ``at``."""
-    cdef Py_ssize_t total = offsets[ntensors], k, r
-    if at <= 0:
-        return 0
-    if at >= total:
-        return total
-    k = _tensor_at(offsets, ntensors, at)
-    r = (at - offsets[k] + PASS_BLOCK - 1) // PASS_BLOCK * PASS_BLOCK
-    return offsets[k] + r if offsets[k] + r < offsets[k + 1] else offsets[k + 1]
+    return _cut_at(offsets, ntensors, at, PASS_BLOCK)
 
 
 cdef inline Py_ssize_t _num_blocks(Py_ssize_t n) noexcept nogil:
@@ -231,7 +264,7 @@ cdef void _run_blocks_span(segment_fn fn, const intptr_t* table, Py_ssize_t nbuf
             if c > b:
                 c = b
             for j in range(nbuf):
-                ptrs[j] = <char*>table[j * ntensors + k] + (a - offsets[k]) * itemsize[j]
+                ptrs[j] = _at(table[j * ntensors + k], a - offsets[k], itemsize[j])
             fn(ptrs, c - a, args, slots + (blockbase[k] + blk) * nslots, a)
             a = c
         k += 1

@@ -192,6 +192,9 @@ cdef class Plan:
     cdef Py_ssize_t sizes[MAX_BUFFERS]
     cdef int types[MAX_BUFFERS]
     cdef int typenum, update, math, nrows, out_type
+    # 8-bit state: the block size (0: none), and per state row the table row of its scales.
+    cdef Py_ssize_t qblock
+    cdef int scale_rows[MAX_BUFFERS]
     cdef unsigned long long seed
     cdef double hyper[MAX_HYPER]
     cdef bint ready, check, ftz, mixed, stochastic
@@ -208,8 +211,8 @@ cdef class Plan:
 
     def __init__(self, str update, cnp.ndarray table, cnp.ndarray offsets, str storage,
                  int typenum=-1, ndims=None, dims=None, wstart=None, wend=None, rows=None,
-                 out=None):
-        cdef Py_ssize_t r
+                 out=None, Py_ssize_t qblock=0):
+        cdef Py_ssize_t r, nq = 0, q
         if update not in UPDATE_IDS:
             raise ValueError(f"unknown update {update!r}; known: {sorted(UPDATE_IDS)}")
         if table.dtype != np.intp or not table.flags.c_contiguous or table.ndim != 2:
@@ -220,17 +223,44 @@ cdef class Plan:
         if offsets.shape[0] != table.shape[1] + 1:
             raise ValueError("offsets must have one entry more than the table has columns")
         self.nbuf = table.shape[0]
-        self.nrows = self.nbuf - (out is not None)
+        if rows is not None:
+            nq = sum(1 for name in rows if name in QUANT_CODES)
+        self.nrows = self.nbuf - (out is not None) - nq
+        if self.nrows < 2 or self.nrows > MAX_ROWS:
+            raise ValueError(f"the table has {self.nbuf} rows; with {nq} rows of 8-bit scales"
+                             f"{' and the half copy' if out is not None else ''} that leaves "
+                             f"{self.nrows} for the update (2 to {MAX_ROWS})")
         types = _row_types(storage, self.nrows, rows, out)
+        self.update = UPDATE_IDS[update]
+        self.qblock = 0
+        if nq:
+            if qblock < 32 or qblock > MAX_QBLOCK or qblock & (qblock - 1):
+                raise ValueError(f"the 8-bit state's block size must be a power of two from 32 "
+                                 f"to {MAX_QBLOCK}, got {qblock}")
+            if _PASSES[self.update].npasses:
+                raise ValueError(f"8-bit state is not available for the {update!r} update: it "
+                                 "runs in several passes over the state")
+            if not _qmaps_installed:
+                raise RuntimeError("the quantisation maps are not installed")
+            self.qblock = qblock
         self.math = STORE_F64 if types[0] == STORE_F64 else STORE_F32
-        self.mixed = False
+        self.mixed = nq > 0
+        q = self.nbuf - nq  # the next row of scales to hand out
         for r in range(self.nbuf):
+            self.scale_rows[r] = -1
+            if r >= self.nbuf - nq:
+                # A row of block scales: float32, one per qblock elements.
+                self.types[r] = STORE_F32
+                self.sizes[r] = -qblock
+                continue
             # A row the update does not read counts as the math type: nothing to convert.
             self.types[r] = self.math if types[r] < 0 else types[r]
             self.sizes[r] = _ITEMSIZE[self.types[r]]
             self.mixed = self.mixed or self.types[r] != self.math
+            if self.types[r] >= STORE_Q8S:
+                self.scale_rows[r] = q
+                q += 1
         self.out_type = types[self.nrows] if out is not None else -1
-        self.update = UPDATE_IDS[update]
         self.table = <intptr_t*>cnp.PyArray_DATA(table)
         self.ntensors = table.shape[1]
         self.typenum = typenum
@@ -326,9 +356,16 @@ cdef class Plan:
 
     @property
     def storages(self):
-        """The element type of each table row (including the half copy's)."""
-        names = {code: name for name, code in STORAGE_CODES.items()}
-        return tuple(names[self.types[r]] for r in range(self.nbuf))
+        """The element type of each table row (including the half copy's, and "scales" for
+        the rows of 8-bit state's block scales)."""
+        names = {code: name for name, code in {**STORAGE_CODES, **QUANT_CODES}.items()}
+        return tuple("scales" if self.sizes[r] < 0 else names[self.types[r]]
+                     for r in range(self.nbuf))
+
+    @property
+    def quant_block(self):
+        """The 8-bit state's block size (0: the plan has no 8-bit state)."""
+        return self.qblock
 
     def gather(self, grads):
         """Check the grads and record their addresses: None, or (code, index) of the first bad."""
@@ -459,13 +496,16 @@ cdef class Plan:
             kernel.prepare(block, self.hyper, &values)
             if self.mixed:
                 mixed.inner = kernel.segment
-                mixed.fast = kernel.fast
+                # The fused loops know no 8-bit state.
+                mixed.fast = kernel.fast if self.qblock == 0 else NULL
+                mixed.tile = self.qblock if self.qblock else TILE
                 mixed.inner_args = block
                 mixed.nrows = self.nrows
                 mixed.out_type = self.out_type
                 mixed.stochastic = self.stochastic
                 for r in range(self.nbuf):
                     mixed.types[r] = self.types[r]
+                    mixed.scale_rows[r] = self.scale_rows[r]
                     _stream_keys(self.seed, <uint64_t>step,
                                  OUT_STREAM if r == self.nrows else <uint32_t>r,
                                  &mixed.k1[r], &mixed.k2[r])
@@ -499,14 +539,15 @@ cdef class Plan:
             elif averaged:
                 fused.inner = _mixed_segment if self.mixed else kernel.segment
                 fused.inner_args = <const void*>&mixed if self.mixed else <const void*>block
-                _run(_fused_average_segment, self.table, self.nbuf, self.offsets, self.ntensors,
-                     self.sizes, nthreads, kernel.min_per_thread, &fused, ftz)
+                _run_cut(_fused_average_segment, self.table, self.nbuf, self.offsets,
+                         self.ntensors, self.sizes, nthreads, kernel.min_per_thread, &fused, ftz,
+                         self.qblock)
             elif not self.mixed:
                 _run(kernel.segment, self.table, self.nbuf, self.offsets, self.ntensors,
                      self.sizes, nthreads, kernel.min_per_thread, block, ftz)
             else:
-                _run(_mixed_segment, self.table, self.nbuf, self.offsets, self.ntensors,
-                     self.sizes, nthreads, kernel.min_per_thread, &mixed, ftz)
+                _run_cut(_mixed_segment, self.table, self.nbuf, self.offsets, self.ntensors,
+                         self.sizes, nthreads, kernel.min_per_thread, &mixed, ftz, self.qblock)
 
 
 def _row_types(str storage, Py_ssize_t nrows, rows, out):
@@ -527,6 +568,12 @@ def _row_types(str storage, Py_ssize_t nrows, rows, out):
             if r < 2:
                 raise ValueError("the params' and grads' rows are always read")
             types.append(-1)
+        elif name in QUANT_CODES:
+            if r < 2:
+                raise ValueError("8-bit codes hold state only, not params or grads")
+            if storage == "float64":
+                raise ValueError("8-bit state is not kept for float64 params")
+            types.append(QUANT_CODES[name])
         elif name not in STORAGE_CODES:
             raise ValueError(f"unknown element type {name!r}; known: {known}")
         else:

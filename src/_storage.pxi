@@ -25,15 +25,23 @@ cdef enum:
     STORE_BF16 = 2
     STORE_F16 = 3
     NUM_STORAGES = 4
+    # 8-bit blockwise state (see "8-bit blockwise state" below): codes through the signed
+    # and the unsigned dynamic map. Only state rows hold them.
+    STORE_Q8S = 4
+    STORE_Q8U = 5
     # Elements per scratch tile: 8 buffers x 256 x 4 bytes fit in L1 with room to spare.
     TILE = 256
+    # The largest quantisation block (a tile of a plan with 8-bit state is one block).
+    MAX_QBLOCK = 2048
     # The stream of the half copy of the params (buffer rows use their row number).
     OUT_STREAM = 255
 
 STORAGE_CODES = {"float32": STORE_F32, "float64": STORE_F64, "bfloat16": STORE_BF16,
                  "float16": STORE_F16}
 STORAGE_ITEMSIZE = {STORE_F32: 4, STORE_F64: 8, STORE_BF16: 2, STORE_F16: 2}
-cdef Py_ssize_t[NUM_STORAGES] _ITEMSIZE = [4, 8, 2, 2]
+cdef Py_ssize_t[NUM_STORAGES + 2] _ITEMSIZE = [4, 8, 2, 2, 1, 1]
+# The 8-bit state's element types, by the name a plan's ``rows`` give them.
+QUANT_CODES = {"int8s": STORE_Q8S, "int8u": STORE_Q8U}
 
 ROUNDING_MODES = ("nearest", "stochastic")
 
@@ -212,6 +220,218 @@ cdef void _narrow(const float* src, char* dst, int storage, Py_ssize_t n, bint s
 
 
 # --------------------------------------------------------------------------------------------
+# 8-bit blockwise state
+# --------------------------------------------------------------------------------------------
+#
+# A state row of STORE_Q8S or STORE_Q8U holds one uint8 code per element, and a float32 scale
+# per block of ``qblock`` elements (blocks counted from the tensor's start) in a row of its own
+# after the update's rows. Element i reads as map[code[i]] * scale[i // qblock], where map is
+# one of two 256-entry tables of values in [-1, 1] built by lrfast.quantization (bitsandbytes'
+# dynamic maps: the signed one for moments of either sign, the unsigned one for non-negative
+# ones) and installed once by ``install_quant_maps``.
+#
+# Writing a block: its scale is its largest magnitude (the maximum of the float bits with the
+# sign cleared, so a NaN, whose bits beat every number's, makes the scale NaN and the whole
+# block reads NaN); each value is multiplied by 1/scale (0 when the scale is 0) and stored as
+# the code of the nearest map value, a tie going to the smaller magnitude.
+#
+# The nearest code without a search: a normalised magnitude's float bits shifted right by
+# QKEY_SHIFT are its key (exponent and top 8 mantissa bits). No key's range holds more than
+# one of the midpoints between neighbouring map magnitudes (lrfast.quantization checks it when
+# it builds the tables). So, per sign, ``lut[key]`` holds in its low 9 bits the number of
+# midpoints below the key's range and above them the low QKEY_SHIFT bits of the midpoint inside
+# the range (2^QKEY_SHIFT when there is none): one integer comparison of the magnitude's low
+# bits completes the count, with a single table read. The count is how many steps from the
+# code of 0 the nearest code lies: up for positive values, down for negative ones.
+
+cdef enum:
+    QKEY_SHIFT = 15          # a key keeps 8 mantissa bits
+    QKEY_FIRST = 101 << 8    # the key of 2^-26: smaller magnitudes share key 0
+    QKEYS = 27 << 8          # keys up to the binade [1, 2); larger magnitudes share the last
+
+QUANT_KEY_SHIFT = QKEY_SHIFT
+QUANT_KEY_FIRST = QKEY_FIRST
+QUANT_KEYS = QKEYS
+QUANT_MAX_BLOCK = MAX_QBLOCK
+
+
+cdef struct QMap:
+    float values[256]       # code -> value
+    int lut[2 * QKEYS]      # positive magnitudes' keys, then negative ones' (see above)
+    int zero                # the code of 0
+
+
+cdef QMap _qmaps[2]         # [0] signed (STORE_Q8S), [1] unsigned (STORE_Q8U)
+cdef bint _qmaps_installed = False
+
+
+def install_quant_maps(maps):
+    """Install the two 8-bit maps, signed then unsigned, each as lrfast.quantization builds
+    it: (values float32[256], lut int32[2 * QUANT_KEYS], zero)."""
+    global _qmaps_installed
+    cdef Py_ssize_t i, j
+    cdef const float[::1] values
+    cdef const int[::1] lut
+    if len(maps) != 2:
+        raise ValueError("install_quant_maps takes the signed and the unsigned map")
+    for i in range(2):
+        values, lut, zero = maps[i]
+        if values.shape[0] != 256 or lut.shape[0] != 2 * QKEYS:
+            raise ValueError("a quantisation map has the wrong table sizes")
+        if not 0 <= zero < 256:
+            raise ValueError("the code of 0 must be in [0, 256)")
+        for j in range(2 * QKEYS):
+            if not 0 <= (lut[j] & 0x1ff) <= 256 or not 0 <= (lut[j] >> 9) <= (1 << QKEY_SHIFT):
+                raise ValueError("a quantisation lookup entry is out of range")
+        for j in range(256):
+            _qmaps[i].values[j] = values[j]
+        for j in range(2 * QKEYS):
+            _qmaps[i].lut[j] = lut[j]
+        _qmaps[i].zero = zero
+    _qmaps_installed = True
+
+
+# The two loops in C, each cut in phases: the arithmetic in loops the compiler vectorises, and
+# the table reads in loops of their own: AVX2 gathers in the _optim_avx2 build, scalar loads
+# otherwise (the compiler is kept from turning them into gathers of its own choosing). Every
+# build computes the same float32 products and integer operations, so all store the same codes.
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__GNUC__) && !defined(__clang__)
+    #define LRFAST_SCALAR_LOADS __attribute__((optimize("no-tree-vectorize")))
+    #else
+    #define LRFAST_SCALAR_LOADS
+    #endif
+    #if defined(__AVX2__)
+    #include <immintrin.h>
+    #endif
+
+    static LRFAST_SCALAR_LOADS void lrfast_q8_lookup_keys(const int32_t* lut, int32_t* keys,
+                                                          Py_ssize_t n) {
+        Py_ssize_t i = 0;
+    #if defined(__AVX2__)
+        for (; i + 8 <= n; i += 8) {
+            __m256i k = _mm256_loadu_si256((const __m256i*)(keys + i));
+            _mm256_storeu_si256((__m256i*)(keys + i), _mm256_i32gather_epi32((const int*)lut, k, 4));
+        }
+    #endif
+        for (; i < n; i++)
+            keys[i] = lut[keys[i]];
+    }
+
+    static LRFAST_SCALAR_LOADS void lrfast_q8_lookup_values(const float* values,
+                                                            const uint8_t* codes, float* x,
+                                                            Py_ssize_t n) {
+        Py_ssize_t i = 0;
+    #if defined(__AVX2__)
+        for (; i + 8 <= n; i += 8) {
+            __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(codes + i)));
+            _mm256_storeu_ps(x + i, _mm256_i32gather_ps(values, c, 4));
+        }
+    #endif
+        for (; i < n; i++)
+            x[i] = values[codes[i]];
+    }
+
+    /* n <= 2048 (MAX_QBLOCK) */
+    static void lrfast_q8_quantize(const float* x, uint8_t* codes, float* scale, Py_ssize_t n,
+                                   const int32_t* lut, int zero, int shift, int first,
+                                   int nkeys) {
+        int32_t keys[2048];
+        uint32_t m = 0, low = (1u << shift) - 1u;
+        float amax, inv;
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, &x[i], 4);
+            u &= 0x7fffffffu;
+            m = u > m ? u : m;
+        }
+        memcpy(&amax, &m, 4);
+        inv = amax != 0.0f ? 1.0f / amax : 0.0f;
+        *scale = amax;
+        for (i = 0; i < n; i++) {
+            float v = x[i] * inv;
+            uint32_t u;
+            int key;
+            memcpy(&u, &v, 4);
+            key = (int)((u & 0x7fffffffu) >> shift) - first;
+            key = key < 0 ? 0 : key;
+            key = key > nkeys - 1 ? nkeys - 1 : key;
+            keys[i] = key + ((u >> 31) ? nkeys : 0);
+        }
+        lrfast_q8_lookup_keys(lut, keys, n);
+        for (i = 0; i < n; i++) {
+            float v = x[i] * inv;
+            uint32_t u;
+            int32_t e = keys[i], g;
+            memcpy(&u, &v, 4);
+            g = (e & 0x1ff) + ((int32_t)(u & low) > (e >> 9) ? 1 : 0);
+            codes[i] = (uint8_t)(zero + ((u >> 31) ? -g : g));
+        }
+    }
+
+    static void lrfast_q8_dequantize(const uint8_t* codes, float scale, float* x, Py_ssize_t n,
+                                     const float* values) {
+        lrfast_q8_lookup_values(values, codes, x, n);
+        for (Py_ssize_t i = 0; i < n; i++)
+            x[i] *= scale;
+    }
+    """
+    void lrfast_q8_quantize(const float* x, uint8_t* codes, float* scale, Py_ssize_t n,
+                            const int* lut, int zero, int shift, int first,
+                            int nkeys) noexcept nogil
+    void lrfast_q8_dequantize(const uint8_t* codes, float scale, float* x, Py_ssize_t n,
+                              const float* values) noexcept nogil
+
+
+cdef inline void _quantize(const float* x, uint8_t* codes, float* scale, Py_ssize_t n,
+                           const QMap* q) noexcept nogil:
+    """One block: its scale into ``scale[0]`` and each value's nearest code into ``codes``."""
+    lrfast_q8_quantize(x, codes, scale, n, q.lut, q.zero, QKEY_SHIFT, QKEY_FIRST, QKEYS)
+
+
+cdef inline void _dequantize(const uint8_t* codes, float scale, float* x, Py_ssize_t n,
+                             const QMap* q) noexcept nogil:
+    lrfast_q8_dequantize(codes, scale, x, n, q.values)
+
+
+def _quantize_blocks(const float[::1] x, uint8_t[::1] codes, float[::1] scales, bint signed,
+                     Py_ssize_t block):
+    """Quantise ``x`` block by block as the kernels do (testing and conversions)."""
+    cdef Py_ssize_t n = x.shape[0], b, m
+    if not _qmaps_installed:
+        raise RuntimeError("the quantisation maps are not installed")
+    if codes.shape[0] != n or block < 1 or scales.shape[0] != (n + block - 1) // block:
+        raise ValueError("codes must match x, and scales hold one value per block")
+    with nogil:
+        b = 0
+        while b * block < n:
+            m = n - b * block if n - b * block < block else block
+            _quantize(&x[b * block], &codes[b * block], &scales[b], m, &_qmaps[0 if signed else 1])
+            b += 1
+
+
+def _dequantize_blocks(const uint8_t[::1] codes, const float[::1] scales, float[::1] x,
+                       bint signed, Py_ssize_t block):
+    """Dequantise block by block as the kernels do (testing and conversions)."""
+    cdef Py_ssize_t n = x.shape[0], b, m
+    if not _qmaps_installed:
+        raise RuntimeError("the quantisation maps are not installed")
+    if codes.shape[0] != n or block < 1 or scales.shape[0] != (n + block - 1) // block:
+        raise ValueError("codes must match x, and scales hold one value per block")
+    with nogil:
+        b = 0
+        while b * block < n:
+            m = n - b * block if n - b * block < block else block
+            _dequantize(&codes[b * block], scales[b], &x[b * block], m,
+                        &_qmaps[0 if signed else 1])
+            b += 1
+
+
+# --------------------------------------------------------------------------------------------
 # Element types for fused loops: an update may also have loops written over these, which load
 # and convert in registers instead of through the tiles (its ``fast`` entry, see _updates.pxi)
 # --------------------------------------------------------------------------------------------
@@ -293,32 +513,47 @@ cdef struct MixedArgs:
     bint stochastic
     uint32_t k1[MAX_BUFFERS + 1]  # the rows' random streams this step; [nrows]: the copy's
     uint32_t k2[MAX_BUFFERS + 1]
+    Py_ssize_t tile        # elements per tile: TILE, or the quantisation block of 8-bit state
+    int scale_rows[MAX_BUFFERS]  # per 8-bit state row, the table row of its block scales
 
 
 cdef int _mixed_segment(char** ptrs, Py_ssize_t n, const void* args, double* acc,
                         Py_ssize_t first) noexcept nogil:
+    # With 8-bit state a tile is one quantisation block, and the segment starts on a block
+    # boundary (Plan._run cuts the threads' spans there): tile j's scales are scale[j].
     cdef const MixedArgs* a = <const MixedArgs*>args
-    cdef float scratch[MAX_BUFFERS * TILE]
+    cdef float scratch[MAX_ROWS * MAX_QBLOCK]
     cdef char* rows[MAX_BUFFERS]
-    cdef Py_ssize_t start = 0, m, r
+    cdef Py_ssize_t start = 0, m, r, tile = a.tile
     cdef int t
     if a.fast != NULL and not a.stochastic:
         if a.fast(ptrs, n, a.inner_args, a.types, a.nrows, a.out_type):
             return 0
     while start < n:
-        m = n - start if n - start < TILE else TILE
+        m = n - start if n - start < tile else tile
         for r in range(a.nrows):
             t = a.types[r]
             if t == STORE_F32:
                 rows[r] = ptrs[r] + start * 4
+            elif t >= STORE_Q8S:
+                _dequantize(<const uint8_t*>ptrs[r] + start,
+                            (<const float*>ptrs[a.scale_rows[r]])[start // tile],
+                            &scratch[r * tile], m, &_qmaps[t - STORE_Q8S])
+                rows[r] = <char*>&scratch[r * tile]
             else:
-                _widen(ptrs[r] + start * 2, t, &scratch[r * TILE], m)
-                rows[r] = <char*>&scratch[r * TILE]
+                _widen(ptrs[r] + start * 2, t, &scratch[r * tile], m)
+                rows[r] = <char*>&scratch[r * tile]
         a.inner(rows, m, a.inner_args, acc, first + start)
         # Row 1, the grads, is read only; every other row the update may have written.
         for r in range(a.nrows):
             t = a.types[r]
-            if r != 1 and t != STORE_F32:
+            if r == 1 or t == STORE_F32:
+                continue
+            if t >= STORE_Q8S:
+                _quantize(<const float*>rows[r], <uint8_t*>ptrs[r] + start,
+                          <float*>ptrs[a.scale_rows[r]] + start // tile, m,
+                          &_qmaps[t - STORE_Q8S])
+            else:
                 _narrow(<const float*>rows[r], ptrs[r] + start * 2, t, m, a.stochastic,
                         <uint64_t>(first + start), a.k1[r], a.k2[r])
         if a.out_type >= 0:
