@@ -121,6 +121,15 @@ class Buffer:
     # A per-param scalar (torch's 0-d tensor: NAdam's mu_product, ASGD's eta and mu) that the
     # Python layer keeps and advances; not a kernel row (see ``Update.scalar_state``).
     scalar: bool = False
+    # With 8-bit state (``state_dtype="int8"``): "signed" or "unsigned", the map a moment of
+    # either sign or a non-negative one is kept in (lrfast.quantization); "" keeps the buffer
+    # in float32 (not a moment: Rprop's step sizes, ASGD's average of the params).
+    quant: str = ""
+
+    @property
+    def kernel_row_name(self) -> str:
+        """The element type name a plan gives this buffer's row when it is kept in 8 bits."""
+        return {"signed": "int8s", "unsigned": "int8u"}[self.quant]
 
     @property
     def argname(self) -> str:
@@ -398,7 +407,8 @@ SGD_UPDATE = Update(
         Hyper("nesterov", False, flag("nesterov")),
         _maximize(),
     ),
-    buffers=(Buffer("momentum_buffer", lambda h: h["momentum"] != 0, "momentum != 0"),),
+    buffers=(Buffer("momentum_buffer", lambda h: h["momentum"] != 0, "momentum != 0",
+                     quant="signed"),),
     takes_step=True,  # only whether it is the first: the buffer starts as the first gradient
     rule=_nesterov_rule,
     title="SGD",
@@ -416,7 +426,7 @@ ADAGRAD_UPDATE = Update(
         Hyper("eps_inside_sqrt", False, flag("eps_inside_sqrt")),
         _maximize(),
     ),
-    buffers=(Buffer("sum", init="initial_accumulator_value", arg="state_sum"),),
+    buffers=(Buffer("sum", init="initial_accumulator_value", arg="state_sum", quant="unsigned"),),
     takes_step=True,
     title="Adagrad",
 )
@@ -433,9 +443,9 @@ RMSPROP_UPDATE = Update(
         _maximize(),
     ),
     buffers=(
-        Buffer("square_avg"),
-        Buffer("momentum_buffer", lambda h: h["momentum"] > 0, "momentum > 0"),
-        Buffer("grad_avg", lambda h: h["centered"], "centered=True"),
+        Buffer("square_avg", quant="unsigned"),
+        Buffer("momentum_buffer", lambda h: h["momentum"] > 0, "momentum > 0", quant="signed"),
+        Buffer("grad_avg", lambda h: h["centered"], "centered=True", quant="signed"),
     ),
     takes_step=False,
     title="RMSprop",
@@ -454,9 +464,9 @@ ADAM_UPDATE = Update(
         _maximize(),
     ),
     buffers=(
-        Buffer("exp_avg"),
-        Buffer("exp_avg_sq"),
-        Buffer("max_exp_avg_sq", lambda h: h["amsgrad"], "amsgrad=True", keyword=True),
+        Buffer("exp_avg", quant="signed"),
+        Buffer("exp_avg_sq", quant="unsigned"),
+        Buffer("max_exp_avg_sq", lambda h: h["amsgrad"], "amsgrad=True", keyword=True, quant="unsigned"),
     ),
     takes_step=True,
     title="Adam (AdamW with decoupled=True)",
@@ -560,7 +570,7 @@ ADAMAX_UPDATE = Update(
         _weight_decay(),
         _maximize(),
     ),
-    buffers=(Buffer("exp_avg"), Buffer("exp_inf")),
+    buffers=(Buffer("exp_avg", quant="signed"), Buffer("exp_inf", quant="unsigned")),
     takes_step=True,
     title="Adamax",
 )
@@ -576,7 +586,7 @@ RADAM_UPDATE = Update(
         Hyper("decoupled_weight_decay", False, flag("decoupled_weight_decay")),
         _maximize(),
     ),
-    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    buffers=(Buffer("exp_avg", quant="signed"), Buffer("exp_avg_sq", quant="unsigned")),
     takes_step=True,
     title="RAdam",
 )
@@ -590,7 +600,7 @@ ADADELTA_UPDATE = Update(
         _weight_decay(),
         _maximize(),
     ),
-    buffers=(Buffer("square_avg"), Buffer("acc_delta")),
+    buffers=(Buffer("square_avg", quant="unsigned"), Buffer("acc_delta", quant="unsigned")),
     takes_step=False,  # torch counts steps in the state but the update does not read them
     title="Adadelta",
 )
@@ -664,7 +674,7 @@ NADAM_UPDATE = Update(
         Hyper("decoupled_weight_decay", False, flag("decoupled_weight_decay")),
         _maximize(),
     ),
-    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    buffers=(Buffer("exp_avg", quant="signed"), Buffer("exp_avg_sq", quant="unsigned")),
     takes_step=True,
     title="NAdam",
     scalars=("mu_product",),
@@ -773,7 +783,7 @@ LION_UPDATE = Update(
         # None: the step's own lr, so the decay per step is weight_decay.
         Hyper("init_lr", None, _optional_real("init_lr", positive=True)),
     ),
-    buffers=(Buffer("exp_avg"),),
+    buffers=(Buffer("exp_avg", quant="signed"),),
     takes_step=False,
     title="Lion",
 )
@@ -795,7 +805,7 @@ ADOPT_UPDATE = Update(
         # corrected_weight_decay's peak lr (timm: the constructor's lr); None: the step's lr.
         Hyper("max_lr", None, _optional_real("max_lr")),
     ),
-    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    buffers=(Buffer("exp_avg", quant="signed"), Buffer("exp_avg_sq", quant="unsigned")),
     takes_step=True,  # the first step only fills exp_avg_sq; later ones clip by step**clip_exp
     rule=_adopt_rule,
     title="ADOPT",
@@ -871,7 +881,7 @@ LAMB_UPDATE = Update(
         # made with (timm's max_lr_snapshot).
         Hyper("max_lr", None, _optional_positive("max_lr")),
     ),
-    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    buffers=(Buffer("exp_avg", quant="signed"), Buffer("exp_avg_sq", quant="unsigned")),
     takes_step=True,
     title="LAMB",
     per_tensor=True,
@@ -890,7 +900,8 @@ LARS_UPDATE = Update(
         Hyper("trust_clip", False, flag("trust_clip")),
         Hyper("always_adapt", False, flag("always_adapt")),
     ),
-    buffers=(Buffer("momentum_buffer", lambda h: h["momentum"] != 0, "momentum != 0"),),
+    buffers=(Buffer("momentum_buffer", lambda h: h["momentum"] != 0, "momentum != 0",
+                     quant="signed"),),
     takes_step=True,  # only whether it is the first: the buffer starts as the first gradient
     rule=_nesterov_rule,
     title="LARS",
