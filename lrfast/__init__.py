@@ -27,6 +27,8 @@ from . import optim  # noqa: E402
 from .averaging import Averager, num_updates_decay, warmup_decay  # noqa: E402
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
 from .plateau import ReduceLROnPlateau  # noqa: E402
+from . import quantization  # noqa: E402
+from .quantization import Int8State  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -54,6 +56,8 @@ __all__ = [
     "get_num_threads",
     "threads",
     "show_config",
+    "quantization",
+    "Int8State",
 ]
 
 # Every optimizer class of the spec table, including any the import above does not name.

@@ -37,10 +37,13 @@ def table(rows, sizes):
     return out, offsets
 
 
-def plan(update, table, offsets, storage, rows=None, out=None):
+def plan(update, table, offsets, storage, rows=None, out=None, qblock=0):
     """A native plan whose grads the caller writes into ``table[GRAD_ROW]`` before each run
-    (``rows``, ``out``: the rows' element types and the half copy's, as Plan takes them)."""
-    return _dispatch.kernels.Plan(update, table, offsets, storage, rows=rows, out=out)
+    (``rows``, ``out``, ``qblock``: the rows' element types, the half copy's and the 8-bit
+    state's block size, as Plan takes them; the table then ends with a row of block scales per
+    8-bit row)."""
+    return _dispatch.kernels.Plan(update, table, offsets, storage, rows=rows, out=out,
+                                  qblock=qblock)
 
 
 class Bank:
@@ -57,13 +60,16 @@ class Bank:
     written : list of arrays whose memory the step writes (params, state, half copies): a grad
         must not overlap any of them.
     out : the half copy's element type, or None
+    qblock : the block size of the rows kept in 8 bits (storages "int8s"/"int8u"); ``rows``
+        then ends with a row of each tensor's block scales per such row, in row order
     """
 
-    def __init__(self, indices, rows, storages, grad_dtype, written, out=None):
+    def __init__(self, indices, rows, storages, grad_dtype, written, out=None, qblock=0):
         self.indices = list(indices)
         self.storages = tuple(storages)
         self.grad_dtype = np.dtype(grad_dtype)
         self.out = out
+        self.qblock = qblock
         params = rows[0]
         self.table, self.offsets = table(
             [None if arrays is None else [address(a) for a in arrays] for arrays in rows],
@@ -84,7 +90,8 @@ class Bank:
             storages = (storages[0], grad_storage) + storages[2:]
         return _dispatch.kernels.Plan(update, self.table, self.offsets, storages[0],
                                       np.dtype(grad_dtype).num, self.ndims, self.dims,
-                                      self.wstart, self.wend, rows=storages, out=self.out)
+                                      self.wstart, self.wend, rows=storages, out=self.out,
+                                      qblock=self.qblock)
 
     def grads_of(self, grads, covers_all):
         """This bank's share of the caller's list of grads."""
@@ -97,13 +104,15 @@ class Bank:
         raise_gather_error(code, self.grads_of(grads, covers_all)[k], params[i], labels[i])
 
 
-def banks(rows, storages, written, grad_dtypes, out=None, out_storages=None):
+def banks(rows, storages, written, grad_dtypes, out=None, out_storages=None, scales=None,
+          qblock=0):
     """One :class:`Bank` per combination of element types over all tensors.
 
     ``rows`` as for Bank but over all tensors (row GRAD_ROW None), ``storages[r][k]`` the
     element type of buffer ``r`` of tensor ``k`` (None for rows not used), ``grad_dtypes[k]``
     the dtype tensor ``k``'s grads must have, ``out`` the half copies (a list, or None) and
-    ``out_storages`` their element types.
+    ``out_storages`` their element types. ``scales``: {row: each tensor's block scales (None
+    where that tensor's row is not kept in 8 bits)} and ``qblock`` their block size.
     """
     n = len(rows[0])
     groups: dict = {}
@@ -117,5 +126,9 @@ def banks(rows, storages, written, grad_dtypes, out=None, out_storages=None):
         bank_rows = [None if arrays is None else [arrays[i] for i in indices] for arrays in rows]
         if out is not None:
             bank_rows.append([out[i] for i in indices])
-        result.append(Bank(indices, bank_rows, row_storages, grad_dtype, written, out_storage))
+        quantized = [r for r, name in enumerate(row_storages) if name in ("int8s", "int8u")]
+        for r in quantized:
+            bank_rows.append([scales[r][i] for i in indices])
+        result.append(Bank(indices, bank_rows, row_storages, grad_dtype, written, out_storage,
+                           qblock if quantized else 0))
     return result

@@ -8,8 +8,10 @@ so with ``bfloat16_bits=True``.
 
 The options every optimizer (and lrfast.functional) takes, checked here once:
 
-``state_dtype``   the state buffers' element type: None (the params'), or float32 for
-                  bfloat16/float16 params (fp32 state, as DeepSpeed's fp32_optimizer_states)
+``state_dtype``   the state buffers' element type: None (the params'), float32 for
+                  bfloat16/float16 params (fp32 state, as DeepSpeed's fp32_optimizer_states),
+                  bfloat16/float16 for float32 params, or "int8" / an Int8State (8-bit
+                  blockwise moments, lrfast.quantization)
 ``half_out``      arrays (like the params) receiving a bfloat16/float16 copy of the updated
                   float32 params, written in the same pass
 ``rounding``      "nearest" (to nearest, ties to even) or "stochastic", for every value
@@ -90,20 +92,34 @@ def full(n, value, dtype):
 
 
 def state_storage(state_dtype, param_storage):
-    """The state's element type for params of ``param_storage`` (validated ``state_dtype``)."""
+    """The state's element type for params of ``param_storage`` (validated ``state_dtype``; for
+    8-bit state, the type of the buffers it does not quantise: float32)."""
+    from .quantization import Int8State
     if state_dtype is None:
         return param_storage
-    if state_dtype != param_storage and not (state_dtype == "float32" and param_storage in HALF):
+    if isinstance(state_dtype, Int8State):
+        if param_storage == "float64":
+            raise ValueError("state_dtype=int8 is not available for float64 params: 8-bit "
+                             "state is kept for float32, bfloat16 and float16 params")
+        return "float32"
+    if state_dtype == param_storage:
+        return state_dtype
+    wide = state_dtype == "float64" or param_storage == "float64"
+    if wide or (param_storage in HALF and state_dtype in HALF):
         raise ValueError(f"state_dtype={state_dtype} is not available for {param_storage} "
-                         "params: state is kept in the params' type, or in float32 for "
-                         "bfloat16/float16 params")
+                         "params: state is kept in the params' type, in float32 for "
+                         "bfloat16/float16 params, or in bfloat16/float16 for float32 params")
     return state_dtype
 
 
 def check_state_dtype(value):
-    """None, or the element type named by a string, NumPy dtype or torch dtype."""
-    if value is None:
-        return None
+    """None, the element type named by a string, NumPy dtype or torch dtype, or the 8-bit
+    state's settings (an :class:`lrfast.Int8State`; the string "int8" is its defaults)."""
+    from .quantization import Int8State
+    if value is None or isinstance(value, Int8State):
+        return value
+    if isinstance(value, str) and value == "int8":
+        return Int8State()
     text = str(value).removeprefix("torch.")
     if isinstance(value, str) or text in STORAGES:
         name = text
@@ -113,8 +129,8 @@ def check_state_dtype(value):
         except TypeError:
             name = ""
     if name not in STORAGES:
-        raise ValueError(f"state_dtype must be None or one of {', '.join(STORAGES)}, "
-                         f"got {value!r}")
+        raise ValueError(f"state_dtype must be None, 'int8', an lrfast.Int8State or one of "
+                         f"{', '.join(STORAGES)}, got {value!r}")
     return name
 
 

@@ -63,6 +63,8 @@ from . import _dispatch, _layout, _precision
 from ._precision import HALF
 from ._specs import OPTIMIZERS, OptimizerSpec
 from .averaging import Averager
+from . import quantization as _quantization
+from .quantization import Int8State
 from .flat import FlatParams
 from ._threads import get_num_threads
 from ._validation import (
@@ -138,6 +140,9 @@ class Optimizer:
                           for a, what in zip(arrays, labels)]
         for st in self._storages:
             _precision.state_storage(self._state_dtype, st)
+        self._quant = self._state_dtype if isinstance(self._state_dtype, Int8State) else None
+        if self._quant is not None:
+            self._check_quantizable()
         self._half_out = self._check_half_out(half_out, keys, arrays, is_dict)
         check_disjoint(arrays + (self._half_out or []),
                        labels + [label("half_out", k) for k in keys] * bool(self._half_out))
@@ -154,6 +159,17 @@ class Optimizer:
         self._allocate()
         if self._averager is not None:
             self._averager._owner = f"{type(self).__name__} at {id(self):#x}"
+
+    def _check_quantizable(self) -> None:
+        """8-bit state is for element-wise updates laid out by this class's _allocate."""
+        name = type(self).__name__
+        if type(self)._allocate is not Optimizer._allocate or self._spec.update.per_tensor:
+            raise ValueError(f"state_dtype=int8 is not available for {name}: 8-bit state is "
+                             "kept for element-wise updates that take one pass over the state "
+                             "(not per-tensor trust ratios, factored or schedule-free state)")
+        if self._flat is not None:
+            raise ValueError(f"state_dtype=int8 does not take a FlatParams: pass its named "
+                             f"views (flat.params), which share its memory, to {name} instead")
 
     def _check_averager(self, ema):
         """``ema``: None, or an Averager over these params that no other optimizer owns."""
@@ -241,20 +257,44 @@ class Optimizer:
         self._views: list[dict[str, np.ndarray]] = [dict() for _ in self._params]
         written = list(self._params) + list(self._half_out or [])
         written += self._allocate_scalars(h)
-        # The state's dtype per param: the param's own, or float32 (state_dtype).
+        # The state's dtype per param: the param's own, or state_dtype's.
         state_dtypes = [self._state_dtype_of(p) for p in self._params]
+        state_storages = [self._state_storage_of(p) for p in self._params]
         rows: list = [self._params, None]
         storages: list = [self._storages, self._storages]
+        scales: dict = {}  # {row: each tensor's block scales} for rows kept in 8 bits
+        q = self._quant
         for buf in update.buffers:
             if buf.name not in active:
                 rows.append(None)
                 storages.append(None)
                 continue
             views: list = [None] * len(self._params)
-            for dtype in dict.fromkeys(state_dtypes):
-                idx = [i for i, d in enumerate(state_dtypes) if d == dtype]
-                flat = _precision.full(sum(self._params[i].size for i in idx),
-                                       update.initial_value(buf.name, h), dtype)
+            row_storages = list(state_storages)
+            init = update.initial_value(buf.name, h)
+            quantized = [q is not None and bool(buf.quant) and q.quantizes(p.size)
+                         for p in self._params]
+            if any(quantized):
+                idx = [i for i, yes in enumerate(quantized) if yes]
+                row_scales: list = [None] * len(self._params)
+                codes, block_scales = _quantization.filled(
+                    sum(self._params[i].size for i in idx),
+                    sum(q.nblocks(self._params[i].size) for i in idx), init, buf.quant, q)
+                written += [codes, block_scales]
+                at = bat = 0
+                for i in idx:
+                    p, nb = self._params[i], q.nblocks(self._params[i].size)
+                    views[i] = codes[at:at + p.size].reshape(p.shape)
+                    row_scales[i] = block_scales[bat:bat + nb]
+                    self._views[i][buf.name] = views[i]
+                    self._views[i][_quantization.scales_name(buf.name)] = row_scales[i]
+                    row_storages[i] = buf.kernel_row_name
+                    at += p.size
+                    bat += nb
+                scales[len(rows)] = row_scales
+            for dtype in dict.fromkeys(d for d, yes in zip(state_dtypes, quantized) if not yes):
+                idx = [i for i, d in enumerate(state_dtypes) if d == dtype and not quantized[i]]
+                flat = _precision.full(sum(self._params[i].size for i in idx), init, dtype)
                 written.append(flat)
                 at = 0
                 for i in idx:
@@ -263,12 +303,13 @@ class Optimizer:
                     self._views[i][buf.name] = views[i]
                     at += p.size
             rows.append(views)
-            storages.append([_precision.storage_of(d, self._bits) for d in state_dtypes])
+            storages.append(row_storages)
         out_storages = None if self._half_out is None else [
             _precision.storage_of(o.dtype, self._bits) for o in self._half_out]
         # Every bank's gradients are checked against all memory the step writes.
         self._banks = _layout.banks(rows, storages, written, [p.dtype for p in self._params],
-                                    self._half_out, out_storages)
+                                    self._half_out, out_storages, scales,
+                                    q.block_size if q is not None else 0)
         self._single_bank = len(self._banks) == 1
         self._plans = [b.plan(update.name) for b in self._banks]
         # each bank's scalar state (shared by the banks of one scalar dtype)
@@ -337,12 +378,42 @@ class Optimizer:
             plan.run(lr, t, nthreads, inv_scale, values)
         return None
 
+    def _state_storage_of(self, param) -> str:
+        """The element type of ``param``'s state buffers (those 8-bit state does not keep)."""
+        return _precision.state_storage(self._state_dtype,
+                                        _precision.storage_of(param.dtype, self._bits))
+
     def _state_dtype_of(self, param) -> np.dtype:
-        """The dtype of ``param``'s state buffers: its own, or float32 (state_dtype)."""
-        storage = _precision.storage_of(param.dtype, self._bits)
-        if _precision.state_storage(self._state_dtype, storage) == storage:
+        """The dtype of ``param``'s state buffers (those 8-bit state does not keep): its own,
+        or state_dtype's (bfloat16 as ml_dtypes.bfloat16, or uint16 bits when it is missing or
+        with bfloat16_bits=True)."""
+        storage = self._state_storage_of(param)
+        if storage == _precision.storage_of(param.dtype, self._bits):
             return param.dtype
-        return np.dtype(np.float32)
+        if storage == "bfloat16":
+            try:
+                return _precision.numpy_dtype("bfloat16", self._bits)[0]
+            except TypeError:
+                return np.dtype(np.uint16)
+        return np.dtype(storage)
+
+    def _quantized_buffers(self, param, active) -> dict:
+        """{buffer: map sign} for ``param``'s buffers kept in 8 bits under ``active``."""
+        q = self._quant
+        if q is None or not q.quantizes(param.size):
+            return {}
+        return {b.name: b.quant for b in self._spec.update.buffers
+                if b.quant and b.name in active}
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held (every state buffer, block scales and scalar state
+        included; not the params, grads or an ``ema=`` average), measured from the arrays."""
+        seen: dict = {}
+        for views in self._views:
+            for name, arr in views.items():
+                if name != "average":
+                    seen[id(arr)] = arr.nbytes
+        return int(sum(seen.values()))
 
     def _sync_plans(self):
         values = self._spec.update.kernel_values(self._update_values(self._hyper),
@@ -582,6 +653,9 @@ class Optimizer:
         }
         if self._averager is not None:
             sd["averager"] = self._averager._counters()
+        if self._quant is not None:
+            sd["quantization"] = {"block_size": self._quant.block_size,
+                                  "min_size": self._quant.min_size}
         return sd
 
     def _named_state(self):
@@ -650,20 +724,31 @@ class Optimizer:
             if not isinstance(state_dict.get("averager"), Mapping):
                 raise ValueError("state_dict is missing 'averager' (this optimizer has ema=)")
             counters = av._check_counters(state_dict["averager"], "state_dict['averager']")
+        saved_block = self._saved_block_size(state_dict)
+        converted: dict = {}
         for key, p, _ in entries:
             entry = state[key]
             want = self._state_dtype_of(p)
             names = tuple(self._buffers_of(p, active)) + (("average",) if av is not None else ())
-            if not isinstance(entry, Mapping) or set(entry) != set(names):
+            mine = self._quantized_buffers(p, active)
+            # Buffers saved in 8 bits carry their block scales; either kind converts to this
+            # optimizer's (8-bit <-> float32).
+            saved_q = {n for n in names if isinstance(entry, Mapping)
+                       and _quantization.scales_name(n) in entry}
+            expected = set(names) | {_quantization.scales_name(n) for n in saved_q}
+            if not isinstance(entry, Mapping) or set(entry) != expected:
                 raise ValueError(
-                    f"state_dict['state'][{key!r}] must hold {sorted(names)}, "
+                    f"state_dict['state'][{key!r}] must hold {sorted(names)} (an 8-bit buffer "
+                    "with its '<name>_absmax' scales), "
                     f"got {sorted(entry) if isinstance(entry, Mapping) else entry!r}"
                 )
+            out = converted[key] = {}
             for buf_name in names:
                 arr = entry[buf_name]
                 what = f"state_dict['state'][{key!r}][{buf_name!r}]"
                 if not isinstance(arr, np.ndarray):
                     raise TypeError(f"{what} must be a numpy.ndarray, got {type(arr).__name__}")
+                out[buf_name] = arr
                 if buf_name in scalar_names:
                     self._check_scalar_state(what, arr, p, buf_name, scalar_values)
                     continue
@@ -675,10 +760,83 @@ class Optimizer:
                     raise ValueError(f"{what} has shape {arr.shape}, but the parameter has shape "
                                      f"{p.shape}" + ("" if shape == p.shape else
                                                      f" (so it must be {shape})"))
-                if arr.dtype != want:
+                if buf_name in saved_q:
+                    arr = self._saved_quantized(entry, buf_name, what, saved_block, mine, p)
+                elif buf_name in mine and arr.dtype == np.float32:
+                    arr = None  # quantised below, once everything is checked
+                elif buf_name in mine:
+                    raise TypeError(f"{what} has dtype {arr.dtype}; this optimizer keeps it in 8 "
+                                    "bits and converts float32 state (or codes with "
+                                    "'_absmax' scales)")
+                elif arr.dtype != want:
                     raise TypeError(f"{what} has dtype {arr.dtype}, but this optimizer keeps "
                                     f"it as {want}")
+                out[buf_name] = arr if arr is not None else entry[buf_name]
+            # Conversions, now that the entry is known to be good.
+            for buf_name, sign in mine.items():
+                value = out[buf_name]
+                if isinstance(value, tuple):  # codes and scales, already this block size
+                    out[buf_name], out[_quantization.scales_name(buf_name)] = value
+                else:
+                    if buf_name in saved_q:  # 8 bits in blocks of another size
+                        value = self._dequantize_state(entry, buf_name, saved_block)
+                    codes, scales = self._quantize_state(value, sign)
+                    out[buf_name] = codes
+                    out[_quantization.scales_name(buf_name)] = scales
+            for buf_name in saved_q - set(mine):
+                out[buf_name] = self._dequantize_state(entry, buf_name, saved_block)
+        state = converted
         return hyper, active, state, int(steps), int(skipped), counters
+
+    @staticmethod
+    def _saved_block_size(state_dict) -> int:
+        """The block size of a state dict's 8-bit buffers (0: it has none)."""
+        info = state_dict.get("quantization")
+        if info is None:
+            return 0
+        size = info.get("block_size") if isinstance(info, Mapping) else None
+        try:
+            return _quantization._check_block(size)
+        except ValueError:
+            raise ValueError(f"state_dict['quantization'] must hold the 8-bit state's "
+                             f"block_size, got {info!r}") from None
+
+    def _saved_quantized(self, entry, name, what, block, mine, param):
+        """Check a saved 8-bit buffer (codes and scales); return (codes, scales) when this
+        optimizer keeps it in 8 bits with the same block size, else None (converted later)."""
+        codes, scales = entry[name], entry[_quantization.scales_name(name)]
+        if block == 0:
+            raise ValueError(f"{what} has '_absmax' scales but state_dict has no "
+                             "'quantization' entry with their block_size")
+        if codes.dtype != np.uint8:
+            raise TypeError(f"{what} holds 8-bit codes and must be uint8, got {codes.dtype}")
+        nblocks = -(-param.size // block)
+        if (not isinstance(scales, np.ndarray) or scales.dtype != np.float32
+                or scales.shape != (nblocks,)):
+            raise ValueError(f"{what[:-1]}_absmax'] must be a float32 array of shape "
+                             f"({nblocks},) (blocks of {block}), got "
+                             f"{getattr(scales, 'dtype', type(scales).__name__)} "
+                             f"{getattr(scales, 'shape', '')}")
+        if name in mine:
+            if block == self._quant.block_size:
+                return (codes, scales)
+            return None
+        if self._state_dtype_of(param) != np.float32:
+            raise TypeError(f"{what} is kept in 8 bits; this optimizer converts it only to "
+                            f"float32 state, not {self._state_dtype_of(param)}")
+        return codes
+
+    def _sign_of(self, name) -> str:
+        return next(b.quant for b in self._spec.update.buffers if b.name == name)
+
+    def _dequantize_state(self, entry, name, block) -> np.ndarray:
+        return _quantization.dequantize_blockwise(
+            entry[name], entry[_quantization.scales_name(name)],
+            self._sign_of(name) == "signed", block)
+
+    def _quantize_state(self, value, sign):
+        """(codes, scales) of a float32 buffer in this optimizer's blocks."""
+        return _quantization.quantize_blockwise(value, sign == "signed", self._quant.block_size)
 
     def _buffers_of(self, param, active) -> tuple:
         """The state buffers ``param`` has under the buffers ``active`` (all of them here)."""

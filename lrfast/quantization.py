@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["SIGNED", "UNSIGNED", "Int8State", "dynamic_map", "quantize_blockwise",
-           "dequantize_blockwise", "state_bytes"]
+           "dequantize_blockwise"]
 
 #: The default block size, as bitsandbytes' and torchao's 8-bit optimizers use.
 DEFAULT_BLOCK_SIZE = 256
@@ -103,11 +103,6 @@ def _nearest(n: np.ndarray, values: np.ndarray) -> np.ndarray:
     return (zero + np.where(negative, -steps, steps)).astype(np.uint8)
 
 
-def _absmax(x: np.ndarray) -> np.float32:
-    """max |x| as the kernels take it: the largest sign-cleared bit pattern (NaN wins)."""
-    return (x.view(np.uint32) & np.uint32(0x7FFFFFFF)).max().view(np.float32)
-
-
 def _check_block(block_size) -> int:
     if (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
             or block_size < 32 or block_size > 2048 or block_size & (block_size - 1)):
@@ -121,19 +116,16 @@ def quantize_blockwise(x, signed: bool = True, block_size: int = DEFAULT_BLOCK_S
     block_size = _check_block(block_size)
     x = np.ascontiguousarray(x, dtype=np.float32)
     flat = x.reshape(-1)
-    values = SIGNED if signed else UNSIGNED
     nblocks = -(-flat.size // block_size)
-    codes = np.empty(flat.size, dtype=np.uint8)
-    scales = np.empty(nblocks, dtype=np.float32)
-    for b in range(nblocks):
-        blk = flat[b * block_size:(b + 1) * block_size]
-        scale = _absmax(blk)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            inv = np.float32(1) / scale if scale != 0 else np.float32(0)
-            n = blk * inv
-        codes[b * block_size:b * block_size + blk.size] = _nearest(n, values)
-        scales[b] = scale
-    return codes.reshape(x.shape), scales
+    # Zeros pad the last block: they change neither its largest magnitude nor its codes.
+    blocks = np.zeros((nblocks, block_size), dtype=np.float32)
+    blocks.reshape(-1)[:flat.size] = flat
+    scales = (blocks.view(np.uint32) & np.uint32(0x7FFFFFFF)).max(axis=1).view(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(scales != 0, np.float32(1) / scales, np.float32(0)).astype(np.float32)
+        n = blocks * inv[:, None]
+    codes = _nearest(n.reshape(-1)[:flat.size], SIGNED if signed else UNSIGNED)
+    return codes.reshape(x.shape), scales.reshape(nblocks)
 
 
 def dequantize_blockwise(codes, scales, signed: bool = True,
@@ -240,21 +232,11 @@ class Int8State:
         return f"Int8State(block_size={self.block_size}, min_size={self.min_size})"
 
 
-def state_bytes(optimizer) -> dict:
-    """Bytes of state an optimizer holds (its buffers, measured): ``{"bytes": total,
-    "per_param": total / elements of its params}``."""
-    total = 0
-    seen = set()
-    for _key, _param, views in optimizer._named_state():
-        for arr in views.values():
-            base = arr if arr.base is None else arr.base
-            if id(arr) in seen:
-                continue
-            seen.add(id(arr))
-            total += arr.nbytes
-            del base
-    elements = sum(p.size for p in optimizer._params)
-    return {"bytes": int(total), "per_param": total / elements if elements else 0.0}
+def filled(size: int, nblocks: int, value: float, sign: str, settings: Int8State):
+    """(codes, scales) of ``size`` elements that all read as ``value`` (a buffer's start)."""
+    c, sc = quantize_blockwise(np.full(settings.block_size, value, dtype=np.float32),
+                               sign == "signed", settings.block_size)
+    return np.full(size, c[0], dtype=np.uint8), np.full(nblocks, sc[0], dtype=np.float32)
 
 
 def scales_name(buffer: str) -> str:

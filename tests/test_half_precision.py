@@ -316,9 +316,11 @@ def _f32(n=8):
 
 @pytest.mark.parametrize("make, exc, pattern", [
     (lambda: lrfast.Adam([np.ones(4, np.uint16)], lr=0.1), TypeError, "bfloat16_bits=True"),
-    (lambda: lrfast.Adam(_f32(), lr=0.1, state_dtype="float16"), ValueError,
-     "state_dtype=float16"),
-    (lambda: lrfast.Adam(_f32(), lr=0.1, state_dtype="int8"), ValueError, "state_dtype must"),
+    (lambda: lrfast.Adam([np.ones(4)], lr=0.1, state_dtype="float32"), ValueError,
+     "state_dtype=float32 is not available for float64"),
+    (lambda: lrfast.Adam([np.ones(4)], lr=0.1, state_dtype="int8"), ValueError,
+     "state_dtype=int8 is not available for float64"),
+    (lambda: lrfast.Adam(_f32(), lr=0.1, state_dtype="int4"), ValueError, "state_dtype must"),
     (lambda: lrfast.Adam(_f32(), lr=0.1, rounding="up"), ValueError, "rounding must"),
     (lambda: lrfast.Adam(_f32(), lr=0.1, seed=-1), ValueError, "seed must"),
     (lambda: lrfast.Adam(_f32(), lr=0.1, seed=2**64), ValueError, "seed must"),
