@@ -813,7 +813,7 @@ class Optimizer:
         nblocks = -(-param.size // block)
         if (not isinstance(scales, np.ndarray) or scales.dtype != np.float32
                 or scales.shape != (nblocks,)):
-            raise ValueError(f"{what[:-1]}_absmax'] must be a float32 array of shape "
+            raise ValueError(f"{what[:-2]}_absmax'] must be a float32 array of shape "
                              f"({nblocks},) (blocks of {block}), got "
                              f"{getattr(scales, 'dtype', type(scales).__name__)} "
                              f"{getattr(scales, 'shape', '')}")

@@ -19,8 +19,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "widen", "narrow", "random_bits", "mixed_",
+__all__ = ["quantize_blockwise", "dequantize_blockwise", "sgd_", "adagrad_", "rmsprop_", "adam_", "widen", "narrow", "random_bits", "mixed_",
            "all_finite", "grad_norm", "clip_grad_norm_", "average_", "schedule_values"]
+
+# 8-bit state: the block-wise rule is NumPy already (lrfast.quantization); the reference
+# names it too, so every fast function has its mirror here.
+from .quantization import dequantize_blockwise, quantize_blockwise  # noqa: E402,F401
 
 
 def _tensors(*arrays):
