@@ -73,6 +73,24 @@ def _convert(
     first: int = 0,
 ) -> None: ...
 def _widen_to(src: NDArray[np.uint16], dst: NDArray[np.float32], storage: str) -> None: ...
+# 8-bit blockwise state (src/_storage.pxi): the kernels' key layout, and their maps' tables
+# (installed by lrfast.quantization at import).
+QUANT_CODES: dict[str, int]
+QUANT_KEY_SHIFT: Final[int]
+QUANT_KEY_FIRST: Final[int]
+QUANT_KEYS: Final[int]
+QUANT_MAX_BLOCK: Final[int]
+def install_quant_maps(
+    maps: Sequence[tuple[NDArray[np.float32], NDArray[np.int32], int]]
+) -> None: ...
+def _quantize_blocks(
+    x: NDArray[np.float32], codes: NDArray[np.uint8], scales: NDArray[np.float32], signed: bool,
+    block: int,
+) -> None: ...
+def _dequantize_blocks(
+    codes: NDArray[np.uint8], scales: NDArray[np.float32], x: NDArray[np.float32], signed: bool,
+    block: int,
+) -> None: ...
 # Schedule-free's train()/eval() (src/_updates_schedule_free.pxi): params <- lerp(params, z, w).
 def schedule_free_interpolate(
     table: NDArray[np.intp],
@@ -116,9 +134,12 @@ class Plan:
         wend: NDArray[np.intp] | None = None,
         rows: Sequence[str | None] | None = None,
         out: str | None = None,
+        qblock: int = 0,
     ) -> None: ...
     @property
     def storages(self) -> tuple[str, ...]: ...
+    @property
+    def quant_block(self) -> int: ...
     def set_hyper(self, values: Sequence[float]) -> None: ...
     def set_options(
         self, skip_nonfinite: bool, flush_subnormals: bool, rounding: str = "nearest",

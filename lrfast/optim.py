@@ -274,7 +274,7 @@ class Optimizer:
             init = update.initial_value(buf.name, h)
             quantized = [q is not None and bool(buf.quant) and q.quantizes(p.size)
                          for p in self._params]
-            if any(quantized):
+            if q is not None and any(quantized):
                 idx = [i for i, yes in enumerate(quantized) if yes]
                 row_scales: list = [None] * len(self._params)
                 codes, block_scales = _quantization.filled(
@@ -818,6 +818,7 @@ class Optimizer:
                              f"{getattr(scales, 'dtype', type(scales).__name__)} "
                              f"{getattr(scales, 'shape', '')}")
         if name in mine:
+            assert self._quant is not None
             if block == self._quant.block_size:
                 return (codes, scales)
             return None
@@ -836,6 +837,7 @@ class Optimizer:
 
     def _quantize_state(self, value, sign):
         """(codes, scales) of a float32 buffer in this optimizer's blocks."""
+        assert self._quant is not None
         return _quantization.quantize_blockwise(value, sign == "signed", self._quant.block_size)
 
     def _buffers_of(self, param, active) -> tuple:

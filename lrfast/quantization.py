@@ -104,10 +104,12 @@ def _nearest(n: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _check_block(block_size) -> int:
-    if (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
-            or block_size < 32 or block_size > 2048 or block_size & (block_size - 1)):
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
         raise ValueError(f"block_size must be a power of two from 32 to 2048, got {block_size!r}")
-    return int(block_size)
+    size = int(block_size)
+    if size < 32 or size > 2048 or size & (size - 1):
+        raise ValueError(f"block_size must be a power of two from 32 to 2048, got {block_size!r}")
+    return size
 
 
 def quantize_blockwise(x, signed: bool = True, block_size: int = DEFAULT_BLOCK_SIZE):
@@ -206,6 +208,8 @@ class Int8State:
     """
 
     __slots__ = ("block_size", "min_size")
+    block_size: int
+    min_size: int
 
     def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE, min_size: int = DEFAULT_MIN_SIZE):
         self.block_size = _check_block(block_size)
