@@ -27,7 +27,10 @@ rounded back (to nearest, ties to even). The state is kept in the param dtype by
 (torch's fused behaviour: state dicts match torch's), or in float32 with the lrfast-only
 keyword ``state_dtype=torch.float32`` (valid values: None, the params' dtype, or float32 for
 bfloat16/float16 params; a state dict saved either way loads either way, and float32 state is
-not cast to the param dtype on load as torch would). A float32 param may have a
+not cast to the param dtype on load as torch would). Float32 params may keep their state in
+half precision, ``state_dtype=torch.bfloat16`` (or ``torch.float16``): the update reads it
+widened and rounds it back as it writes it (per ``rounding``), 2 bytes per element.
+A float32 param may have a
 bfloat16/float16 gradient (torch 2.13's ``p.grad_dtype = torch.bfloat16`` makes autograd
 produce one): the kernel widens it as it reads it. Params are grouped into one native call per
 (param dtype, grad dtype, state dtype) within a group. Against torch's fused kernels (Adam,
@@ -35,6 +38,18 @@ AdamW, Adagrad) one step agrees to rounding: bit for bit nearly everywhere, else
 half type (torch fuses multiply-adds) and torch's fused Adagrad rounds its lr to the half
 type. torch 2.13's fused CPU SGD is wrong on half params of 16 elements or more; lrfast's
 SGD matches lrfast.reference (and torch's for-loop SGD to rounding).
+
+8-bit state. ``state_dtype="int8"`` (or ``lrfast.quantization.Int8State(block_size=256,
+min_size=4096)``) keeps each moment buffer of a float32, bfloat16 or float16 param of at least
+``min_size`` elements as uint8 codes of the param's shape, ``state[name]``, and float32 scales,
+one per block of ``block_size`` elements, ``state[name + "_absmax"]`` (lrfast.quantization
+has the rule): about 1 byte per element instead of 4. Smaller params, and buffers that are not
+moments (Rprop's step sizes, ASGD's average), keep float32 state. Each step dequantises a
+block, updates it in float32 and quantises it back in the same kernel pass. Refused for
+float64, complex and DTensor params and for updates that are not one element-wise pass
+(Adafactor, schedule-free, LAMB, LARS, ADOPT). ``load_state_dict`` converts: a float state
+dict into 8-bit state (quantised), an 8-bit one into float state (dequantised) or into another
+block size; between optimizers of the same settings codes and scales load bit for bit.
 
 ``rounding="stochastic"`` (lrfast-only, with ``seed=0``) rounds every value stored into a
 half buffer (params, state, CPUAdam's half copies) up or down with probability given by its
@@ -100,6 +115,8 @@ from . import _dispatch, _layout
 from ._specs import OPTIMIZERS, TORCH_FLAGS, TORCH_REFUSED, OptimizerSpec
 from ._precision import check_rounding, check_seed
 from ._threads import get_num_threads
+from .quantization import (SIGNED, UNSIGNED, Int8State, dequantize_blockwise,
+                           quantize_blockwise, scales_name)
 
 __all__ = list(OPTIMIZERS) + ["CPUAdam", "ema_multi_avg_fn", "swa_multi_avg_fn"]
 
@@ -110,6 +127,11 @@ _STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.complex64:
             torch.complex128: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _HALF = (torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# 8-bit state (``state_dtype="int8"`` or an Int8State): the params it is kept for, and the code
+# of 0 in each map (a zero-initialised buffer's codes).
+_INT8_PARAMS = (torch.float32, torch.bfloat16, torch.float16)
+_ZERO_CODE = {"signed": int(np.flatnonzero(SIGNED == 0)[0]),
+              "unsigned": int(np.flatnonzero(UNSIGNED == 0)[0])}
 # The lrfast-only keywords every class takes after torch's arguments (see the module docstring).
 _LRFAST_KEYWORDS = {"state_dtype": None, "rounding": "nearest", "seed": 0, "ema": None}
 
@@ -267,13 +289,20 @@ class _Plan:
         # What ``grad_pointers`` checks each step, per param of the group (None: no gradient
         # when the plan was made): the param's address, its grad's dtype, its state dict, and
         # the identities of the state tensors the tables point into.
+        # With 8-bit state a param's block scales count among its state tensors.
         names = needs + (("step",) if self.steps is not None else ())
-        self.same = _identity_check(names)
+        pnames = [names + tuple(scales_name(n) for n in needs
+                                if states[i][n].dtype == torch.uint8)
+                  for i in range(len(params))]
+        checks: dict[tuple, Any] = {}
         self.group_params = list(group["params"])
         entries: list[Any] = [None] * len(self.group_params)
         for i, k in enumerate(self.positions):
+            same = checks.get(pnames[i])
+            if same is None:
+                same = checks[pnames[i]] = _identity_check(pnames[i])
             entries[k] = (self.param_ptrs[i], gdtypes[i], states[i],
-                          tuple(states[i][n] for n in names))
+                          tuple(states[i][n] for n in pnames[i]), same)
         self.entries = entries
         # The same checks as flat lists, for grad_pointers' fast path (every param of the group
         # had a gradient): each runs as one C-level map over the group instead of per param.
@@ -283,9 +312,9 @@ class _Plan:
         self.sharded = any(map(_is_dtensor, self.group_params))
         self.gdtypes = list(gdtypes)
         self.state_dicts = list(states)
-        self.buffer_dicts = [st for st in states for _ in names]
-        self.buffer_names = [n for _ in states for n in names]
-        self.buffer_tensors = [st[n] for st in states for n in names]
+        self.buffer_dicts = [st for st, ns in zip(states, pnames) for _ in ns]
+        self.buffer_names = [n for ns in pnames for n in ns]
+        self.buffer_tensors = [st[n] for st, ns in zip(states, pnames) for n in ns]
         update = opt._spec.update
         # The state buffers' local memory (a DTensor's shard)
         local = [{n: _local(states[i][n]) for n in needs} for i in range(len(params))]
@@ -307,15 +336,22 @@ class _Plan:
             storage = _STORAGE[dtype]
             rows: list[Any] = [[self.param_ptrs[i] for i in idx], None]
             types: list[Any] = [storage, _STORAGE[gdtype]]
+            scale_rows = []  # 8-bit rows' block scales: after the half copy, in row order
             for b in update.buffers:
                 if b.name in needs:
                     rows.append([local[i][b.name].data_ptr() for i in idx])
-                    types.append(_STORAGE[local[idx[0]][b.name].dtype])
+                    if local[idx[0]][b.name].dtype == torch.uint8:
+                        types.append(b.kernel_row_name)
+                        scale_rows.append([states[i][scales_name(b.name)].data_ptr()
+                                           for i in idx])
+                    else:
+                        types.append(_STORAGE[local[idx[0]][b.name].dtype])
                 else:
                     rows.append(None)
                     types.append(None)
             if odt is not None:
                 rows.append([outs[i].data_ptr() for i in idx])
+            rows += scale_rows
             # real elements: a complex param is two per element (see _STORAGE)
             table, offsets = _layout.table(
                 rows, [params[i].numel() * (2 if params[i].is_complex() else 1) for i in idx])
@@ -325,9 +361,11 @@ class _Plan:
             # mixed-type driver.
             mixed = storage in ("bfloat16", "float16") or any(
                 t is not None and t != storage for t in types)
-            plan = _dispatch.kernels.Plan(update.name, table, offsets, storage,
-                                          rows=types if mixed else None,
-                                          out=None if odt is None else _STORAGE[odt])
+            q = opt._int8
+            plan = _layout.plan(update.name, table, offsets, storage,
+                                rows=types if mixed else None,
+                                out=None if odt is None else _STORAGE[odt],
+                                qblock=q.block_size if scale_rows and q is not None else 0)
             if opt._rounding != "nearest":
                 plan.set_options(False, False, opt._rounding, opt._seed)
             if averaged:
@@ -356,7 +394,6 @@ class _Plan:
             return self._dense_grad_pointers(gparams, state)
         out: list[int] = []
         append = out.append
-        same = self.same
         try:
             for p, q, entry in zip(gparams, self.group_params, self.entries):
                 g = p.grad
@@ -366,7 +403,7 @@ class _Plan:
                     if g is not None:
                         return None
                     continue
-                ptr, gdtype, st, tensors = entry
+                ptr, gdtype, st, tensors, same = entry
                 if g is None:
                     return None
                 local, lg = _local(p), _local(g)
@@ -492,12 +529,9 @@ class _Optimizer(torch.optim.Optimizer):
         # The hyper-parameters are checked before ``params`` is read, as torch does: a bad
         # value is reported as such whatever ``params`` is.
         self._check_defaults(defaults)
-        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
-            raise ValueError("state_dtype must be None (the params' dtype) or one of "
-                             f"{', '.join(map(str, _STATE_DTYPES))}, got {state_dtype!r}")
         # lrfast-only options of the whole optimizer (not in param_groups, so state dicts
         # keep torch's format; kept by pickling and deepcopy through __getstate__)
-        self._state_dtype = state_dtype
+        self._state_dtype = self._checked_state_dtype(state_dtype)
         self._rounding = check_rounding(rounding)
         self._seed = check_seed(seed)
         self._calls = 0  # step() calls: the stochastic rounding's step where torch keeps none
@@ -516,17 +550,76 @@ class _Optimizer(torch.optim.Optimizer):
                      _seed=self._seed, _calls=self._calls)
         return state
 
-    def _state_dtype_for(self, p: torch.Tensor, where: str = "a parameter") -> torch.dtype:
-        """The dtype of ``p``'s state buffers: its own, or float32 for a half-precision param
-        when ``state_dtype=torch.float32``."""
+    # Can this class keep 8-bit state? Not where the update reads a whole tensor's state at
+    # once (``Update.per_tensor``: the kernels refuse it) nor for classes with a step of their
+    # own (Adafactor, schedule-free).
+    _takes_int8 = True
+
+    def _checked_state_dtype(self, state_dtype: Any) -> Any:
+        """``state_dtype`` validated: None, one of _STATE_DTYPES, or an Int8State ("int8":
+        its defaults)."""
+        if isinstance(state_dtype, str) and state_dtype == "int8":
+            state_dtype = Int8State()
+        if isinstance(state_dtype, Int8State):
+            if not self._takes_int8 or self._spec.update.per_tensor:
+                why = ("reads each tensor's whole state at once (per-tensor norms or means)"
+                       if self._spec.update.per_tensor else "is not a one-pass element-wise "
+                       "update over the state")
+                raise ValueError(f"state_dtype={state_dtype!r} (8-bit state) is not available "
+                                 f"for lrfast.torch.{self._spec.name}: its update {why}; use "
+                                 "state_dtype=None or torch.float32/torch.bfloat16")
+            return state_dtype
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
+                                            and state_dtype in _STATE_DTYPES):
+            raise ValueError("state_dtype must be None (the params' dtype), one of "
+                             f"{', '.join(map(str, _STATE_DTYPES))}, 'int8' or an "
+                             f"lrfast.quantization.Int8State, got {state_dtype!r}")
+        return state_dtype
+
+    @property
+    def _int8(self) -> Int8State | None:
+        """The 8-bit state's settings, or None."""
         sd = self._state_dtype
+        return sd if isinstance(sd, Int8State) else None
+
+    def _state_dtype_for(self, p: torch.Tensor, where: str = "a parameter") -> torch.dtype:
+        """The dtype of ``p``'s (unquantised) state buffers: its own, float32 for a
+        half-precision param when ``state_dtype=torch.float32``, bfloat16/float16 for a float32
+        param when ``state_dtype`` is that, and float32 with 8-bit state (for the buffers and
+        params it does not quantise)."""
+        sd = self._state_dtype
+        if isinstance(sd, Int8State):
+            if p.dtype not in _INT8_PARAMS:
+                raise ValueError(f"state_dtype={sd!r} (8-bit state) is not available for "
+                                 f"{where} of dtype {p.dtype}: 8-bit state is kept for "
+                                 "float32, bfloat16 and float16 params only (use state_dtype="
+                                 "None for float64 and complex params)")
+            if _is_dtensor(p):
+                raise ValueError(f"state_dtype={sd!r} (8-bit state) is not available for "
+                                 f"{where}, a DTensor: the block scales of a sharded param are "
+                                 "not kept (use state_dtype=None or torch.bfloat16)")
+            return torch.float32
         if sd is None or sd == p.dtype:
             return p.dtype
         if sd == torch.float32 and p.dtype in _HALF:
             return sd
+        if sd in _HALF and p.dtype == torch.float32:
+            return sd
         raise ValueError(f"state_dtype={sd} is not available for {where} of dtype {p.dtype}: "
-                         "the state is kept in the param's dtype, or in torch.float32 for "
-                         "torch.bfloat16/torch.float16 params")
+                         "the state is kept in the param's dtype, in torch.float32 for "
+                         "torch.bfloat16/torch.float16 params, or in torch.bfloat16/"
+                         "torch.float16 for torch.float32 params")
+
+    def _quantized(self, p: torch.Tensor, name: str) -> str:
+        """The 8-bit map ("signed", "unsigned") buffer ``name`` of ``p`` is kept in, or ""
+        where it is not kept in 8 bits (no 8-bit state, a small param, not a moment)."""
+        q = self._int8
+        if q is None or not q.quantizes(p.numel()):
+            return ""
+        for b in self._spec.update.buffers:
+            if b.name == name:
+                return b.quant
+        return ""
 
     @property
     def _name(self) -> str:
@@ -609,7 +702,12 @@ class _Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (same format), then a check of every loaded buffer: its
-        shape, dtype, device and layout must be its param's. On a mismatch nothing is kept."""
+        shape, dtype, device and layout must be its param's. On a mismatch nothing is kept.
+
+        8-bit state (a buffer's uint8 codes beside its ``<name>_absmax`` block scales) loads
+        bit for bit into an optimizer that keeps that buffer in 8 bits with the same block
+        size; otherwise it is converted: quantised from a float buffer, dequantised into a
+        float one (or requantised with another block size, read from the number of scales)."""
         saved = ({p: dict(st) for p, st in self.state.items()},
                  [{k: v for k, v in g.items()} for g in self.param_groups])
         # torch casts every loaded buffer to its param's dtype; where lrfast keeps float32
@@ -623,8 +721,13 @@ class _Optimizer(torch.optim.Optimizer):
                 for k, p in enumerate(group["params"]):
                     want = self._state_dtype_for(p)
                     scalar_state = self._spec.update.scalar_names(self._hyper(group))
+                    handled: set = set()
+                    if self.state.get(p):
+                        handled = self._load_codes(p, self.state[p],
+                                                   state_dict["state"][loaded[p]],
+                                                   f"of parameter {k} of group {gi}")
                     for name, buf in list(self.state.get(p, {}).items()):
-                        if name == "step":
+                        if name == "step" or name in handled:
                             continue
                         if name in scalar_state:
                             if (not isinstance(buf, torch.Tensor) or buf.dim() != 0
@@ -658,6 +761,102 @@ class _Optimizer(torch.optim.Optimizer):
             raise
         self._plans.clear()
 
+    def _load_codes(self, p: torch.Tensor, st: dict, src: dict, where: str) -> set:
+        """Put the state buffers of ``p`` that are, or are to be, 8-bit into the form this
+        optimizer keeps them in, from ``src`` (the state dict's entry: torch's load has cast
+        every floating tensor to the param's dtype, codes included). Returns the names done."""
+        q = self._int8
+        handled: set = set()
+        for b in self._spec.update.buffers:
+            name, sname = b.name, scales_name(b.name)
+            if name not in st:
+                if sname in st:
+                    raise ValueError(f"state {sname!r} {where} (8-bit block scales) has no "
+                                     f"{name!r} beside it")
+                continue
+            codes, scales = src.get(name), src.get(sname)
+            from_codes = scales is not None or (isinstance(codes, torch.Tensor)
+                                                and codes.dtype == torch.uint8)
+            sign = self._quantized(p, name)
+            if not from_codes and not sign:
+                continue  # a float buffer kept in float: the general checks
+            handled.update((name, sname))
+            if from_codes:
+                if not b.quant:
+                    raise ValueError(f"state {name!r} {where} holds 8-bit codes, but "
+                                     f"lrfast.torch.{self._name} never keeps {name!r} in 8 bits")
+                block = self._check_loaded_codes(p, name, codes, scales, where)
+                assert codes is not None and scales is not None  # (checked)
+                codes, scales = codes.detach().cpu(), scales.detach().cpu()
+                if sign and q is not None and scales.numel() == q.nblocks(p.numel()):
+                    # the same blocks: bit for bit
+                    st[name] = codes.clone(memory_format=torch.contiguous_format)
+                    st[sname] = scales.clone(memory_format=torch.contiguous_format)
+                    continue
+                values = dequantize_blockwise(codes.contiguous().numpy(),
+                                              scales.contiguous().numpy(),
+                                              b.quant == "signed", block)
+            else:
+                if (not isinstance(codes, torch.Tensor) or _is_dtensor(codes)
+                        or tuple(codes.shape) != tuple(p.shape) or codes.is_complex()
+                        or not codes.is_floating_point()):
+                    got = (f"{tuple(codes.shape)} {codes.dtype}"
+                           if isinstance(codes, torch.Tensor) else f"a {type(codes).__name__}")
+                    raise ValueError(f"state {name!r} {where} does not match its parameter: "
+                                     f"{got} versus {tuple(p.shape)} (a real floating-point "
+                                     "tensor to quantise)")
+                values = codes.detach().to(device="cpu", dtype=torch.float32).numpy()
+            if sign:
+                assert q is not None
+                c, sc = quantize_blockwise(values, sign == "signed", q.block_size)
+                st[name] = torch.from_numpy(c)
+                st[sname] = torch.from_numpy(sc)
+            else:
+                st[name] = torch.from_numpy(np.ascontiguousarray(values)).to(
+                    device=p.device, dtype=self._state_dtype_for(p))
+                st.pop(sname, None)
+        if handled:  # each buffer's scales right after it
+            order = [n for n in st if not (n.endswith("_absmax") and n in handled)]
+            entries = {}
+            for n in order:
+                entries[n] = st[n]
+                if scales_name(n) in st and n in handled:
+                    entries[scales_name(n)] = st[scales_name(n)]
+            st.clear()
+            st.update(entries)
+        return handled
+
+    @staticmethod
+    def _check_loaded_codes(p: torch.Tensor, name: str, codes: Any, scales: Any,
+                            where: str) -> int:
+        """A loaded 8-bit buffer's codes and scales fit ``p``; returns their block size (the
+        smallest that gives that many blocks: any other that does splits the same way)."""
+        if p.is_complex() or _is_dtensor(p):
+            raise ValueError(f"state {name!r} {where} holds 8-bit codes, which are not kept for "
+                             f"a {'DTensor' if _is_dtensor(p) else p.dtype} param")
+        if (not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8
+                or tuple(codes.shape) != tuple(p.shape) or codes.layout is not torch.strided
+                or _is_dtensor(codes)):
+            got = (f"{tuple(codes.shape)} {codes.dtype}" if isinstance(codes, torch.Tensor)
+                   else f"a {type(codes).__name__}")
+            raise ValueError(f"state {name!r} {where} must be 8-bit codes (uint8 of the "
+                             f"param's shape {tuple(p.shape)}) beside its block scales, got "
+                             f"{got}")
+        sname = scales_name(name)
+        if (not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32
+                or scales.dim() != 1 or scales.layout is not torch.strided
+                or _is_dtensor(scales)):
+            got = (f"{tuple(scales.shape)} {scales.dtype}" if isinstance(scales, torch.Tensor)
+                   else f"a {type(scales).__name__}")
+            raise ValueError(f"state {sname!r} {where} must be the block scales of {name!r} "
+                             f"(a 1-D float32 tensor), got {got}")
+        n, k = p.numel(), scales.numel()
+        for shift in range(5, 12):
+            if -(-n // (1 << shift)) == k:
+                return 1 << shift
+        raise ValueError(f"state {sname!r} {where} has {k} block scales: no block size from "
+                         f"32 to 2048 splits the param's {n} elements into that many blocks")
+
     @property
     def _counts_steps(self) -> bool:
         return self._spec.torch is None or self._spec.torch.step_state
@@ -686,7 +885,11 @@ class _Optimizer(torch.optim.Optimizer):
         made = False
         for name in needs:
             if st.get(name) is None:
-                st[name] = self._new_buffer(name, p, hyper)
+                sign = self._quantized(p, name)
+                if sign:
+                    st[name], st[scales_name(name)] = self._new_codes(name, p, hyper, sign)
+                else:
+                    st[name] = self._new_buffer(name, p, hyper)
                 made = True
         if counts:
             if "step" not in st:
@@ -705,6 +908,23 @@ class _Optimizer(torch.optim.Optimizer):
         # On a complex param's real view both parts start at the value, as in torch.
         fill = complex(value, value) if p.is_complex() else value
         return torch.full_like(p, fill, dtype=dtype, memory_format=torch.contiguous_format)
+
+    def _new_codes(self, name: str, p: torch.Tensor, hyper: dict[str, Any],
+                   sign: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new 8-bit buffer: (uint8 codes of the param's shape, float32 block scales), every
+        element reading as the buffer's initial value (0: the code of 0 and zero scales)."""
+        q = self._int8
+        assert q is not None
+        value = self._spec.update.initial_value(name, hyper)
+        nblocks = q.nblocks(p.numel())
+        if value == 0:
+            code, scale = _ZERO_CODE[sign], 0.0
+        else:  # a block of the value, quantised: every block of the buffer is that one
+            c, sc = quantize_blockwise(np.full(q.block_size, value, dtype=np.float32),
+                                       sign == "signed", q.block_size)
+            code, scale = int(c[0]), float(sc[0])
+        return (torch.full(p.shape, code, dtype=torch.uint8),
+                torch.full((nblocks,), scale, dtype=torch.float32))
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -858,6 +1078,10 @@ class _Optimizer(torch.optim.Optimizer):
                 buf = st.get(name)
                 if buf is None:
                     continue
+                if self._quantized(p, name) or (isinstance(buf, torch.Tensor)
+                                                and buf.dtype == torch.uint8):
+                    self._check_codes(st, name, p, f"of parameter {k} of group {gi}")
+                    continue
                 lp = _local(p)
                 lb = _local(buf) if isinstance(buf, torch.Tensor) else None
                 if (lb is None or _is_dtensor(buf) != _is_dtensor(p) or lb.shape != lp.shape
@@ -874,6 +1098,32 @@ class _Optimizer(torch.optim.Optimizer):
                         raise ValueError(f"state {name!r} of parameter {k} of group {gi} has "
                                          "a non-contiguous local shard")
                     st[name] = buf.contiguous()
+
+    def _check_codes(self, st, name, p, where):
+        """Buffer ``name`` of ``p`` where the optimizer keeps it in 8 bits: uint8 codes of the
+        param's shape and float32 block scales (one per block of the optimizer's block size),
+        contiguous CPU tensors; anything else is refused."""
+        q = self._int8
+        codes, scales = st.get(name), st.get(scales_name(name))
+        if not self._quantized(p, name):
+            raise ValueError(f"state {name!r} {where} holds 8-bit codes (uint8), but this "
+                             "optimizer keeps it in "
+                             f"{self._state_dtype_for(p)} (state_dtype={self._state_dtype!r}, "
+                             f"{p.numel()} elements)")
+        assert q is not None
+        nblocks = q.nblocks(p.numel())
+        for what, t, shape, dtype in ((name, codes, tuple(p.shape), torch.uint8),
+                                      (scales_name(name), scales, (nblocks,), torch.float32)):
+            if (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype
+                    or t.device.type != "cpu" or t.layout is not torch.strided
+                    or _is_dtensor(t)):
+                got = (f"{tuple(t.shape)} {t.dtype} on {t.device}"
+                       if isinstance(t, torch.Tensor) else f"a {type(t).__name__}")
+                raise ValueError(f"state {what!r} {where} does not fit 8-bit state of block "
+                                 f"size {q.block_size}: {got} versus {shape} {dtype} on cpu")
+        for what, t in ((name, codes), (scales_name(name), scales)):
+            if not t.is_contiguous():
+                st[what] = t.contiguous()
 
     def _checked_grads(self, gi, group, outs=None):
         """[(param, grad, half copy or None)] for the group's params with a gradient, every
@@ -967,6 +1217,9 @@ class _ScheduleFreeOptimizer(_Optimizer):
     package's message, as a subclass of the Exception it raises), and ``foreach`` is stored
     but lrfast's kernel runs either way.
     """
+
+    # (z is the iterate the params are interpolated from, not a moment: kept in full)
+    _takes_int8 = False
 
     # The package's group entries in its order: the arguments with its scalar state.
     _ORDER = ("lr", "betas", "momentum", "eps", "r", "k", "warmup_steps", "train_mode",
@@ -1117,6 +1370,8 @@ def _make_class(spec: OptimizerSpec, extras: tuple = ()) -> type:
         init_base.__init__(self, params, defaults, **extra)
 
     buffers = ", ".join(f"``{b.name}``" for b in spec.update.scalar_state + spec.update.buffers)
+    takes_int8 = not spec.update.per_tensor and all(getattr(b, "_takes_int8", True)
+                                                    for b in bases)
     doc = (f"{spec.name} over torch tensors: "
            f"{'torch.optim.' + spec.name + chr(39) + 's' if torch_cls else 'the'} signature, "
            f"defaults and state dict format, run by lrfast's kernel.\n\n"
@@ -1124,7 +1379,13 @@ def _make_class(spec: OptimizerSpec, extras: tuple = ()) -> type:
            f"{'``step``, ' if t is None or t.step_state else ''}{buffers} "
            "(each where the hyper-parameters use it).\n\n"
            "lrfast-only keywords: ``state_dtype`` (None: the params' dtype, as torch's fused "
-           "kernels; ``torch.float32`` for bfloat16/float16 params), ``rounding`` "
+           "kernels; ``torch.float32`` for bfloat16/float16 params; ``torch.bfloat16`` or "
+           "``torch.float16`` for float32 params"
+           + ("; ``'int8'`` or an ``lrfast.quantization.Int8State(block_size, min_size)``: "
+              "8-bit moments (uint8 codes and float32 block scales, state "
+              "``<buffer>_absmax``) for float32/bfloat16/float16 params"
+              if takes_int8 else "; 8-bit state is not available for this update")
+           + "), ``rounding`` "
            "(``'nearest'`` or ``'stochastic'``), ``seed``, and ``ema`` (an ``(AveragedModel, "
            "model)`` pair each step also updates); see :mod:`lrfast.torch`.\n")
     for extra in extras:
@@ -1158,6 +1419,8 @@ class _Adafactor(_Optimizer):
     group's first param with a gradient, complex params are refused at the step, and the state
     is made at a param's first step. float32 and float64 params only (bfloat16/float16 and
     DTensor params are refused when added: use torch.optim.Adafactor for them)."""
+
+    _takes_int8 = False  # (factored statistics, not an element-wise update)
 
     def _state_dtype_for(self, p: torch.Tensor, where: str = "a parameter") -> torch.dtype:
         if self._state_dtype is not None and self._state_dtype != p.dtype:
