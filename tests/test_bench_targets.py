@@ -12,7 +12,7 @@ import pytest
 
 from lrfast._bench import spread as _bench_spread
 from lrfast._bench.cases import Case, all_cases
-from lrfast._bench.peers import AVERAGE_PEERS, LOWP_PEERS, PEERS
+from lrfast._bench.peers import AVERAGE_PEERS, LOWP_PEERS, PEERS, STATE_PEERS
 from lrfast._bench.run import analyse
 from lrfast._bench.targets import TARGETS, Part, parts_of
 from lrfast._bench.verdicts import (
@@ -195,11 +195,11 @@ def test_every_target_part_names_a_case_the_bench_has():
     kinds = {c.name: c.kind for c in all_cases(quick=False)}
     names = set(kinds)
     quick = {c.name for c in all_cases(quick=True)}
-    peers_of = {"lowp": LOWP_PEERS, "average": AVERAGE_PEERS}
+    peers_of = {"lowp": LOWP_PEERS, "average": AVERAGE_PEERS, "state": STATE_PEERS}
     for t in TARGETS:
         for p in t.parts:
             assert p.case in names, (t.name, p.case)
-            assert p.measure in ("ratio", "floor", "time", "speedup", "cost")
+            assert p.measure in ("ratio", "floor", "time", "speedup", "cost", "bytes")
             if p.measure in ("ratio", "cost"):
                 # a peer that the part's case times (torch's fastest path: a ratio's only)
                 assert p.peer in peers_of.get(kinds[p.case], PEERS) or (
@@ -301,3 +301,66 @@ def test_average_targets_in_the_report(monkeypatch):
     (st, detail), = [v for k, v in rows.items() if k.startswith("EMA update, 110-tensor")]
     assert st == "SKIP" and detail.startswith("torch-ema-fn/lrfast 6.00x") and \
         detail.endswith("timm-ema-v3/lrfast skipped")
+
+
+# ---------------------------------------------------------------------------- state bytes
+
+def state_case(name, **results):
+    words = name.split()
+    c = Case(name, "state", words[0], words[1].removeprefix("state-"), words[2])
+    c.results = dict(results)
+    return c
+
+
+@pytest.mark.parametrize("held, want", [
+    (2 * 16 * 2**20 + 2 * 4 * 16 * 2**20 // 256, "PASS"),    # int8 codes + scales: 2.03125 B
+    (int(2.05 * 16 * 2**20), "PASS"),                         # just under the threshold
+    (int(2.06 * 16 * 2**20), "FAIL"),                         # a count: no noise, no spread
+    (None, "SKIP"),
+])
+def test_state_bytes_part_is_exact(held, want):
+    extra = {} if held is None else {"state_bytes": held}
+    c = state_case("adam state-int8 16M", lrfast=ok([0.02] * 11, **extra))
+    (part,) = [p for p in parts_of(c.name) if p.measure == "bytes"]
+    assert part.threshold == 2.05 and not part.at_least and references(c, part) == []
+    est = estimate(c, part)
+    if held is None:
+        assert est == "state bytes not measured"
+    else:
+        v = held / 2**24
+        assert est == (v, v, v, 1.0)
+    assert verdict(part, est) == want
+    rows = {name: (st, detail) for st, name, detail, _ in evaluate([c])}
+    st, detail = rows["Adam int8 state 16M <= 2.05 bytes of state per param"]
+    assert st == want
+    if want == "PASS" and held == 2 * 2**24 + 2**19:
+        assert detail == "state B/param 2.031 B (<= 2.05 B)"
+    if want == "FAIL":
+        assert detail == "state B/param 2.060 B (<= 2.05 B)"
+
+
+def test_state_cases_bytes_per_step():
+    # Read p, g (4 + 4), m, v; write p (4), m, v. float32 moments: 28 B per element; bf16: 20;
+    # int8: 16, plus each moment's float32 scale per 256 elements read and written (16/256 B).
+    by = {c.name: c for c in all_cases(quick=True)}
+    n = 16 * 2**20
+    assert by["adam state-f32 16M"].bytes_per_step == 28 * n
+    assert by["adam state-bf16 16M"].bytes_per_step == 20 * n
+    assert by["adam state-bf16-sr 16M"].bytes_per_step == 20 * n
+    assert by["adam state-int8 16M"].bytes_per_step == 16 * n + 16 * (n // 256)
+    assert by["adam state-int8 1M"].bytes_per_step == 16 * 2**20 + 16 * 2**12
+    # the peers of one size share one cache entry; lrfast's fp32-state step does not
+    a, b = by["adam state-int8 16M"], by["adam state-bf16 16M"]
+    assert a.key("bnb-adam8bit") == b.key("bnb-adam8bit")
+    assert a.key("lrfast-f32") != b.key("lrfast-f32")
+    assert a.key("bnb-adam8bit") != by["adam state-int8 1M"].key("bnb-adam8bit")
+
+
+def test_state_ratio_against_fp32_state():
+    # per round f32-state / int8-state: 1.5, 1.2, 1.4, 1.3, 1.6, 1.1 -> median 1.35
+    c = state_case("adam state-int8 16M", lrfast=ok([10.0] * 6),
+                   **{"lrfast-f32": ok([15.0, 12.0, 14.0, 13.0, 16.0, 11.0])})
+    part = next(p for p in parts_of(c.name) if p.peer == "lrfast-f32")
+    med, lo, hi, _ = estimate(c, part)
+    assert (med, lo, hi) == (pytest.approx(1.35), pytest.approx(1.1), pytest.approx(1.6))
+    assert verdict(part, (med, lo, hi, 0.97)) == "NOISE"

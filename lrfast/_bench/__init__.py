@@ -19,6 +19,15 @@ from torch (``torch-offload``, and ``torch-offload-prealloc`` with a preallocate
 ``deepspeed``, and ``lrfast.torch.CPUAdam`` on 1000x256 (see ``peers.LOWP_PEERS``); lrfast's
 side is ``lrfast.Adam`` on NumPy arrays (``state_dtype``, ``half_out``).
 
+The optimizer-state cases (kind ``state``, a table of their own) time ``lrfast.Adam`` on
+float32 params with its moments in 8 bits (``state_dtype="int8"``: uint8 codes and a float32
+scale per 256 elements), in bfloat16 (rounded to nearest, or stochastically) and in float32, at
+1M and 16M; beside each row, lrfast's float32-state step (``lrfast-f32``), and once per size
+torch's fused Adam and the 8-bit optimizers of bitsandbytes (``Adam8bit``, its CPU backend) and
+torchao (``AdamW8bit`` with weight decay 0; left out of quick runs, its first step compiles for
+tens of seconds). Each row also reports the state bytes per param, from lrfast's
+``state_bytes()`` or a peer's state tensors (see ``peers.STATE_PEERS``).
+
 The weight-average cases (kind ``average``, a table of their own) time ``lrfast.Averager``'s
 EMA update on the transformer's 110 tensors (NumPy views of the torch model's) and on one 16M
 tensor, and Adam's step with ``ema=`` (the average fused into the step's pass); their peers are

@@ -55,6 +55,39 @@ VARIANTS = {
 }
 
 
+@dataclass(frozen=True)
+class StateVariant:
+    """How lrfast.Adam keeps its two moments on float32 params in a "state" case: float32,
+    bfloat16 (rounded to nearest, or stochastically) or 8-bit codes with a float32 scale per
+    block of ``INT8_BLOCK`` elements (``state_dtype="int8"``)."""
+    state_dtype: str
+    rounding: str = "nearest"
+    note: str = ""
+
+    def bytes_per_step(self, sizes):
+        """Bytes one step moves, counted as the lowp cases count them (no write-allocate): read
+        param, grad and both moments, write param and both moments; 8-bit moments also read and
+        write their block scales (float32, one per INT8_BLOCK elements of each moment)."""
+        n = sum(sizes)
+        if self.state_dtype == "int8":
+            blocks = sum(-(-size // INT8_BLOCK) for size in sizes)
+            return 2 * 4 * n + 4 * n + 4 * 1 * n + 2 * 2 * 4 * blocks
+        width = {"float32": 4, "bfloat16": 2}[self.state_dtype]
+        return 2 * 4 * n + 4 * n + 4 * width * n
+
+
+# lrfast.Int8State()'s block size: the cases' params (1M, 16M) are all above its min_size.
+INT8_BLOCK = 256
+# The "state" cases' variants (the case's dtype field), in run (and table) order: the 8-bit row
+# first, since the peers, timed once per size, run in the first row and are shared after it.
+STATE_VARIANTS = {
+    "int8": StateVariant("int8", note="8-bit moments, a float32 scale per 256 elements"),
+    "bf16": StateVariant("bfloat16", note="bf16 moments, rounded to nearest"),
+    "bf16-sr": StateVariant("bfloat16", "stochastic", note="bf16 moments, stochastic rounding"),
+    "f32": StateVariant("float32", note="fp32 moments (lrfast's baseline)"),
+}
+
+
 def average_transfers(opt, separate=False):
     """Elements read and written per element by a weight-average case's step: the EMA alone
     reads the average and the param and writes the average (3); fused into an optimizer's
@@ -68,7 +101,7 @@ def average_transfers(opt, separate=False):
 @dataclass
 class Case:
     name: str
-    kind: str                      # optim, flat, torch, lowp, average, schedule-scalar, schedule-vector, threads
+    kind: str                      # optim, flat, torch, lowp, state, average, schedule-scalar, schedule-vector, threads
     opt: str | None = None
     dtype: str | None = None
     size: str | None = None
@@ -91,6 +124,8 @@ class Case:
     def bytes_per_step(self):
         if self.kind == "lowp":
             return self.elements * VARIANTS[cast(str, self.dtype)].bytes_per_element
+        if self.kind == "state":
+            return STATE_VARIANTS[cast(str, self.dtype)].bytes_per_step(self.sizes)
         if self.kind == "average":
             return self.elements * average_transfers(cast(str, self.opt)) * \
                 np.dtype(DTYPES[cast(str, self.dtype)]).itemsize
@@ -100,14 +135,19 @@ class Case:
         return self.elements * OPTIMIZERS[opt].transfers * np.dtype(DTYPES[dtype]).itemsize
 
     def key(self, impl):
-        """Cache key of a peer's measurement: the flat rows share their list twin's peers."""
+        """Cache key of a peer's measurement: the flat rows share their list twin's peers; the
+        state rows of one size share the peers (torch, bitsandbytes, torchao), whose step does
+        not depend on the row, but not lrfast's float32-state step timed beside each row."""
+        if self.kind == "state" and not impl.startswith("lrfast"):
+            return (impl, self.kind, self.opt, None, self.size)
         return (impl, self.kind if self.kind not in ("optim", "flat") else "optim",
                 self.opt, self.dtype, self.size)
 
 
 def all_cases(quick):
     """Every case, in run (and table) order; quick mode drops float64 at 16M (the low-precision
-    cases run at 1M and 16M in both modes)."""
+    and state cases run at 1M and 16M in both modes; quick mode leaves their slowest peers out
+    instead)."""
     cases = []
     for opt, o in OPTIMIZERS.items():
         for dt, size in o.sizes:
@@ -137,6 +177,13 @@ def all_cases(quick):
             cases.append(Case(f"adam {variant} {size}", "lowp", "adam", variant, size))
     for size in ("16M", "1000x256"):
         cases.append(Case(f"adam f32 {size} deepspeed", "lowp", "adam", "f32", size))
+    # Optimizer state in 8 and 16 bits (kind "state", a table of its own): lrfast.Adam on float32
+    # params with int8, bf16 (nearest, stochastic) and float32 moments, against the fp32-state
+    # step and the 8-bit optimizers of bitsandbytes and torchao; 1M and 16M in both modes, the
+    # slow peers left out of quick runs (see peers._state_skip).
+    for size in ("1M", "16M"):
+        for variant in STATE_VARIANTS:
+            cases.append(Case(f"adam state-{variant} {size}", "state", "adam", variant, size))
     # Weight averages (kind "average", a table of their own): lrfast.Averager.update() on the
     # transformer's 110 tensors and on one 16M tensor, and Adam's step with ema= (the average
     # fused into the update's pass) against the plain step.

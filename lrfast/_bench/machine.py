@@ -35,7 +35,9 @@ def machine_info(peers, nthreads):
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
                      "torch": peers.versions.get("torch"), "jax": peers.versions.get("jax"),
                      "optax": peers.versions.get("optax"),
-                     "deepspeed": peers.versions.get("deepspeed")},
+                     "deepspeed": peers.versions.get("deepspeed"),
+                     "bitsandbytes": peers.versions.get("bitsandbytes"),
+                     "torchao": peers.versions.get("torchao")},
         "jax_x64": peers.x64,
     }
 

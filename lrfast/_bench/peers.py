@@ -10,7 +10,7 @@ import importlib.metadata
 import importlib.util
 import io
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -18,7 +18,8 @@ import lrfast
 from lrfast import reference
 from lrfast import schedules as S
 
-from .cases import DTYPES, EMA_DECAY, SCALAR_STEP, SCHEDULE_ARGS, VECTOR_STEPS, VARIANTS
+from .cases import (DTYPES, EMA_DECAY, SCALAR_STEP, SCHEDULE_ARGS, STATE_VARIANTS, VECTOR_STEPS,
+                    VARIANTS)
 from .optimizers import OPTIMIZERS
 from .timing import short_error
 
@@ -37,6 +38,19 @@ PEERS = ("numpy-ref", "torch-loop", "torch-foreach", "torch-fused", "optax-jit",
 # * lrfast.torch: lrfast.torch.CPUAdam on the same torch tensors, where lrfast.torch has it.
 LOWP_PEERS = ("torch-fused", "torch-offload", "torch-offload-prealloc", "deepspeed",
               "lrfast.torch")
+# The peers of the state cases (kind "state", their own table), Adam on float32 params with
+# weight decay 0 and all of them on the same data:
+# * lrfast-f32: lrfast.Adam with float32 state, timed beside each row (its time over the row's
+#   is how much the row's state saves; n/a in the f32 row, which is that step);
+# * torch-fused: torch.optim.Adam(fused=True), float32 state;
+# * bnb-adam8bit: bitsandbytes.optim.Adam8bit (blockwise 8-bit state, its CPU backend);
+# * torchao-adamw8bit: torchao.optim.AdamW8bit(weight_decay=0) (8-bit state, its step compiled
+#   by torch.compile on first use: tens of seconds per shape, so quick runs leave it out).
+# The last three do not depend on the row: they run once per size and the other rows share them.
+STATE_PEERS = ("lrfast-f32", "torch-fused", "bnb-adam8bit", "torchao-adamw8bit")
+# name -> (distribution to look for, module and class to import), for the optional 8-bit peers
+EIGHT_BIT = {"bnb-adam8bit": ("bitsandbytes", "bitsandbytes.optim", "Adam8bit"),
+             "torchao-adamw8bit": ("torchao", "torchao.optim", "AdamW8bit")}
 # The peers of the weight-average cases (kind "average", their own table), EMA decay EMA_DECAY:
 # * numpy-ref: lrfast.reference.average_ on each array;
 # * torch-ema-fn: torch.optim.swa_utils.get_ema_multi_avg_fn(decay) called on the detached
@@ -79,6 +93,11 @@ class Peers:
         self.versions = {}
         self._ds_cls = None
         self.deepspeed_reason = self._deepspeed_plan(no_deepspeed, no_torch)
+        # the 8-bit peers: why each cannot run (None: try it), and its class once imported
+        self.eight_bit_reasons = {peer: self._find(dist) if not no_torch else
+                                  "needs torch (--no-torch)"
+                                  for peer, (dist, _, _) in EIGHT_BIT.items()}
+        self._eight_bit_cls: dict[str, Any] = {}
         if no_torch:
             self.torch_reason = "--no-torch"
         else:
@@ -111,6 +130,39 @@ class Peers:
         self.x64 = bool(self.jax is not None and self.jax.config.read("jax_enable_x64"))
         if self.torch is None and self.deepspeed_reason is None:
             self.deepspeed_reason = f"needs torch ({self.torch_reason})"
+        for peer, why in self.eight_bit_reasons.items():
+            if self.torch is None and why is None:
+                self.eight_bit_reasons[peer] = f"needs torch ({self.torch_reason})"
+
+    def _find(self, dist):
+        """None if package ``dist`` is installed (its version recorded), else why not."""
+        try:
+            found = importlib.util.find_spec(dist) is not None
+        except (ImportError, ValueError):       # a module hidden through sys.modules
+            found = False
+        if not found:
+            return f"{dist} not installed"
+        try:
+            self.versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        return None
+
+    def eight_bit(self, peer):
+        """The optimizer class of an 8-bit peer (EIGHT_BIT), imported on first use, or a Skip
+        with the reason it cannot run."""
+        if peer not in self._eight_bit_cls and self.eight_bit_reasons[peer] is None:
+            dist, module, name = EIGHT_BIT[peer]
+            try:
+                with _quiet():
+                    self._eight_bit_cls[peer] = getattr(importlib.import_module(module), name)
+            except ImportError as e:
+                self.eight_bit_reasons[peer] = f"{dist} not importable: {short_error(e)}"
+            except Exception as e:
+                self.eight_bit_reasons[peer] = f"{dist} failed to import: {short_error(e)}"
+        if self.eight_bit_reasons[peer] is not None:   # also: its step failed in a case
+            raise Skip(cast(str, self.eight_bit_reasons[peer]))
+        return self._eight_bit_cls[peer]
 
     def _deepspeed_plan(self, no_deepspeed, no_torch):
         """Why DeepSpeedCPUAdam will not run (None: try it). Imported only when a case needs it."""
@@ -168,6 +220,9 @@ def plan(cases, peers, quick):
         if c.kind == "average":
             c.impls = {"lrfast": None, **{p: _average_skip(c, p, peers) for p in AVERAGE_PEERS}}
             continue
+        if c.kind == "state":
+            c.impls = {"lrfast": None, **{p: _state_skip(c, p, peers, quick) for p in STATE_PEERS}}
+            continue
         impls: dict[str, Skip | None] = {"lrfast": None}
         if c.kind == "flat" and not flat_ok:
             impls["lrfast"] = Skip("FlatParams not available")
@@ -202,6 +257,20 @@ def _lowp_skip(c, peer, peers, quick=False):
             import lrfast.torch  # noqa: F401  (it may fail where torch itself imported)
         except ImportError as e:
             return Skip(f"lrfast.torch: {short_error(e)}")
+    return None
+
+
+def _state_skip(c, peer, peers, quick=False):
+    """Which state-case peers run in case ``c`` (None) and why the others do not."""
+    if peer == "lrfast-f32":
+        return Skip("this row is the float32-state step", "n/a") if c.dtype == "f32" else None
+    if peers.torch is None:
+        return Skip(peers.torch_reason)
+    if peer in EIGHT_BIT:
+        if peers.eight_bit_reasons[peer]:
+            return Skip(peers.eight_bit_reasons[peer])
+        if quick and peer == "torchao-adamw8bit":
+            return Skip("--quick (torch.compile builds its step: tens of seconds per size)")
     return None
 
 
@@ -550,6 +619,70 @@ def _lowp_step(case, impl, data, peers):
 
 
 # ------------------------------------------------------------------------------------------
+# Optimizer state in 8 and 16 bits
+# ------------------------------------------------------------------------------------------
+
+def _state_step(case, impl, data, peers):
+    """One Adam step of a state case by ``impl`` (see STATE_PEERS), on float32 params; the
+    stepper is always a bound ``step`` method, so that ``measured_state_bytes`` finds the
+    optimizer. An 8-bit peer whose first step fails here is a skip with the reason."""
+    params, grads = data.copies()
+    v = STATE_VARIANTS[case.dtype]
+    if impl in ("lrfast", "lrfast-f32"):
+        kwargs: dict[str, Any] = {}
+        if impl == "lrfast" and v.state_dtype != "float32":
+            kwargs = dict(state_dtype=v.state_dtype, rounding=v.rounding)
+        return lrfast.Adam(params, **ADAM, **kwargs).step, (grads,)
+    torch = peers.torch
+    if torch is None:
+        raise Skip(peers.torch_reason)
+    tp = [torch.nn.Parameter(torch.from_numpy(p)) for p in params]  # shares the copies' memory
+    for t, g in zip(tp, grads):
+        t.grad = torch.from_numpy(g)
+    if impl == "torch-fused":
+        return torch.optim.Adam(tp, **ADAM, fused=True).step, ()
+    cls = peers.eight_bit(impl)
+    try:
+        with _quiet():
+            opt = cls(tp, **ADAM, weight_decay=0.0)
+            opt.step()                   # the first step allocates the state (and compiles)
+    except Exception as e:
+        peers.eight_bit_reasons[impl] = f"{EIGHT_BIT[impl][2]} failed: {short_error(e)}"
+        raise Skip(peers.eight_bit_reasons[impl]) from e
+    return opt.step, ()
+
+
+def measured_state_bytes(fn):
+    """Bytes of optimizer state held by the optimizer whose bound ``step`` is ``fn``: lrfast's
+    ``state_bytes()``, or for a torch optimizer the tensors in its ``state`` (a tensor subclass
+    that keeps its data in inner tensors, as torchao's 8-bit state does, counted by those; a
+    tensor shared between params, such as bitsandbytes' code maps, once). None if unknown."""
+    opt = getattr(fn, "__self__", None)
+    if opt is None:
+        return None
+    if callable(getattr(opt, "state_bytes", None)):
+        return int(opt.state_bytes())
+    state = getattr(opt, "state", None)
+    if state is None:
+        return None
+    seen: dict[tuple, int] = {}
+    for per_param in state.values():
+        for value in per_param.values():
+            _count_tensor(value, seen)
+    return sum(seen.values())
+
+
+def _count_tensor(t, seen):
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = flatten()
+        for name in names:
+            _count_tensor(getattr(t, name), seen)
+    elif hasattr(t, "element_size") and hasattr(t, "data_ptr"):
+        seen[(t.data_ptr(), t.dtype, t.numel())] = t.numel() * t.element_size()
+
+
+# ------------------------------------------------------------------------------------------
 # Weight averages
 # ------------------------------------------------------------------------------------------
 
@@ -628,6 +761,8 @@ def make_stepper(case, impl, data, peers):
         return _lowp_step(case, impl, data, peers)
     if case.kind == "average":
         return _average_step(case, impl, data, peers)
+    if case.kind == "state":
+        return _state_step(case, impl, data, peers)
     if case.kind.startswith("schedule"):
         return _schedule_step(case, impl, peers)
     if case.kind == "torch":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-from .cases import DTYPES, EMA_DECAY, VARIANTS, average_transfers
+from .cases import DTYPES, EMA_DECAY, INT8_BLOCK, STATE_VARIANTS, VARIANTS, average_transfers
 from .optimizers import OPTIMIZERS
-from .peers import AVERAGE_PEERS, LOWP_PEERS, PEERS
+from .peers import AVERAGE_PEERS, LOWP_PEERS, PEERS, STATE_PEERS
 from .verdicts import evaluate
 
 
@@ -36,8 +36,10 @@ def _cell(res, ratio):
     return {"skipped": "skipped", "n/a": "n/a", "error": "ERROR"}.get(st, "-")
 
 
-def _table(w, cases, peers):
-    cols = ["case", "lrfast", *peers, "%floor"]
+def _table(w, cases, peers, extra=()):
+    """The cases' rows: lrfast's median, each peer's median and ratio, % of floor, then the
+    ``extra`` columns, (header, function of the case giving the cell)."""
+    cols = ["case", "lrfast", *peers, "%floor", *(h for h, _ in extra)]
     rows = []
     for c in cases:
         a = c.analysis
@@ -45,6 +47,7 @@ def _table(w, cases, peers):
         for p in peers:
             row.append(_cell(c.results.get(p, {}), a.get("ratios", {}).get(p)))
         row.append(f"{a['pct_floor']:.0f}%" if "pct_floor" in a else "")
+        row += [cell(c) for _, cell in extra]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     fmt_row = lambda r: "  ".join(v.ljust(wd) if i == 0 else v.rjust(wd)   # noqa: E731
@@ -78,8 +81,9 @@ def report(cases, machine, floor, settings, out=sys.stdout):
           f"{floor['inplace_gbs']:.1f} GB/s (3 transfers/elem) -> {floor['floor_gbs']:.1f} GB/s "
           f"({floor['elements'] // 2**20}M float32, {floor['threads']} thread{'s' if floor['threads'] != 1 else ''})")
     w()
-    table = [c for c in cases if c.kind not in ("threads", "lowp", "average")]
+    table = [c for c in cases if c.kind not in ("threads", "lowp", "state", "average")]
     lowp = [c for c in cases if c.kind == "lowp"]
+    state = [c for c in cases if c.kind == "state"]
     average = [c for c in cases if c.kind == "average"]
     if table:
         _table(w, table, PEERS)
@@ -108,13 +112,17 @@ def report(cases, machine, floor, settings, out=sys.stdout):
           "p_bf16.copy_(master);")
         w("  -prealloc: the fp32 grad in a preallocated buffer (gbuf.copy_(g_bf16)). "
           "deepspeed: DeepSpeedCPUAdam.")
-    if average:
+    if state:
         if table or lowp:
             w()
+        _state_report(w, state)
+    if average:
+        if table or lowp or state:
+            w()
         _average_report(w, average)
-    if table or lowp or average:
+    if table or lowp or state or average:
         reasons: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-        for c in table + lowp + average:
+        for c in table + lowp + state + average:
             for impl, r in c.results.items():
                 st, why = r.get("status"), r.get("reason")
                 if st not in ("skipped", "n/a", "error") or not why or why.startswith("no "):
@@ -146,6 +154,45 @@ def report(cases, machine, floor, settings, out=sys.stdout):
         w("  see the skipped lines). Values are per round: lrfast and the peer (or the floor probe)")
         w("  timed in turn.")
     return tg
+
+
+def _state_report(w, cases):
+    """The state cases' table (8-bit and bf16 moments), its columns, and the state each peer
+    holds."""
+    def floor_cell(c):
+        return fmt_time(c.analysis["floor_s"]) if "floor_s" in c.analysis else ""
+
+    def bytes_cell(c):
+        b = c.analysis.get("state_bytes_per_param", {}).get("lrfast")
+        return f"{b:.3f}" if b is not None else ""
+
+    w("Optimizer state in 8 and 16 bits (Adam on float32 params, lr 1e-3, no weight decay):")
+    _table(w, cases, [p for p in STATE_PEERS if any(
+        c.results.get(p, {}).get("status") not in (None, "n/a") for c in cases)],
+           extra=(("floor", floor_cell), ("state B/param", bytes_cell)))
+    w()
+    for name in dict.fromkeys(c.dtype for c in cases):
+        v = STATE_VARIANTS[name]
+        moved = v.bytes_per_step((INT8_BLOCK * 4096,)) / (INT8_BLOCK * 4096)
+        w(f"  state-{name}: {v.note}, {moved:g} B/element moved")
+    w("  B/element moved: param, grad and both moments read, param and both moments written (no")
+    w("  write-allocate), 8-bit moments' float32 block scales read and written too. floor: those")
+    w("  bytes / the floor bandwidth. state B/param: lrfast.Adam's state_bytes() / params.")
+    w("  lrfast-f32: lrfast.Adam with float32 state timed beside each row (its time / the row's:")
+    w("  > 1 where the row's state is faster). torch-fused: torch.optim.Adam(fused=True);")
+    w("  bnb-adam8bit: bitsandbytes.optim.Adam8bit; torchao-adamw8bit: torchao.optim.AdamW8bit")
+    w("  (weight_decay=0); these three run once per size, the size's other rows share them.")
+    for size in dict.fromkeys(c.size for c in cases):
+        held: dict[str, float] = {}
+        for c in cases:
+            if c.size != size:
+                continue
+            for p, b in c.analysis.get("state_bytes_per_param", {}).items():
+                if p not in ("lrfast", "lrfast-f32"):
+                    held.setdefault(p, b)
+        if held:
+            w(f"  state B/param held by the peers ({size}, from their state tensors): " +
+              ", ".join(f"{p} {b:.3f}" for p, b in held.items()))
 
 
 def _average_report(w, cases):
@@ -189,7 +236,7 @@ def write_plot(cases, path):
     rows = [c for c in cases if c.analysis.get("ratios")]
     if not rows:
         raise ValueError("no case has a peer measurement to plot")
-    peers = [p for p in dict.fromkeys(PEERS + LOWP_PEERS + AVERAGE_PEERS)
+    peers = [p for p in dict.fromkeys(PEERS + LOWP_PEERS + STATE_PEERS + AVERAGE_PEERS)
              if any(p in c.analysis["ratios"] for c in rows)]
     height = 0.8 / max(len(peers), 1)
     fig = Figure(figsize=(9, 1.0 + 0.32 * len(rows) * max(1, len(peers) / 2.5)))

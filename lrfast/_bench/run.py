@@ -13,7 +13,7 @@ import lrfast
 
 from .cases import DTYPES, MEMORY_BOUND, average_transfers
 from .optimizers import OPTIMIZERS
-from .peers import Data, Skip, lrfast_step, make_stepper
+from .peers import Data, Skip, lrfast_step, make_stepper, measured_state_bytes
 from .targets import parts_of
 from .timing import Rounds, short_error
 from .verdicts import paired, references, undecided
@@ -94,9 +94,10 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
         progress.advance()
     else:
         data = None
+        state_bytes: dict[str, int | None] = {}     # the state cases: bytes of state held
         if case.kind in ("optim", "flat", "average"):
             data = Data(case.sizes, DTYPES[case.dtype])
-        elif case.kind == "lowp":
+        elif case.kind in ("lowp", "state"):
             data = Data(case.sizes, np.float32)     # each implementation narrows its copy
         lrfast_skip = case.impls.get("lrfast")
         for impl, skip in case.impls.items():
@@ -116,6 +117,8 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
                     warnings.simplefilter("ignore")
                     fn, args = make_stepper(case, impl, data, peers)
                     fn(*args)                               # untimed: allocates lazy state
+                    if case.kind == "state":
+                        state_bytes[impl] = measured_state_bytes(fn)
                     rounds.add(impl, fn, args)
             except Skip as e:
                 case.results[impl] = {"status": e.status, "reason": str(e)}
@@ -142,6 +145,10 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
             progress.task(f"{case.name}: {rounds.count} rounds, within noise of a target")
             rounds.run(sorted(names), min(EXTRA_ROUNDS, most - rounds.count))
             _collect(case, rounds, probe, floor)
+    if case.kind == "state":
+        for impl, nbytes in state_bytes.items():
+            if nbytes is not None and case.results.get(impl, {}).get("status") == "ok":
+                case.results[impl]["state_bytes"] = nbytes
     for impl in rounds.fns:
         if impl not in ("lrfast", "floor") and case.kind != "threads":
             cache[case.key(impl)] = dict(case.results[impl], case=case.name)
@@ -180,6 +187,10 @@ def analyse(case, floor):
                                       if p != "lrfast" and r.get("status") == "ok"}
     if case.kind == "average" and case.opt != "ema":
         out.update(extra_cost(case))
+    if case.kind == "state" and case.elements:
+        out["state_bytes_per_param"] = {p: r["state_bytes"] / case.elements
+                                        for p, r in case.results.items()
+                                        if r.get("status") == "ok" and "state_bytes" in r}
     return out
 
 

@@ -9,7 +9,9 @@ A target is one or more *parts*; a part compares one statistic of one case with 
 * ``time``: lrfast's seconds per step (``<=``);
 * ``speedup``: lrfast's time on 1 thread / on 2 threads (``>=``);
 * ``cost``: lrfast's time per step / a peer's (``<=``): what lrfast's step costs over a
-  lighter one timed beside it (Adam with ``ema=`` over Adam alone), printed as ``+x%``.
+  lighter one timed beside it (Adam with ``ema=`` over Adam alone), printed as ``+x%``;
+* ``bytes``: the optimizer state lrfast holds, in bytes per param (``<=``), measured from its
+  arrays (``state_bytes()``); not a timing, so no noise: it PASSes or FAILs.
 
 How a part is judged on a noisy measurement is in ``verdicts``; each part's between-run spread
 in ``spread``.
@@ -25,7 +27,7 @@ from . import spread as _spread
 @dataclass(frozen=True)
 class Part:
     case: str
-    measure: str                  # ratio, floor, time, speedup, cost
+    measure: str                  # ratio, floor, time, speedup, cost, bytes
     threshold: float
     peer: str | None = None       # for ratio: a peer, or "torch-fastest"; for cost: a peer
     label: str | None = None
@@ -43,13 +45,14 @@ class Part:
 
     @property
     def at_least(self):
-        return self.measure not in ("time", "cost")
+        return self.measure not in ("time", "cost", "bytes")
 
     def name(self):
         if self.label:
             return self.label
         return {"ratio": f"{self.peer}/lrfast", "floor": "floor", "time": "lrfast",
-                "speedup": "speedup", "cost": f"lrfast/{self.peer}"}[self.measure]
+                "speedup": "speedup", "cost": f"lrfast/{self.peer}",
+                "bytes": "state B/param"}[self.measure]
 
     def fmt(self, v, threshold=False):
         if self.measure == "cost":
@@ -58,6 +61,8 @@ class Part:
             return f"{v:g}%" if threshold else f"{v:.1f}%"
         if self.measure == "time":
             return f"{v * 1e6:g} us" if threshold else f"{v * 1e6:.2f} us"
+        if self.measure == "bytes":
+            return f"{v:g} B" if threshold else f"{v:.3f} B"
         return f"{v:g}x" if threshold else f"{v:.2f}x"
 
 
@@ -170,6 +175,26 @@ _TABLE: dict[str, tuple[tuple[Any, ...], ...]] = {
     ),
     "Adam f32 1000x256 >= 3x DeepSpeedCPUAdam": (
         ("adam f32 1000x256 deepspeed",    "ratio",   3.0,       "deepspeed",     None,        "multi-tensor"),
+    ),
+    # Optimizer state in 8 and 16 bits (the "state" cases): lrfast.Adam on float32 params with
+    # int8 or bf16 moments, against its own float32-state step (lrfast-f32, timed beside) and
+    # the 8-bit optimizers of bitsandbytes and torchao (each a target of its own, so that an
+    # absent one is a SKIP that hides nothing else).
+    "Adam int8 state 16M >= 1.3x fp32 state, >= 85% floor": (
+        ("adam state-int8 16M",            "ratio",   1.3,       "lrfast-f32",    None,        "16M"),
+        ("adam state-int8 16M",            "floor",   85.0,      None,            None,        "16M"),
+    ),
+    "Adam int8 state 16M <= 2.05 bytes of state per param": (
+        ("adam state-int8 16M",            "bytes",   2.05,      None,            None,        "16M"),
+    ),
+    "Adam int8 state 16M >= 20x bitsandbytes Adam8bit": (
+        ("adam state-int8 16M",            "ratio",   20.0,      "bnb-adam8bit",  None,        "16M"),
+    ),
+    "Adam int8 state 16M >= 20x torchao AdamW8bit": (
+        ("adam state-int8 16M",            "ratio",   20.0,      "torchao-adamw8bit", None,    "16M"),
+    ),
+    "Adam bf16 state 16M >= 1.2x fp32 state": (
+        ("adam state-bf16 16M",            "ratio",   1.2,       "lrfast-f32",    None,        "16M"),
     ),
     "Adam offload step 16M >= 3x torch composed": (
         ("adam offload 16M",               "ratio",   3.0,       "torch-offload", None,        "16M"),

@@ -13,6 +13,9 @@ that the interval is [min, max], whose confidence is printed).
   neither this run's noise nor the difference between runs explains;
 * ``NOISE``: otherwise: within noise of the target.
 
+A ``bytes`` part (state bytes per param) is a count, not a timing: its interval is the value
+itself and no spread applies, so it is PASS or FAIL.
+
 The spread. On a shared 2-core machine the ratios move between runs by far more than within
 one: the machine has slower and faster phases lasting tens of seconds (bandwidth, and how fast
 two threads compute), which every case in a run may see alike. A 95% interval from one run
@@ -89,7 +92,7 @@ def references(case, part):
     is "floor"); None if something it needs did not run."""
     if part.measure == "speedup":
         return ["lrfast-1t", "lrfast-2t"]
-    if part.measure == "time":
+    if part.measure in ("time", "bytes"):
         return []
     if part.measure == "floor":
         return ["floor"] if _ok(getattr(case, "probe", None)) else None
@@ -111,6 +114,11 @@ def estimate(case, part):
         return "lrfast did not run"
     if part.measure == "time":
         return median_ci(base["samples_s"])
+    if part.measure == "bytes":
+        if "state_bytes" not in base or not case.elements:
+            return "state bytes not measured"
+        v = base["state_bytes"] / case.elements
+        return v, v, v, 1.0
     if part.measure == "floor":
         probe = getattr(case, "probe", None)
         if probe is None or not _ok(probe) or not case.bytes_per_step:
@@ -142,6 +150,8 @@ def verdict(part, est):
         return "SKIP"
     _, lo, hi, _ = est
     thr, spread = part.threshold, part.spread
+    if part.measure == "bytes":        # a count: no noise, no spread between runs
+        spread = 1.0
     if part.at_least:
         good, bad = lo >= thr, hi * spread < thr
     else:
@@ -192,11 +202,12 @@ def evaluate(cases):
             if conf < CONFIDENCE - 1e-9:
                 ci += f" at {100 * conf:.0f}%"
             cond = f"{op} {p.fmt(p.threshold, True)}"
-            if st != "PASS":
+            if st != "PASS" and p.measure != "bytes":
                 cond += f"; runs vary x{p.spread:g}"
             note = ({"FAIL": " FAIL", "NOISE": " within noise"}.get(st, "")
                     if len(t.parts) > 1 else "")
-            details.append(f"{label} {p.fmt(med)} {ci} ({cond}){note}")
+            shown = f"{p.fmt(med)} {ci}" if p.measure != "bytes" else p.fmt(med)   # exact
+            details.append(f"{label} {shown} ({cond}){note}")
             parts.append({"key": p.key, "case": p.case, "label": label, "status": st,
                           "value": med, "lo": lo, "hi": hi, "confidence": conf, "threshold": p.threshold, "op": op,
                           "family": p.family, "spread": p.spread})
