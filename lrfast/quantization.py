@@ -26,9 +26,11 @@ Both are built in float32 exactly as bitsandbytes builds them with torch (its ``
 computes ``start + step * i`` with one rounding below the middle point and
 ``end - step * (n - 1 - i)`` from it on; ``tests/test_quantization.py`` checks the tables bit for
 bit against the formula evaluated by torch, and against bitsandbytes where it installs). A
-value's relative error after a round trip is at most about 7% of the block's scale near the
-largest magnitudes (and much less in relative terms for large values); values below about
-``1.6e-7 * scale`` read as 0.
+round trip moves a value by at most half the largest gap between neighbouring map values,
+times the block's scale: 0.70% of the scale with the signed map, 0.35% with the unsigned one
+(relative to the value itself the error grows as the value falls below the scale: see
+docs/memory.md); magnitudes below ``2.75e-7 * scale`` (signed) and ``1.625e-7 * scale``
+(unsigned) read as 0.
 
 The kernels (src/_storage.pxi) find the nearest code without a search: see ``kernel_tables``.
 The functions here are the reference the kernels are tested against, bit for bit.
