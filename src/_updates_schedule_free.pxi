@@ -306,6 +306,7 @@ def schedule_free_interpolate(intptr_t[:, ::1] table, Py_ssize_t[::1] offsets, s
     mixed.nrows = 2
     mixed.out_type = ot
     mixed.stochastic = rounding == "stochastic"
+    mixed.tile = TILE
     mixed.types[0] = pt
     mixed.types[1] = zt
     for r in range(nbuf):
