@@ -29,6 +29,9 @@ from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop  # noqa: E402
 from .plateau import ReduceLROnPlateau  # noqa: E402
 from . import quantization  # noqa: E402
 from .quantization import Int8State  # noqa: E402
+from . import embedding  # noqa: E402
+from .embedding import (RowWiseAdagrad, RowWiseAdam, SparseAdagrad, SparseAdam,  # noqa: E402
+                        SparseSGD, merge_rows)
 
 __all__ = [
     "__version__",
@@ -58,6 +61,13 @@ __all__ = [
     "show_config",
     "quantization",
     "Int8State",
+    "embedding",
+    "SparseSGD",
+    "SparseAdagrad",
+    "RowWiseAdagrad",
+    "SparseAdam",
+    "RowWiseAdam",
+    "merge_rows",
 ]
 
 # Every optimizer class of the spec table, including any the import above does not name.

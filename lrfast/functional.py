@@ -300,6 +300,14 @@ def _adafactor_apply(update: Update, a: dict) -> None:
 
 globals()["adafactor_"] = _make(UPDATES["adafactor"], _adafactor_apply)
 
+# The row-wise sparse updates of embedding tables (lrfast.embedding): in place over the touched
+# rows, ``fn(table, indices, grads, *state, step=..., lr=..., ...)``.
+from .embedding import (merge_rows, rowwise_adagrad_, rowwise_adam_, sparse_adagrad_,  # noqa: E402,F401
+                        sparse_adam_, sparse_sgd_)
+
+__all__ += ["merge_rows", "sparse_sgd_", "sparse_adagrad_", "rowwise_adagrad_", "sparse_adam_",
+            "rowwise_adam_"]
+
 if TYPE_CHECKING:  # what the loop above defines, for type checkers
     sgd_: Callable[..., None]
     adagrad_: Callable[..., None]

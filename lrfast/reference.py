@@ -862,6 +862,98 @@ def mixed_(fn, buffers, storages, *, step, rounding="nearest", seed=0, out=None,
 
 
 # ------------------------------------------------------------------------------------------
+# Row-wise sparse updates of embedding tables (lrfast.embedding)
+# ------------------------------------------------------------------------------------------
+
+__all__ += ["merge_rows", "sparse_sgd_", "sparse_adagrad_", "rowwise_adagrad_", "sparse_adam_",
+            "rowwise_adam_"]
+
+
+def merge_rows(indices, grads, num_rows, *, maximize=False):
+    """(touched rows ascending, the sum of each one's gradient rows in lookup order)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= num_rows):
+        raise IndexError("index out of range")
+    rows, inverse = np.unique(indices, return_inverse=True)
+    merged = np.zeros((rows.size, grads.shape[1]), dtype=grads.dtype)
+    np.add.at(merged, inverse, grads)  # element by element, in lookup order
+    return rows, (-merged if maximize else merged)
+
+
+def _touched(table, indices, grads, weight_decay, maximize):
+    """(rows, g): the touched rows and their summed gradients, plus L2 decay of those rows."""
+    rows, g = merge_rows(indices, grads, table.shape[0], maximize=maximize)
+    if weight_decay != 0:
+        g = g + table.dtype.type(weight_decay) * table[rows]
+    return rows, g
+
+
+def sparse_sgd_(table, indices, grads, *, lr, weight_decay=0.0, maximize=False):
+    r"""w <- w - lr g on each touched row (g: the sum of its lookups' gradient rows)."""
+    rows, g = _touched(table, indices, grads, weight_decay, maximize)
+    table[rows] = table[rows] + table.dtype.type(-lr) * g
+
+
+def sparse_adagrad_(table, indices, grads, state_sum, *, step, lr, lr_decay=0.0, eps=1e-10,
+                    weight_decay=0.0, maximize=False):
+    r"""s <- s + g^2; w <- w - clr g / (sqrt(s) + eps), clr = lr / (1 + (step - 1) lr_decay)."""
+    f = table.dtype.type
+    rows, g = _touched(table, indices, grads, weight_decay, maximize)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    s = state_sum[rows] + g * g
+    state_sum[rows] = s
+    table[rows] = table[rows] + f(-clr) * (g / (np.sqrt(s) + f(eps)))
+
+
+def _row_mean_square(g):
+    return (np.square(g.astype(np.float64)).sum(axis=1) / g.shape[1]).astype(g.dtype)
+
+
+def rowwise_adagrad_(table, indices, grads, state_sum, *, step, lr, lr_decay=0.0, eps=1e-10,
+                     weight_decay=0.0, maximize=False):
+    r"""s_r <- s_r + mean_j g_j^2 (one per row); w <- w - clr g / (sqrt(s_r) + eps)."""
+    f = table.dtype.type
+    rows, g = _touched(table, indices, grads, weight_decay, maximize)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    s = state_sum[rows] + _row_mean_square(g)
+    state_sum[rows] = s
+    mult = f(-clr) / (np.sqrt(s) + f(eps))
+    table[rows] = table[rows] + mult[:, None] * g
+
+
+def _lazy_adam(table, indices, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+               weight_decay, maximize, per_row):
+    f = table.dtype.type
+    rows, g = _touched(table, indices, grads, weight_decay, maximize)
+    m_old = exp_avg[rows]
+    m = m_old + (g - m_old) * f(1 - beta1)
+    exp_avg[rows] = m
+    v_old = exp_avg_sq[rows]
+    v = v_old + ((_row_mean_square(g) if per_row else g * g) - v_old) * f(1 - beta2)
+    exp_avg_sq[rows] = v
+    denom = np.sqrt(v) + f(eps)
+    if per_row:
+        denom = denom[:, None]
+    step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+    table[rows] = table[rows] + (m / denom) * f(-step_size)
+
+
+def sparse_adam_(table, indices, grads, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9,
+                 beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False):
+    r"""Lazy Adam (torch's SparseAdam) on the touched rows: m += (1 - b1)(g - m),
+    v += (1 - b2)(g^2 - v), w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)."""
+    _lazy_adam(table, indices, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+               weight_decay, maximize, per_row=False)
+
+
+def rowwise_adam_(table, indices, grads, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9,
+                  beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False):
+    r"""sparse_adam_ with one second moment per row: v_r += (1 - b2)(mean_j g_j^2 - v_r)."""
+    _lazy_adam(table, indices, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+               weight_decay, maximize, per_row=True)
+
+
+# ------------------------------------------------------------------------------------------
 # Gradient checks and clipping (lrfast.optim's skip_nonfinite, lrfast.clipping)
 # ------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@
 #   _updates_*.pxi   more updates, one file per family (torch_more, scalar_state, community,
 #                    trust, factored, schedule_free)
 #   _reductions.pxi  read-mostly passes: the non-finite check, the gradient norm, scaling
+#   _rowwise.pxi     row-wise sparse updates of embedding tables (lookups merged by row)
 #   _plans.pxi       per-step gradient checks and the Plan that runs an update
 #   _probes.pxi      the bandwidth probe and build introspection
 #
@@ -54,5 +55,6 @@ include "_updates_factored.pxi"
 include "_updates_schedule_free.pxi"
 include "_reductions.pxi"
 include "_averages.pxi"
+include "_rowwise.pxi"
 include "_plans.pxi"
 include "_probes.pxi"

@@ -1,0 +1,366 @@
+# Row-wise sparse updates of embedding tables (see lrfast/embedding.py).
+#
+# A batch touches a table (rows x dim) through ``n`` lookups: ``indices[i]`` is the row of
+# lookup ``i`` and ``grads[i, :]`` its gradient. A step is two native calls:
+#
+#   rowwise_group    sorts the lookups by row (a stable LSD radix sort, parallel, on as many
+#                    bits as the table has rows): ``order`` lists the lookups row by row, in
+#                    their original order within a row; ``starts[u]`` is where unique row
+#                    ``u`` begins in ``order`` and ``rows[u]`` its row (ascending).
+#   rowwise_update   for each unique row, in parallel: the sum of its gradient rows (in
+#                    ``order``, so the same for any thread count), then the update of that
+#                    table row and its state.  ``rowwise_merge`` writes the sums out instead.
+#
+# Unique rows are cut over threads by their number of lookups, not their count: a Zipf batch
+# puts thousands of lookups on its first rows.
+
+cdef enum:
+    ROW_SGD = 0
+    ROW_ADAGRAD = 1            # torch's sparse Adagrad: an accumulator per element
+    ROW_ROWWISE_ADAGRAD = 2    # one accumulator per row: the mean of the squared gradient
+    ROW_ADAM = 3               # torch's SparseAdam: both moments per element, touched rows only
+    ROW_ROWWISE_ADAM = 4       # first moment per element, second moment per row
+    # The radix digit: at most this many bits per pass.
+    RADIX_BITS = 11
+    # Below this many lookups a step runs on one thread.
+    ROW_MIN_LOOKUPS_PER_THREAD = 4096
+
+_MIN_PER_THREAD["rowwise"] = ROW_MIN_LOOKUPS_PER_THREAD
+
+
+cdef inline int _row_threads(Py_ssize_t n, int nthreads) noexcept nogil:
+    cdef Py_ssize_t per = ROW_MIN_LOOKUPS_PER_THREAD
+    if _override_per_thread > 0:
+        per = _override_per_thread
+    cdef Py_ssize_t most = n // per
+    if most < 1:
+        return 1
+    if most < nthreads:
+        return <int>most
+    return nthreads
+
+
+cdef void _radix_pass(const uint64_t* kin, const int64_t* pin, uint64_t* kout, int64_t* pout,
+                      Py_ssize_t n, int shift, Py_ssize_t* hist, int nt) noexcept nogil:
+    """One stable counting pass on the digit at ``shift``: thread ``t`` counts, then scatters,
+    its own contiguous chunk; the offsets are laid out digit by digit, thread by thread."""
+    cdef Py_ssize_t radix = 1 << RADIX_BITS
+    cdef uint64_t mask = radix - 1
+    cdef int t
+    cdef Py_ssize_t i, lo, hi, d, run
+    cdef Py_ssize_t* h
+    for t in prange(nt, nogil=True, schedule='static', chunksize=1, num_threads=nt):
+        h = hist + t * radix
+        for d in range(radix):
+            h[d] = 0
+        lo = (n * t) // nt
+        hi = (n * (t + 1)) // nt
+        for i in range(lo, hi):
+            h[(kin[i] >> shift) & mask] += 1
+    run = 0
+    for d in range(radix):
+        for t in range(nt):
+            i = hist[t * radix + d]
+            hist[t * radix + d] = run
+            run = run + i
+    for t in prange(nt, nogil=True, schedule='static', chunksize=1, num_threads=nt):
+        h = hist + t * radix
+        lo = (n * t) // nt
+        hi = (n * (t + 1)) // nt
+        for i in range(lo, hi):
+            d = (kin[i] >> shift) & mask
+            kout[h[d]] = kin[i]
+            pout[h[d]] = pin[i]
+            h[d] += 1
+
+
+def rowwise_group(const int64_t[::1] indices, Py_ssize_t num_rows, int nthreads):
+    """Group lookups by row: ``(order, starts, rows)``, see the top of this file.
+
+    ``indices`` must lie in [0, num_rows) (checked by the caller)."""
+    cdef Py_ssize_t n = indices.shape[0]
+    cdef int nt = _row_threads(n, nthreads)
+    cdef int bits = 0
+    while bits < 63 and (<Py_ssize_t>1 << bits) < num_rows:
+        bits += 1
+    cdef int passes = (bits + RADIX_BITS - 1) // RADIX_BITS
+    keys_a = np.empty(n, dtype=np.uint64)
+    keys_b = np.empty(n, dtype=np.uint64)
+    pos_a = np.arange(n, dtype=np.int64)
+    pos_b = np.empty(n, dtype=np.int64)
+    hist_arr = np.empty(nt << RADIX_BITS, dtype=np.intp)
+    cdef uint64_t[::1] ka = keys_a, kb = keys_b
+    cdef int64_t[::1] pa = pos_a, pb = pos_b
+    cdef Py_ssize_t[::1] hist = hist_arr
+    cdef Py_ssize_t i, u = 0
+    cdef int p, shift = 0
+    cdef uint64_t* kin
+    cdef uint64_t* kout
+    cdef int64_t* pin
+    cdef int64_t* pout
+    cdef int64_t* st
+    cdef int64_t* rw
+    if n == 0:
+        return (pos_a, np.zeros(1, dtype=np.int64), np.empty(0, dtype=np.int64))
+    with nogil:
+        for i in range(n):
+            ka[i] = <uint64_t>indices[i]
+        kin = &ka[0]; kout = &kb[0]; pin = &pa[0]; pout = &pb[0]
+        for p in range(passes):
+            _radix_pass(kin, pin, kout, pout, n, shift, &hist[0], nt)
+            kin, kout = kout, kin
+            pin, pout = pout, pin
+            shift += RADIX_BITS
+        # Count the unique rows.
+        u = 1
+        for i in range(1, n):
+            if kin[i] != kin[i - 1]:
+                u += 1
+    starts_arr = np.empty(u + 1, dtype=np.int64)
+    rows_arr = np.empty(u, dtype=np.int64)
+    cdef int64_t[::1] starts_v = starts_arr, rows_v = rows_arr
+    with nogil:
+        st = &starts_v[0]
+        rw = &rows_v[0]
+        st[0] = 0
+        rw[0] = <int64_t>kin[0]
+        u = 1
+        for i in range(1, n):
+            if kin[i] != kin[i - 1]:
+                st[u] = i
+                rw[u] = <int64_t>kin[i]
+                u += 1
+        st[u] = n
+    order_arr = pos_a if (passes % 2 == 0) else pos_b
+    return (order_arr, starts_arr, rows_arr)
+
+
+cdef void _cut_rows(const int64_t* starts, Py_ssize_t nu, int nt, Py_ssize_t* cuts) noexcept nogil:
+    """Cut unique rows [0, nu) into ``nt`` runs of about equal work: each lookup costs one row
+    add, each unique row about two more (its update)."""
+    cdef Py_ssize_t total = starts[nu] + 2 * nu
+    cdef Py_ssize_t lo, hi, mid, target
+    cdef int t
+    cuts[0] = 0
+    for t in range(1, nt):
+        target = (total * t) // nt
+        lo = cuts[t - 1]
+        hi = nu
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if starts[mid] + 2 * mid < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        cuts[t] = lo
+    cuts[nt] = nu
+
+
+cdef inline const floating* _row_sum(const floating* grads, const int64_t* order, int64_t a,
+                                     int64_t b, Py_ssize_t dim, floating* acc,
+                                     bint maximize) noexcept nogil:
+    """The summed gradient of lookups order[a:b] (in that order), negated when maximizing:
+    the lookup's own row when it is alone and needs no change, else written into ``acc``."""
+    cdef const floating* src = grads + order[a] * dim
+    cdef Py_ssize_t j
+    cdef int64_t k
+    if b - a == 1 and not maximize:
+        return src
+    for j in range(dim):
+        acc[j] = src[j]
+    for k in range(a + 1, b):
+        src = grads + order[k] * dim
+        for j in range(dim):
+            acc[j] = acc[j] + src[j]
+    if maximize:
+        for j in range(dim):
+            acc[j] = -acc[j]
+    return acc
+
+
+cdef void _row_step(int kind, floating* w, const floating* g, floating* s0, floating* s1,
+                    Py_ssize_t dim, const double* h) noexcept nogil:
+    """Update one table row ``w`` from its summed gradient ``g``. ``s0``/``s1``: the row's
+    state (a row of ``dim`` values, or one value for per-row state). ``h``: lr-like factor
+    (already negated), weight decay, eps, 1 - beta1, 1 - beta2."""
+    cdef floating f = <floating>h[0]
+    cdef floating wd = <floating>h[1]
+    cdef floating eps = <floating>h[2]
+    cdef floating omb1 = <floating>h[3]
+    cdef floating omb2 = <floating>h[4]
+    cdef bint decay = h[1] != 0.0
+    cdef Py_ssize_t j
+    cdef floating gj, old, upd, upd2, vn, denom, mult
+    cdef floating mean = 0
+    cdef double sq = 0.0
+    if kind == ROW_ROWWISE_ADAGRAD or kind == ROW_ROWWISE_ADAM:
+        for j in range(dim):
+            gj = g[j]
+            if decay:
+                gj = gj + wd * w[j]
+            sq += <double>gj * <double>gj
+        mean = <floating>(sq / dim)
+    if kind == ROW_SGD:
+        for j in range(dim):
+            gj = g[j]
+            if decay:
+                gj = gj + wd * w[j]
+            w[j] = w[j] + f * gj
+    elif kind == ROW_ADAGRAD:
+        for j in range(dim):
+            gj = g[j]
+            if decay:
+                gj = gj + wd * w[j]
+            s0[j] = s0[j] + gj * gj
+            if sizeof(floating) == 4:
+                denom = sqrtf(s0[j]) + eps
+            else:
+                denom = sqrt(s0[j]) + eps
+            w[j] = w[j] + f * (gj / denom)
+    elif kind == ROW_ROWWISE_ADAGRAD:
+        s0[0] = s0[0] + mean
+        if sizeof(floating) == 4:
+            mult = f / (sqrtf(s0[0]) + eps)
+        else:
+            mult = f / (sqrt(s0[0]) + eps)
+        for j in range(dim):
+            gj = g[j]
+            if decay:
+                gj = gj + wd * w[j]
+            w[j] = w[j] + mult * gj
+    elif kind == ROW_ADAM:
+        for j in range(dim):
+            gj = g[j]
+            if decay:
+                gj = gj + wd * w[j]
+            old = s0[j]
+            upd = (gj - old) * omb1
+            s0[j] = old + upd
+            upd = upd + old
+            old = s1[j]
+            upd2 = (gj * gj - old) * omb2
+            vn = upd2 + old
+            s1[j] = vn
+            if sizeof(floating) == 4:
+                denom = sqrtf(vn) + eps
+            else:
+                denom = sqrt(vn) + eps
+            w[j] = w[j] + (upd / denom) * f
+    else:  # ROW_ROWWISE_ADAM
+        old = s1[0]
+        upd2 = (mean - old) * omb2
+        vn = upd2 + old
+        s1[0] = vn
+        if sizeof(floating) == 4:
+            denom = sqrtf(vn) + eps
+        else:
+            denom = sqrt(vn) + eps
+        for j in range(dim):
+            gj = g[j]
+            if decay:
+                gj = gj + wd * w[j]
+            old = s0[j]
+            upd = (gj - old) * omb1
+            s0[j] = old + upd
+            upd = upd + old
+            w[j] = w[j] + (upd / denom) * f
+
+
+cdef void _rowwise_run(int kind, floating* table, const floating* grads, const int64_t* order,
+                       const int64_t* starts, const int64_t* rows, Py_ssize_t nu,
+                       Py_ssize_t dim, floating* s0, Py_ssize_t s0_stride, floating* s1,
+                       Py_ssize_t s1_stride, floating* out, floating* scratch,
+                       const double* h, bint maximize, int nt) noexcept nogil:
+    """Sum each unique row's gradients; write the sum to ``out`` (when not NULL, the merge
+    alone) or update the row and its state (``kind``)."""
+    cdef Py_ssize_t cuts[257]
+    cdef int t
+    cdef Py_ssize_t u
+    cdef int64_t r
+    cdef floating* acc
+    cdef const floating* g
+    cdef Py_ssize_t j
+    _cut_rows(starts, nu, nt, cuts)
+    for t in prange(nt, nogil=True, schedule='static', chunksize=1, num_threads=nt):
+        acc = NULL
+        if scratch != NULL:
+            acc = scratch + t * dim
+        for u in range(cuts[t], cuts[t + 1]):
+            if out != NULL:
+                g = _row_sum(grads, order, starts[u], starts[u + 1], dim, out + u * dim,
+                             maximize)
+                if g != out + u * dim:
+                    for j in range(dim):
+                        out[u * dim + j] = g[j]
+                continue
+            r = rows[u]
+            g = _row_sum(grads, order, starts[u], starts[u + 1], dim, acc, maximize)
+            _row_step(kind, table + r * dim, g, s0 + r * s0_stride, s1 + r * s1_stride,
+                      dim, h)
+
+
+def _rowwise_threads(Py_ssize_t lookups, int nthreads):
+    cdef int nt = _row_threads(lookups, nthreads)
+    return min(nt, 256)
+
+
+def rowwise_update(int kind, floating[:, ::1] table, const floating[:, ::1] grads,
+                   const int64_t[::1] order, const int64_t[::1] starts,
+                   const int64_t[::1] rows, s0, s1, const double[::1] h, bint maximize,
+                   int nthreads):
+    """Update the rows ``rows`` of ``table`` (see the top of this file). ``s0``/``s1``: the
+    state arrays (rows x dim or rows, the table's dtype), or None where the update has none.
+    All shapes and values were checked by the caller."""
+    cdef Py_ssize_t nu = rows.shape[0]
+    cdef Py_ssize_t dim = table.shape[1]
+    cdef int nt = _rowwise_threads(grads.shape[0], nthreads)
+    if nu == 0 or dim == 0:
+        return
+    scratch_arr = np.empty((nt, dim), dtype=np.float32 if floating is float else np.float64)
+    cdef floating[:, ::1] scratch = scratch_arr
+    cdef floating[::1] s0_flat, s1_flat
+    cdef floating* p0 = NULL
+    cdef floating* p1 = NULL
+    cdef Py_ssize_t st0 = 0, st1 = 0
+    if s0 is not None:
+        s0_flat = s0.reshape(-1)
+        p0 = &s0_flat[0]
+        st0 = 1 if s0.ndim == 1 else dim
+    if s1 is not None:
+        s1_flat = s1.reshape(-1)
+        p1 = &s1_flat[0]
+        st1 = 1 if s1.ndim == 1 else dim
+    with nogil:
+        _rowwise_run(kind, &table[0, 0], &grads[0, 0], &order[0], &starts[0], &rows[0], nu,
+                     dim, p0, st0, p1, st1, NULL, &scratch[0, 0], &h[0], maximize, nt)
+
+
+def rowwise_merge(const floating[:, ::1] grads, const int64_t[::1] order,
+                  const int64_t[::1] starts, floating[:, ::1] out, bint maximize,
+                  int nthreads):
+    """out[u] = the sum of the gradient rows of unique row ``u`` (negated when maximizing)."""
+    cdef Py_ssize_t nu = out.shape[0]
+    cdef Py_ssize_t dim = out.shape[1]
+    cdef int nt = _rowwise_threads(grads.shape[0], nthreads)
+    cdef double h0 = 0.0
+    if nu == 0 or dim == 0:
+        return
+    with nogil:
+        _rowwise_run(ROW_SGD, NULL, &grads[0, 0], &order[0], &starts[0], NULL, nu, dim,
+                     NULL, 0, NULL, 0, &out[0, 0], NULL, &h0, maximize, nt)
+
+
+def rowwise_all_finite(const floating[::1] grads, int nthreads):
+    """Are all of ``grads`` finite? (skip_nonfinite's check, before anything is written)."""
+    cdef Py_ssize_t n = grads.shape[0]
+    cdef int nt = _row_threads(n // 64, nthreads)
+    cdef int t, bad = 0
+    cdef Py_ssize_t lo, hi
+    if n == 0:
+        return True
+    for t in prange(nt, nogil=True, schedule='static', chunksize=1, num_threads=nt):
+        lo = (n * t) // nt
+        hi = (n * (t + 1)) // nt
+        if not _finite_loop(&grads[lo], hi - lo, 1):
+            bad += 1
+    return bad == 0
