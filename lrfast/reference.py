@@ -906,7 +906,11 @@ def sparse_adagrad_(table, indices, grads, state_sum, *, step, lr, lr_decay=0.0,
 
 
 def _row_mean_square(g):
-    return (np.square(g.astype(np.float64)).sum(axis=1) / g.shape[1]).astype(g.dtype)
+    """mean_j g_j^2 per row, summed in float64 column by column (the kernel's order)."""
+    total = np.zeros(g.shape[0])
+    for j in range(g.shape[1]):
+        total += np.square(g[:, j].astype(np.float64))
+    return (total / g.shape[1]).astype(g.dtype)
 
 
 def rowwise_adagrad_(table, indices, grads, state_sum, *, step, lr, lr_decay=0.0, eps=1e-10,
