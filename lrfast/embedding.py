@@ -275,7 +275,8 @@ def _make_function(update: RowUpdate):
         if unknown:
             raise TypeError(f"{update.name}_() got unexpected keyword arguments {sorted(unknown)}")
         h = _check_hypers(update, kwargs)
-        indices, grads = _check_lookups(*table.shape, table.dtype, indices, grads)
+        indices, grads = _check_lookups(table.shape[0], table.shape[1], table.dtype, indices,
+                                        grads)
         _check_state(update, table, list(state))
         _run(update, table, indices, grads, list(state), h, step, get_num_threads())
 
@@ -393,7 +394,8 @@ class _RowOptimizer:
         ``skipped_steps``) when ``skip_nonfinite`` is set and a gradient value is NaN or
         infinite; True otherwise.
         """
-        indices, grads = _check_lookups(*self._table.shape, self._table.dtype, indices, grads)
+        indices, grads = _check_lookups(self._table.shape[0], self._table.shape[1],
+                                        self._table.dtype, indices, grads)
         lr = lr_value(self._hyper["lr"], self._step_count)
         nthreads = get_num_threads()
         if self._skip_nonfinite and grads.size and not _all_finite(grads, nthreads):

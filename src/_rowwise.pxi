@@ -156,15 +156,17 @@ cdef void _cut_rows(const int64_t* starts, Py_ssize_t nu, int nt, Py_ssize_t* cu
     cuts[nt] = nu
 
 
-cdef inline const floating* _row_sum(const floating* grads, const int64_t* order, int64_t a,
-                                     int64_t b, Py_ssize_t dim, floating* acc,
-                                     bint maximize) noexcept nogil:
-    """The summed gradient of lookups order[a:b] (in that order), negated when maximizing:
-    the lookup's own row when it is alone and needs no change, else written into ``acc``."""
+cdef inline const floating* _row_grad(const floating* grads, const int64_t* order, int64_t a,
+                                      int64_t b, Py_ssize_t dim, floating* acc,
+                                      const floating* w, floating wd, bint maximize) noexcept nogil:
+    """The gradient a touched row's update reads: the sum of the gradient rows of lookups
+    order[a:b] (in that order), negated when maximizing, plus ``wd * w`` when ``w`` is given
+    (weight decay). The lookup's own row when it is alone and needs no change; else written
+    into ``acc``."""
     cdef const floating* src = grads + order[a] * dim
     cdef Py_ssize_t j
     cdef int64_t k
-    if b - a == 1 and not maximize:
+    if b - a == 1 and not maximize and w == NULL:
         return src
     for j in range(dim):
         acc[j] = src[j]
@@ -175,92 +177,75 @@ cdef inline const floating* _row_sum(const floating* grads, const int64_t* order
     if maximize:
         for j in range(dim):
             acc[j] = -acc[j]
+    if w != NULL:
+        for j in range(dim):
+            acc[j] = acc[j] + wd * w[j]
     return acc
 
 
 cdef void _row_step(int kind, floating* w, const floating* g, floating* s0, floating* s1,
                     Py_ssize_t dim, const double* h) noexcept nogil:
-    """Update one table row ``w`` from its summed gradient ``g``. ``s0``/``s1``: the row's
-    state (a row of ``dim`` values, or one value for per-row state). ``h``: lr-like factor
-    (already negated), weight decay, eps, 1 - beta1, 1 - beta2."""
+    """Update one table row ``w`` from its gradient ``g`` (summed, signed, decayed). ``s0``,
+    ``s1``: the row's state (``dim`` values, or one for per-row state). ``h``: the lr-like
+    factor (already negated), weight decay, eps, 1 - beta1, 1 - beta2."""
     cdef floating f = <floating>h[0]
-    cdef floating wd = <floating>h[1]
     cdef floating eps = <floating>h[2]
     cdef floating omb1 = <floating>h[3]
     cdef floating omb2 = <floating>h[4]
-    cdef bint decay = h[1] != 0.0
     cdef Py_ssize_t j
-    cdef floating gj, old, upd, upd2, vn, denom, mult
+    cdef floating old, upd, vn, denom, mult
     cdef floating mean = 0
     cdef double sq = 0.0
     if kind == ROW_ROWWISE_ADAGRAD or kind == ROW_ROWWISE_ADAM:
         for j in range(dim):
-            gj = g[j]
-            if decay:
-                gj = gj + wd * w[j]
-            sq += <double>gj * <double>gj
+            sq += <double>g[j] * <double>g[j]
         mean = <floating>(sq / dim)
     if kind == ROW_SGD:
         for j in range(dim):
-            gj = g[j]
-            if decay:
-                gj = gj + wd * w[j]
-            w[j] = w[j] + f * gj
+            w[j] = w[j] + f * g[j]
     elif kind == ROW_ADAGRAD:
         for j in range(dim):
-            gj = g[j]
-            if decay:
-                gj = gj + wd * w[j]
-            s0[j] = s0[j] + gj * gj
-            if sizeof(floating) == 4:
-                denom = sqrtf(s0[j]) + eps
+            vn = s0[j] + g[j] * g[j]
+            s0[j] = vn
+            if floating is float:
+                denom = sqrtf(vn) + eps
             else:
-                denom = sqrt(s0[j]) + eps
-            w[j] = w[j] + f * (gj / denom)
+                denom = sqrt(vn) + eps
+            w[j] = w[j] + f * (g[j] / denom)
     elif kind == ROW_ROWWISE_ADAGRAD:
-        s0[0] = s0[0] + mean
-        if sizeof(floating) == 4:
-            mult = f / (sqrtf(s0[0]) + eps)
+        vn = s0[0] + mean
+        s0[0] = vn
+        if floating is float:
+            mult = f / (sqrtf(vn) + eps)
         else:
-            mult = f / (sqrt(s0[0]) + eps)
+            mult = f / (sqrt(vn) + eps)
         for j in range(dim):
-            gj = g[j]
-            if decay:
-                gj = gj + wd * w[j]
-            w[j] = w[j] + mult * gj
+            w[j] = w[j] + mult * g[j]
     elif kind == ROW_ADAM:
         for j in range(dim):
-            gj = g[j]
-            if decay:
-                gj = gj + wd * w[j]
             old = s0[j]
-            upd = (gj - old) * omb1
+            upd = (g[j] - old) * omb1
             s0[j] = old + upd
             upd = upd + old
             old = s1[j]
-            upd2 = (gj * gj - old) * omb2
-            vn = upd2 + old
+            vn = (g[j] * g[j] - old) * omb2 + old
             s1[j] = vn
-            if sizeof(floating) == 4:
+            if floating is float:
                 denom = sqrtf(vn) + eps
             else:
                 denom = sqrt(vn) + eps
             w[j] = w[j] + (upd / denom) * f
     else:  # ROW_ROWWISE_ADAM
         old = s1[0]
-        upd2 = (mean - old) * omb2
-        vn = upd2 + old
+        vn = (mean - old) * omb2 + old
         s1[0] = vn
-        if sizeof(floating) == 4:
+        if floating is float:
             denom = sqrtf(vn) + eps
         else:
             denom = sqrt(vn) + eps
         for j in range(dim):
-            gj = g[j]
-            if decay:
-                gj = gj + wd * w[j]
             old = s0[j]
-            upd = (gj - old) * omb1
+            upd = (g[j] - old) * omb1
             s0[j] = old + upd
             upd = upd + old
             w[j] = w[j] + (upd / denom) * f
@@ -280,6 +265,8 @@ cdef void _rowwise_run(int kind, floating* table, const floating* grads, const i
     cdef floating* acc
     cdef const floating* g
     cdef Py_ssize_t j
+    cdef bint decay = h[1] != 0.0
+    cdef floating wd = <floating>h[1]
     _cut_rows(starts, nu, nt, cuts)
     for t in prange(nt, nogil=True, schedule='static', chunksize=1, num_threads=nt):
         acc = NULL
@@ -287,14 +274,15 @@ cdef void _rowwise_run(int kind, floating* table, const floating* grads, const i
             acc = scratch + t * dim
         for u in range(cuts[t], cuts[t + 1]):
             if out != NULL:
-                g = _row_sum(grads, order, starts[u], starts[u + 1], dim, out + u * dim,
-                             maximize)
+                g = _row_grad(grads, order, starts[u], starts[u + 1], dim, out + u * dim,
+                              NULL, 0, maximize)
                 if g != out + u * dim:
                     for j in range(dim):
                         out[u * dim + j] = g[j]
                 continue
             r = rows[u]
-            g = _row_sum(grads, order, starts[u], starts[u + 1], dim, acc, maximize)
+            g = _row_grad(grads, order, starts[u], starts[u + 1], dim, acc,
+                          table + r * dim if decay else NULL, wd, maximize)
             _row_step(kind, table + r * dim, g, s0 + r * s0_stride, s1 + r * s1_stride,
                       dim, h)
 
