@@ -890,7 +890,7 @@ def _embedding_step(case, impl, data, peers):
         coo = [torch.sparse_coo_tensor(torch.from_numpy(i)[None], torch.from_numpy(g), shape,
                                        check_invariants=False)
                for i, g in zip(data.indices, data.grads)]
-        opt = getattr(torch.optim, torch_cls)([param])   # the defaults, as lrfast's classes
+        opt = getattr(torch.optim, cast(str, torch_cls))([param])   # defaults, as lrfast
 
         def torch_step(grad):
             param.grad = grad
