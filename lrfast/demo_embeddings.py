@@ -148,9 +148,10 @@ def main(steps=300, rows=ROWS):
                  _bce(_forward(w, test_ids)[2].astype(np.float64), test_y)))
     try:
         import torch
+        have_torch = True
     except ImportError:
-        torch = None
-    if torch is not None:
+        have_torch = False
+    if have_torch:
         losses, opt_s, step_s, evaluate = train_torch(torch, batches, weights)
         runs.append(("torch SparseAdam + Adam", losses, opt_s, step_s, evaluate(test_ids, test_y)))
     header = (f"{'run':<26} {'first loss':>10} {'last 20':>9} {'held-out':>9} "
@@ -160,7 +161,7 @@ def main(steps=300, rows=ROWS):
     for name, losses, opt_s, step_s, held in runs:
         print(f"{name:<26} {losses[0]:>10.4f} {np.mean(losses[-20:]):>9.4f} {held:>9.4f} "
               f"{np.median(opt_s) * 1e6:>12.1f} {np.median(step_s) * 1e3:>14.2f}")
-    if torch is None:
+    if not have_torch:
         print("\n(torch is not installed: only lrfast's run)")
     print("\nlast 20: the mean training loss of the last 20 steps; held-out: the loss on "
           f"{len(test_y)} new samples.")

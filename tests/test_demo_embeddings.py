@@ -60,3 +60,15 @@ def test_command_runs():
     bad = subprocess.run([sys.executable, "-m", "lrfast", "demo", "--embeddings", "--torch"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "separate demos" in bad.stderr
+
+
+def test_command_without_torch():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_PARENT, env.get("PYTHONPATH")) if p)
+    code = ("import sys\nsys.modules['torch'] = None\nfrom lrfast.__main__ import main\n"
+            "sys.exit(main(['demo', '--embeddings', '--steps', '20']))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lrfast SparseAdam + Adam" in proc.stdout
+    assert "torch SparseAdam" not in proc.stdout and "torch is not installed" in proc.stdout
