@@ -16,6 +16,10 @@ def main(argv=None):
                       help="instead: train a small torch transformer with lrfast.torch.AdamW "
                            "and a warmup-cosine schedule, timed against torch.optim.AdamW "
                            "(default 200 steps)")
+    demo.add_argument("--embeddings", action="store_true",
+                      help="instead: train a small recommender (an embedding bag and an MLP) "
+                           "with lrfast.SparseAdam and lrfast.Adam, and the same in torch "
+                           "(default 300 steps)")
     sub.add_parser("config", help="print build and runtime configuration")
     plot = sub.add_parser(
         "plot", help="draw learning-rate schedules into an image (needs matplotlib)",
@@ -50,6 +54,12 @@ def main(argv=None):
     if args.command == "demo":
         if args.steps is not None and args.steps < 1:
             parser.error("--steps must be at least 1")
+        if args.embeddings and args.torch:
+            parser.error("--embeddings and --torch are separate demos: give one")
+        if args.embeddings:
+            from .demo_embeddings import main as embeddings_demo_main
+
+            return embeddings_demo_main(steps=args.steps or 300)
         if args.torch:
             from .demo_torch import main as torch_demo_main
 

@@ -12,7 +12,7 @@ import pytest
 
 from lrfast._bench import spread as _bench_spread
 from lrfast._bench.cases import Case, all_cases
-from lrfast._bench.peers import AVERAGE_PEERS, LOWP_PEERS, PEERS, STATE_PEERS
+from lrfast._bench.peers import AVERAGE_PEERS, EMBEDDING_PEERS, LOWP_PEERS, PEERS, STATE_PEERS
 from lrfast._bench.run import analyse
 from lrfast._bench.targets import TARGETS, Part, parts_of
 from lrfast._bench.verdicts import (
@@ -195,7 +195,8 @@ def test_every_target_part_names_a_case_the_bench_has():
     kinds = {c.name: c.kind for c in all_cases(quick=False)}
     names = set(kinds)
     quick = {c.name for c in all_cases(quick=True)}
-    peers_of = {"lowp": LOWP_PEERS, "average": AVERAGE_PEERS, "state": STATE_PEERS}
+    peers_of = {"lowp": LOWP_PEERS, "average": AVERAGE_PEERS, "state": STATE_PEERS,
+                "embedding": EMBEDDING_PEERS}
     for t in TARGETS:
         for p in t.parts:
             assert p.case in names, (t.name, p.case)

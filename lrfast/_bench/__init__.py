@@ -36,6 +36,14 @@ timm's ``ModelEmaV3`` (``timm-ema-v3``), ``lrfast.torch.ema_multi_avg_fn`` where
 for the fused step: the step alone (``no-ema``), the step then ``update()`` (``separate``), and
 torch's fused Adam then its EMA function (see ``peers.AVERAGE_PEERS``).
 
+The embedding cases (kind ``embedding``, a table of their own) time one sparse step (merge the
+duplicate lookups, update the touched rows) of ``lrfast.SparseSGD``, ``SparseAdagrad``,
+``RowWiseAdagrad`` and ``SparseAdam`` on 64k Zipf lookups into a 1M x 64 table (10M x 128 in
+full runs), against torch.optim on a prebuilt uncoalesced sparse COO grad (``torch-sparse``)
+and FBGEMM's CPU row-wise Adagrad (``fbgemm-rowwise``); a 4M-row table against the same lookups
+on 64k rows (``lrfast-64k``), and ``lrfast.merge_rows`` on 1 and 2 threads (see
+``peers.EMBEDDING_PEERS``).
+
 A missing package (or ``--no-torch`` / ``--no-optax`` / ``--no-deepspeed``) makes its columns
 "skipped", never an error; so does a DeepSpeed op that cannot build. Timing: one untimed step first (lazy state), then R interleaved rounds: each round
 times one batch of every implementation of the case in turn (a batch is k back-to-back steps,

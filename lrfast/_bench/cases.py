@@ -21,6 +21,17 @@ SCHEDULE_ARGS = (0.0, 0.1, 1000, 10**7)   # warmup_cosine(init, peak, warmup_ste
 VECTOR_STEPS = 10**7
 SCALAR_STEP = 12345
 MEMORY_BOUND = 2**20          # % of floor is reported from this many elements up
+# The embedding-table cases (kind "embedding"): name -> (rows, dim, Zipf exponent). Every batch
+# is EMBEDDING_LOOKUPS lookups drawn from numpy's zipf(a), folded into the table ((k - 1) % rows):
+# a few hot rows looked up thousands of times, a long tail once, as in click logs.
+EMBEDDING_SIZES = {"1Mx64": (2**20, 64, 1.2), "10Mx128": (10_000_000, 128, 1.2),
+                   "4Mx64": (4 * 2**20, 64, 1.2), "1Mx64 a1.05": (2**20, 64, 1.05)}
+EMBEDDING_LOOKUPS = 65536
+EMBEDDING_BATCHES = 4         # prebuilt batches, stepped in turn (the same ones for every impl)
+LINEARITY_ROWS = 2**16        # "lrfast-64k": the same lookups remapped onto a table this small
+# case opt -> lrfast's class; the torch class its torch-sparse peer steps (None: no peer)
+EMBEDDING_OPTS = {"sgd": ("SparseSGD", "SGD"), "adagrad": ("SparseAdagrad", "Adagrad"),
+                  "rowwise-adagrad": ("RowWiseAdagrad", None), "adam": ("SparseAdam", "SparseAdam")}
 EMA_DECAY = 0.999             # the weight-average cases' decay (torch's EMA default)
 
 
@@ -101,7 +112,7 @@ def average_transfers(opt, separate=False):
 @dataclass
 class Case:
     name: str
-    kind: str                      # optim, flat, torch, lowp, state, average, schedule-scalar, schedule-vector, threads
+    kind: str                      # optim, flat, torch, lowp, state, average, embedding, schedule-scalar, schedule-vector, threads
     opt: str | None = None
     dtype: str | None = None
     size: str | None = None
@@ -111,10 +122,18 @@ class Case:
     wall_s: float | None = None                   # time the case took, set-up included
     probe: dict | None = None                     # the floor probe's result in this case's rounds
     rounds: int = 0                               # interleaved rounds the case was timed in
+    info: dict = field(default_factory=dict)      # an embedding case: its table and lookups
 
     @property
     def sizes(self):
-        return SIZES[self.size] if self.size else ()
+        if not self.size or self.size in EMBEDDING_SIZES:    # an embedding table: see .table
+            return ()
+        return SIZES[self.size]
+
+    @property
+    def table(self):
+        """(rows, dim, Zipf exponent) of an embedding case (or its merge threads case)."""
+        return EMBEDDING_SIZES[self.size] if self.size in EMBEDDING_SIZES else None
 
     @property
     def elements(self):
@@ -145,9 +164,9 @@ class Case:
 
 
 def all_cases(quick):
-    """Every case, in run (and table) order; quick mode drops float64 at 16M (the low-precision
-    and state cases run at 1M and 16M in both modes; quick mode leaves their slowest peers out
-    instead)."""
+    """Every case, in run (and table) order; quick mode drops float64 at 16M and the 10M x 128
+    embedding table (the low-precision and state cases run at 1M and 16M in both modes; quick
+    mode leaves their slowest peers out instead)."""
     cases = []
     for opt, o in OPTIMIZERS.items():
         for dt, size in o.sizes:
@@ -190,6 +209,21 @@ def all_cases(quick):
     cases.append(Case("ema f32 transformer", "average", "ema", "f32", "transformer"))
     cases.append(Case("ema f32 16M", "average", "ema", "f32", "16M"))
     cases.append(Case("adam+ema f32 16M", "average", "adam", "f32", "16M"))
+    # Embedding tables (kind "embedding", a table of their own): one sparse step (merge of the
+    # duplicate lookups, then the update of the touched rows) of lrfast's row-wise optimizers
+    # against torch.optim on a sparse COO grad and FBGEMM's CPU row-wise Adagrad; a 4M-row
+    # table against the same lookups on 64k rows (time flat in the table's size), and more
+    # unique rows (Zipf 1.05). 10M x 128 in full runs only (SGD and row-wise Adagrad: no state
+    # of the table's size).
+    for opt in EMBEDDING_OPTS:
+        cases.append(Case(f"embedding {opt} 1Mx64", "embedding", opt, "f32", "1Mx64"))
+    cases.append(Case("embedding adagrad 4Mx64", "embedding", "adagrad", "f32", "4Mx64"))
+    cases.append(Case("embedding adagrad 1Mx64 a1.05", "embedding", "adagrad", "f32",
+                      "1Mx64 a1.05"))
+    if not quick:
+        for opt in ("sgd", "rowwise-adagrad"):
+            cases.append(Case(f"embedding {opt} 10Mx128", "embedding", opt, "f32", "10Mx128"))
+    cases.append(Case("embedding merge 1Mx64 threads 1->2", "threads", "merge", "f32", "1Mx64"))
     cases.append(Case("schedule scalar", "schedule-scalar"))
     cases.append(Case("schedule vector 1e7", "schedule-vector"))
     cases.append(Case("adam f32 1M threads 1->2", "threads", "adam", "f32", "1M"))

@@ -18,8 +18,9 @@ import lrfast
 from lrfast import reference
 from lrfast import schedules as S
 
-from .cases import (DTYPES, EMA_DECAY, SCALAR_STEP, SCHEDULE_ARGS, STATE_VARIANTS, VECTOR_STEPS,
-                    VARIANTS)
+from .cases import (DTYPES, EMA_DECAY, EMBEDDING_BATCHES, EMBEDDING_LOOKUPS, EMBEDDING_OPTS,
+                    EMBEDDING_SIZES, LINEARITY_ROWS, SCALAR_STEP, SCHEDULE_ARGS, STATE_VARIANTS,
+                    VECTOR_STEPS, VARIANTS)
 from .optimizers import OPTIMIZERS
 from .timing import short_error
 
@@ -64,6 +65,17 @@ EIGHT_BIT = {"bnb-adam8bit": ("bitsandbytes", "bitsandbytes.optim", "Adam8bit"),
 # * torch-fused+ema: torch.optim.Adam(fused=True).step(), then torch's EMA function.
 AVERAGE_PEERS = ("numpy-ref", "torch-ema-fn", "timm-ema-v3", "lrfast.torch", "no-ema",
                  "separate", "torch-fused+ema")
+# The peers of the embedding cases (kind "embedding", their own table), each stepping the same
+# prebuilt batches of lookups in turn, on a table of zeros shared by all of them:
+# * torch-sparse: torch.optim's SGD, Adagrad or SparseAdam on an nn.Parameter table whose .grad
+#   is the batch's prebuilt, uncoalesced sparse COO tensor (one row per lookup); torch coalesces
+#   it inside step(), as lrfast merges inside its step;
+# * fbgemm-rowwise: FBGEMM's CPU table-batched embedding with EXACT_ROWWISE_ADAGRAD, its update
+#   fused into the backward: forward (bags of one lookup, sum pooling) then backward of the
+#   lookups' grads, so its time includes the gather lrfast's step does not do;
+# * lrfast-64k: in the 4M-row case, the same step on a table of LINEARITY_ROWS rows, the same
+#   lookups remapped onto it (the same number of unique rows, the same duplicates).
+EMBEDDING_PEERS = ("torch-sparse", "fbgemm-rowwise", "lrfast-64k")
 TORCH_FLAGS = {"torch-loop": {"foreach": False}, "torch-foreach": {"foreach": True},
                "torch-fused": {"fused": True}}
 SEED = 20240611
@@ -98,6 +110,9 @@ class Peers:
                                   "needs torch (--no-torch)"
                                   for peer, (dist, _, _) in EIGHT_BIT.items()}
         self._eight_bit_cls: dict[str, Any] = {}
+        self.fbgemm_reason = self._find("fbgemm_gpu") if not no_torch else \
+            "needs torch (--no-torch)"
+        self._fbgemm: Any = None
         if no_torch:
             self.torch_reason = "--no-torch"
         else:
@@ -133,6 +148,38 @@ class Peers:
         for peer, why in self.eight_bit_reasons.items():
             if self.torch is None and why is None:
                 self.eight_bit_reasons[peer] = f"needs torch ({self.torch_reason})"
+        if self.torch is None and self.fbgemm_reason is None:
+            self.fbgemm_reason = f"needs torch ({self.torch_reason})"
+
+    def fbgemm(self):
+        """FBGEMM's table-batched embedding modules (a namespace), or a Skip with the reason
+        they cannot run (a wheel built for another torch fails to load its libraries)."""
+        if self._fbgemm is None and self.fbgemm_reason is None:
+            import logging
+            import types
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.CRITICAL)        # its import logs version warnings
+            try:
+                with _quiet(), contextlib.redirect_stderr(io.StringIO()):
+                    train = importlib.import_module(
+                        "fbgemm_gpu.split_table_batched_embeddings_ops_training")
+                    common = importlib.import_module(
+                        "fbgemm_gpu.split_table_batched_embeddings_ops_common")
+                    configs = importlib.import_module("fbgemm_gpu.split_embedding_configs")
+            except Exception as e:               # ImportError, or OSError from its .so files
+                self.fbgemm_reason = f"fbgemm_gpu failed to import: {short_error(e)}"
+            else:
+                self._fbgemm = types.SimpleNamespace(
+                    TBE=train.SplitTableBatchedEmbeddingBagsCodegen,
+                    ComputeDevice=train.ComputeDevice,
+                    EmbeddingLocation=common.EmbeddingLocation,
+                    PoolingMode=common.PoolingMode, EmbOptimType=configs.EmbOptimType)
+            finally:
+                root.setLevel(level)
+        if self.fbgemm_reason is not None:
+            raise Skip(self.fbgemm_reason)
+        return self._fbgemm
 
     def _find(self, dist):
         """None if package ``dist`` is installed (its version recorded), else why not."""
@@ -223,6 +270,9 @@ def plan(cases, peers, quick):
         if c.kind == "state":
             c.impls = {"lrfast": None, **{p: _state_skip(c, p, peers, quick) for p in STATE_PEERS}}
             continue
+        if c.kind == "embedding":
+            c.impls = {"lrfast": None, **{p: _embedding_skip(c, p, peers) for p in EMBEDDING_PEERS}}
+            continue
         impls: dict[str, Skip | None] = {"lrfast": None}
         if c.kind == "flat" and not flat_ok:
             impls["lrfast"] = Skip("FlatParams not available")
@@ -272,6 +322,23 @@ def _state_skip(c, peer, peers, quick=False):
         if quick and peer == "torchao-adamw8bit":
             return Skip("--quick (torch.compile builds its step: tens of seconds per size)")
     return None
+
+
+def _embedding_skip(c, peer, peers):
+    """Which embedding peers run in case ``c`` (None) and why the others do not."""
+    if peer == "lrfast-64k":
+        return None if c.size == "4Mx64" else Skip("the linearity row only (4Mx64)", "n/a")
+    if c.size in ("4Mx64", "1Mx64 a1.05"):
+        return Skip("a row of lrfast alone (time per unique row)", "n/a")
+    if peer == "torch-sparse":
+        if EMBEDDING_OPTS[c.opt][1] is None:
+            return Skip("torch has no row-wise Adagrad", "n/a")
+        return Skip(peers.torch_reason) if peers.torch is None else None
+    if c.opt != "rowwise-adagrad":
+        return Skip("FBGEMM is compared on its row-wise Adagrad", "n/a")
+    if c.size != "1Mx64":
+        return Skip("FBGEMM is compared at 1Mx64 (it allocates and fills its own table)", "n/a")
+    return Skip(peers.fbgemm_reason) if peers.fbgemm_reason else None
 
 
 def _average_skip(c, peer, peers):
@@ -756,7 +823,107 @@ def _average_step(case, impl, data, peers):
     return torch_step, ()
 
 
+# ------------------------------------------------------------------------------------------
+# Embedding tables
+# ------------------------------------------------------------------------------------------
+
+class EmbeddingData:
+    """The seeded lookups of an embedding case: EMBEDDING_BATCHES batches of EMBEDDING_LOOKUPS
+    row numbers drawn from Zipf(a) and folded into the table, and a float32 gradient row per
+    lookup (random normal); the table itself is zeros (untouched pages are never faulted in)."""
+
+    def __init__(self, size):
+        self.rows, self.dim, self.zipf = EMBEDDING_SIZES[size]
+        rng = np.random.default_rng(SEED)
+        self.indices = [((rng.zipf(self.zipf, EMBEDDING_LOOKUPS) - 1) % self.rows).astype(np.int64)
+                        for _ in range(EMBEDDING_BATCHES)]
+        self.grads = [rng.standard_normal((EMBEDDING_LOOKUPS, self.dim), dtype=np.float32)
+                      for _ in range(EMBEDDING_BATCHES)]
+        self.unique = [int(np.unique(i).size) for i in self.indices]
+        self._table: np.ndarray | None = None
+
+    @property
+    def table(self):
+        """The table every implementation of the case steps (values do not change timings)."""
+        if self._table is None:
+            self._table = np.zeros((self.rows, self.dim), np.float32)
+        return self._table
+
+    def remapped(self, rows):
+        """The batches' lookups moved onto a table of ``rows`` rows: each distinct row number
+        of all batches sent to its own row, chosen at random, so the duplicates stay as they
+        are."""
+        distinct, inverse = np.unique(np.concatenate(self.indices), return_inverse=True)
+        if distinct.size > rows:
+            raise ValueError(f"{distinct.size} distinct rows do not fit in {rows}")
+        target = np.random.default_rng(SEED + 1).choice(rows, distinct.size, replace=False)
+        flat = target[inverse].astype(np.int64)
+        return np.split(flat, EMBEDDING_BATCHES)
+
+
+def _cycle(step, batches):
+    """A stepper taking the prebuilt batches in turn."""
+    it = [0]
+
+    def stepper():
+        i = it[0]
+        it[0] = (i + 1) % len(batches)
+        step(*batches[i])
+    return stepper
+
+
+def _embedding_step(case, impl, data, peers):
+    cls_name, torch_cls = EMBEDDING_OPTS[case.opt]
+    if impl in ("lrfast", "lrfast-64k"):
+        indices, table = data.indices, data.table
+        if impl == "lrfast-64k":
+            indices = data.remapped(LINEARITY_ROWS)
+            table = np.zeros((LINEARITY_ROWS, data.dim), np.float32)
+        opt = getattr(lrfast, cls_name)(table)
+        return _cycle(opt.step, list(zip(indices, data.grads))), ()
+    torch = peers.torch
+    if torch is None:
+        raise Skip(peers.torch_reason)
+    if impl == "torch-sparse":
+        param = torch.nn.Parameter(torch.from_numpy(data.table))   # shares the table's memory
+        shape = (data.rows, data.dim)
+        coo = [torch.sparse_coo_tensor(torch.from_numpy(i)[None], torch.from_numpy(g), shape,
+                                       check_invariants=False)
+               for i, g in zip(data.indices, data.grads)]
+        opt = getattr(torch.optim, cast(str, torch_cls))([param])   # defaults, as lrfast
+
+        def torch_step(grad):
+            param.grad = grad
+            opt.step()
+        return _cycle(torch_step, [(c,) for c in coo]), ()
+    fb = peers.fbgemm()
+    try:
+        with _quiet():
+            emb = fb.TBE([(data.rows, data.dim, fb.EmbeddingLocation.HOST, fb.ComputeDevice.CPU)],
+                         optimizer=fb.EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=1e-2,
+                         eps=1e-10, pooling_mode=fb.PoolingMode.SUM)
+        offsets = torch.arange(EMBEDDING_LOOKUPS + 1, dtype=torch.int64)
+        batches = [(torch.from_numpy(i), torch.from_numpy(g))
+                   for i, g in zip(data.indices, data.grads)]
+
+        def fbgemm_step(indices, grad):
+            emb(indices, offsets).backward(grad)
+        fbgemm_step(*batches[0])
+    except Exception as e:       # a CPU kernel missing in this build: a skip with the reason
+        peers.fbgemm_reason = f"FBGEMM's CPU row-wise Adagrad failed: {short_error(e)}"
+        raise Skip(peers.fbgemm_reason) from e
+    return _cycle(fbgemm_step, batches), ()
+
+
+def embedding_merge_step(case):
+    """lrfast.merge_rows on the case's first batch (the merge threads case)."""
+    data = EmbeddingData(case.size)
+    return lrfast.merge_rows, (data.indices[0], data.grads[0], data.rows)
+
+
 def make_stepper(case, impl, data, peers):
+    if case.kind == "embedding":
+        return _embedding_step(case, impl, data, peers)
     if case.kind == "lowp":
         return _lowp_step(case, impl, data, peers)
     if case.kind == "average":

@@ -7,7 +7,7 @@ import sys
 
 from .cases import DTYPES, EMA_DECAY, INT8_BLOCK, STATE_VARIANTS, VARIANTS, average_transfers
 from .optimizers import OPTIMIZERS
-from .peers import AVERAGE_PEERS, LOWP_PEERS, PEERS, STATE_PEERS
+from .peers import AVERAGE_PEERS, EMBEDDING_PEERS, LOWP_PEERS, PEERS, STATE_PEERS
 from .verdicts import evaluate
 
 
@@ -81,7 +81,9 @@ def report(cases, machine, floor, settings, out=sys.stdout):
           f"{floor['inplace_gbs']:.1f} GB/s (3 transfers/elem) -> {floor['floor_gbs']:.1f} GB/s "
           f"({floor['elements'] // 2**20}M float32, {floor['threads']} thread{'s' if floor['threads'] != 1 else ''})")
     w()
-    table = [c for c in cases if c.kind not in ("threads", "lowp", "state", "average")]
+    table = [c for c in cases if c.kind not in ("threads", "lowp", "state", "average",
+                                                "embedding")]
+    embedding = [c for c in cases if c.kind == "embedding"]
     lowp = [c for c in cases if c.kind == "lowp"]
     state = [c for c in cases if c.kind == "state"]
     average = [c for c in cases if c.kind == "average"]
@@ -120,9 +122,13 @@ def report(cases, machine, floor, settings, out=sys.stdout):
         if table or lowp or state:
             w()
         _average_report(w, average)
-    if table or lowp or state or average:
+    if embedding:
+        if table or lowp or state or average:
+            w()
+        _embedding_report(w, embedding)
+    if table or lowp or state or average or embedding:
         reasons: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-        for c in table + lowp + state + average:
+        for c in table + lowp + state + average + embedding:
             for impl, r in c.results.items():
                 st, why = r.get("status"), r.get("reason")
                 if st not in ("skipped", "n/a", "error") or not why or why.startswith("no "):
@@ -229,6 +235,40 @@ def _average_report(w, cases):
         w(f"  {c.name}: extra time over the step alone: " + "; ".join(parts))
 
 
+def _embedding_report(w, cases):
+    """The embedding cases' table: one sparse step of each, the unique rows its lookups touch
+    and lrfast's time per unique row."""
+    def unique_cell(c):
+        u = c.analysis.get("unique_rows")
+        return f"{u:.0f}" if u is not None else ""
+
+    def per_row_cell(c):
+        ns = c.analysis.get("ns_per_unique_row", {}).get("lrfast")
+        return f"{ns:.0f} ns" if ns is not None else ""
+
+    w("Embedding tables (one sparse step: merge the duplicate lookups, update the touched rows):")
+    _table(w, cases, [p for p in EMBEDDING_PEERS if any(
+        c.results.get(p, {}).get("status") not in (None, "n/a") for c in cases)],
+           extra=(("unique rows", unique_cell), ("lrfast/unique row", per_row_cell)))
+    w()
+    first = next((c.analysis for c in cases if "lookups" in c.analysis), None)
+    if first:
+        w(f"  {first['lookups']} lookups per batch drawn from Zipf(a) folded into the table (a 1.2, "
+          f"or as named), {first['batches']} prebuilt batches")
+        w("  stepped in turn, float32 gradient rows; unique rows: the mean over the batches.")
+    w("  lrfast: SparseSGD, SparseAdagrad, RowWiseAdagrad, SparseAdam (.step(indices, grads)).")
+    w("  torch-sparse: torch.optim's SGD, Adagrad, SparseAdam on an nn.Parameter table whose .grad")
+    w("  is the batch's prebuilt uncoalesced sparse COO tensor (its coalesce inside step() counts).")
+    w("  fbgemm-rowwise: FBGEMM's CPU EXACT_ROWWISE_ADAGRAD, forward + backward of bags of one.")
+    w("  lrfast-64k: the 4M-row step's lookups remapped onto 64k rows (same unique rows).")
+    per_row = {c.name: c.analysis["ns_per_unique_row"]["lrfast"] for c in cases
+               if c.opt == "adagrad" and "lrfast" in c.analysis.get("ns_per_unique_row", {})}
+    if len(per_row) > 1:
+        w("  SparseAdagrad time per unique row: " +
+          ", ".join(f"{name.split(' ', 2)[2]} {ns:.0f} ns" for name, ns in per_row.items()) +
+          f" (max/min {max(per_row.values()) / min(per_row.values()):.2f})")
+
+
 def write_plot(cases, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -236,7 +276,8 @@ def write_plot(cases, path):
     rows = [c for c in cases if c.analysis.get("ratios")]
     if not rows:
         raise ValueError("no case has a peer measurement to plot")
-    peers = [p for p in dict.fromkeys(PEERS + LOWP_PEERS + STATE_PEERS + AVERAGE_PEERS)
+    peers = [p for p in dict.fromkeys(PEERS + LOWP_PEERS + STATE_PEERS + AVERAGE_PEERS
+                                         + EMBEDDING_PEERS)
              if any(p in c.analysis["ratios"] for c in rows)]
     height = 0.8 / max(len(peers), 1)
     fig = Figure(figsize=(9, 1.0 + 0.32 * len(rows) * max(1, len(peers) / 2.5)))

@@ -13,7 +13,8 @@ import lrfast
 
 from .cases import DTYPES, MEMORY_BOUND, average_transfers
 from .optimizers import OPTIMIZERS
-from .peers import Data, Skip, lrfast_step, make_stepper, measured_state_bytes
+from .peers import (Data, EmbeddingData, Skip, embedding_merge_step, lrfast_step, make_stepper,
+                    measured_state_bytes)
 from .targets import parts_of
 from .timing import Rounds, short_error
 from .verdicts import paired, references, undecided
@@ -76,9 +77,11 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
     rounds = Rounds(settings["min_sample_s"])
     n = max(settings["repeats"], settings["target_rounds"]) if judged else settings["repeats"]
     if case.kind == "threads":
-        data: Data | None = Data(case.sizes, DTYPES[case.dtype])
         progress.task(f"{case.name}")
-        step, args = lrfast_step(case, data)
+        if case.opt == "merge":        # lrfast.merge_rows on an embedding case's lookups
+            step, args = embedding_merge_step(case)
+        else:
+            step, args = lrfast_step(case, Data(case.sizes, DTYPES[case.dtype]))
         for nt in (1, 2):
             limit = lrfast.threads(nt)
 
@@ -93,12 +96,17 @@ def run_case(case, peers, settings, cache, progress, probe=None, floor=None):
         progress.advance()
         progress.advance()
     else:
-        data = None
+        data: Data | EmbeddingData | None = None
         state_bytes: dict[str, int | None] = {}     # the state cases: bytes of state held
         if case.kind in ("optim", "flat", "average"):
             data = Data(case.sizes, DTYPES[case.dtype])
         elif case.kind in ("lowp", "state"):
             data = Data(case.sizes, np.float32)     # each implementation narrows its copy
+        elif case.kind == "embedding":
+            data = EmbeddingData(case.size)
+            case.info = {"rows": data.rows, "dim": data.dim, "zipf_a": data.zipf,
+                         "lookups": len(data.indices[0]), "batches": len(data.indices),
+                         "unique_rows": statistics.mean(data.unique)}
         lrfast_skip = case.impls.get("lrfast")
         for impl, skip in case.impls.items():
             if skip is not None:
@@ -187,6 +195,12 @@ def analyse(case, floor):
                                       if p != "lrfast" and r.get("status") == "ok"}
     if case.kind == "average" and case.opt != "ema":
         out.update(extra_cost(case))
+    if case.kind == "embedding" and case.info.get("unique_rows"):
+        out.update(case.info)
+        # time per unique row (mean over the batches): flat if the step is linear in them
+        out["ns_per_unique_row"] = {p: 1e9 * r["median_s"] / case.info["unique_rows"]
+                                    for p, r in case.results.items()
+                                    if r.get("status") == "ok"}
     if case.kind == "state" and case.elements:
         out["state_bytes_per_param"] = {p: r["state_bytes"] / case.elements
                                         for p, r in case.results.items()

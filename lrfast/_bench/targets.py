@@ -199,6 +199,25 @@ _TABLE: dict[str, tuple[tuple[Any, ...], ...]] = {
     "Adam offload step 16M >= 3x torch composed": (
         ("adam offload 16M",               "ratio",   3.0,       "torch-offload", None,        "16M"),
     ),
+    # Embedding tables (the "embedding" cases): one sparse step, 64k Zipf lookups, against torch
+    # on an uncoalesced sparse COO grad (its coalesce counted, as lrfast's merge is) and FBGEMM's
+    # CPU row-wise Adagrad (a SKIP where fbgemm_gpu does not import). The 4M-row table against
+    # the same lookups remapped onto 64k rows: the step's time must not grow with the table.
+    "SparseAdagrad 1Mx64 >= 10x torch sparse Adagrad": (
+        ("embedding adagrad 1Mx64",        "ratio",   10.0,      "torch-sparse",  None,        "16M"),
+    ),
+    "SparseAdam 1Mx64 >= 10x torch SparseAdam": (
+        ("embedding adam 1Mx64",           "ratio",   10.0,      "torch-sparse",  None,        "16M"),
+    ),
+    "RowWiseAdagrad 1Mx64 >= 1.0x FBGEMM CPU row-wise Adagrad": (
+        ("embedding rowwise-adagrad 1Mx64", "ratio",  1.0,       "fbgemm-rowwise", None,       "16M"),
+    ),
+    "SparseAdagrad step flat in table size: 4M rows <= 1.5x 64k rows, same lookups": (
+        ("embedding adagrad 4Mx64",        "cost",    1.5,       "lrfast-64k",    "4M/64k rows", "16M"),
+    ),
+    "merge_rows 1Mx64 1->2 threads >= 1.7x": (
+        ("embedding merge 1Mx64 threads 1->2", "speedup", 1.7,   None,            None,        "threads"),
+    ),
     "Adam f32 1M 1->2 threads >= 1.7x": (
         ("adam f32 1M threads 1->2",       "speedup", 1.7,       None,            None,        "threads"),
     ),
