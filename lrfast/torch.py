@@ -14,8 +14,8 @@ their local shards (each process updates its shard; the state stays DTensors of 
 placements, as torch.optim keeps it). A non-contiguous parameter is updated through a
 contiguous copy, gathered and written back at each step; contiguous ones are updated in place.
 Anything else is refused when the parameter is added (a CUDA or meta tensor, another dtype, a
-sparse parameter, a fake tensor) or at the step that meets it (a sparse gradient), with a
-message that says so, never computed wrongly. ``capturable=True`` and ``differentiable=True``
+sparse parameter, a fake tensor) or at the step that meets it (a sparse gradient, except in
+SGD, Adagrad and SparseAdam), with a message that says so, never computed wrongly. ``capturable=True`` and ``differentiable=True``
 (which need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` are
 accepted and stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case.
 A param whose ``.grad`` is None is skipped, as torch skips it. Threads:
@@ -65,6 +65,11 @@ the updated float32 params are written in the same kernel pass). torchao's
 ``CPUOffloadOptimizer(params, optimizer_class=lrfast.torch.AdamW)`` runs lrfast.torch's class
 per offloaded param; tested only on CPU under a stand-in accelerator (no real host-device
 transfer was tested).
+
+Sparse gradients (``nn.Embedding(sparse=True)``): :class:`SGD` and :class:`Adagrad` take sparse
+COO gradients as torch.optim does, and :class:`SparseAdam` is a drop-in for
+``torch.optim.SparseAdam``; the rows a gradient touches are updated by the row-wise kernels of
+:mod:`lrfast.embedding`, the state kept in torch's layout (see the classes' docstrings).
 
 Weight averages. :func:`ema_multi_avg_fn` and :func:`swa_multi_avg_fn` are ``multi_avg_fn``s
 for ``torch.optim.swa_utils.AveragedModel`` (in place of torch's ``get_ema_multi_avg_fn`` and
@@ -118,7 +123,8 @@ from ._threads import get_num_threads
 from .quantization import (SIGNED, UNSIGNED, Int8State, dequantize_blockwise,
                            quantize_blockwise, scales_name)
 
-__all__ = list(OPTIMIZERS) + ["SparseAdam", "CPUAdam", "ema_multi_avg_fn", "swa_multi_avg_fn"]
+__all__ = list(OPTIMIZERS) + ["SparseAdam", "CPUAdam", "ema_multi_avg_fn",
+                               "swa_multi_avg_fn"]
 
 # The dtypes updated, and the kernel storage each runs as. A complex param is updated on its
 # real view (``torch.view_as_real``: the real and imaginary parts as two real elements), as
