@@ -1775,7 +1775,7 @@ def _sparse_rows(p: torch.Tensor, g: torch.Tensor, where: str, name: str):
     return table, flat.numpy(), values, (target if copy else None)
 
 
-class _SparseGrads:
+class _SparseGrads(_Optimizer):
     """Sparse gradients. A param whose ``.grad`` is a sparse COO tensor (``nn.Embedding(
     sparse=True)``, ``nn.EmbeddingBag(sparse=True)``) is updated on the rows its gradient
     touches, by lrfast's row-wise kernels (:mod:`lrfast.embedding`; duplicate indices summed,
@@ -1784,6 +1784,14 @@ class _SparseGrads:
     ``weight_decay`` with a sparse gradient and ``fused=True``. Beyond torch: float32/float64
     CPU params only, and an index out of range raises IndexError (torch does not check);
     every refusal changes nothing."""
+
+    # torch's messages for its refusals (per class)
+    _FUSED_SPARSE = "fused=True does not support sparse gradients"
+    _DECAY_SPARSE = "weight_decay is not compatible with sparse gradients"
+
+    def _sparse_update(self, p, table, idx, values, hyper) -> None:
+        """The row-wise update of ``p`` (``table`` its memory) from a checked sparse gradient."""
+        raise NotImplementedError
 
     def _sparse_plan(self):
         """[(param, table, indices, values, target, group, hyper)] for every sparse gradient,
