@@ -14,8 +14,8 @@ their local shards (each process updates its shard; the state stays DTensors of 
 placements, as torch.optim keeps it). A non-contiguous parameter is updated through a
 contiguous copy, gathered and written back at each step; contiguous ones are updated in place.
 Anything else is refused when the parameter is added (a CUDA or meta tensor, another dtype, a
-sparse parameter, a fake tensor) or at the step that meets it (a sparse gradient), with a
-message that says so, never computed wrongly. ``capturable=True`` and ``differentiable=True``
+sparse parameter, a fake tensor) or at the step that meets it (a sparse gradient, except in
+SGD, Adagrad and SparseAdam), with a message that says so, never computed wrongly. ``capturable=True`` and ``differentiable=True``
 (which need torch's own autograd-aware update) are refused; ``foreach`` and ``fused`` are
 accepted and stored, so state dicts keep torch's keys, but lrfast's kernel runs in either case.
 A param whose ``.grad`` is None is skipped, as torch skips it. Threads:
@@ -65,6 +65,11 @@ the updated float32 params are written in the same kernel pass). torchao's
 ``CPUOffloadOptimizer(params, optimizer_class=lrfast.torch.AdamW)`` runs lrfast.torch's class
 per offloaded param; tested only on CPU under a stand-in accelerator (no real host-device
 transfer was tested).
+
+Sparse gradients (``nn.Embedding(sparse=True)``): :class:`SGD` and :class:`Adagrad` take sparse
+COO gradients as torch.optim does, and :class:`SparseAdam` is a drop-in for
+``torch.optim.SparseAdam``; the rows a gradient touches are updated by the row-wise kernels of
+:mod:`lrfast.embedding`, the state kept in torch's layout (see the classes' docstrings).
 
 Weight averages. :func:`ema_multi_avg_fn` and :func:`swa_multi_avg_fn` are ``multi_avg_fn``s
 for ``torch.optim.swa_utils.AveragedModel`` (in place of torch's ``get_ema_multi_avg_fn`` and
@@ -118,7 +123,8 @@ from ._threads import get_num_threads
 from .quantization import (SIGNED, UNSIGNED, Int8State, dequantize_blockwise,
                            quantize_blockwise, scales_name)
 
-__all__ = list(OPTIMIZERS) + ["CPUAdam", "ema_multi_avg_fn", "swa_multi_avg_fn"]
+__all__ = list(OPTIMIZERS) + ["SparseAdam", "CPUAdam", "ema_multi_avg_fn",
+                               "swa_multi_avg_fn"]
 
 # The dtypes updated, and the kernel storage each runs as. A complex param is updated on its
 # real view (``torch.view_as_real``: the real and imaginary parts as two real elements), as
@@ -1721,6 +1727,326 @@ class _AdoptOptions:
 
 
 # ------------------------------------------------------------------------------------------
+# Sparse COO gradients (nn.Embedding(sparse=True)): SGD and Adagrad, and SparseAdam
+# ------------------------------------------------------------------------------------------
+
+def _sparse_rows(p: torch.Tensor, g: torch.Tensor, where: str, name: str):
+    """A sparse COO gradient of ``p`` as the row-wise update reads it: (table, indices,
+    values, target), ``table`` a (rows, dim) NumPy view of ``target`` (``p`` itself, or its
+    contiguous copy to be written back), ``indices`` the flat row of each stored value
+    (duplicates kept: lrfast sums them), ``values`` (nnz, dim). Every check is made here,
+    before anything is written: an index out of range raises IndexError."""
+    if g.layout is not torch.sparse_coo:
+        raise RuntimeError(f"{name} takes sparse COO gradients only, the gradient of {where} is "
+                           f"{g.layout}")
+    if _is_dtensor(p) or p.device.type != "cpu":
+        raise RuntimeError(f"{name}: a sparse gradient is taken for a plain CPU tensor only, "
+                           f"{where} is not one")
+    if p.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{name}: a sparse gradient is taken for float32 and float64 "
+                           f"params only, {where} is {p.dtype}")
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+        raise ValueError(f"the sparse gradient of {where} does not match it: {tuple(g.shape)} "
+                         f"{g.dtype} on {g.device} versus {tuple(p.shape)} {p.dtype} on "
+                         f"{p.device}")
+    sd = g.sparse_dim()
+    idx = g._indices()
+    for d in range(sd):
+        if idx.shape[1]:
+            low, high = int(idx[d].min()), int(idx[d].max())
+            if low < 0 or high >= p.shape[d]:
+                bad = low if low < 0 else high
+                raise IndexError(f"the sparse gradient of {where} has index {bad} in dimension "
+                                 f"{d}, out of range for size {p.shape[d]}")
+    rows = 1
+    for n in p.shape[:sd]:
+        rows *= n
+    flat = idx[0] if sd == 1 else torch.zeros(idx.shape[1], dtype=torch.int64)
+    if sd != 1:
+        for d in range(sd):  # row-major position of each stored value's leading coordinates
+            flat = flat * p.shape[d] + idx[d]
+    dim = p.numel() // rows if rows else 0
+    target = p.detach()
+    copy = not target.is_contiguous()
+    if copy:
+        target = target.contiguous()
+    table = target.numpy().reshape(rows, dim)
+    values = g._values().detach().contiguous().numpy().reshape(idx.shape[1], dim)
+    return table, flat.numpy(), values, (target if copy else None)
+
+
+class _SparseGrads(_Optimizer):
+    """Sparse gradients. A param whose ``.grad`` is a sparse COO tensor (``nn.Embedding(
+    sparse=True)``, ``nn.EmbeddingBag(sparse=True)``) is updated on the rows its gradient
+    touches, by lrfast's row-wise kernels (:mod:`lrfast.embedding`; duplicate indices summed,
+    uncoalesced gradients taken as they are), as torch.optim updates it; the dense params of
+    the same group take the dense kernel as before. Refused as torch refuses them:
+    ``weight_decay`` with a sparse gradient and ``fused=True``. Beyond torch: float32/float64
+    CPU params only, and an index out of range raises IndexError (torch does not check);
+    every refusal changes nothing."""
+
+    # torch's messages for its refusals (per class)
+    _FUSED_SPARSE = "fused=True does not support sparse gradients"
+    _DECAY_SPARSE = "weight_decay is not compatible with sparse gradients"
+
+    def _sparse_update(self, p, table, idx, values, hyper) -> None:
+        """The row-wise update of ``p`` (``table`` its memory) from a checked sparse gradient."""
+        raise NotImplementedError
+
+    def _sparse_plan(self):
+        """[(param, table, indices, values, target, group, hyper)] for every sparse gradient,
+        all checked first; raises before anything is written."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            hyper = None
+            for k, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None or g.layout is torch.strided:
+                    continue
+                if hyper is None:
+                    hyper = self._hyper(group)
+                if group.get("fused"):
+                    raise RuntimeError(self._FUSED_SPARSE)
+                if hyper["weight_decay"] != 0:
+                    raise RuntimeError(self._DECAY_SPARSE)
+                where = f"parameter {k} of group {gi}"
+                table, idx, values, target = _sparse_rows(p, g, where, self._name)
+                self._check_sparse_state(p, hyper, where)
+                out.append((p, table, idx, values, target, group, hyper))
+        return out
+
+    def _check_sparse_state(self, p, hyper, where):
+        pass
+
+    def _run_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
+                    hypers=None):
+        sparse = self._sparse_plan() if outs is None else []
+        if not sparse:
+            return super()._run_groups(outs, kernel_steps, grad_sumsq, step_values, hypers)
+        # The dense step first, the sparse grads hidden from it (or densified, see
+        # _dense_stand_in); it checks everything before it writes, and the sparse updates,
+        # checked above, cannot fail after it.
+        hidden = [(p, p.grad) for p, *_ in sparse]
+        try:
+            for p, *_rest, hyper in sparse:
+                p.grad = self._dense_stand_in(p, hyper)
+            super()._run_groups(outs, kernel_steps, grad_sumsq, step_values, hypers)
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        for p, table, idx, values, target, group, hyper in sparse:
+            if self._dense_stand_in(p, hyper) is not None:
+                continue  # (updated by the dense step)
+            self._sparse_update(p, table, idx, values, hyper)
+            if target is not None:  # (a non-contiguous param, updated through a copy)
+                p.detach().copy_(target)
+        return None
+
+    def _dense_stand_in(self, p, hyper):
+        return None
+
+
+class _SparseSGD(_SparseGrads):
+    """SGD with ``momentum``: torch keeps a sparse momentum buffer whose values are those of
+    dense momentum on the densified gradient (it fills in as rows are touched); lrfast.torch
+    densifies the (coalesced) gradient and takes the dense update, keeping a dense
+    ``momentum_buffer`` (a state dict of torch's, with a sparse buffer, loads densified)."""
+
+    _FUSED_SPARSE = "`_fused_sgd` does not support sparse gradients"
+    # torch's message: its SGD adds the param to the sparse gradient, which torch refuses
+    _DECAY_SPARSE = "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+
+    def _dense_stand_in(self, p, hyper):
+        if hyper["momentum"] == 0:
+            return None
+        g = p.grad
+        return g.coalesce().to_dense() if g is not None and g.layout is not torch.strided else g
+
+    def _sparse_update(self, p, table, idx, values, hyper):
+        from .embedding import sparse_sgd_
+        sparse_sgd_(table, idx, values, lr=hyper["lr"], maximize=hyper["maximize"])
+
+    @property
+    def _sparse_momentum(self) -> dict[int, int]:
+        """{position of the param in the state dict: sparse dims of its gradient} for the
+        momentum buffers sparse gradients built: ``state_dict`` gives them to torch sparse,
+        as torch keeps them (its nesterov step cannot add a dense buffer to a sparse
+        gradient)."""
+        return self.__dict__.setdefault("_sparse_marks", {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_sparse_marks"] = dict(self._sparse_momentum)
+        return state
+
+    def _run_groups(self, outs=None, kernel_steps=None, grad_sumsq=None, step_values=None,
+                    hypers=None):
+        super()._run_groups(outs, kernel_steps, grad_sumsq, step_values, hypers)
+        pos = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None and g.layout is torch.sparse_coo and group["momentum"] != 0:
+                    self._sparse_momentum[pos] = g.sparse_dim()
+                pos += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        marks = self._sparse_momentum
+        for pos, st in list(sd["state"].items()):
+            buf = st.get("momentum_buffer")
+            if pos in marks and isinstance(buf, torch.Tensor) and buf.layout is torch.strided:
+                st = dict(st)
+                st["momentum_buffer"] = buf.to_sparse(sparse_dim=marks[pos])
+                sd["state"][pos] = st
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        marks = {}
+        if isinstance(state, dict):
+            for key, st in state.items():
+                buf = st.get("momentum_buffer") if isinstance(st, dict) else None
+                if isinstance(buf, torch.Tensor) and buf.layout is torch.sparse_coo:
+                    marks[key] = buf.sparse_dim()
+        if isinstance(state, dict) and any(
+                isinstance(v, torch.Tensor) and v.layout is torch.sparse_coo
+                for st in state.values() if isinstance(st, dict) for v in st.values()):
+            state_dict = dict(state_dict)
+            state_dict["state"] = {
+                key: ({n: (v.to_dense() if isinstance(v, torch.Tensor)
+                           and v.layout is torch.sparse_coo else v) for n, v in st.items()}
+                      if isinstance(st, dict) else st)
+                for key, st in state.items()}
+        super().load_state_dict(state_dict)
+        self.__dict__["_sparse_marks"] = marks
+
+
+class _SparseAdagrad(_SparseGrads):
+    """Adagrad: ``state['sum']`` and ``state['step']`` kept as torch keeps them (the step
+    counted for every sparse gradient, an empty one too; ``lr_decay`` read from it)."""
+
+    _FUSED_SPARSE = "`fused` does not support sparse grad or complex param"
+    _DECAY_SPARSE = "weight_decay option is not compatible with sparse gradients"
+
+    def _check_sparse_state(self, p, hyper, where):
+        if self._state_dtype_for(p, where) != p.dtype or self._quantized(p, "sum"):
+            raise RuntimeError(f"{self._name}: a sparse gradient needs state in the param's "
+                               f"dtype; {where} keeps it otherwise (state_dtype="
+                               f"{self._state_dtype!r})")
+        st = self.state.get(p)
+        buf = st.get("sum") if st else None
+        if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape
+                                or buf.dtype != p.dtype or buf.layout is not torch.strided
+                                or buf.device != p.device or _is_dtensor(buf)):
+            raise ValueError(f"state 'sum' of {where} does not fit its parameter")
+
+    def _sparse_update(self, p, table, idx, values, hyper):
+        from .embedding import sparse_adagrad_
+        st, _ = self._state_for(p, hyper)
+        if not st["sum"].is_contiguous():
+            st["sum"] = st["sum"].contiguous()
+        st["step"].add_(1)
+        sparse_adagrad_(table, idx, values, st["sum"].numpy().reshape(table.shape),
+                        step=max(1, int(round(st["step"].item()))), lr=hyper["lr"],
+                        lr_decay=hyper["lr_decay"], eps=hyper["eps"],
+                        maximize=hyper["maximize"])
+
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """torch.optim.SparseAdam over torch tensors, run by lrfast's row-wise kernel
+    (:func:`lrfast.embedding.sparse_adam_`): torch's signature, checks and messages, state
+    ``step`` (an int), ``exp_avg`` and ``exp_avg_sq`` per param, as torch keeps them (state
+    dicts load either way). Only the rows a gradient touches are updated (lazy Adam); the
+    stored values of an uncoalesced gradient are summed per row first, as torch coalesces.
+    An empty gradient counts a step and changes nothing else, as in torch. Beyond torch:
+    float32/float64 CPU params only, an index out of range raises IndexError, and every
+    gradient of every group is checked before anything is written (torch counts the steps of
+    the params before a dense gradient it then refuses)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 < lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize}
+        super().__init__(params, defaults)
+        sparse, complex_ = [], []
+        for gi, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                if p.is_sparse:
+                    sparse.append([gi, k])
+                if p.is_complex():
+                    complex_.append([gi, k])
+        if sparse:
+            raise ValueError(f"Sparse params at indices {sparse}: SparseAdam requires dense "
+                             "parameter tensors")
+        if complex_:
+            raise ValueError(f"Complex params at indices {complex_}: SparseAdam does not "
+                             "support complex parameters")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param that has a gradient; returns ``closure()``'s loss."""
+        from .embedding import sparse_adam_
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            beta1, beta2 = (float(_scalar(b)) for b in group["betas"])
+            h = {"lr": float(_scalar(group["lr"])), "beta1": beta1, "beta2": beta2,
+                 "eps": float(_scalar(group["eps"])), "maximize": bool(group.get("maximize"))}
+            for k, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseAdam does not support dense gradients, please "
+                                       "consider Adam instead")
+                where = f"parameter {k} of group {gi}"
+                rows = _sparse_rows(p, p.grad, where, "SparseAdam")
+                st = self.state.get(p)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    buf = st.get(name) if st else None
+                    if st and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape
+                               or buf.dtype != p.dtype or buf.layout is not torch.strided
+                               or buf.device != p.device):
+                        raise ValueError(f"state {name!r} of {where} does not fit its "
+                                         "parameter")
+                if st and (isinstance(st.get("step"), bool)
+                           or not isinstance(st.get("step"), numbers.Integral)
+                           or st["step"] < 0):
+                    raise ValueError(f"state 'step' of {where} must be an int >= 0, got "
+                                     f"{st.get('step')!r}")
+                work.append((p, rows, h))
+        for p, (table, idx, values, target), h in work:
+            st = self.state[p]
+            if len(st) == 0:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for name in ("exp_avg", "exp_avg_sq"):
+                if not st[name].is_contiguous():
+                    st[name] = st[name].contiguous()
+            st["step"] += 1
+            if idx.shape[0] == 0:
+                continue  # (an empty gradient: torch counts the step, changes nothing else)
+            sparse_adam_(table, idx, values, st["exp_avg"].numpy().reshape(table.shape),
+                         st["exp_avg_sq"].numpy().reshape(table.shape), step=st["step"], **h)
+            if target is not None:
+                p.detach().copy_(target)
+        return loss
+
+
+# ------------------------------------------------------------------------------------------
 # The classes
 # ------------------------------------------------------------------------------------------
 
@@ -1728,6 +2054,8 @@ class _AdoptOptions:
 # (Adafactor, schedule-free) or mixins that keep a reference class's group entries and checks
 # (LAMB, LARS, Lion, ADOPT). Every other optimizer of the spec table is _Optimizer alone.
 _EXTRAS: dict[str, tuple[type, ...]] = {
+    "SGD": (_SparseSGD,),
+    "Adagrad": (_SparseAdagrad,),
     "Adafactor": (_Adafactor,),
     "AdamWScheduleFree": (_ScheduleFreeOptimizer,),
     "SGDScheduleFree": (_ScheduleFreeOptimizer,),

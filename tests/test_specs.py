@@ -94,10 +94,10 @@ def test_every_kernel_update_has_a_spec_and_every_spec_a_kernel():
 
 def test_each_optimizer_has_its_classes():
     torch_mod = pytest.importorskip("lrfast.torch")
-    # every spec's class, plus CPUAdam (DeepSpeed's signature over the Adam spec)
-    # (and the weight averages' functions for AveragedModel)
-    assert set(torch_mod.__all__) == set(OPTIMIZERS) | {"CPUAdam", "ema_multi_avg_fn",
-                                                         "swa_multi_avg_fn"}
+    # every spec's class, plus CPUAdam (DeepSpeed's signature over the Adam spec), SparseAdam
+    # (torch's, over the row-wise kernel) and the weight averages' functions for AveragedModel
+    assert set(torch_mod.__all__) == set(OPTIMIZERS) | {"CPUAdam", "SparseAdam",
+                                                         "ema_multi_avg_fn", "swa_multi_avg_fn"}
     assert torch_mod.CPUAdam._spec is OPTIMIZERS["Adam"]
     for name in OPTIMIZERS:
         assert getattr(lrfast, name)._spec is OPTIMIZERS[name]
