@@ -61,6 +61,7 @@ from typing import Callable
 import numpy as np
 
 from . import _dispatch
+from ._counters import StepCounters
 from ._threads import get_num_threads
 from ._validation import (check_betas, check_bool, check_disjoint, check_lr,
                           check_nonneg, check_step, lr_value)
@@ -302,8 +303,9 @@ rowwise_adam_ = _make_function(ROW_UPDATES["rowwise_adam"])
 # Optimizer classes
 # ------------------------------------------------------------------------------------------
 
-class _RowOptimizer:
-    """One embedding table and its state; ``step(indices, grads)`` updates the touched rows."""
+class _RowOptimizer(StepCounters):
+    """One embedding table and its state; ``step(indices, grads)`` updates the touched rows
+    (an empty batch counts as a step, as in torch)."""
 
     _update: RowUpdate
 
@@ -359,21 +361,6 @@ class _RowOptimizer:
     def state(self) -> dict:
         """The state arrays by name (live views: the optimizer updates them in place)."""
         return dict(self._state)
-
-    @property
-    def step_count(self) -> int:
-        """Steps completed so far (an empty batch counts, as in torch)."""
-        return self._step_count
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because a gradient was NaN or infinite (``skip_nonfinite=True``)."""
-        return self._skipped
-
-    @property
-    def last_lr(self):
-        """The learning rate used by the last step (None before the first)."""
-        return self._last_lr
 
     @property
     def lr(self):

@@ -60,6 +60,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _dispatch, _layout, _precision
+from ._counters import StepCounters
 from ._precision import HALF
 from ._specs import OPTIMIZERS, OptimizerSpec
 from .averaging import Averager
@@ -84,7 +85,7 @@ from ._optim import (GATHER_DTYPE, GATHER_MISALIGNED, GATHER_NOT_ARRAY,
 __all__ = ["Optimizer", *OPTIMIZERS]  # a class per optimizer of the spec table
 
 
-class Optimizer:
+class Optimizer(StepCounters):
     """Base class: params, state buffers, address tables, step, state_dict.
 
     Everything particular to an optimizer comes from its spec (``lrfast._specs.OPTIMIZERS``,
@@ -449,27 +450,8 @@ class Optimizer:
     # -- public API -------------------------------------------------------------------------
 
     @property
-    def step_count(self) -> int:
-        """Updates completed so far."""
-        return self._step_count
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because a gradient was NaN or infinite (``skip_nonfinite=True``)."""
-        return self._skipped
-
-    @property
-    def skip_nonfinite(self) -> bool:
-        return self._skip_nonfinite
-
-    @property
     def flush_subnormals(self) -> bool:
         return self._flush_subnormals
-
-    @property
-    def last_lr(self):
-        """The learning rate used by the last step (None before the first)."""
-        return self._last_lr
 
     @property
     def lr(self):
