@@ -44,4 +44,9 @@ from ._optim import (
     _row_types as _row_types,
     Plan as Plan,
     step_plans as step_plans,
+    rowwise_work_size as rowwise_work_size,
+    rowwise_group as rowwise_group,
+    rowwise_update as rowwise_update,
+    rowwise_merge as rowwise_merge,
+    rowwise_all_finite as rowwise_all_finite,
 )

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
@@ -210,8 +211,20 @@ def _all_finite(grads: np.ndarray, nthreads: int) -> bool:
 # The native step
 # ------------------------------------------------------------------------------------------
 
+# Each Python thread's work array for the grouping, kept from step to step: a fresh one per
+# step would be fresh pages, and faulting them in (on this project's machines, 2 MB pages
+# zeroed by the kernel) costs more than the sort.
+_work = threading.local()
+
+
 def _group(indices: np.ndarray, rows: int, nthreads: int):
-    return _dispatch.kernels.rowwise_group(indices, rows, nthreads)
+    """(order, starts, rows): views of this thread's work array, valid until its next call."""
+    kernels = _dispatch.kernels
+    need = kernels.rowwise_work_size(indices.shape[0], nthreads)
+    work = getattr(_work, "array", None)
+    if work is None or work.shape[0] < need:
+        work = _work.array = np.empty(need, dtype=np.int64)
+    return kernels.rowwise_group(indices, rows, nthreads, work)
 
 
 def _run(update: RowUpdate, table, indices, grads, state, h: dict, step: int,
@@ -252,7 +265,7 @@ def merge_rows(indices, grads, num_rows, *, maximize=False):
     merged = np.empty((rows.shape[0], grads.shape[1]), dtype=grads.dtype)
     if merged.size:
         _dispatch.kernels.rowwise_merge(grads, order, starts, merged, maximize, nthreads)
-    return rows, merged
+    return rows.copy(), merged  # (rows is a view of the work array)
 
 
 # ------------------------------------------------------------------------------------------

@@ -96,65 +96,59 @@ cdef void _radix_pass(const uint64_t* kin, const int64_t* pin, uint64_t* kout, i
             h[d] += 1
 
 
-def rowwise_group(const int64_t[::1] indices, Py_ssize_t num_rows, int nthreads):
-    """Group lookups by row: ``(order, starts, rows)``, see the top of this file.
+def rowwise_work_size(Py_ssize_t n, int nthreads):
+    """int64 elements of the work array ``rowwise_group`` needs for ``n`` lookups."""
+    return 6 * n + 2 + (<Py_ssize_t>_row_threads(n, nthreads) << RADIX_BITS)
 
-    ``indices`` must lie in [0, num_rows) (checked by the caller)."""
+
+def rowwise_group(const int64_t[::1] indices, Py_ssize_t num_rows, int nthreads,
+                  int64_t[::1] work):
+    """Group lookups by row: ``(order, starts, rows)``, see the top of this file, as views of
+    ``work`` (at least ``rowwise_work_size`` elements: the caller keeps it from step to step, so
+    a step does not fault in fresh pages). ``indices`` lie in [0, num_rows) (checked by the
+    caller)."""
     cdef Py_ssize_t n = indices.shape[0]
     cdef int nt = _row_threads(n, nthreads)
     cdef int bits = 0
     while bits < 63 and (<Py_ssize_t>1 << bits) < num_rows:
         bits += 1
     cdef int passes = (bits + RADIX_BITS - 1) // RADIX_BITS
-    keys_a = np.empty(n, dtype=np.uint64)
-    keys_b = np.empty(n, dtype=np.uint64)
-    pos_a = np.arange(n, dtype=np.int64)
-    pos_b = np.empty(n, dtype=np.int64)
-    hist_arr = np.empty(nt << RADIX_BITS, dtype=np.intp)
-    cdef uint64_t[::1] ka = keys_a, kb = keys_b
-    cdef int64_t[::1] pa = pos_a, pb = pos_b
-    cdef Py_ssize_t[::1] hist = hist_arr
+    if work.shape[0] < 6 * n + 2 + (<Py_ssize_t>nt << RADIX_BITS):
+        raise ValueError("the work array is too small")
+    cdef int64_t* base = &work[0]
+    cdef uint64_t* kin = <uint64_t*>base
+    cdef uint64_t* kout = <uint64_t*>(base + n)
+    cdef int64_t* pin = base + 2 * n
+    cdef int64_t* pout = base + 3 * n
+    cdef int64_t* st = base + 4 * n
+    cdef int64_t* rw = base + 5 * n + 1
+    cdef Py_ssize_t* hist = <Py_ssize_t*>(base + 6 * n + 2)
     cdef Py_ssize_t i, u = 0
     cdef int p, shift = 0
-    cdef uint64_t* kin
-    cdef uint64_t* kout
-    cdef int64_t* pin
-    cdef int64_t* pout
-    cdef int64_t* st
-    cdef int64_t* rw
-    if n == 0:
-        return (pos_a, np.zeros(1, dtype=np.int64), np.empty(0, dtype=np.int64))
+    cdef uint64_t* kt
+    cdef int64_t* pt
     with nogil:
         for i in range(n):
-            ka[i] = <uint64_t>indices[i]
-        kin = &ka[0]; kout = &kb[0]; pin = &pa[0]; pout = &pb[0]
+            kin[i] = <uint64_t>indices[i]
+            pin[i] = i
         for p in range(passes):
-            _radix_pass(kin, pin, kout, pout, n, shift, &hist[0], nt)
-            kin, kout = kout, kin
-            pin, pout = pout, pin
+            _radix_pass(kin, pin, kout, pout, n, shift, hist, nt)
+            kt = kin; kin = kout; kout = kt
+            pt = pin; pin = pout; pout = pt
             shift += RADIX_BITS
-        # Count the unique rows.
-        u = 1
-        for i in range(1, n):
-            if kin[i] != kin[i - 1]:
-                u += 1
-    starts_arr = np.empty(u + 1, dtype=np.int64)
-    rows_arr = np.empty(u, dtype=np.int64)
-    cdef int64_t[::1] starts_v = starts_arr, rows_v = rows_arr
-    with nogil:
-        st = &starts_v[0]
-        rw = &rows_v[0]
         st[0] = 0
-        rw[0] = <int64_t>kin[0]
-        u = 1
+        if n > 0:
+            rw[0] = <int64_t>kin[0]
+            u = 1
         for i in range(1, n):
             if kin[i] != kin[i - 1]:
                 st[u] = i
                 rw[u] = <int64_t>kin[i]
                 u += 1
         st[u] = n
-    order_arr = pos_a if (passes % 2 == 0) else pos_b
-    return (order_arr, starts_arr, rows_arr)
+    arr = np.asarray(work)
+    order_at = (2 if passes % 2 == 0 else 3) * n
+    return (arr[order_at:order_at + n], arr[4 * n:4 * n + u + 1], arr[5 * n + 1:5 * n + 1 + u])
 
 
 cdef void _cut_rows(const int64_t* starts, Py_ssize_t nu, int nt, Py_ssize_t* cuts) noexcept nogil:
@@ -319,9 +313,10 @@ cdef void _rowwise_run(int kind, floating* table, const floating* grads, const i
                       dim, h)
 
 
-def _rowwise_threads(Py_ssize_t lookups, int nthreads):
+cdef inline int _rowwise_threads(Py_ssize_t lookups, int nthreads) noexcept nogil:
+    """Threads for a step of ``lookups`` lookups (at most 256: the cut table's size)."""
     cdef int nt = _row_threads(lookups, nthreads)
-    return min(nt, 256)
+    return nt if nt < 256 else 256
 
 
 def rowwise_update(int kind, floating[:, ::1] table, const floating[:, ::1] grads,

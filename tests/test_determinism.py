@@ -58,14 +58,8 @@ def test_list_and_flat_paths_agree_bitwise_for_1_2_3_threads(case, dtype, option
         assert first[3] == 1  # the NaN step was skipped
 
 
-def test_kernels_release_the_gil():
-    """While one thread runs a long native update (one call, one OpenMP thread), a second
-    Python thread keeps running: its loop never stalls for a large part of the update."""
-    n = 8_000_000
-    p = [np.zeros(n, np.float32)]
-    g = [np.ones(n, np.float32)]
-    opt = lrfast.Adam(p)
-    opt.step(g)
+def _counter_ticks_during_step(opt, g):
+    """(ticks of a Python counter thread inside one single-threaded step, start, end)."""
     ticks = []
     running = threading.Event()
     done = threading.Event()
@@ -84,8 +78,25 @@ def test_kernels_release_the_gil():
         end = time.perf_counter()
     done.set()
     t.join()
-    inside = [x for x in ticks if start <= x <= end]
-    gaps = np.diff([start] + inside + [end])
+    return [x for x in ticks if start <= x <= end], start, end
+
+
+def test_kernels_release_the_gil():
+    """While one thread runs a long native update (one call, one OpenMP thread), a second
+    Python thread keeps running: its loop never stalls for a large part of the update.
+
+    Up to three tries: on a loaded machine the OS may not schedule the counter thread during
+    one short step; with the GIL held through the kernel every try fails."""
+    n = 8_000_000
+    p = [np.zeros(n, np.float32)]
+    g = [np.ones(n, np.float32)]
+    opt = lrfast.Adam(p)
+    opt.step(g)
+    for _ in range(3):
+        inside, start, end = _counter_ticks_during_step(opt, g)
+        gaps = np.diff([start] + inside + [end])
+        if len(inside) > 10 and gaps.max() < 0.5 * (end - start):
+            break
     # With the GIL held for the whole kernel the counter could not run: one gap = the step.
     assert len(inside) > 10, (len(inside), end - start)
     assert gaps.max() < 0.5 * (end - start), (gaps.max(), end - start)
