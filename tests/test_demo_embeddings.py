@@ -2,17 +2,12 @@
 below the initial weights' and approaches the hidden model's), lrfast's run and torch's agree,
 and the command runs. Expected values: the hidden model's own loss and torch on the same
 batches; no timing is asserted."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-import lrfast
+from cases import run_python
 from lrfast import demo_embeddings as D
 
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lrfast.__file__)))
 STEPS = 120
 
 
@@ -50,25 +45,23 @@ def test_torch_run_agrees(runs):
     assert evaluate(ids, y) == pytest.approx(held, abs=5e-3)
 
 
+def _main(args, prelude=""):
+    """``python -m lrfast <args>`` in a fresh interpreter run from an empty folder (a source
+    checkout in the working directory must not shadow the lrfast under test)."""
+    return run_python(f"import sys\n{prelude}from lrfast.__main__ import main\n"
+                      f"sys.exit(main({args!r}))")
+
+
 def test_command_runs():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_PARENT, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "lrfast", "demo", "--embeddings", "--steps",
-                           "30"], env=env, capture_output=True, text=True, timeout=120)
+    proc = _main(["demo", "--embeddings", "--steps", "30"])
     assert proc.returncode == 0, proc.stderr
     assert "lrfast SparseAdam + Adam" in proc.stdout and "30 steps" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "lrfast", "demo", "--embeddings", "--torch"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    bad = _main(["demo", "--embeddings", "--torch"])
     assert bad.returncode == 2 and "separate demos" in bad.stderr
 
 
 def test_command_without_torch():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_PARENT, env.get("PYTHONPATH")) if p)
-    code = ("import sys\nsys.modules['torch'] = None\nfrom lrfast.__main__ import main\n"
-            "sys.exit(main(['demo', '--embeddings', '--steps', '20']))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = _main(["demo", "--embeddings", "--steps", "20"], prelude="sys.modules['torch'] = None\n")
     assert proc.returncode == 0, proc.stderr
     assert "lrfast SparseAdam + Adam" in proc.stdout
     assert "torch SparseAdam" not in proc.stdout and "torch is not installed" in proc.stdout
