@@ -417,8 +417,17 @@ class _RowOptimizer(StepCounters):
                 "skipped_steps": self._skipped, "hyperparams": hyper,
                 "state": {k: v.copy() for k, v in self._state.items()}}
 
+    def _named_state(self) -> list:
+        """``[("table", table, {buffer: live array})]``: the one entry, in the form of
+        ``Optimizer._named_state``, that ``lrfast.checkpoint`` saves and restores."""
+        return [("table", self._table, dict(self._state))]
+
     def load_state_dict(self, state_dict) -> None:
         """Restore a ``state_dict()``; everything is checked before anything changes."""
+        self._commit_state(self._check_state_dict(state_dict))
+
+    def _check_state_dict(self, state_dict) -> tuple:
+        """Validate a state dict against this optimizer; return what ``_commit_state`` needs."""
         name = type(self).__name__
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -451,11 +460,16 @@ class _RowOptimizer(StepCounters):
             if arr.dtype != current.dtype:
                 raise TypeError(f"state_dict['state'][{key!r}] must be {current.dtype}, "
                                 f"got {arr.dtype}")
+        return hyper, {key: state[key] for key in self._state}, int(steps), int(skipped)
+
+    def _commit_state(self, checked: tuple) -> None:
+        """Apply a validated state dict (cannot fail)."""
+        hyper, state, steps, skipped = checked
         for key, current in self._state.items():
             current[...] = state[key]
         self._hyper = hyper
-        self._step_count = int(steps)
-        self._skipped = int(skipped)
+        self._step_count = steps
+        self._skipped = skipped
 
 
 class SparseSGD(_RowOptimizer):
