@@ -4,7 +4,9 @@ A checkpoint holds the parameters, every state buffer, the step and skip counter
 hyper-parameters, the learning-rate schedule's description and the state of every
 ``ReduceLROnPlateau`` that drives it. Loaded into a freshly built optimizer (same parameter
 names, shapes and dtypes, same optimizer class, same schedule), it continues bitwise as the run
-that never stopped.
+that never stopped. The embedding-table optimizers of ``lrfast.embedding`` (``SparseAdam`` and
+the others) are saved the same way: their table stands in for the parameters, under the key
+``"table"``.
 
 The file is a NumPy ``.npz`` archive read with ``allow_pickle=False``: arrays, and a JSON
 header stored as bytes. No code is pickled. The header carries a SHA-256 digest of the header
@@ -27,6 +29,7 @@ import zipfile
 
 import numpy as np
 
+from .embedding import _RowOptimizer
 from .optim import Optimizer
 from .plateau import ReduceLROnPlateau
 from .schedules import Schedule
@@ -118,15 +121,18 @@ def _digest(header: dict, arrays: dict) -> str:
 
 
 def _check_optimizer(optimizer):
-    if not isinstance(optimizer, Optimizer):
+    if not isinstance(optimizer, (Optimizer, _RowOptimizer)):
         raise TypeError(f"optimizer must be an lrfast optimizer, got {type(optimizer).__name__}")
 
 
 def save_checkpoint(path, optimizer, *, plateaus=()) -> None:
     """Write ``optimizer``'s parameters and full state, its schedule and plateau state to ``path``.
 
-    Plateau controllers that are part of the optimizer's schedule (``schedule * plateau``) are
-    found and saved automatically; pass others (driven by hand) in ``plateaus``.
+    ``optimizer`` is any lrfast optimizer: a dense one (``lrfast.optim``) or an embedding-table
+    one (``lrfast.SparseAdam`` and the other classes of ``lrfast.embedding``), whose table is
+    saved as its one parameter. Plateau controllers that are part of the optimizer's schedule
+    (``schedule * plateau``) are found and saved automatically; pass others (driven by hand) in
+    ``plateaus``.
 
     Examples
     --------
@@ -162,6 +168,20 @@ def save_checkpoint(path, optimizer, *, plateaus=()) -> None:
     (True, True)
     >>> print(params["w"], new_params["w"])
     [-0.25  0.75] [-0.25  0.75]
+
+    An embedding-table optimizer: the table and its per-row state come back the same way.
+
+    >>> table = np.zeros((3, 2))
+    >>> emb = lrfast.SparseAdam(table, lr=0.1)
+    >>> emb.step(np.array([2, 2]), np.ones((2, 2)))
+    True
+    >>> fresh = lrfast.SparseAdam(np.zeros((3, 2)), lr=0.1)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "emb.npz")
+    ...     lrfast.save_checkpoint(path, emb)
+    ...     lrfast.load_checkpoint(path, fresh)
+    >>> np.array_equal(fresh.table, table), fresh.step_count
+    (True, 1)
     """
     _check_optimizer(optimizer)
     plateaus = _plateaus(optimizer.lr, list(plateaus))
@@ -263,11 +283,12 @@ def load_checkpoint(path, optimizer, *, plateaus=()) -> None:
     """Restore a ``save_checkpoint`` file into ``optimizer`` (and its plateau controllers).
 
     ``optimizer`` must be built as the saved one was: same class, parameters with the same
-    keys, shapes and dtypes (list, dict or FlatParams alike), and the same schedule when a
-    schedule was saved. Raises CheckpointError (a ValueError) otherwise; nothing changes then.
-    A plain Python callable as ``lr`` cannot be described in the file, so it is not checked:
-    it must simply be the same function of the step count. As ``load_state_dict``, the saved
-    hyper-parameters replace the optimizer's.
+    keys, shapes and dtypes (list, dict or FlatParams alike; for an embedding-table optimizer,
+    a table of the same shape and dtype), and the same schedule when a schedule was saved.
+    Raises CheckpointError (a ValueError) otherwise; nothing changes then. A plain Python
+    callable as ``lr`` cannot be described in the file, so it is not checked: it must simply be
+    the same function of the step count. As ``load_state_dict``, the saved hyper-parameters
+    replace the optimizer's.
 
     Examples
     --------
@@ -339,15 +360,17 @@ def load_checkpoint(path, optimizer, *, plateaus=()) -> None:
     hyper = dict(header["hyperparams"])
     if "betas" in hyper and isinstance(hyper["betas"], list):
         hyper["betas"] = tuple(hyper["betas"])
+    state = {key: {n: arrays.get(f"state_{i}_{n}") for n in saved[i]["state"]}
+             for i, key in enumerate(keys)}
+    if isinstance(optimizer, _RowOptimizer):
+        # one table, whose state dict holds its buffers directly, not under the table's key
+        (state,) = state.values()
     state_dict = {
         "optimizer": header["optimizer"],
         "step_count": header["step_count"],
         "skipped_steps": header["skipped_steps"],
         "hyperparams": hyper,
-        "state": {
-            key: {n: arrays.get(f"state_{i}_{n}") for n in saved[i]["state"]}
-            for i, key in enumerate(keys)
-        },
+        "state": state,
     }
     state_dict.update({k: v for k, v in header.get("extra", {}).items() if k not in state_dict})
     try:
