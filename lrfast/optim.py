@@ -2013,6 +2013,7 @@ class Adafactor(Optimizer):
                 raise TypeError(f"state_dtype={self._state_dtype}: Adafactor keeps its state "
                                 f"in the params' dtype ({what} is {p.dtype})")
         shapes = [_adafactor_state_shapes(p.shape) for p in self._params]
+        self._scalars = []  # no per-step scalar state (the lr setter reads this)
         self._views = [dict() for _ in self._params]
         written = list(self._params)
         self._af_plans = []

@@ -145,3 +145,21 @@ def test_hand_computed_first_rmsprop_and_adagrad_steps():
     q = np.array([2.0])
     lrfast.Adagrad([q], lr=0.5, eps=7.0, eps_inside_sqrt=True).step([np.array([3.0])])
     np.testing.assert_allclose(q, [1.625], rtol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_lr_set_between_steps(name):
+    """``opt.lr = value`` before each step (a hand-driven schedule, as python -m lrfast compare
+    drives them): each step as the reference's at that step's rate. (Adafactor's setter once
+    failed: its state allocation did not set the scalar-state list the setter reads.)"""
+    params = make_params([(5,), (2, 3)], np.float64)
+    ref = ReferenceRun(name, dict(lr=0.01), params)
+    opt = OPTIMIZERS[name]([p.copy() for p in params], lr=0.01)
+    rng = np.random.default_rng(2)
+    for t, lr in enumerate([0.01, 0.03, 0.002, 0.02]):
+        grads = make_grads([(5,), (2, 3)], np.float64, rng)
+        opt.lr = lr
+        opt.step(grads)
+        ref.step(grads, lr=lr)
+        for p, r in zip(opt.params, ref.params):
+            np.testing.assert_allclose(p, r, rtol=1e-12, atol=1e-14)
