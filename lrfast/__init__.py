@@ -6,7 +6,8 @@ their pure-NumPy twins: ``lrfast.reference``. Threads: ``set_num_threads``, ``ge
 ``threads``. Learning-rate schedules: ``lrfast.schedules`` (closed form, scalar and vector
 paths) and ``ReduceLROnPlateau``. Gradient clipping: ``clip_grad_norm_``, ``grad_norm``. Exact
 resume: ``save_checkpoint``, ``load_checkpoint``. Weight averages (EMA, SWA): ``Averager``.
-Build facts: ``show_config``.
+Build facts: ``show_config``. Convergence comparisons of optimizers and schedules:
+``compare`` (``python -m lrfast compare``).
 """
 from ._version import __version__
 
@@ -30,6 +31,8 @@ from .plateau import ReduceLROnPlateau  # noqa: E402
 from . import quantization  # noqa: E402
 from .quantization import Int8State  # noqa: E402
 from . import embedding  # noqa: E402
+from . import comparison  # noqa: E402
+from .comparison import compare  # noqa: E402
 from .embedding import (RowWiseAdagrad, RowWiseAdam, SparseAdagrad, SparseAdam,  # noqa: E402
                         SparseSGD, merge_rows)
 
@@ -68,6 +71,8 @@ __all__ = [
     "SparseAdam",
     "RowWiseAdam",
     "merge_rows",
+    "comparison",
+    "compare",
 ]
 
 # Every optimizer class of the spec table, including any the import above does not name.

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lrfast {demo,config,plot,bench}``."""
+"""Command line: ``python -m lrfast {demo,config,plot,bench,compare}``."""
 from __future__ import annotations
 
 import argparse
@@ -42,7 +42,20 @@ def main(argv=None):
     from ._bench.cli import add_arguments as bench_arguments
 
     bench_arguments(bench)
+    compare = sub.add_parser(
+        "compare", help="which optimizer and schedule reach a target loss first",
+        description="Train small built-in problems with every optimizer x schedule x learning "
+                    "rate x seed; rank by median steps to each problem's target, with the best "
+                    "rate, its spread over seeds, how wide the good rate range is and how often "
+                    "runs diverged. Every optimizer gets the same rate grid and seeds.")
+    from .comparison.cli import add_arguments as compare_arguments
+
+    compare_arguments(compare)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        from .comparison.cli import main as compare_main
+
+        return compare_main(args)
     if args.command == "bench":
         from ._bench.cli import main as bench_main
 
