@@ -289,3 +289,17 @@ def test_torch_problem_reference_needs_torch_optim_class():
 def test_digits_problem_reaches_its_target():
     r = run("digits-logreg", parse_optimizer("Adam"), parse_schedule("constant"), 0.1, seed=0)
     assert r.steps_to_target is not None and r.final_loss < PROBLEMS["digits-logreg"].target
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("opt", ["Adam", "AdamWScheduleFree"])
+def test_torch_problem_follows_the_numpy_one(opt):
+    """The same MLP, data, start and batches in NumPy (float64, lrfast's classes) and in torch
+    (float32, lrfast.torch): the first 50 steps' losses agree to float32 accuracy. For the
+    schedule-free optimizer both are evaluated at x through eval()/train()."""
+    args = dict(optimizers=[opt], schedules=["constant"], lrs=[0.01], seeds=[0])
+    a = compare(problems=["mlp"], **args).runs[0]
+    b = compare(problems=["torch-mlp"], **args).runs[0]
+    la = np.array([v for s, v in a.curve if s <= 50])
+    lb = np.array([v for s, v in b.curve if s <= 50])
+    np.testing.assert_allclose(la, lb, rtol=1e-4)

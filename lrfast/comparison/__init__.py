@@ -193,6 +193,8 @@ def _worker_init() -> None:
     set_num_threads(1)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    else:  # read by torch when the torch problem imports it
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _run_task(task) -> RunResult:

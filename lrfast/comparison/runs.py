@@ -288,6 +288,7 @@ class _TorchStepper:
             cls = getattr(lrfast.torch, choice.name)
         self.instance = instance
         self.opt = cls(instance.params, lr=lr, **choice.hyper)
+        self.train()  # lrfast.torch's schedule-free classes start in eval mode, as torch's
 
     def eval(self) -> None:
         if hasattr(self.opt, "eval"):  # schedule-free: evaluated at x
