@@ -181,15 +181,16 @@ def step_plans(
 def rowwise_work_size(n: int, nthreads: int) -> int: ...
 def rowwise_group(
     indices: NDArray[np.int64], num_rows: int, nthreads: int, work: NDArray[np.int64]
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]: ...
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]: ...
 def rowwise_update(
     kind: int, table: NDArray[Any], grads: NDArray[Any], order: NDArray[np.int64],
-    starts: NDArray[np.int64], rows: NDArray[np.int64], s0: NDArray[Any] | None,
-    s1: NDArray[Any] | None, h: NDArray[np.float64], maximize: bool, nthreads: int,
+    starts: NDArray[np.int64], rows: NDArray[np.int64], slot: NDArray[np.int64],
+    acc: NDArray[Any], s0: NDArray[Any] | None, s1: NDArray[Any] | None,
+    h: NDArray[np.float64], maximize: bool, nthreads: int,
 ) -> None: ...
 def rowwise_merge(
-    grads: NDArray[Any], order: NDArray[np.int64], starts: NDArray[np.int64], out: NDArray[Any],
-    maximize: bool, nthreads: int,
+    grads: NDArray[Any], order: NDArray[np.int64], starts: NDArray[np.int64],
+    slot: NDArray[np.int64], out: NDArray[Any], maximize: bool, nthreads: int,
 ) -> None: ...
 def rowwise_all_finite(grads: NDArray[Any], nthreads: int) -> bool: ...
 

@@ -211,19 +211,27 @@ def _all_finite(grads: np.ndarray, nthreads: int) -> bool:
 # The native step
 # ------------------------------------------------------------------------------------------
 
-# Each Python thread's work array for the grouping, kept from step to step: a fresh one per
-# step would be fresh pages, and faulting them in (on this project's machines, 2 MB pages
-# zeroed by the kernel) costs more than the sort.
+# Each Python thread's work arrays, kept from step to step: the grouping's (int64) and the
+# per-row gradient sums (one per dtype). Fresh ones per step would be fresh pages, and faulting
+# them in (on this project's machines, 2 MB pages zeroed by the kernel) costs more than the
+# sort.
 _work = threading.local()
 
 
+def _buffer(name: str, size: int, dtype) -> np.ndarray:
+    """This thread's array ``name`` of at least ``size`` elements (grown, never shrunk)."""
+    arr = getattr(_work, name, None)
+    if arr is None or arr.shape[0] < size:
+        arr = np.empty(max(size, 1), dtype=dtype)
+        setattr(_work, name, arr)
+    return arr
+
+
 def _group(indices: np.ndarray, rows: int, nthreads: int):
-    """(order, starts, rows): views of this thread's work array, valid until its next call."""
+    """(order, starts, rows, slot): views of this thread's work array, valid until its next
+    call."""
     kernels = _dispatch.kernels
-    need = kernels.rowwise_work_size(indices.shape[0], nthreads)
-    work = getattr(_work, "array", None)
-    if work is None or work.shape[0] < need:
-        work = _work.array = np.empty(need, dtype=np.int64)
+    work = _buffer("group", kernels.rowwise_work_size(indices.shape[0], nthreads), np.int64)
     return kernels.rowwise_group(indices, rows, nthreads, work)
 
 
@@ -231,12 +239,13 @@ def _run(update: RowUpdate, table, indices, grads, state, h: dict, step: int,
          nthreads: int) -> None:
     if indices.shape[0] == 0 or table.shape[1] == 0:
         return
-    order, starts, rows = _group(indices, table.shape[0], nthreads)
+    order, starts, rows, slot = _group(indices, table.shape[0], nthreads)
+    acc = _buffer(f"sums_{table.dtype.name}", rows.shape[0] * table.shape[1], table.dtype)
     values = np.array(update.values(h, step), dtype=np.float64)
     s0 = state[0] if len(state) > 0 else None
     s1 = state[1] if len(state) > 1 else None
-    _dispatch.kernels.rowwise_update(update.kind, table, grads, order, starts, rows, s0, s1,
-                                     values, h["maximize"], nthreads)
+    _dispatch.kernels.rowwise_update(update.kind, table, grads, order, starts, rows, slot, acc,
+                                     s0, s1, values, h["maximize"], nthreads)
 
 
 def merge_rows(indices, grads, num_rows, *, maximize=False):
@@ -261,10 +270,10 @@ def merge_rows(indices, grads, num_rows, *, maximize=False):
     maximize = check_bool(maximize, "maximize")
     indices, grads = _check_lookups(int(num_rows), grads.shape[1], grads.dtype, indices, grads)
     nthreads = get_num_threads()
-    order, starts, rows = _group(indices, int(num_rows), nthreads)
+    order, starts, rows, slot = _group(indices, int(num_rows), nthreads)
     merged = np.empty((rows.shape[0], grads.shape[1]), dtype=grads.dtype)
     if merged.size:
-        _dispatch.kernels.rowwise_merge(grads, order, starts, merged, maximize, nthreads)
+        _dispatch.kernels.rowwise_merge(grads, order, starts, slot, merged, maximize, nthreads)
     return rows.copy(), merged  # (rows is a view of the work array)
 
 

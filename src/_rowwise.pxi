@@ -7,9 +7,15 @@
 #                    bits as the table has rows): ``order`` lists the lookups row by row, in
 #                    their original order within a row; ``starts[u]`` is where unique row
 #                    ``u`` begins in ``order`` and ``rows[u]`` its row (ascending).
-#   rowwise_update   for each unique row, in parallel: the sum of its gradient rows (in
-#                    ``order``, so the same for any thread count), then the update of that
-#                    table row and its state.  ``rowwise_merge`` writes the sums out instead.
+#                    ``slot[i]`` is the unique row of lookup ``i``, bit-inverted (``~u``) for
+#                    the first lookup of its row.
+#   rowwise_update   two phases, parallel over unique rows: (1) each thread reads the lookups
+#                    in their order and adds the gradient rows of the unique rows it owns into
+#                    a buffer ``acc`` (one row per unique row; a row looked up once is read
+#                    where it lies instead), so the sums are in lookup order, the same for any
+#                    thread count, and the gradient is read front to back, not row by row;
+#                    (2) it updates each of its table rows and their state from the sums.
+#                    ``rowwise_merge`` is phase (1) alone, into its output.
 #
 # Unique rows are cut over threads by their number of lookups, not their count: a Zipf batch
 # puts thousands of lookups on its first rows.
@@ -37,10 +43,9 @@ cdef extern from *:
     """
     void LRFAST_PREFETCH(const void* p) noexcept nogil
 
-# How far ahead the loops ask for rows they will read: lookups land on rows far apart in the
-# gradient and the table, where the hardware prefetcher cannot guess the next address.
+# How far ahead phase (2) asks for the rows it will read: unique rows lie far apart in the
+# table, where the hardware prefetcher cannot guess the next address.
 cdef enum:
-    LOOKUP_AHEAD = 6
     ROW_AHEAD = 2
 
 
@@ -98,12 +103,12 @@ cdef void _radix_pass(const uint64_t* kin, const int64_t* pin, uint64_t* kout, i
 
 def rowwise_work_size(Py_ssize_t n, int nthreads):
     """int64 elements of the work array ``rowwise_group`` needs for ``n`` lookups."""
-    return 6 * n + 2 + (<Py_ssize_t>_row_threads(n, nthreads) << RADIX_BITS)
+    return 7 * n + 2 + (<Py_ssize_t>_row_threads(n, nthreads) << RADIX_BITS)
 
 
 def rowwise_group(const int64_t[::1] indices, Py_ssize_t num_rows, int nthreads,
                   int64_t[::1] work):
-    """Group lookups by row: ``(order, starts, rows)``, see the top of this file, as views of
+    """Group lookups by row: ``(order, starts, rows, slot)``, see the top of this file, as views of
     ``work`` (at least ``rowwise_work_size`` elements: the caller keeps it from step to step, so
     a step does not fault in fresh pages). ``indices`` lie in [0, num_rows) (checked by the
     caller)."""
@@ -113,7 +118,7 @@ def rowwise_group(const int64_t[::1] indices, Py_ssize_t num_rows, int nthreads,
     while bits < 63 and (<Py_ssize_t>1 << bits) < num_rows:
         bits += 1
     cdef int passes = (bits + RADIX_BITS - 1) // RADIX_BITS
-    if work.shape[0] < 6 * n + 2 + (<Py_ssize_t>nt << RADIX_BITS):
+    if work.shape[0] < 7 * n + 2 + (<Py_ssize_t>nt << RADIX_BITS):
         raise ValueError("the work array is too small")
     cdef int64_t* base = &work[0]
     cdef uint64_t* kin = <uint64_t*>base
@@ -122,7 +127,8 @@ def rowwise_group(const int64_t[::1] indices, Py_ssize_t num_rows, int nthreads,
     cdef int64_t* pout = base + 3 * n
     cdef int64_t* st = base + 4 * n
     cdef int64_t* rw = base + 5 * n + 1
-    cdef Py_ssize_t* hist = <Py_ssize_t*>(base + 6 * n + 2)
+    cdef int64_t* sl = base + 6 * n + 2
+    cdef Py_ssize_t* hist = <Py_ssize_t*>(base + 7 * n + 2)
     cdef Py_ssize_t i, u = 0
     cdef int p, shift = 0
     cdef uint64_t* kt
@@ -139,16 +145,21 @@ def rowwise_group(const int64_t[::1] indices, Py_ssize_t num_rows, int nthreads,
         st[0] = 0
         if n > 0:
             rw[0] = <int64_t>kin[0]
+            sl[pin[0]] = ~(<int64_t>0)
             u = 1
         for i in range(1, n):
             if kin[i] != kin[i - 1]:
                 st[u] = i
                 rw[u] = <int64_t>kin[i]
+                sl[pin[i]] = ~(<int64_t>u)
                 u += 1
+            else:
+                sl[pin[i]] = u - 1
         st[u] = n
     arr = np.asarray(work)
     order_at = (2 if passes % 2 == 0 else 3) * n
-    return (arr[order_at:order_at + n], arr[4 * n:4 * n + u + 1], arr[5 * n + 1:5 * n + 1 + u])
+    return (arr[order_at:order_at + n], arr[4 * n:4 * n + u + 1], arr[5 * n + 1:5 * n + 1 + u],
+            arr[6 * n + 2:7 * n + 2])
 
 
 cdef void _cut_rows(const int64_t* starts, Py_ssize_t nu, int nt, Py_ssize_t* cuts) noexcept nogil:
@@ -170,35 +181,6 @@ cdef void _cut_rows(const int64_t* starts, Py_ssize_t nu, int nt, Py_ssize_t* cu
                 hi = mid
         cuts[t] = lo
     cuts[nt] = nu
-
-
-cdef inline const floating* _row_grad(const floating* grads, const int64_t* order, int64_t a,
-                                      int64_t b, Py_ssize_t dim, floating* acc,
-                                      const floating* w, floating wd, bint maximize) noexcept nogil:
-    """The gradient a touched row's update reads: the sum of the gradient rows of lookups
-    order[a:b] (in that order), negated when maximizing, plus ``wd * w`` when ``w`` is given
-    (weight decay). The lookup's own row when it is alone and needs no change; else written
-    into ``acc``."""
-    cdef const floating* src = grads + order[a] * dim
-    cdef Py_ssize_t j
-    cdef int64_t k
-    if b - a == 1 and not maximize and w == NULL:
-        return src
-    for j in range(dim):
-        acc[j] = src[j]
-    for k in range(a + 1, b):
-        if k + LOOKUP_AHEAD < b:
-            _prefetch_row(grads + order[k + LOOKUP_AHEAD] * dim, dim * sizeof(floating))
-        src = grads + order[k] * dim
-        for j in range(dim):
-            acc[j] = acc[j] + src[j]
-    if maximize:
-        for j in range(dim):
-            acc[j] = -acc[j]
-    if w != NULL:
-        for j in range(dim):
-            acc[j] = acc[j] + wd * w[j]
-    return acc
 
 
 cdef void _row_step(int kind, floating* w, const floating* g, floating* s0, floating* s1,
@@ -269,46 +251,87 @@ cdef void _row_step(int kind, floating* w, const floating* g, floating* s0, floa
             w[j] = w[j] + (upd / denom) * f
 
 
+cdef void _accumulate(const floating* grads, const int64_t* slot, const int64_t* starts,
+                      Py_ssize_t n, Py_ssize_t dim, Py_ssize_t lo, Py_ssize_t hi,
+                      floating* acc, bint all_rows) noexcept nogil:
+    """Phase (1) for the unique rows [lo, hi): acc[u] = the sum of u's gradient rows, in
+    lookup order. Rows looked up once are skipped (read where they lie in phase 2) unless
+    ``all_rows``."""
+    cdef Py_ssize_t i, j
+    cdef int64_t u
+    cdef const floating* src
+    cdef floating* dst
+    for i in range(n):
+        u = slot[i]
+        if u < 0:  # the row's first lookup
+            u = ~u
+            if u < lo or u >= hi:
+                continue
+            if not all_rows and starts[u + 1] - starts[u] == 1:
+                continue
+            src = grads + i * dim
+            dst = acc + u * dim
+            for j in range(dim):
+                dst[j] = src[j]
+        else:
+            if u < lo or u >= hi:
+                continue
+            src = grads + i * dim
+            dst = acc + u * dim
+            for j in range(dim):
+                dst[j] = dst[j] + src[j]
+
+
 cdef void _rowwise_run(int kind, floating* table, const floating* grads, const int64_t* order,
-                       const int64_t* starts, const int64_t* rows, Py_ssize_t nu,
-                       Py_ssize_t dim, floating* s0, Py_ssize_t s0_stride, floating* s1,
-                       Py_ssize_t s1_stride, floating* out, floating* scratch,
-                       const double* h, bint maximize, int nt) noexcept nogil:
-    """Sum each unique row's gradients; write the sum to ``out`` (when not NULL, the merge
-    alone) or update the row and its state (``kind``)."""
+                       const int64_t* starts, const int64_t* rows, const int64_t* slot,
+                       Py_ssize_t n, Py_ssize_t nu, Py_ssize_t dim, floating* s0,
+                       Py_ssize_t s0_stride, floating* s1, Py_ssize_t s1_stride, floating* acc,
+                       bint merge_only, const double* h, bint maximize, int nt) noexcept nogil:
+    """Phase (1) into ``acc`` (nu x dim); then, unless ``merge_only``, phase (2): each unique
+    row's sum, signed and decayed, updates its table row and state (``kind``)."""
     cdef Py_ssize_t cuts[257]
     cdef int t
-    cdef Py_ssize_t u
+    cdef Py_ssize_t u, j
     cdef int64_t r
-    cdef floating* acc
-    cdef const floating* g
-    cdef Py_ssize_t j
+    cdef floating* g
     cdef bint decay = h[1] != 0.0
     cdef floating wd = <floating>h[1]
+    cdef floating sign = -1 if maximize else 1
     _cut_rows(starts, nu, nt, cuts)
     for t in prange(nt, nogil=True, schedule='static', chunksize=1, num_threads=nt):
-        acc = NULL
-        if scratch != NULL:
-            acc = scratch + t * dim
+        _accumulate(grads, slot, starts, n, dim, cuts[t], cuts[t + 1], acc, merge_only)
+        if merge_only:
+            if maximize:
+                for u in range(cuts[t] * dim, cuts[t + 1] * dim):
+                    acc[u] = -acc[u]
+            continue
         for u in range(cuts[t], cuts[t + 1]):
-            if out != NULL:
-                g = _row_grad(grads, order, starts[u], starts[u + 1], dim, out + u * dim,
-                              NULL, 0, maximize)
-                if g != out + u * dim:
-                    for j in range(dim):
-                        out[u * dim + j] = g[j]
-                continue
             if u + ROW_AHEAD < cuts[t + 1]:
                 r = rows[u + ROW_AHEAD]
                 _prefetch_row(table + r * dim, dim * sizeof(floating))
-                _prefetch_row(grads + order[starts[u + ROW_AHEAD]] * dim, dim * sizeof(floating))
+                if starts[u + ROW_AHEAD + 1] - starts[u + ROW_AHEAD] == 1:
+                    _prefetch_row(grads + order[starts[u + ROW_AHEAD]] * dim,
+                                  dim * sizeof(floating))
                 if s0 != NULL:
                     _prefetch_row(s0 + r * s0_stride, s0_stride * sizeof(floating))
                 if s1 != NULL:
                     _prefetch_row(s1 + r * s1_stride, s1_stride * sizeof(floating))
             r = rows[u]
-            g = _row_grad(grads, order, starts[u], starts[u + 1], dim, acc,
-                          table + r * dim if decay else NULL, wd, maximize)
+            g = acc + u * dim
+            if starts[u + 1] - starts[u] == 1:
+                if not maximize and not decay:
+                    # alone and unchanged: the lookup's own gradient row
+                    _row_step(kind, table + r * dim, grads + order[starts[u]] * dim,
+                              s0 + r * s0_stride, s1 + r * s1_stride, dim, h)
+                    continue
+                for j in range(dim):
+                    g[j] = grads[order[starts[u]] * dim + j]
+            if maximize:
+                for j in range(dim):
+                    g[j] = -g[j]
+            if decay:
+                for j in range(dim):
+                    g[j] = g[j] + wd * table[r * dim + j]
             _row_step(kind, table + r * dim, g, s0 + r * s0_stride, s1 + r * s1_stride,
                       dim, h)
 
@@ -321,18 +344,19 @@ cdef inline int _rowwise_threads(Py_ssize_t lookups, int nthreads) noexcept nogi
 
 def rowwise_update(int kind, floating[:, ::1] table, const floating[:, ::1] grads,
                    const int64_t[::1] order, const int64_t[::1] starts,
-                   const int64_t[::1] rows, s0, s1, const double[::1] h, bint maximize,
-                   int nthreads):
-    """Update the rows ``rows`` of ``table`` (see the top of this file). ``s0``/``s1``: the
-    state arrays (rows x dim or rows, the table's dtype), or None where the update has none.
-    All shapes and values were checked by the caller."""
+                   const int64_t[::1] rows, const int64_t[::1] slot, floating[::1] acc, s0, s1,
+                   const double[::1] h, bint maximize, int nthreads):
+    """Update the rows ``rows`` of ``table`` (see the top of this file). ``acc``: a buffer of
+    at least ``len(rows) * dim`` elements. ``s0``/``s1``: the state arrays (rows x dim or
+    rows, the table's dtype), or None where the update has none. All shapes and values were
+    checked by the caller."""
     cdef Py_ssize_t nu = rows.shape[0]
     cdef Py_ssize_t dim = table.shape[1]
     cdef int nt = _rowwise_threads(grads.shape[0], nthreads)
     if nu == 0 or dim == 0:
         return
-    scratch_arr = np.empty((nt, dim), dtype=np.float32 if floating is float else np.float64)
-    cdef floating[:, ::1] scratch = scratch_arr
+    if acc.shape[0] < nu * dim:
+        raise ValueError("the sum buffer is too small")
     cdef floating[::1] s0_flat, s1_flat
     cdef floating* p0 = NULL
     cdef floating* p1 = NULL
@@ -346,23 +370,27 @@ def rowwise_update(int kind, floating[:, ::1] table, const floating[:, ::1] grad
         p1 = &s1_flat[0]
         st1 = 1 if s1.ndim == 1 else dim
     with nogil:
-        _rowwise_run(kind, &table[0, 0], &grads[0, 0], &order[0], &starts[0], &rows[0], nu,
-                     dim, p0, st0, p1, st1, NULL, &scratch[0, 0], &h[0], maximize, nt)
+        _rowwise_run(kind, &table[0, 0], &grads[0, 0], &order[0], &starts[0], &rows[0],
+                     &slot[0], grads.shape[0], nu, dim, p0, st0, p1, st1, &acc[0], False,
+                     &h[0], maximize, nt)
 
 
 def rowwise_merge(const floating[:, ::1] grads, const int64_t[::1] order,
-                  const int64_t[::1] starts, floating[:, ::1] out, bint maximize,
-                  int nthreads):
+                  const int64_t[::1] starts, const int64_t[::1] slot, floating[:, ::1] out,
+                  bint maximize, int nthreads):
     """out[u] = the sum of the gradient rows of unique row ``u`` (negated when maximizing)."""
     cdef Py_ssize_t nu = out.shape[0]
     cdef Py_ssize_t dim = out.shape[1]
     cdef int nt = _rowwise_threads(grads.shape[0], nthreads)
-    cdef double h0 = 0.0
+    cdef double h0[2]
+    h0[0] = 0.0
+    h0[1] = 0.0
     if nu == 0 or dim == 0:
         return
     with nogil:
-        _rowwise_run(ROW_SGD, NULL, &grads[0, 0], &order[0], &starts[0], NULL, nu, dim,
-                     NULL, 0, NULL, 0, &out[0, 0], NULL, &h0, maximize, nt)
+        _rowwise_run(ROW_SGD, NULL, &grads[0, 0], &order[0], &starts[0], NULL, &slot[0],
+                     grads.shape[0], nu, dim, NULL, 0, NULL, 0, &out[0, 0], True, h0,
+                     maximize, nt)
 
 
 def rowwise_all_finite(const floating[::1] grads, int nthreads):
