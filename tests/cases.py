@@ -11,9 +11,8 @@ from contextlib import contextmanager
 import numpy as np
 
 import lrfast
-from lrfast import _dispatch, reference
-from lrfast._reference_run import (  # noqa: F401  (the tests import them from here)
-    STEP_KWARGS, ReferenceRun, initial_buffer, step_kwargs)
+from lrfast import _dispatch
+from lrfast._reference_run import ReferenceRun, step_kwargs  # noqa: F401  (imported from here)
 from lrfast._specs import OPTIMIZERS as SPECS
 
 # Every optimizer of the spec table, by its class name.

@@ -12,7 +12,7 @@ import pytest
 import lrfast
 from lrfast._specs import OPTIMIZERS as SPECS
 from lrfast.comparison import PROBLEMS, compare, log_grid
-from lrfast.comparison.problems import _linreg_best_loss, _linreg_data
+from lrfast.comparison.problems import _linreg_best_loss, _linreg_data, _quadratic_data
 from lrfast.comparison.runs import (DIVERGENCE_FACTOR, RunResult, parse_optimizer,
                                     parse_schedule, run)
 from lrfast.comparison.summary import summarize
@@ -69,6 +69,21 @@ def test_steps_to_target_as_plain_gradient_descent_counts_them(lr):
     assert r.steps_to_target == expected
     assert r.seconds_to_target is not None and 0 < r.seconds_to_target <= r.seconds
     assert not r.diverged and r.steps_run == PROBLEMS["linreg-full"].budget
+
+
+def test_quadratic_steps_as_plain_gradient_descent_counts_them():
+    """The module's example (SGD at 0.01 reaches the quadratic's target at step 305), against
+    gradient descent x <- x - lr A (x - x*) written out here."""
+    a, opt = _quadratic_data()
+    x = opt + np.random.default_rng(0).standard_normal(opt.size)
+    expected = None
+    for t in range(1, PROBLEMS["quadratic"].budget + 1):
+        x = x - 0.01 * (a @ (x - opt))
+        if 0.5 * (x - opt) @ (a @ (x - opt)) <= 1e-3:
+            expected = t
+            break
+    r = run("quadratic", parse_optimizer("SGD"), parse_schedule("constant"), 0.01, seed=0)
+    assert r.steps_to_target == expected == 305
 
 
 def test_divergence_ends_the_run_and_is_counted():
